@@ -1,0 +1,232 @@
+"""The blob store: S3 (MinIO in production) through the ``minio`` client.
+
+Keys are content-addressed: ``<kind>/<hashed study UID>/<sha256>.dcm``. The same bytes
+always land on the same key, so a duplicate upload is detected with one HEAD and
+never stored twice, and no raw UID from the sender appears in a key. Uploads stream
+from a file object in parts, so a 1 GB multi-frame instance never sits in memory.
+
+The minio client is blocking; every call runs in a worker thread so the event loop
+keeps serving. Its errors are mapped to :mod:`radflow_core.errors` here and nowhere
+else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import BinaryIO, TypeVar
+from urllib.parse import urlsplit
+
+import certifi
+import urllib3
+from minio import Minio
+from minio.error import MinioException, S3Error
+from prometheus_client import Counter, Histogram
+
+from radflow_core.errors import (
+    BlobIntegrityError,
+    BlobNotFound,
+    BlobStoreUnavailable,
+    PipelineError,
+)
+from radflow_core.events import BlobRef
+from radflow_core.settings import S3Settings
+from radflow_core.uids import uid_digest
+
+_T = TypeVar("_T")
+_CHUNK = 1024 * 1024
+
+BLOB_OPS = Histogram(
+    "radflow_blob_operation_seconds",
+    "Duration of blob store operations.",
+    ["operation", "outcome"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+BLOB_BYTES = Counter(
+    "radflow_blob_uploaded_bytes_total", "Bytes uploaded to the blob store.", ["kind"]
+)
+
+_NOT_FOUND_CODES = frozenset({"NoSuchKey", "NoSuchObject", "NotFound"})
+
+
+def content_key(kind: str, study_instance_uid: str, sha256: str) -> str:
+    """The object key of a blob: kind, hashed study UID, then the content hash."""
+    return f"{kind}/{uid_digest(study_instance_uid)}/{sha256}.dcm"
+
+
+def map_error(exc: BaseException, operation: str) -> PipelineError:
+    """Translate a minio/urllib3/socket error into the pipeline's error tree."""
+    if isinstance(exc, S3Error) and exc.code in _NOT_FOUND_CODES:
+        return BlobNotFound(f"{operation}: object not found")
+    if isinstance(exc, S3Error):
+        return BlobStoreUnavailable(f"{operation}: S3 error {exc.code}")
+    if isinstance(exc, MinioException | urllib3.exceptions.HTTPError | OSError):
+        return BlobStoreUnavailable(f"{operation}: {type(exc).__name__}")
+    if isinstance(exc, ValueError):
+        # minio raises ValueError for malformed server answers (e.g. a proxy's HTML page).
+        return BlobStoreUnavailable(f"{operation}: unexpected answer ({type(exc).__name__})")
+    return BlobStoreUnavailable(f"{operation}: {type(exc).__name__}")
+
+
+@dataclass(frozen=True)
+class StoredBlob:
+    ref: BlobRef
+    created: bool
+    """False when identical bytes were already stored under the key."""
+
+
+@dataclass(frozen=True)
+class HashedFile:
+    """A seekable file whose size and sha256 are known."""
+
+    file: BinaryIO
+    size: int
+    sha256: str
+
+    @classmethod
+    def from_file(cls, file: BinaryIO) -> HashedFile:
+        """Hash ``file`` from its start in 1 MiB chunks; leaves it rewound."""
+        file.seek(0)
+        digest = hashlib.sha256()
+        size = 0
+        while chunk := file.read(_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+        file.seek(0)
+        return cls(file, size, digest.hexdigest())
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> HashedFile:
+        return cls(io.BytesIO(data), len(data), hashlib.sha256(data).hexdigest())
+
+
+class BlobStore:
+    """Async facade over one bucket."""
+
+    def __init__(self, settings: S3Settings) -> None:
+        self._settings = settings
+        url = urlsplit(settings.endpoint)
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(
+                connect=settings.connect_timeout_s, read=settings.read_timeout_s
+            ),
+            retries=urllib3.Retry(
+                total=settings.retries,
+                backoff_factor=0.2,
+                status_forcelist=(500, 502, 503, 504),
+            ),
+            maxsize=32,
+            cert_reqs="CERT_REQUIRED" if url.scheme == "https" else "CERT_NONE",
+            ca_certs=str(settings.ca_file) if settings.ca_file else certifi.where(),
+        )
+        self._http = http
+        self._client = Minio(
+            url.netloc,
+            access_key=settings.access_key,
+            secret_key=settings.secret_key.get_secret_value(),
+            secure=url.scheme == "https",
+            region=settings.region,
+            http_client=http,
+        )
+        self.bucket = settings.bucket
+
+    async def _call(self, operation: str, fn: Callable[[], _T]) -> _T:
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            result = await asyncio.to_thread(fn)
+            outcome = "ok"
+            return result
+        except PipelineError:
+            raise
+        except Exception as exc:
+            mapped = map_error(exc, operation)
+            outcome = mapped.reason
+            raise mapped from exc
+        finally:
+            BLOB_OPS.labels(operation, outcome).observe(time.perf_counter() - started)
+
+    async def ensure_bucket(self) -> None:
+        """Create the bucket if it does not exist (development and tests)."""
+
+        def create() -> None:
+            if not self._client.bucket_exists(self.bucket):
+                self._client.make_bucket(self.bucket)
+
+        await self._call("ensure_bucket", create)
+
+    async def ping(self) -> None:
+        """Raise :class:`BlobStoreUnavailable` unless the bucket is reachable."""
+        exists = await self._call("ping", lambda: self._client.bucket_exists(self.bucket))
+        if not exists:
+            raise BlobStoreUnavailable(f"bucket {self.bucket!r} does not exist")
+
+    async def size_of(self, key: str) -> int | None:
+        """The stored object's size, or None if there is no object under ``key``."""
+        try:
+            stat = await self._call("stat", lambda: self._client.stat_object(self.bucket, key))
+        except BlobNotFound:
+            return None
+        return stat.size
+
+    async def put_file(
+        self, key: str, blob: HashedFile, kind: str, content_type: str = "application/dicom"
+    ) -> StoredBlob:
+        """Store ``blob`` under ``key`` unless identical bytes are already there.
+
+        The sha256 is recorded as object metadata too, so the bucket alone can be
+        audited against the events.
+        """
+        ref = BlobRef(bucket=self.bucket, key=key, size=blob.size, sha256=blob.sha256)
+        if await self.size_of(key) == blob.size:
+            return StoredBlob(ref, created=False)
+
+        def upload() -> None:
+            blob.file.seek(0)
+            self._client.put_object(
+                self.bucket,
+                key,
+                blob.file,
+                blob.size,
+                content_type=content_type,
+                metadata={"sha256": blob.sha256},
+                part_size=self._settings.part_size,
+            )
+
+        await self._call("put", upload)
+        BLOB_BYTES.labels(kind).inc(blob.size)
+        return StoredBlob(ref, created=True)
+
+    async def put_bytes(self, key: str, data: bytes, kind: str) -> StoredBlob:
+        return await self.put_file(key, HashedFile.from_bytes(data), kind)
+
+    async def exists(self, key: str) -> bool:
+        return await self.size_of(key) is not None
+
+    async def read(self, ref: BlobRef) -> bytes:
+        """Read a whole blob and verify it against the event's size and sha256.
+
+        Raises:
+            BlobNotFound, BlobStoreUnavailable, BlobIntegrityError
+        """
+
+        def fetch() -> bytes:
+            response = self._client.get_object(ref.bucket, ref.key)
+            try:
+                return response.read()
+            finally:
+                response.close()
+                response.release_conn()
+
+        data = await self._call("get", fetch)
+        if len(data) != ref.size or hashlib.sha256(data).hexdigest() != ref.sha256:
+            raise BlobIntegrityError("stored bytes do not match the announced size/sha256")
+        return data
+
+    def close(self) -> None:
+        """Release pooled connections; safe to call twice."""
+        self._http.clear()

@@ -1,0 +1,205 @@
+"""Event models: a CloudEvents-style envelope around one typed, versioned payload.
+
+Every model is frozen and rejects unknown fields, so a producer cannot add a field
+that consumers silently ignore: a schema change is a new version. Payloads carry
+routing metadata only; patient name, ID and birth date stay in the blob (the PHI
+store). JSON Schema files for downstream consumers are generated from these models
+(``python -m radflow_core.schema``) into docs/events/.
+"""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, ClassVar, Generic, Literal, TypeVar
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+
+from radflow_core.errors import EventDecodeError
+from radflow_core.topics import Topic
+from radflow_core.uids import Uid
+
+Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class EventModel(BaseModel):
+    """Base of every payload: frozen, closed, documented field by field."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+    type_name: ClassVar[str]
+    """The CloudEvents ``type``."""
+    version: ClassVar[int]
+    """Schema version; bumped on any incompatible change."""
+    topic: ClassVar[Topic | None] = None
+    """The topic this payload is published on; None where the caller chooses it."""
+
+
+class BlobRef(EventModel):
+    """Where an object's bytes are, and how to verify them (the claim check)."""
+
+    bucket: str
+    """S3 bucket name."""
+    key: str
+    """Object key; derived from content and hashed UIDs, never a raw UID."""
+    size: int = Field(ge=0)
+    """Object size in bytes."""
+    sha256: Sha256Hex
+    """Lower-case hex sha256 of the object's bytes; consumers verify before use."""
+
+
+class Protocol(StrEnum):
+    DIMSE = "dimse"
+    STOW_RS = "stow-rs"
+
+
+class Sender(EventModel):
+    """Who sent the instance and how (no patient data)."""
+
+    protocol: Protocol
+    """How the instance arrived."""
+    calling_ae: str | None = None
+    """DIMSE: the sender's AE title."""
+    called_ae: str | None = None
+    """DIMSE: the AE title the sender addressed."""
+    peer_address: str | None = None
+    """The sender's IP address as seen by ingest."""
+    client: str | None = None
+    """STOW-RS: the User-Agent of the client, if any."""
+
+
+class Priority(StrEnum):
+    """The sender's request priority (DIMSE C-STORE Priority; STOW-RS has none)."""
+
+    LOW = "low"
+    MEDIUM = "medium"
+    HIGH = "high"
+
+
+class InstanceReceived(EventModel):
+    """``dicom.instance.received`` v1: one instance is durably stored as received."""
+
+    type_name: ClassVar[str] = "dicom.instance.received"
+    version: ClassVar[int] = 1
+    topic: ClassVar[Topic] = Topic.INSTANCE_RECEIVED
+
+    sop_instance_uid: Uid
+    """(0008,0018) SOP Instance UID."""
+    sop_class_uid: Uid
+    """(0008,0016) SOP Class UID."""
+    study_instance_uid: Uid
+    """(0020,000D) Study Instance UID; also the record key (one study, one partition)."""
+    series_instance_uid: Uid
+    """(0020,000E) Series Instance UID."""
+    modality: str | None = None
+    """(0008,0060) Modality, if present."""
+    body_part_examined: str | None = None
+    """(0018,0015) Body Part Examined, if present."""
+    transfer_syntax_uid: Uid
+    """(0002,0010) Transfer Syntax UID of the stored original."""
+    priority: Priority = Priority.MEDIUM
+    """Request priority as sent."""
+    sender: Sender
+    """Who sent it."""
+    received_at: AwareDatetime
+    """When ingest finished receiving the bytes (UTC)."""
+    blob: BlobRef
+    """The original Part 10 file, byte for byte as received."""
+
+    @property
+    def key(self) -> bytes:
+        return self.study_instance_uid.encode("ascii")
+
+
+class DeadLetter(EventModel):
+    """A record a consumer could not process and will not retry, with the reason."""
+
+    type_name: ClassVar[str] = "radflow.dead_letter"
+    version: ClassVar[int] = 1
+
+    reason: str
+    """Machine-readable reason (e.g. blob_integrity_error, undecodable_event)."""
+    message: str
+    """Human-readable detail; written by the pipeline, never copied from patient data."""
+    retriable: bool
+    """Whether the error was of a retriable kind whose attempts ran out."""
+    attempts: int = Field(ge=1)
+    """How many times processing was tried."""
+    service: str
+    """The consumer that gave up."""
+    source_topic: str
+    """Topic of the failed record."""
+    source_partition: int
+    """Partition of the failed record."""
+    source_offset: int
+    """Offset of the failed record."""
+    original_key: str | None
+    """The failed record's key (a Study Instance UID), if any."""
+    original_value: str
+    """The failed record's value as UTF-8 text (events hold no demographics)."""
+    failed_at: AwareDatetime
+    """When the consumer gave up (UTC)."""
+
+
+PayloadT = TypeVar("PayloadT", bound=EventModel)
+
+
+class Envelope(BaseModel, Generic[PayloadT]):
+    """CloudEvents 1.0 attributes around one payload (structured JSON mode)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+    specversion: Literal["1.0"] = "1.0"
+    """CloudEvents spec version."""
+    id: str
+    """Unique per emitted event (uuid4); a re-emission of the same fact gets a new id."""
+    type: str
+    """Payload type, e.g. dicom.instance.received."""
+    source: str
+    """Emitting service and host, e.g. /radflow/ingest/pod-1."""
+    time: AwareDatetime
+    """When the event was emitted (UTC)."""
+    datacontenttype: Literal["application/json"] = "application/json"
+    """Always JSON."""
+    dataschema: str
+    """Versioned schema name of ``data``, e.g. radflow:dicom.instance.received:v1."""
+    data: PayloadT
+    """The payload."""
+
+
+def schema_name(model: type[EventModel]) -> str:
+    return f"radflow:{model.type_name}:v{model.version}"
+
+
+def wrap(payload: PayloadT, service: str) -> Envelope[PayloadT]:
+    """Put ``payload`` in a fresh envelope emitted by ``service`` on this host."""
+    model = type(payload)
+    return Envelope[model](  # type: ignore[valid-type]
+        id=str(uuid.uuid4()),
+        type=model.type_name,
+        source=f"/radflow/{service}/{socket.gethostname()}",
+        time=datetime.now(UTC),
+        dataschema=schema_name(model),
+        data=payload,
+    )
+
+
+def encode(envelope: Envelope[PayloadT]) -> bytes:
+    return envelope.model_dump_json().encode("utf-8")
+
+
+def decode(raw: bytes, model: type[PayloadT]) -> Envelope[PayloadT]:
+    """Parse a record value as an envelope of ``model``.
+
+    Raises:
+        EventDecodeError: not JSON, wrong type or version, or a field out of contract.
+    """
+    try:
+        envelope = Envelope[model].model_validate_json(raw)  # type: ignore[valid-type]
+    except ValidationError as exc:
+        fields = sorted({".".join(str(p) for p in e["loc"]) for e in exc.errors()})
+        raise EventDecodeError(f"not a valid {model.__name__} event: {fields}") from None
+    if envelope.dataschema != schema_name(model):
+        raise EventDecodeError(f"unexpected dataschema {envelope.dataschema!r}")
+    return envelope

@@ -1,0 +1,304 @@
+"""Kafka producer and consumer loop on aiokafka, with the pipeline's delivery rules.
+
+Producer: acks=all, idempotence as a setting (DESIGN: off only against Tansu), and a
+bounded wait per event so a broker outage turns into :class:`BrokerUnavailable`
+quickly instead of a sender hanging.
+
+Consumer: at-least-once. Offsets are committed only after the handler returned, and
+the handler returns only after its output was acknowledged. A retriable failure is
+retried with exponential backoff and jitter, a bounded number of times; a failure
+that retrying cannot fix goes to the dead-letter topic with its reason. If even the
+dead-letter topic cannot be written, nothing is committed and the record is read
+again later: never dropped, never retried forever without a trace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, Generic, Self
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaError
+from aiokafka.helpers import create_ssl_context
+from aiokafka.structs import RecordMetadata
+from prometheus_client import Counter, Histogram
+
+from radflow_core.errors import BrokerUnavailable, EventDecodeError, PipelineError
+from radflow_core.events import DeadLetter, EventModel, PayloadT, decode, encode, wrap
+from radflow_core.settings import KafkaSettings
+
+log = logging.getLogger(__name__)
+
+SEND_SECONDS = Histogram(
+    "radflow_kafka_send_seconds",
+    "Time from send to broker acknowledgement (acks=all).",
+    ["topic", "outcome"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+CONSUMED = Counter(
+    "radflow_consumer_records_total",
+    "Records handled by a consumer, by outcome (ok, retried, dead_lettered).",
+    ["topic", "outcome"],
+)
+DEAD_LETTERS = Counter(
+    "radflow_dead_letters_total",
+    "Records sent to a dead-letter topic, by reason.",
+    ["source_topic", "reason"],
+)
+
+
+def connection_options(settings: KafkaSettings) -> dict[str, Any]:
+    """Client options shared by producers, consumers and admin clients."""
+    options: dict[str, Any] = {
+        "bootstrap_servers": settings.bootstrap_servers,
+        "security_protocol": settings.security_protocol,
+    }
+    if settings.security_protocol in ("SSL", "SASL_SSL"):
+        cafile = str(settings.ssl_cafile) if settings.ssl_cafile else None
+        options["ssl_context"] = create_ssl_context(cafile=cafile)
+    if settings.security_protocol.startswith("SASL"):
+        options["sasl_mechanism"] = settings.sasl_mechanism
+        options["sasl_plain_username"] = settings.sasl_username
+        options["sasl_plain_password"] = settings.sasl_password.get_secret_value()
+    return options
+
+
+class EventProducer:
+    """Publishes envelopes; every publish waits for acks=all or raises BrokerUnavailable."""
+
+    def __init__(self, settings: KafkaSettings, service: str) -> None:
+        self._settings = settings
+        self._service = service
+        timeout_ms = int(settings.ack_timeout_s * 1000)
+        self._producer = AIOKafkaProducer(
+            **connection_options(settings),
+            client_id=f"radflow-{service}",
+            acks="all",
+            enable_idempotence=settings.idempotence,
+            request_timeout_ms=timeout_ms,
+            linger_ms=0,
+        )
+        self._started = False
+
+    async def start(self) -> None:
+        """Connect; raises BrokerUnavailable if the brokers cannot be reached."""
+        try:
+            await self._producer.start()
+        except KafkaError as exc:
+            await self._producer.stop()
+            raise BrokerUnavailable(f"cannot start producer: {type(exc).__name__}") from exc
+        self._started = True
+
+    async def stop(self) -> None:
+        """Flush pending sends and disconnect; safe to call twice."""
+        if self._started:
+            self._started = False
+            await self._producer.stop()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def publish(
+        self, payload: EventModel, key: bytes | None, topic: str | None = None
+    ) -> RecordMetadata:
+        """Wrap ``payload`` in an envelope and send it to its topic (or ``topic``)."""
+        if topic is None:
+            if payload.topic is None:
+                raise ValueError(f"{type(payload).__name__} has no default topic")
+            topic = self._settings.topic(payload.topic)
+        return await self.send(topic, key, encode(wrap(payload, self._service)))
+
+    async def send(self, topic: str, key: bytes | None, value: bytes) -> RecordMetadata:
+        """Send raw bytes and wait for the broker's acknowledgement."""
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            async with asyncio.timeout(self._settings.ack_timeout_s):
+                metadata = await self._producer.send_and_wait(topic, value, key=key)
+            outcome = "ok"
+            return metadata
+        except (KafkaError, TimeoutError) as exc:
+            raise BrokerUnavailable(f"no ack from broker for {topic}: {type(exc).__name__}") from exc
+        finally:
+            SEND_SECONDS.labels(topic, outcome).observe(time.perf_counter() - started)
+
+    async def ping(self) -> None:
+        """Raise BrokerUnavailable unless broker metadata can be fetched now."""
+        try:
+            async with asyncio.timeout(self._settings.ack_timeout_s):
+                await self._producer.client.fetch_all_metadata()
+        except (KafkaError, TimeoutError) as exc:
+            raise BrokerUnavailable(f"broker metadata unavailable: {type(exc).__name__}") from exc
+
+
+Handler = Callable[[Any, ConsumerRecord[bytes, bytes]], Awaitable[None]]
+
+
+class EventConsumer(Generic[PayloadT]):
+    """Reads one event type from ``topics`` and hands each envelope to ``handler``.
+
+    The handler must publish its outputs with an :class:`EventProducer` (which waits
+    for acks) before returning; the offset is committed after it returns.
+    """
+
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        *,
+        service: str,
+        group_id: str,
+        topics: Sequence[str],
+        model: type[PayloadT],
+        handler: Handler,
+        producer: EventProducer,
+        dead_letter_topic: str,
+        max_attempts: int = 5,
+        backoff_initial_s: float = 0.5,
+        backoff_max_s: float = 30.0,
+    ) -> None:
+        self._settings = settings
+        self._service = service
+        self._topics = list(topics)
+        self._model = model
+        self._handler = handler
+        self._producer = producer
+        self._dead_letter_topic = dead_letter_topic
+        self._max_attempts = max_attempts
+        self._backoff_initial_s = backoff_initial_s
+        self._backoff_max_s = backoff_max_s
+        self._consumer = AIOKafkaConsumer(
+            *self._topics,
+            **connection_options(settings),
+            client_id=f"radflow-{service}",
+            group_id=group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+        )
+        self._stopping = asyncio.Event()
+
+    def backoff(self, attempt: int) -> float:
+        """Full-jitter exponential backoff before retry number ``attempt`` (1-based)."""
+        ceiling = min(self._backoff_max_s, self._backoff_initial_s * 2 ** (attempt - 1))
+        return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not crypto
+
+    async def run(self) -> None:
+        """Consume until :meth:`stop`; commits after each partition's batch is handled."""
+        await self._consumer.start()
+        try:
+            while not self._stopping.is_set():
+                batches = await self._consumer.getmany(timeout_ms=500, max_records=100)
+                for tp, records in batches.items():
+                    await self._handle_partition(tp, records)
+        finally:
+            await self._consumer.stop()
+
+    async def _handle_partition(
+        self, tp: TopicPartition, records: list[ConsumerRecord[bytes, bytes]]
+    ) -> None:
+        done: int | None = None
+        try:
+            for record in records:
+                if self._stopping.is_set():
+                    break
+                await self._handle_record(record)
+                done = record.offset
+        except BrokerUnavailable:
+            log.warning(
+                "dead-letter topic unreachable; will read the record again",
+                extra={"topic": tp.topic, "partition": tp.partition},
+            )
+            failed = records[0].offset if done is None else done + 1
+            self._consumer.seek(tp, failed)
+            await asyncio.sleep(self.backoff(self._max_attempts))
+        if done is not None:
+            await self._consumer.commit({tp: done + 1})
+
+    async def _handle_record(self, record: ConsumerRecord[bytes, bytes]) -> None:
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                if record.value is None:
+                    raise EventDecodeError("record has no value (tombstone)")
+                envelope = decode(record.value, self._model)
+                await self._handler(envelope, record)
+            except PipelineError as exc:
+                if exc.retriable and attempt < self._max_attempts and not self._stopping.is_set():
+                    CONSUMED.labels(record.topic, "retried").inc()
+                    await asyncio.sleep(self.backoff(attempt))
+                    continue
+                await self._dead_letter(record, exc.reason, str(exc), exc.retriable, attempt)
+                return
+            except Exception as exc:
+                log.exception("unexpected error in handler", extra={"topic": record.topic})
+                await self._dead_letter(
+                    record, "unexpected_error", type(exc).__name__, False, attempt
+                )
+                return
+            CONSUMED.labels(record.topic, "ok").inc()
+            return
+
+    async def _dead_letter(
+        self,
+        record: ConsumerRecord[bytes, bytes],
+        reason: str,
+        message: str,
+        retriable: bool,
+        attempts: int,
+    ) -> None:
+        letter = DeadLetter(
+            reason=reason,
+            message=message,
+            retriable=retriable,
+            attempts=attempts,
+            service=self._service,
+            source_topic=record.topic,
+            source_partition=record.partition,
+            source_offset=record.offset,
+            original_key=record.key.decode("utf-8", "replace") if record.key else None,
+            original_value=(record.value or b"").decode("utf-8", "replace"),
+            failed_at=datetime.now(UTC),
+        )
+        await self._producer.publish(letter, record.key, topic=self._dead_letter_topic)
+        DEAD_LETTERS.labels(record.topic, reason).inc()
+        CONSUMED.labels(record.topic, "dead_lettered").inc()
+        log.warning(
+            "record dead-lettered",
+            extra={"topic": record.topic, "offset": record.offset, "reason": reason},
+        )
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return after the record in hand; safe to call twice."""
+        self._stopping.set()
+
+
+async def ensure_topics(
+    settings: KafkaSettings, topics: Sequence[str], partitions: int = 3, replication: int = 1
+) -> None:
+    """Create the topics that do not exist yet (development stack and tests).
+
+    Production topics are declared as Strimzi KafkaTopic resources instead.
+    """
+    admin = AIOKafkaAdminClient(**connection_options(settings), client_id="radflow-admin")
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [NewTopic(t, partitions, replication) for t in topics if t not in existing]
+        if missing:
+            await admin.create_topics(missing)
+    finally:
+        await admin.close()

@@ -1,0 +1,53 @@
+"""Write the JSON Schema of every published event into a folder (docs/events/).
+
+Usage: ``python -m radflow_core.schema docs/events``. A test fails when the committed
+files differ from what the models generate, so the published contract cannot drift.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from radflow_core.events import DeadLetter, Envelope, EventModel, InstanceReceived, schema_name
+
+PUBLISHED: tuple[type[EventModel], ...] = (InstanceReceived, DeadLetter)
+
+
+def event_schema(model: type[EventModel]) -> dict[str, Any]:
+    """The JSON Schema of an envelope carrying ``model``, with type and dataschema fixed."""
+    schema = Envelope[model].model_json_schema()  # type: ignore[valid-type]
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = schema_name(model)
+    schema["title"] = f"{model.type_name} v{model.version}"
+    schema["description"] = (model.__doc__ or "").strip()
+    props = schema["properties"]
+    props["type"] = {"const": model.type_name, "type": "string", "description": "Event type."}
+    props["dataschema"] = {"const": schema_name(model), "type": "string"}
+    return schema
+
+
+def render(model: type[EventModel]) -> str:
+    return json.dumps(event_schema(model), indent=2, sort_keys=True) + "\n"
+
+
+def file_name(model: type[EventModel]) -> str:
+    return f"{model.type_name}.v{model.version}.schema.json"
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m radflow_core.schema OUTPUT_DIR", file=sys.stderr)
+        return 2
+    out = Path(argv[0])
+    out.mkdir(parents=True, exist_ok=True)
+    for model in PUBLISHED:
+        (out / file_name(model)).write_text(render(model), encoding="utf-8")
+        print(out / file_name(model))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,163 @@
+"""Typed settings read from ``RADFLOW_*`` environment variables.
+
+Each section is a frozen pydantic model whose field docstrings are the documentation
+(``--help`` prints them). Sections are built once in a service's ``__main__`` with
+:meth:`Section.from_env` and passed to what needs them; nothing reads the environment
+at import time. A bad value fails at start with the variable's name and what was
+expected, never with a traceback from deep inside a client library.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from radflow_core.errors import ConfigurationError
+from radflow_core.topics import Topic
+
+ENV_PREFIX = "RADFLOW_"
+
+
+class Section(BaseModel):
+    """A group of settings sharing one environment prefix, e.g. ``RADFLOW_KAFKA_``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+    prefix: ClassVar[str]
+
+    @classmethod
+    def env_name(cls, field: str) -> str:
+        return f"{ENV_PREFIX}{cls.prefix}{field.upper()}"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Self:
+        """Build the section from ``environ``; unset variables keep their defaults.
+
+        Raises:
+            ConfigurationError: naming every variable that is malformed.
+        """
+        values = {
+            name: environ[cls.env_name(name)]
+            for name in cls.model_fields
+            if cls.env_name(name) in environ
+        }
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            problems = []
+            for err in exc.errors():
+                field = str(err["loc"][0]) if err["loc"] else "?"
+                shown = "" if _is_secret(cls, field) else f" (got {err.get('input')!r})"
+                problems.append(f"{cls.env_name(field)}: {err['msg']}{shown}")
+            raise ConfigurationError("invalid settings: " + "; ".join(problems)) from None
+
+    @classmethod
+    def describe(cls) -> Iterator[tuple[str, str, str]]:
+        """Yield (variable, default, documentation) for ``--help``."""
+        for name, info in cls.model_fields.items():
+            default = info.default
+            if isinstance(default, SecretStr):
+                shown = "(set)" if default.get_secret_value() else "(empty)"
+            elif isinstance(default, tuple):
+                shown = ",".join(str(v) for v in default) or "(empty)"
+            elif default is None:
+                shown = "(unset)"
+            else:
+                shown = str(default.value if isinstance(default, StrEnum) else default)
+            yield cls.env_name(name), shown, (info.description or "").strip()
+
+
+def _is_secret(cls: type[Section], field: str) -> bool:
+    info = cls.model_fields.get(field)
+    return info is not None and info.annotation in (SecretStr, SecretStr | None)
+
+
+class KafkaSettings(Section):
+    prefix = "KAFKA_"
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    """Comma-separated host:port list of Kafka brokers."""
+    idempotence: bool = True
+    """Use the idempotent producer. Keep on for Kafka; set false for brokers without
+    InitProducerId support (Tansu, used in development). Consumers are idempotent anyway."""
+    ack_timeout_s: float = Field(default=10.0, gt=0)
+    """Seconds to wait for acks=all on one event before the send counts as failed."""
+    topic_prefix: str = ""
+    """Prepended to every topic name (e.g. 'site1.'); empty in production."""
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    """How to talk to the brokers."""
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "SCRAM-SHA-512"
+    """SASL mechanism when security_protocol is SASL_*."""
+    sasl_username: str = ""
+    """SASL user name."""
+    sasl_password: SecretStr = SecretStr("")
+    """SASL password (never logged)."""
+    ssl_cafile: Path | None = None
+    """CA bundle to verify the brokers' certificates (SSL and SASL_SSL)."""
+
+    def topic(self, topic: Topic) -> str:
+        """The real topic name, with the deployment's prefix."""
+        return f"{self.topic_prefix}{topic.value}"
+
+
+class S3Settings(Section):
+    prefix = "S3_"
+
+    endpoint: str = "http://127.0.0.1:9000"
+    """URL of the S3 server (MinIO in Kubernetes); https:// turns TLS on."""
+    access_key: str = "radflow"
+    """S3 access key id."""
+    secret_key: SecretStr = SecretStr("radflow-secret")
+    """S3 secret key (never logged)."""
+    bucket: str = Field(default="radflow", min_length=3, max_length=63)
+    """Bucket holding originals and derived variants (the PHI store)."""
+    region: str = "us-east-1"
+    """Region name sent in signatures."""
+    connect_timeout_s: float = Field(default=2.0, gt=0)
+    """Seconds to wait for a TCP connection to the S3 server."""
+    read_timeout_s: float = Field(default=30.0, gt=0)
+    """Seconds to wait for data on an open S3 connection."""
+    retries: int = Field(default=2, ge=0, le=10)
+    """Transport-level retries on connection errors and 5xx before giving up."""
+    ca_file: Path | None = None
+    """CA bundle to verify the S3 server's certificate."""
+    part_size: int = Field(default=16 * 1024 * 1024, ge=5 * 1024 * 1024)
+    """Multipart upload part size in bytes; larger instances stream in parts of this size."""
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint_is_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("expected a URL starting with http:// or https://")
+        return value.rstrip("/")
+
+
+class LogFormat(StrEnum):
+    JSON = "json"
+    TEXT = "text"
+
+
+class LogSettings(Section):
+    prefix = "LOG_"
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Minimum level written to stderr."""
+    format: LogFormat = LogFormat.JSON
+    """json: one JSON object per line (for log shippers); text: for a terminal."""
+
+
+class OpsSettings(Section):
+    prefix = "OPS_"
+
+    readiness_cache_s: float = Field(default=2.0, ge=0)
+    """Seconds a /readyz answer is reused, so probes do not hammer the broker and S3."""
+
+
+def csv_tuple(value: Any) -> Any:
+    """Validator helper: accept ``a,b,c`` from the environment as a tuple."""
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    return value
