@@ -1,0 +1,112 @@
+"""Reading and checking the identifying header of a DICOM Part 10 file.
+
+Shared by ingest (to validate what a sender gave us and build the received event)
+and by later stages (which re-read blobs). Parsing is defensive: large values are
+deferred (never loaded), a file that ends before its declared lengths is rejected,
+and pathological nesting is reported as "cannot understand" instead of crashing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from pydicom import dcmread
+from pydicom.dataset import FileDataset
+from pydicom.errors import InvalidDicomError
+
+from radflow_core.dicom_status import StoreStatus
+from radflow_core.errors import PipelineError
+from radflow_core.transfer_syntaxes import ACCEPTED
+from radflow_core.uids import is_valid_uid
+
+_DEFER_BYTES = 4096
+
+
+class InvalidInstance(PipelineError):
+    """The bytes are not an acceptable DICOM instance; carries the status to answer."""
+
+    reason = "invalid_instance"
+
+    def __init__(self, status: StoreStatus, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    """Identifying, PHI-free attributes of one instance."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
+    modality: str | None
+    body_part_examined: str | None
+
+
+def _text(ds: FileDataset, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    return str(value).strip()[:64] or None
+
+
+def read_header(file: BinaryIO, size: int) -> InstanceHeader:
+    """Parse a Part 10 file's structure and identifying attributes.
+
+    Raises:
+        InvalidInstance: with the DICOM status that describes what is wrong.
+    """
+    file.seek(0)
+    try:
+        ds = dcmread(file, defer_size=_DEFER_BYTES)
+        ds.get("SOPInstanceUID")  # forces the lazy parse of the header's elements
+    except InvalidDicomError:
+        raise InvalidInstance(
+            StoreStatus.CANNOT_UNDERSTAND, "not a DICOM Part 10 file (no preamble/meta)"
+        ) from None
+    except RecursionError:
+        raise InvalidInstance(StoreStatus.CANNOT_UNDERSTAND, "sequences nested too deeply") from None
+    except Exception as exc:
+        # pydicom's messages can quote element values; only the type is reported.
+        raise InvalidInstance(
+            StoreStatus.CANNOT_UNDERSTAND, f"unparsable dataset ({type(exc).__name__})"
+        ) from None
+    finally:
+        consumed = file.tell()
+    if consumed > size:
+        raise InvalidInstance(StoreStatus.CANNOT_UNDERSTAND, "dataset truncated")
+
+    ts = ds.file_meta.get("TransferSyntaxUID")
+    if ts is None:
+        raise InvalidInstance(StoreStatus.MISSING_ATTRIBUTE, "no Transfer Syntax UID in file meta")
+    if ts not in ACCEPTED:
+        raise InvalidInstance(
+            StoreStatus.TRANSFER_SYNTAX_NOT_SUPPORTED, "transfer syntax not accepted"
+        )
+    values: dict[str, str] = {}
+    for keyword in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        try:
+            raw = ds.get(keyword)
+        except Exception:
+            raise InvalidInstance(
+                StoreStatus.CANNOT_UNDERSTAND, f"{keyword} cannot be decoded"
+            ) from None
+        if raw is None or str(raw).strip("\0 ") == "":
+            raise InvalidInstance(StoreStatus.MISSING_ATTRIBUTE, f"{keyword} is missing")
+        value = str(raw).strip("\0 ")
+        if not is_valid_uid(value):
+            raise InvalidInstance(StoreStatus.INVALID_UID, f"{keyword} is not a valid UID")
+        values[keyword] = value
+    return InstanceHeader(
+        sop_instance_uid=values["SOPInstanceUID"],
+        sop_class_uid=values["SOPClassUID"],
+        study_instance_uid=values["StudyInstanceUID"],
+        series_instance_uid=values["SeriesInstanceUID"],
+        transfer_syntax_uid=str(ts),
+        modality=_text(ds, "Modality"),
+        body_part_examined=_text(ds, "BodyPartExamined"),
+    )
