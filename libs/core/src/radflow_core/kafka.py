@@ -124,6 +124,8 @@ class EventProducer:
 
     async def send(self, topic: str, key: bytes | None, value: bytes) -> RecordMetadata:
         """Send raw bytes and wait for the broker's acknowledgement."""
+        if not self._started:
+            raise BrokerUnavailable("producer is not connected to the broker yet")
         started = time.perf_counter()
         outcome = "error"
         try:
@@ -138,6 +140,8 @@ class EventProducer:
 
     async def ping(self) -> None:
         """Raise BrokerUnavailable unless broker metadata can be fetched now."""
+        if not self._started:
+            raise BrokerUnavailable("producer is not connected to the broker yet")
         try:
             async with asyncio.timeout(self._settings.ack_timeout_s):
                 await self._producer.client.fetch_all_metadata()

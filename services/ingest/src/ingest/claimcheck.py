@@ -1,0 +1,211 @@
+"""The claim check: blob in S3, then event on Kafka, then (and only then) success.
+
+Both receivers (DIMSE and STOW-RS) hand every instance to :meth:`ClaimCheck.store`.
+It returns only after the original bytes are stored and the ``dicom.instance.received``
+event is acknowledged with acks=all; anything else raises, and the receiver answers
+with a status the sender will retry (A700 / HTTP 503). The blob is written before the
+event, so an event never points at a missing blob; a blob without an event (broker
+down) is harmless and is announced when the sender retries.
+
+Duplicates: after the event is acknowledged a small marker object is written under
+``announced/``. The same bytes again find the marker and succeed without a new blob
+or event. Without the marker (first announce failed) the event is sent again:
+at-least-once, and consumers are idempotent on sha256.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import BinaryIO
+
+from radflow_core.blobstore import BlobStore, HashedFile, content_key
+from radflow_core.dicom_status import StoreStatus
+from radflow_core.errors import PipelineError
+from radflow_core.events import InstanceReceived, Priority, Sender
+from radflow_core.instance_header import InstanceHeader, InvalidInstance, read_header
+from radflow_core.kafka import EventProducer
+
+from ingest import metrics
+
+log = logging.getLogger(__name__)
+
+ORIGINAL = "original"
+ANNOUNCED = "announced"
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What the sender announced about the instance, to be checked against the data."""
+
+    sop_class_uid: str | None = None
+    sop_instance_uid: str | None = None
+    study_instance_uid: str | None = None
+
+
+@dataclass(frozen=True)
+class Origin:
+    sender: Sender
+    priority: Priority = Priority.MEDIUM
+    expected: Expected = field(default_factory=Expected)
+
+
+class NotStored(PipelineError):
+    """The instance was not stored; ``status`` says why and whether to retry.
+
+    Raised for bad data (C0xx/A900, not retriable) and for unavailable storage or
+    broker (A700, retriable). ``header`` holds the instance's UIDs when they could be
+    read, so STOW-RS can name the failed instance.
+    """
+
+    reason = "not_stored"
+
+    def __init__(
+        self, status: StoreStatus, detail: str, cause: str, header: InstanceHeader | None
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.cause = cause
+        self.header = header
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A successful claim check."""
+
+    header: InstanceHeader
+    event: InstanceReceived
+    duplicate: bool
+    """True when these exact bytes had already been stored and announced."""
+
+
+def check_expected(header: InstanceHeader, expected: Expected) -> None:
+    """Raise InvalidInstance if the data contradicts what the sender announced."""
+    if expected.sop_class_uid and header.sop_class_uid != expected.sop_class_uid:
+        raise InvalidInstance(
+            StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+            "dataset SOP Class UID differs from the request's",
+        )
+    if expected.sop_instance_uid and header.sop_instance_uid != expected.sop_instance_uid:
+        raise InvalidInstance(
+            StoreStatus.SOP_INSTANCE_MISMATCH,
+            "dataset SOP Instance UID differs from the request's",
+        )
+    if expected.study_instance_uid and header.study_instance_uid != expected.study_instance_uid:
+        raise InvalidInstance(
+            StoreStatus.STUDY_MISMATCH, "instance belongs to another study than the request's"
+        )
+
+
+def inspect(file: BinaryIO, max_bytes: int) -> tuple[HashedFile, InstanceHeader]:
+    """Hash and parse a received file (blocking; run in a worker thread)."""
+    hashed = HashedFile.from_file(file)
+    if hashed.size > max_bytes:
+        raise InvalidInstance(StoreStatus.INSTANCE_TOO_LARGE, "instance exceeds the size limit")
+    header = read_header(file, hashed.size)
+    file.seek(0)
+    return hashed, header
+
+
+class ClaimCheck:
+    def __init__(
+        self, blobs: BlobStore, producer: EventProducer, max_instance_bytes: int
+    ) -> None:
+        self._blobs = blobs
+        self._producer = producer
+        self._max_instance_bytes = max_instance_bytes
+        self._markers: set[asyncio.Task[None]] = set()
+
+    async def store(self, file: BinaryIO, origin: Origin) -> Stored:
+        """Store and announce one received Part 10 file.
+
+        Raises:
+            NotStored: with the status to answer; when retriable, nothing was announced.
+        """
+        started = time.perf_counter()
+        protocol = origin.sender.protocol.value
+        header: InstanceHeader | None = None
+        try:
+            hashed, header = await asyncio.to_thread(inspect, file, self._max_instance_bytes)
+            check_expected(header, origin.expected)
+            stored = await self._store_checked(hashed, header, origin)
+        except InvalidInstance as exc:
+            raise self._not_stored(origin, exc.status, exc.detail, exc.reason, header) from exc
+        except PipelineError as exc:
+            raise self._not_stored(
+                origin, StoreStatus.OUT_OF_RESOURCES, f"{exc.reason}; retry later", exc.reason,
+                header,
+            ) from exc
+        elapsed = time.perf_counter() - started
+        metrics.INSTANCES.labels(protocol, "duplicate" if stored.duplicate else "stored").inc()
+        metrics.BYTES.labels(protocol).inc(hashed.size)
+        metrics.STORE_SECONDS.labels(protocol).observe(elapsed)
+        log.info(
+            "instance stored",
+            extra={"sop_instance_uid": header.sop_instance_uid,
+                   "study_instance_uid": header.study_instance_uid,
+                   "sha256": hashed.sha256, "size": hashed.size, "duplicate": stored.duplicate,
+                   "protocol": protocol, "calling_ae": origin.sender.calling_ae,
+                   "peer_address": origin.sender.peer_address,
+                   "duration_ms": round(elapsed * 1000, 2)},
+        )
+        return stored
+
+    @staticmethod
+    def _not_stored(
+        origin: Origin, status: StoreStatus, detail: str, cause: str,
+        header: InstanceHeader | None,
+    ) -> NotStored:
+        metrics.INSTANCES.labels(origin.sender.protocol.value, status.label).inc()
+        log.log(
+            logging.ERROR if status.retriable else logging.WARNING,
+            "instance not stored",
+            extra={"status": f"0x{status:04X}", "reason": detail,
+                   "protocol": origin.sender.protocol.value,
+                   "calling_ae": origin.sender.calling_ae,
+                   "peer_address": origin.sender.peer_address},
+        )
+        return NotStored(status, detail, cause, header)
+
+    async def _store_checked(
+        self, hashed: HashedFile, header: InstanceHeader, origin: Origin
+    ) -> Stored:
+        key = content_key(ORIGINAL, header.study_instance_uid, hashed.sha256)
+        marker = content_key(ANNOUNCED, header.study_instance_uid, hashed.sha256)
+        stored = await self._blobs.put_file(key, hashed, ORIGINAL)
+        event = InstanceReceived(
+            sop_instance_uid=header.sop_instance_uid,
+            sop_class_uid=header.sop_class_uid,
+            study_instance_uid=header.study_instance_uid,
+            series_instance_uid=header.series_instance_uid,
+            modality=header.modality,
+            body_part_examined=header.body_part_examined,
+            transfer_syntax_uid=header.transfer_syntax_uid,
+            priority=origin.priority,
+            sender=origin.sender,
+            received_at=datetime.now(UTC),
+            blob=stored.ref,
+        )
+        if not stored.created and await self._blobs.exists(marker):
+            return Stored(header, event, duplicate=True)
+        await self._producer.publish(event, key=event.key)
+        task = asyncio.create_task(self._mark_announced(marker))
+        self._markers.add(task)
+        task.add_done_callback(self._markers.discard)
+        return Stored(header, event, duplicate=False)
+
+    async def _mark_announced(self, marker: str) -> None:
+        try:
+            await self._blobs.put_bytes(marker, b"", ANNOUNCED)
+        except PipelineError as exc:
+            # Only costs a repeated event if the same bytes arrive again.
+            log.warning("announce marker not written", extra={"reason": exc.reason})
+
+    async def drain(self) -> None:
+        """Wait for pending marker writes (called on shutdown)."""
+        if self._markers:
+            await asyncio.gather(*self._markers, return_exceptions=True)

@@ -1,0 +1,27 @@
+"""Ingest metrics (Prometheus). Names are part of the dashboards' contract."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+INSTANCES = Counter(
+    "radflow_ingest_instances_total",
+    "Instances received, by protocol and outcome (stored, duplicate, or a status label).",
+    ["protocol", "outcome"],
+)
+BYTES = Counter("radflow_ingest_bytes_total", "Bytes of instances stored.", ["protocol"])
+STORE_SECONDS = Histogram(
+    "radflow_ingest_store_seconds",
+    "Claim-check duration per instance (hash, parse, blob, event), by protocol.",
+    ["protocol"],
+    buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30),
+)
+ASSOCIATIONS = Gauge("radflow_ingest_associations_active", "Open DIMSE associations.")
+ASSOCIATIONS_REJECTED = Counter(
+    "radflow_ingest_associations_rejected_total",
+    "Association requests refused by the allow-list.",
+    ["reason"],
+)
+STOW_REQUESTS = Counter(
+    "radflow_ingest_stow_requests_total", "STOW-RS requests by HTTP status.", ["status"]
+)

@@ -1,0 +1,112 @@
+"""The ingest service's lifecycle: wire receivers to the claim check, start, stop.
+
+States: created → starting → running → stopping → stopped. ``stop()`` is safe to call
+twice. On stop, readiness turns false first (Kubernetes stops sending), the DIMSE
+listener closes and open associations get a grace period, in-flight STOW-RS requests
+finish, pending work is drained, and only then the producer flushes and closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from enum import StrEnum
+
+from aiohttp import web
+
+from radflow_core.blobstore import BlobStore
+from radflow_core.errors import BrokerUnavailable
+from radflow_core.kafka import EventProducer
+from radflow_core.ops import Health, ops_routes
+
+from ingest.claimcheck import ClaimCheck
+from ingest.dimse import DimseReceiver
+from ingest.settings import IngestConfig
+from ingest.stowrs import StowReceiver
+
+log = logging.getLogger(__name__)
+
+SERVICE = "ingest"
+
+
+class State(StrEnum):
+    CREATED = "created"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+class IngestService:
+    def __init__(self, config: IngestConfig) -> None:
+        self._config = config
+        self.state = State.CREATED
+        self._blobs = BlobStore(config.s3)
+        self._producer = EventProducer(config.kafka, SERVICE)
+        self._claim_check = ClaimCheck(
+            self._blobs, self._producer, config.ingest.max_instance_bytes
+        )
+        self.health = Health(
+            {"broker": self._producer.ping, "blob_store": self._blobs.ping},
+            cache_s=config.ops.readiness_cache_s,
+        )
+        self._dimse: DimseReceiver | None = None
+        self._runner: web.AppRunner | None = None
+        self._connect_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Open the listeners; the broker connection is retried in the background."""
+        self.state = State.STARTING
+        settings = self._config.ingest
+        app = web.Application()
+        app.add_routes(StowReceiver(settings, self._claim_check).routes())
+        app.add_routes(ops_routes(self.health))
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=settings.shutdown_grace_s)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, settings.http_host, settings.http_port)
+        await site.start()
+        log.info("HTTP listening", extra={"host": settings.http_host, "port": settings.http_port})
+        self._dimse = DimseReceiver(settings, self._claim_check, asyncio.get_running_loop())
+        self._dimse.start()
+        self._connect_task = asyncio.create_task(self._connect_broker())
+        self.state = State.RUNNING
+
+    async def _connect_broker(self) -> None:
+        delay = 0.5
+        while True:
+            try:
+                await self._producer.start()
+            except BrokerUnavailable as exc:
+                log.warning("waiting for the broker", extra={"reason": exc.reason})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                continue
+            log.info("connected to the broker")
+            return
+
+    async def stop(self) -> None:
+        if self.state in (State.STOPPING, State.STOPPED):
+            return
+        self.state = State.STOPPING
+        self.health.stopping = True
+        grace = self._config.ingest.shutdown_grace_s
+        if self._dimse is not None:
+            await self._dimse.stop(grace)
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._connect_task is not None:
+            self._connect_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._connect_task
+        await self._claim_check.drain()
+        await self._producer.stop()
+        self._blobs.close()
+        self.state = State.STOPPED
+        log.info("stopped")
+
+    @property
+    def dimse_port(self) -> int:
+        if self._dimse is None:
+            raise RuntimeError("not started")
+        return self._dimse.port

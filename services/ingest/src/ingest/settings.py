@@ -1,0 +1,137 @@
+"""Settings of the ingest service (``RADFLOW_INGEST_*`` plus the shared sections)."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Self
+
+from pydantic import Field, field_validator
+
+from radflow_core.settings import (
+    KafkaSettings,
+    LogSettings,
+    OpsSettings,
+    S3Settings,
+    Section,
+    csv_tuple,
+)
+from radflow_core.uids import is_valid_uid
+
+
+@dataclass(frozen=True)
+class PeerRule:
+    """One allow-list entry: an AE title (``*`` for any), optionally bound to a network."""
+
+    ae_title: str
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network | None
+
+    @classmethod
+    def parse(cls, text: str) -> PeerRule:
+        """Parse ``AE``, ``AE@address`` or ``AE@network/bits``."""
+        ae, _, addr = text.partition("@")
+        ae = ae.strip()
+        if not ae or len(ae) > 16:
+            raise ValueError(f"AE title in {text!r} must be 1 to 16 characters")
+        try:
+            network = ipaddress.ip_network(addr.strip(), strict=False) if addr else None
+        except ValueError:
+            raise ValueError(f"{addr!r} in {text!r} is not an IP address or network") from None
+        return cls(ae, network)
+
+    def allows(self, ae_title: str, address: str) -> bool:
+        if self.ae_title not in ("*", ae_title):
+            return False
+        if self.network is None:
+            return True
+        try:
+            return ipaddress.ip_address(address) in self.network
+        except ValueError:
+            return False
+
+
+class IngestSettings(Section):
+    prefix = "INGEST_"
+
+    ae_title: str = Field(default="RADFLOW", min_length=1, max_length=16)
+    """Our AE title; senders must call it exactly (A-ASSOCIATE-RJ reason 7 otherwise)."""
+    dimse_host: str = "127.0.0.1"
+    """Address the DIMSE listener binds to (0.0.0.0 in a container)."""
+    dimse_port: int = Field(default=11112, ge=0, le=65535)
+    """DIMSE listener port."""
+    http_host: str = "127.0.0.1"
+    """Address the HTTP listener (STOW-RS, /metrics, /healthz, /readyz) binds to."""
+    http_port: int = Field(default=8080, ge=0, le=65535)
+    """HTTP listener port."""
+    allowed_peers: tuple[str, ...] = ()
+    """Comma-separated allow-list of calling AE titles, each optionally bound to an
+    address or network: 'CT1,MR2@10.1.2.3,*@10.9.0.0/16'. Empty: every caller."""
+    max_associations: int = Field(default=32, ge=1, le=1000)
+    """Concurrent DIMSE associations; more are rejected as transient (local limit)."""
+    max_pdu_bytes: int = Field(default=1_048_576, ge=0)
+    """Maximum PDU size we receive (0 = unlimited)."""
+    acse_timeout_s: float = Field(default=30.0, gt=0)
+    """Seconds to wait for association negotiation messages."""
+    dimse_timeout_s: float = Field(default=60.0, gt=0)
+    """Seconds to wait for the next DIMSE message on an association."""
+    network_timeout_s: float = Field(default=60.0, gt=0)
+    """Seconds of network silence before an association is aborted."""
+    extra_sop_classes: tuple[str, ...] = ()
+    """Comma-separated private storage SOP Class UIDs to accept besides the standard ones."""
+    max_instance_bytes: int = Field(default=4 * 1024**3, ge=1024)
+    """Largest instance accepted, in bytes (larger: status 0xC005 / FailureReason 0xC005)."""
+    max_request_bytes: int = Field(default=8 * 1024**3, ge=1024)
+    """Largest STOW-RS request body, in bytes (larger: HTTP 413)."""
+    spool_memory_bytes: int = Field(default=8 * 1024 * 1024, ge=0)
+    """STOW-RS parts up to this size are held in memory; larger ones spool to TMPDIR."""
+    store_timeout_s: float = Field(default=45.0, gt=0)
+    """Upper bound on one instance's claim check (blob + event) before answering 0xA700."""
+    retry_after_s: int = Field(default=30, ge=1)
+    """Retry-After seconds sent with HTTP 503."""
+    shutdown_grace_s: float = Field(default=20.0, ge=0)
+    """On SIGTERM, seconds open associations get to finish before they are aborted."""
+
+    _csv = field_validator("allowed_peers", "extra_sop_classes", mode="before")(csv_tuple)
+
+    @field_validator("allowed_peers")
+    @classmethod
+    def _peers_parse(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in value:
+            PeerRule.parse(entry)
+        return value
+
+    @field_validator("extra_sop_classes")
+    @classmethod
+    def _uids_valid(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [v for v in value if not is_valid_uid(v)]
+        if bad:
+            raise ValueError(f"not valid UIDs: {bad}")
+        return value
+
+    @property
+    def peer_rules(self) -> tuple[PeerRule, ...]:
+        return tuple(PeerRule.parse(entry) for entry in self.allowed_peers)
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """Every section the ingest service reads, built once in ``__main__``."""
+
+    ingest: IngestSettings
+    kafka: KafkaSettings
+    s3: S3Settings
+    log: LogSettings
+    ops: OpsSettings
+
+    SECTIONS = (IngestSettings, KafkaSettings, S3Settings, LogSettings, OpsSettings)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Self:
+        return cls(
+            ingest=IngestSettings.from_env(environ),
+            kafka=KafkaSettings.from_env(environ),
+            s3=S3Settings.from_env(environ),
+            log=LogSettings.from_env(environ),
+            ops=OpsSettings.from_env(environ),
+        )

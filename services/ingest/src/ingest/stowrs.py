@@ -1,0 +1,215 @@
+"""The STOW-RS receiver (PS3.18 §10.5): ``POST /dicomweb/studies[/{study}]``.
+
+The body is read part by part; each part is spooled (memory up to a threshold, then
+TMPDIR) and handed to the claim check, so request size is bounded by disk, not RAM.
+The answer is the standard Store Instances Response Module as DICOM JSON:
+
+- 200: every instance stored (ReferencedSOPSequence).
+- 202: some stored, some failed (FailedSOPSequence with a Failure Reason each).
+- 400: nothing stored, the body or every instance was malformed.
+- 409: nothing stored, for reasons that are not syntax (SOP class, study mismatch…).
+- 413: the body exceeds the configured limit.
+- 415: not multipart/related; type="application/dicom".
+- 503 + Retry-After: nothing stored because the blob store or broker is unavailable.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import BodyPartReader, MultipartReader, web
+
+from radflow_core.dicom_status import StoreStatus
+from radflow_core.events import Protocol, Sender
+from radflow_core.uids import is_valid_uid
+
+from ingest import metrics
+from ingest.claimcheck import ClaimCheck, Expected, NotStored, Origin
+from ingest.settings import IngestSettings
+
+log = logging.getLogger(__name__)
+
+DICOM_JSON = "application/dicom+json"
+_CHUNK = 1024 * 1024
+_SYNTAX_FAILURES = frozenset({
+    StoreStatus.CANNOT_UNDERSTAND,
+    StoreStatus.MISSING_ATTRIBUTE,
+    StoreStatus.INVALID_UID,
+})
+
+
+class BodyTooLarge(Exception):
+    """The request body passed the configured limit."""
+
+
+@dataclass(frozen=True)
+class PartResult:
+    status: StoreStatus
+    sop_class_uid: str | None
+    sop_instance_uid: str | None
+
+
+def _uid_element(uid: str | None) -> dict[str, Any]:
+    return {"vr": "UI", "Value": [uid]} if uid else {"vr": "UI"}
+
+
+def response_body(results: list[PartResult]) -> dict[str, Any]:
+    """The Store Instances Response Module (PS3.18 Table 10.5.3-1) in DICOM JSON."""
+    body: dict[str, Any] = {}
+    referenced = [r for r in results if r.status is StoreStatus.SUCCESS]
+    failed = [r for r in results if r.status is not StoreStatus.SUCCESS]
+    if failed:
+        body["00081198"] = {"vr": "SQ", "Value": [
+            {
+                "00081150": _uid_element(r.sop_class_uid),
+                "00081155": _uid_element(r.sop_instance_uid),
+                "00081197": {"vr": "US", "Value": [int(r.status)]},
+            }
+            for r in failed
+        ]}
+    if referenced:
+        body["00081199"] = {"vr": "SQ", "Value": [
+            {
+                "00081150": _uid_element(r.sop_class_uid),
+                "00081155": _uid_element(r.sop_instance_uid),
+            }
+            for r in referenced
+        ]}
+    return body
+
+
+def http_status(results: list[PartResult]) -> int:
+    statuses = {r.status for r in results}
+    if statuses == {StoreStatus.SUCCESS}:
+        return 200
+    if StoreStatus.SUCCESS in statuses:
+        return 202
+    if all(s.retriable for s in statuses):
+        return 503
+    if statuses <= _SYNTAX_FAILURES:
+        return 400
+    return 409
+
+
+def _error(status: int, message: str, retry_after: int | None = None) -> web.Response:
+    metrics.STOW_REQUESTS.labels(str(status)).inc()
+    headers = {"Retry-After": str(retry_after)} if retry_after else None
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
+def _accepts_dicom_json(accept: str) -> bool:
+    if not accept:
+        return True
+    types = {item.split(";")[0].strip().lower() for item in accept.split(",")}
+    return bool(types & {DICOM_JSON, "application/json", "application/*", "*/*"})
+
+
+class StowReceiver:
+    def __init__(self, settings: IngestSettings, claim_check: ClaimCheck) -> None:
+        self._settings = settings
+        self._claim_check = claim_check
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.post("/dicomweb/studies", self.handle),
+            web.post("/dicomweb/studies/{study}", self.handle),
+        ]
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        study = request.match_info.get("study")
+        if study is not None and not is_valid_uid(study):
+            return _error(400, "the study in the URL is not a valid UID")
+        if request.content_type != "multipart/related":
+            return _error(415, 'expected Content-Type multipart/related; type="application/dicom"')
+        part_type = request.content_type_params.get("type", "application/dicom").lower()
+        if part_type != "application/dicom":
+            return _error(415, f"only type=application/dicom is accepted, not {part_type!r}")
+        if not _accepts_dicom_json(request.headers.get("Accept", "")):
+            return _error(406, "responses are application/dicom+json")
+        if (request.content_length or 0) > self._settings.max_request_bytes:
+            return _error(413, "request body exceeds the configured limit")
+        if "boundary" not in request.content_type_params:
+            return _error(400, "multipart/related without a boundary")
+
+        origin = Origin(
+            sender=Sender(
+                protocol=Protocol.STOW_RS,
+                peer_address=request.remote,
+                client=request.headers.get("User-Agent", "")[:128] or None,
+            ),
+            expected=Expected(study_instance_uid=study),
+        )
+        results: list[PartResult] = []
+        try:
+            reader = await request.multipart()
+            results = await self._read_parts(reader, origin)
+        except BodyTooLarge:
+            return _error(413, "request body exceeds the configured limit")
+        except ValueError:
+            # aiohttp's multipart parser signals malformed framing with ValueError.
+            if not results:
+                return _error(400, "malformed multipart body")
+            results.append(PartResult(StoreStatus.CANNOT_UNDERSTAND, None, None))
+        if not results:
+            return _error(400, "the request contains no parts")
+
+        status = http_status(results)
+        metrics.STOW_REQUESTS.labels(str(status)).inc()
+        headers = {"Retry-After": str(self._settings.retry_after_s)} if status == 503 else None
+        log.info(
+            "STOW-RS request handled",
+            extra={"http_status": status, "parts": len(results),
+                   "stored": sum(r.status is StoreStatus.SUCCESS for r in results),
+                   "protocol": "stow-rs", "peer_address": request.remote},
+        )
+        return web.json_response(
+            response_body(results), status=status, content_type=DICOM_JSON, headers=headers
+        )
+
+    async def _read_parts(self, reader: MultipartReader, origin: Origin) -> list[PartResult]:
+        results: list[PartResult] = []
+        total = 0
+        while True:
+            part = await reader.next()
+            if part is None:
+                return results
+            if not isinstance(part, BodyPartReader):
+                results.append(PartResult(StoreStatus.CANNOT_UNDERSTAND, None, None))
+                continue
+            ctype = part.headers.get("Content-Type", "application/dicom").split(";")[0]
+            if ctype.strip().lower() != "application/dicom":
+                await part.release()
+                results.append(PartResult(StoreStatus.CANNOT_UNDERSTAND, None, None))
+                continue
+            result, size = await self._store_part(part, origin, total)
+            total += size
+            results.append(result)
+
+    async def _store_part(
+        self, part: BodyPartReader, origin: Origin, total: int
+    ) -> tuple[PartResult, int]:
+        limit = self._settings.max_instance_bytes
+        size = 0
+        with tempfile.SpooledTemporaryFile(max_size=self._settings.spool_memory_bytes) as spool:
+            while chunk := await part.read_chunk(_CHUNK):
+                size += len(chunk)
+                if total + size > self._settings.max_request_bytes:
+                    raise BodyTooLarge
+                if size <= limit:
+                    spool.write(chunk)
+            if size > limit:
+                return PartResult(StoreStatus.INSTANCE_TOO_LARGE, None, None), size
+            try:
+                stored = await self._claim_check.store(spool, origin)  # type: ignore[arg-type]
+            except NotStored as exc:
+                header = exc.header
+                return PartResult(
+                    exc.status,
+                    header.sop_class_uid if header else None,
+                    header.sop_instance_uid if header else None,
+                ), size
+        header = stored.header
+        return PartResult(StoreStatus.SUCCESS, header.sop_class_uid, header.sop_instance_uid), size
