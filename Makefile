@@ -1,0 +1,48 @@
+# radflow — make run · make test · make lint · make bench
+# Every target does its own set-up on a fresh Debian machine: a venv with the
+# workspace's packages, and (for tests) DCMTK from apt when it is missing.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.radflow-installed
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+PACKAGES := -e libs/core -e libs/devstack -e services/ingest
+SRC := libs/core/src libs/devstack/src services/ingest/src
+
+.PHONY: install system-deps run test lint schemas clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(PY) pyproject.toml libs/core/pyproject.toml libs/devstack/pyproject.toml services/ingest/pyproject.toml
+	$(PIP) install -q --disable-pip-version-check $(PACKAGES) -e '.[dev]'
+	touch $@
+
+install: $(STAMP)
+
+# DCMTK (storescu, echoscu, dcmcjpeg…) is a real DICOM sender for the tests.
+system-deps:
+	@command -v storescu >/dev/null 2>&1 || { \
+	  echo "installing dcmtk with apt-get"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends dcmtk; }
+
+run: install
+	$(PY) -m radflow_devstack
+
+test: install system-deps
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff format --check $(SRC) tests
+	$(VENV)/bin/ruff check $(SRC) tests
+	$(VENV)/bin/mypy $(SRC)
+
+# Regenerate docs/events/*.schema.json from the event models.
+schemas: install
+	$(PY) -m radflow_core.schema docs/events
+
+clean:
+	rm -rf $(VENV) .run .pytest_cache .mypy_cache .ruff_cache
