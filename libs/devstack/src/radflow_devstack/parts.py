@@ -44,6 +44,7 @@ def start_broker(port: int, log_dir: Path, advertised_port: int | None = None) -
         ],
         log_dir / "tansu.log",
     ).start()
+    proc.port = port
     proc.wait_for_port(port)
     return proc
 
@@ -55,6 +56,7 @@ def start_s3(port: int, log_dir: Path) -> ManagedProcess:
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         log_dir / "s3.log",
     ).start()
+    proc.port = port
     proc.wait_until(lambda: http_status(f"http://127.0.0.1:{port}/moto-api/") == 200)
     return proc
 

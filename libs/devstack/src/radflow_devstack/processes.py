@@ -45,6 +45,8 @@ class ManagedProcess:
         self.log_path = log_path
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
+        self.port: int | None = None
+        """The main port the process listens on, when the starter knows it."""
 
     def start(self) -> ManagedProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)

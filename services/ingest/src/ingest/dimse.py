@@ -132,7 +132,8 @@ class DimseReceiver:
     def _on_requested(self, event: evt.Event) -> None:
         if not self._rules:
             return
-        calling = event.assoc.requestor.ae_title.strip()
+        # At EVT_REQUESTED only the A-ASSOCIATE-RQ primitive is populated.
+        calling = str(event.assoc.requestor.primitive.calling_ae_title).strip()
         address = event.assoc.requestor.address
         if any(rule.allows(calling, address) for rule in self._rules):
             return
@@ -142,6 +143,9 @@ class DimseReceiver:
             extra={"calling_ae": calling, "peer_address": address},
         )
         event.assoc.acse.send_reject(*_REJECT_CALLING_AE)
+        # As pynetdicom does after its own rejections: let the DUL send the A-ASSOCIATE-RJ
+        # before the socket is closed.
+        event.assoc.kill()
 
     def _on_echo(self, _: evt.Event) -> int:
         return int(StoreStatus.SUCCESS)

@@ -1,0 +1,68 @@
+"""The transfer-syntax corpus: pydicom's bundled files plus two generated with DCMTK."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+    generate_uid,
+)
+
+from support.dicom import test_file
+
+BUNDLED = {
+    ImplicitVRLittleEndian: "MR_small_implicit.dcm",
+    ExplicitVRLittleEndian: "CT_small.dcm",
+    ExplicitVRBigEndian: "MR_small_bigendian.dcm",
+    DeflatedExplicitVRLittleEndian: "image_dfl.dcm",
+    JPEGBaseline8Bit: "SC_rgb_jpeg_dcmtk.dcm",
+    JPEGExtended12Bit: "JPGExtended.dcm",
+    JPEGLosslessSV1: "SC_rgb_jpeg_gdcm.dcm",
+    JPEGLSLossless: "MR_small_jpeg_ls_lossless.dcm",
+    JPEG2000Lossless: "MR_small_jp2klossless.dcm",
+    JPEG2000: "JPEG2000.dcm",
+    RLELossless: "MR_small_RLE.dcm",
+}
+
+
+@pytest.fixture(scope="session")
+def ts_corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One instance per accepted transfer syntax: {transfer syntax UID: file}."""
+    out = tmp_path_factory.mktemp("corpus")
+    corpus = {str(ts): test_file(name) for ts, name in BUNDLED.items()}
+
+    # JPEG-LS near-lossless: pydicom's sample lacks study/series UIDs; add them.
+    ds = pydicom.dcmread(test_file("JPEGLSNearLossless_16.dcm"))
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    near = out / "jpegls_near.dcm"
+    ds.save_as(near)
+    corpus[str(JPEGLSNearLossless)] = near
+
+    # JPEG Lossless, process 14 (selection value not fixed): encoded by DCMTK.
+    lossless = out / "jpeg_lossless_p14.dcm"
+    subprocess.run(
+        ["dcmcjpeg", "+el", str(test_file("CT_small.dcm")), str(lossless)],
+        check=True, capture_output=True,
+    )
+    corpus[str(JPEGLossless)] = lossless
+
+    for ts, path in corpus.items():
+        assert pydicom.dcmread(path).file_meta.TransferSyntaxUID == ts, path
+    return corpus

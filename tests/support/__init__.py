@@ -1,0 +1,1 @@
+"""Helpers for tests: real-stack handles, a fault-injecting TCP proxy, DICOM builders."""

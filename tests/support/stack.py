@@ -1,0 +1,86 @@
+"""Handles on the real parts a test runs against."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from minio import Minio
+
+from radflow_core.settings import KafkaSettings, S3Settings
+from radflow_core.topics import Topic
+from radflow_devstack.parts import http_status
+from radflow_devstack.processes import ManagedProcess
+
+from support.kafka import read_topic
+
+
+@dataclass
+class Stack:
+    """One test's slice of the shared broker and S3 server: its own topics and bucket."""
+
+    env: dict[str, str]
+    kafka: KafkaSettings
+    s3: S3Settings
+    log_dir: Path
+
+    def topic(self, topic: Topic) -> str:
+        return self.kafka.topic(topic)
+
+    def events(self, topic: Topic = Topic.INSTANCE_RECEIVED) -> list[dict[str, Any]]:
+        return [r["value"] for r in read_topic(self.kafka, self.topic(topic))]
+
+    def minio(self) -> Minio:
+        endpoint = self.s3.endpoint.split("://", 1)[1]
+        return Minio(
+            endpoint, access_key=self.s3.access_key,
+            secret_key=self.s3.secret_key.get_secret_value(), secure=False,
+        )
+
+    def object_bytes(self, key: str) -> bytes:
+        response = self.minio().get_object(self.s3.bucket, key)
+        try:
+            return response.read()
+        finally:
+            response.close()
+            response.release_conn()
+
+    def keys(self, prefix: str = "") -> list[str]:
+        return sorted(
+            o.object_name for o in self.minio().list_objects(self.s3.bucket, prefix, recursive=True)
+            if o.object_name
+        )
+
+    def assert_event_matches_blob(self, event: dict[str, Any]) -> bytes:
+        """The claim check: the blob exists and hashes to what the event says."""
+        blob = event["data"]["blob"]
+        assert blob["bucket"] == self.s3.bucket
+        data = self.object_bytes(blob["key"])
+        assert len(data) == blob["size"]
+        assert hashlib.sha256(data).hexdigest() == blob["sha256"]
+        return data
+
+
+@dataclass
+class IngestProcess:
+    proc: ManagedProcess
+    dimse_port: int
+    http_port: int
+    ae_title: str = "RADFLOW"
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def stow_url(self) -> str:
+        return f"{self.url}/dicomweb/studies"
+
+    def log(self) -> str:
+        return self.proc.log_path.read_text(errors="replace")
+
+    def ready(self) -> bool:
+        return http_status(f"{self.url}/readyz") == 200
