@@ -24,7 +24,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from support.dicom import test_file
+from support.dicom import bundled_file
 
 BUNDLED = {
     ImplicitVRLittleEndian: "MR_small_implicit.dcm",
@@ -45,10 +45,10 @@ BUNDLED = {
 def ts_corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One instance per accepted transfer syntax: {transfer syntax UID: file}."""
     out = tmp_path_factory.mktemp("corpus")
-    corpus = {str(ts): test_file(name) for ts, name in BUNDLED.items()}
+    corpus = {str(ts): bundled_file(name) for ts, name in BUNDLED.items()}
 
     # JPEG-LS near-lossless: pydicom's sample lacks study/series UIDs; add them.
-    ds = pydicom.dcmread(test_file("JPEGLSNearLossless_16.dcm"))
+    ds = pydicom.dcmread(bundled_file("JPEGLSNearLossless_16.dcm"))
     ds.StudyInstanceUID = generate_uid()
     ds.SeriesInstanceUID = generate_uid()
     near = out / "jpegls_near.dcm"
@@ -58,7 +58,7 @@ def ts_corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     # JPEG Lossless, process 14 (selection value not fixed): encoded by DCMTK.
     lossless = out / "jpeg_lossless_p14.dcm"
     subprocess.run(
-        ["dcmcjpeg", "+el", str(test_file("CT_small.dcm")), str(lossless)],
+        ["dcmcjpeg", "+el", str(bundled_file("CT_small.dcm")), str(lossless)],
         check=True, capture_output=True,
     )
     corpus[str(JPEGLossless)] = lossless

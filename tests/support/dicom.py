@@ -27,7 +27,7 @@ PHI_NAME = "SENTINEL^PHINAME"
 PHI_ID = "SENTINEL-PHI-ID-4711"
 
 
-def test_file(name: str) -> Path:
+def bundled_file(name: str) -> Path:
     """A file bundled with pydicom (never get_testdata_file: it downloads when missing)."""
     path = TEST_FILES / name
     assert path.exists(), f"pydicom test file {name} missing"

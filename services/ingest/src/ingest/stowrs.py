@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import BodyPartReader, MultipartReader, web
+from aiohttp.helpers import parse_mimetype
 
 from radflow_core.dicom_status import StoreStatus
 from radflow_core.events import Protocol, Sender
@@ -122,16 +123,17 @@ class StowReceiver:
         study = request.match_info.get("study")
         if study is not None and not is_valid_uid(study):
             return _error(400, "the study in the URL is not a valid UID")
-        if request.content_type != "multipart/related":
+        mime = parse_mimetype(request.headers.get("Content-Type", ""))
+        if (mime.type, mime.subtype) != ("multipart", "related"):
             return _error(415, 'expected Content-Type multipart/related; type="application/dicom"')
-        part_type = request.content_type_params.get("type", "application/dicom").lower()
+        part_type = mime.parameters.get("type", "application/dicom").lower()
         if part_type != "application/dicom":
             return _error(415, f"only type=application/dicom is accepted, not {part_type!r}")
         if not _accepts_dicom_json(request.headers.get("Accept", "")):
             return _error(406, "responses are application/dicom+json")
         if (request.content_length or 0) > self._settings.max_request_bytes:
             return _error(413, "request body exceeds the configured limit")
-        if "boundary" not in request.content_type_params:
+        if "boundary" not in mime.parameters:
             return _error(400, "multipart/related without a boundary")
 
         origin = Origin(
@@ -211,5 +213,9 @@ class StowReceiver:
                     header.sop_class_uid if header else None,
                     header.sop_instance_uid if header else None,
                 ), size
+            except Exception:
+                # A bug must cost this part, not the request or the service.
+                log.exception("unexpected error storing a STOW-RS part")
+                return PartResult(StoreStatus.PROCESSING_FAILURE, None, None), size
         header = stored.header
         return PartResult(StoreStatus.SUCCESS, header.sop_class_uid, header.sop_instance_uid), size

@@ -1,0 +1,143 @@
+"""STOW-RS ingest against the real broker and S3 server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pydicom
+import pytest
+
+from radflow_core.dicom_status import StoreStatus
+
+from support.dicom import make_instance, bundled_file
+from support.stack import IngestProcess, Stack
+from support.stow import failed_reasons, multipart, referenced, stow
+
+pytestmark = pytest.mark.pipeline
+
+
+def test_all_instances_stored_answers_200_with_referenced_sequence(
+    stack: Stack, start_ingest, ts_corpus: dict[str, Path]
+) -> None:
+    ingest: IngestProcess = start_ingest()
+    files = list(ts_corpus.values())
+    response = stow(ingest.stow_url, [f.read_bytes() for f in files])
+    assert response.status_code == 200, response.text
+    assert response.headers["Content-Type"].startswith("application/dicom+json")
+    body = response.json()
+    assert "00081198" not in body
+    sent_uids = [pydicom.dcmread(f).SOPInstanceUID for f in files]
+    assert sorted(referenced(body)) == sorted(sent_uids)
+    events = stack.events()
+    assert len(events) == len(files)
+    sent_bytes = {f.read_bytes() for f in files}
+    for event in events:
+        # STOW-RS stores each part byte for byte.
+        assert stack.assert_event_matches_blob(event) in sent_bytes
+        assert event["data"]["sender"]["protocol"] == "stow-rs"
+
+
+def test_instances_of_another_study_fail_with_409_when_nothing_is_stored(
+    stack: Stack, start_ingest, tmp_path: Path
+) -> None:
+    ingest: IngestProcess = start_ingest()
+    path = make_instance(tmp_path / "a.dcm")
+    other_study = pydicom.uid.generate_uid()
+    response = stow(f"{ingest.stow_url}/{other_study}", [path.read_bytes()])
+    assert response.status_code == 409, response.text
+    assert failed_reasons(response.json()) == [
+        (pydicom.dcmread(path).SOPInstanceUID, StoreStatus.STUDY_MISMATCH)
+    ]
+    assert stack.events() == []
+
+
+def test_mixed_request_answers_202_and_stores_the_good_part(
+    stack: Stack, start_ingest, tmp_path: Path
+) -> None:
+    ingest: IngestProcess = start_ingest()
+    study = pydicom.uid.generate_uid()
+    good = make_instance(tmp_path / "good.dcm", study_instance_uid=study)
+    foreign = make_instance(tmp_path / "foreign.dcm")
+    response = stow(
+        f"{ingest.stow_url}/{study}",
+        [good.read_bytes(), foreign.read_bytes(), b"not dicom at all"],
+    )
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert referenced(body) == [pydicom.dcmread(good).SOPInstanceUID]
+    assert sorted(failed_reasons(body), key=str) == sorted([
+        (pydicom.dcmread(foreign).SOPInstanceUID, StoreStatus.STUDY_MISMATCH),
+        (None, StoreStatus.CANNOT_UNDERSTAND),
+    ], key=str)
+    events = stack.events()
+    assert [e["data"]["sop_instance_uid"] for e in events] == referenced(body)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"garbage", bundled_file("MR_truncated.dcm").read_bytes(), bundled_file("no_meta.dcm").read_bytes()],
+    ids=["garbage", "truncated", "no-file-meta"],
+)
+def test_unparsable_instances_answer_400_with_cannot_understand(
+    stack: Stack, start_ingest, payload: bytes
+) -> None:
+    ingest: IngestProcess = start_ingest()
+    response = stow(ingest.stow_url, [payload])
+    assert response.status_code == 400, response.text
+    assert failed_reasons(response.json()) == [(None, StoreStatus.CANNOT_UNDERSTAND)]
+    assert stack.events() == []
+
+
+def test_wrong_media_types_answer_415(start_ingest, tmp_path: Path) -> None:
+    ingest: IngestProcess = start_ingest()
+    data = make_instance(tmp_path / "a.dcm").read_bytes()
+    not_multipart = httpx.post(
+        ingest.stow_url, content=data, headers={"Content-Type": "application/dicom"}
+    )
+    assert not_multipart.status_code == 415
+    metadata_type = stow(ingest.stow_url, [b"{}"], part_type="application/dicom+json")
+    assert metadata_type.status_code == 415
+
+
+def test_malformed_multipart_answers_400(stack: Stack, start_ingest) -> None:
+    ingest: IngestProcess = start_ingest()
+    no_boundary = httpx.post(
+        ingest.stow_url, content=b"--x\r\n\r\n",
+        headers={"Content-Type": 'multipart/related; type="application/dicom"'},
+    )
+    assert no_boundary.status_code == 400
+    _, ctype = multipart([b""])
+    empty = httpx.post(ingest.stow_url, content=b"", headers={"Content-Type": ctype})
+    assert empty.status_code == 400
+    bad_study = stow(f"{ingest.stow_url}/not-a-uid", [b""])
+    assert bad_study.status_code == 400
+    assert stack.events() == []
+
+
+def test_oversized_request_answers_413(stack: Stack, start_ingest, tmp_path: Path) -> None:
+    ingest: IngestProcess = start_ingest(max_request_bytes="4096")
+    big = make_instance(tmp_path / "big.dcm", rows=64, columns=64).read_bytes()
+    assert len(big) > 4096
+    response = stow(ingest.stow_url, [big])
+    assert response.status_code == 413
+    assert stack.events() == []
+
+
+def test_oversized_instance_fails_with_its_reason(start_ingest, tmp_path: Path) -> None:
+    ingest: IngestProcess = start_ingest(max_instance_bytes="4096")
+    big = make_instance(tmp_path / "big.dcm", rows=64, columns=64).read_bytes()
+    response = stow(ingest.stow_url, [big])
+    assert response.status_code == 409
+    assert failed_reasons(response.json()) == [(None, StoreStatus.INSTANCE_TOO_LARGE)]
+
+
+def test_large_instance_spools_to_disk_and_is_stored_intact(
+    stack: Stack, start_ingest, tmp_path: Path
+) -> None:
+    ingest: IngestProcess = start_ingest(spool_memory_bytes="65536")
+    path = make_instance(tmp_path / "big.dcm", rows=1024, columns=1024)  # 2 MiB of pixels
+    response = stow(ingest.stow_url, [path.read_bytes()])
+    assert response.status_code == 200, response.text
+    (event,) = stack.events()
+    assert stack.assert_event_matches_blob(event) == path.read_bytes()
