@@ -4,19 +4,16 @@ loopback ports; per-test topics and bucket; the ingest service as a real process
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from radflow_core.settings import KafkaSettings, S3Settings
 from radflow_core.topics import Topic
-from radflow_devstack.__main__ import local_env
 from radflow_devstack.parts import prepare, start_broker, start_s3, start_service
 from radflow_devstack.processes import ManagedProcess, free_port
 
-from support.stack import IngestProcess, Stack
+from support.stack import IngestProcess, Stack, make_stack
 
 os.environ.setdefault("TCP_NODELAY", "1")  # DCMTK tools: see DESIGN.md on Nagle
 
@@ -40,18 +37,6 @@ def s3_server(run_dir: Path) -> Iterator[ManagedProcess]:
     proc.stop()
 
 
-def make_stack(broker_port: int, s3_port: int, log_dir: Path) -> Stack:
-    tag = uuid.uuid4().hex[:10]
-    env = local_env(broker_port, s3_port)
-    env["RADFLOW_KAFKA_TOPIC_PREFIX"] = f"t{tag}."
-    env["RADFLOW_S3_BUCKET"] = f"t-{tag}"
-    env["RADFLOW_LOG_FORMAT"] = "json"
-    env["RADFLOW_KAFKA_ACK_TIMEOUT_S"] = "5"
-    kafka = KafkaSettings.from_env(env)
-    s3 = S3Settings.from_env(env)
-    return Stack(env=env, kafka=kafka, s3=s3, log_dir=log_dir)
-
-
 @pytest.fixture
 def stack(broker: ManagedProcess, s3_server: ManagedProcess, tmp_path: Path) -> Stack:
     """A fresh bucket and fresh topics on the shared broker and S3 server."""
@@ -69,11 +54,16 @@ def start_ingest(stack: Stack, tmp_path: Path) -> Iterator[IngestFactory]:
     """Start ``python -m ingest`` against ``stack``; stops it (gracefully) afterwards."""
     started: list[IngestProcess] = []
 
-    def start(stack_: Stack | None = None, wait_ready: bool = True, **settings: str) -> IngestProcess:
+    def start(
+        stack_: Stack | None = None, env: dict[str, str] | None = None, wait_ready: bool = True,
+        **settings: str,
+    ) -> IngestProcess:
+        """``settings`` are RADFLOW_INGEST_* values by lower-case name; ``env`` is raw."""
         st = stack_ or stack
         dimse_port, http_port = free_port(), free_port()
         env = {
             **st.env,
+            **(env or {}),
             "RADFLOW_INGEST_DIMSE_PORT": str(dimse_port),
             "RADFLOW_INGEST_HTTP_PORT": str(http_port),
             **{f"RADFLOW_INGEST_{k.upper()}": v for k, v in settings.items()},

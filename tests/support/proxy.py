@@ -28,8 +28,8 @@ class FaultProxy:
 
     def cut(self) -> None:
         """Drop every open connection and refuse new ones (reset) until restore()."""
-        self._open.clear()
         with self._lock:
+            self._open.clear()
             conns, self._conns = self._conns, set()
         for conn in conns:
             with contextlib.suppress(OSError):
@@ -53,18 +53,19 @@ class FaultProxy:
                 continue
             except OSError:
                 return
-            if not self._open.is_set():
-                client.close()
-                continue
-            try:
-                upstream = socket.create_connection(self._target, timeout=2)
-            except OSError:
-                client.close()
-                continue
-            for sock in (client, upstream):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                sock.settimeout(None)
+            # Registered under the lock, so a cut() racing with this accept closes it too.
             with self._lock:
+                if not self._open.is_set() or self._closed.is_set():
+                    client.close()
+                    continue
+                try:
+                    upstream = socket.create_connection(self._target, timeout=2)
+                except OSError:
+                    client.close()
+                    continue
+                for sock in (client, upstream):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    sock.settimeout(None)
                 self._conns.update((client, upstream))
             threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
             threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()

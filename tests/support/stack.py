@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from minio import Minio
 
 from radflow_core.settings import KafkaSettings, S3Settings
 from radflow_core.topics import Topic
+from radflow_devstack.__main__ import local_env
 from radflow_devstack.parts import http_status
 from radflow_devstack.processes import ManagedProcess
 
@@ -31,6 +33,10 @@ class Stack:
 
     def events(self, topic: Topic = Topic.INSTANCE_RECEIVED) -> list[dict[str, Any]]:
         return [r["value"] for r in read_topic(self.kafka, self.topic(topic))]
+
+    def make_bucket(self) -> None:
+        if not self.minio().bucket_exists(self.s3.bucket):
+            self.minio().make_bucket(self.s3.bucket)
 
     def minio(self) -> Minio:
         endpoint = self.s3.endpoint.split("://", 1)[1]
@@ -61,6 +67,19 @@ class Stack:
         assert len(data) == blob["size"]
         assert hashlib.sha256(data).hexdigest() == blob["sha256"]
         return data
+
+
+def make_stack(broker_port: int, s3_port: int, log_dir: Path) -> Stack:
+    """Settings for a fresh slice (unique topic prefix and bucket) of a broker and S3."""
+    tag = uuid.uuid4().hex[:10]
+    env = local_env(broker_port, s3_port)
+    env["RADFLOW_KAFKA_TOPIC_PREFIX"] = f"t{tag}."
+    env["RADFLOW_S3_BUCKET"] = f"t-{tag}"
+    env["RADFLOW_LOG_FORMAT"] = "json"
+    env["RADFLOW_KAFKA_ACK_TIMEOUT_S"] = "5"
+    return Stack(
+        env=env, kafka=KafkaSettings.from_env(env), s3=S3Settings.from_env(env), log_dir=log_dir
+    )
 
 
 @dataclass

@@ -205,7 +205,11 @@ class ClaimCheck:
             # Only costs a repeated event if the same bytes arrive again.
             log.warning("announce marker not written", extra={"reason": exc.reason})
 
-    async def drain(self) -> None:
-        """Wait for pending marker writes (called on shutdown)."""
+    async def drain(self, timeout_s: float) -> None:
+        """Wait up to ``timeout_s`` for pending marker writes (called on shutdown).
+
+        A marker that is not written only means a repeated event if the same bytes
+        arrive again, so shutdown does not wait on a hanging blob store for it.
+        """
         if self._markers:
-            await asyncio.gather(*self._markers, return_exceptions=True)
+            await asyncio.wait(set(self._markers), timeout=timeout_s)

@@ -99,7 +99,7 @@ class IngestService:
             self._connect_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._connect_task
-        await self._claim_check.drain()
+        await self._claim_check.drain(timeout_s=5.0)
         await self._producer.stop()
         self._blobs.close()
         self.state = State.STOPPED
