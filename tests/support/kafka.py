@@ -13,43 +13,49 @@ from radflow_core.settings import KafkaSettings
 
 
 def read_topic(kafka: KafkaSettings, topic: str, timeout_s: float = 20) -> list[dict[str, Any]]:
-    """Every record on ``topic`` now, as {key, value (parsed JSON), partition, offset}.
+    """Every record on ``topic`` now, as {key, value (parsed JSON), partition, offset}."""
+    return [
+        {**r, "value": json.loads(r["raw"]) if r["raw"] else None}
+        for r in asyncio.run(read_records(kafka, topic, timeout_s))
+    ]
+
+
+async def read_records(
+    kafka: KafkaSettings, topic: str, timeout_s: float = 20
+) -> list[dict[str, Any]]:
+    """Every record on ``topic`` now, as {key, raw (bytes), partition, offset}.
 
     Reads up to the end offsets taken at the start, so it neither misses records nor
     waits for an idle timeout.
     """
-
-    async def run() -> list[dict[str, Any]]:
-        consumer = AIOKafkaConsumer(
-            **connection_options(kafka), group_id=None, enable_auto_commit=False,
-        )
-        await consumer.start()
-        records: list[dict[str, Any]] = []
-        try:
-            partitions = [
-                TopicPartition(topic, p) for p in sorted(await _partitions(consumer, topic))
-            ]
-            consumer.assign(partitions)
-            await consumer.seek_to_beginning(*partitions)
-            end = await consumer.end_offsets(partitions)
-            deadline = asyncio.get_running_loop().time() + timeout_s
-            while [tp for tp in partitions if await consumer.position(tp) < end[tp]]:
-                if asyncio.get_running_loop().time() > deadline:
-                    raise AssertionError(f"could not read {topic} to its end")
-                batch = await consumer.getmany(timeout_ms=200)
-                for msgs in batch.values():
-                    for m in msgs:
-                        records.append({
-                            "key": m.key.decode() if m.key else None,
-                            "value": json.loads(m.value) if m.value else None,
-                            "partition": m.partition,
-                            "offset": m.offset,
-                        })
-            return records
-        finally:
-            await consumer.stop()
-
-    return asyncio.run(run())
+    consumer = AIOKafkaConsumer(
+        **connection_options(kafka), group_id=None, enable_auto_commit=False,
+    )
+    await consumer.start()
+    records: list[dict[str, Any]] = []
+    try:
+        partitions = [
+            TopicPartition(topic, p) for p in sorted(await _partitions(consumer, topic))
+        ]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        end = await consumer.end_offsets(partitions)
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while [tp for tp in partitions if await consumer.position(tp) < end[tp]]:
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"could not read {topic} to its end")
+            batch = await consumer.getmany(timeout_ms=200)
+            for msgs in batch.values():
+                for m in msgs:
+                    records.append({
+                        "key": m.key.decode() if m.key else None,
+                        "raw": m.value,
+                        "partition": m.partition,
+                        "offset": m.offset,
+                    })
+        return records
+    finally:
+        await consumer.stop()
 
 
 async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
