@@ -12,7 +12,6 @@ import pytest
 from radflow_core.topics import Topic
 from radflow_devstack.parts import prepare, start_broker, start_s3, start_service
 from radflow_devstack.processes import ManagedProcess, free_port
-
 from support.stack import IngestProcess, Stack, make_stack
 
 os.environ.setdefault("TCP_NODELAY", "1")  # DCMTK tools: see DESIGN.md on Nagle
@@ -55,7 +54,9 @@ def start_ingest(stack: Stack, tmp_path: Path) -> Iterator[IngestFactory]:
     started: list[IngestProcess] = []
 
     def start(
-        stack_: Stack | None = None, env: dict[str, str] | None = None, wait_ready: bool = True,
+        stack_: Stack | None = None,
+        env: dict[str, str] | None = None,
+        wait_ready: bool = True,
         **settings: str,
     ) -> IngestProcess:
         """``settings`` are RADFLOW_INGEST_* values by lower-case name; ``env`` is raw."""

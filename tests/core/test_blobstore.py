@@ -19,7 +19,6 @@ from radflow_core.errors import (
 )
 from radflow_core.settings import S3Settings
 from radflow_devstack.processes import free_port
-
 from support.stack import Stack
 
 pytestmark = pytest.mark.pipeline
@@ -69,9 +68,12 @@ async def test_tampered_or_missing_blob_is_detected(stack: Stack) -> None:
 
 
 async def test_unreachable_server_is_blob_store_unavailable() -> None:
-    settings = S3Settings.from_env({
-        "RADFLOW_S3_ENDPOINT": f"http://127.0.0.1:{free_port()}", "RADFLOW_S3_RETRIES": "0",
-    })
+    settings = S3Settings.from_env(
+        {
+            "RADFLOW_S3_ENDPOINT": f"http://127.0.0.1:{free_port()}",
+            "RADFLOW_S3_RETRIES": "0",
+        }
+    )
     blobs = BlobStore(settings)
     with pytest.raises(BlobStoreUnavailable) as info:
         await blobs.ping()
@@ -80,7 +82,8 @@ async def test_unreachable_server_is_blob_store_unavailable() -> None:
 
 def _minio_exceptions() -> list[type[BaseException]]:
     return [
-        cls for _, cls in inspect.getmembers(minio.error, inspect.isclass)
+        cls
+        for _, cls in inspect.getmembers(minio.error, inspect.isclass)
         if issubclass(cls, BaseException) and cls.__module__ == "minio.error"
     ]
 

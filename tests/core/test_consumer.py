@@ -11,12 +11,11 @@ from typing import Any
 import pytest
 from aiokafka import ConsumerRecord
 
+from core.test_events import received
 from radflow_core.errors import BlobStoreUnavailable, EventDecodeError, PipelineError
 from radflow_core.events import Envelope, InstanceReceived
 from radflow_core.kafka import EventConsumer, EventProducer, ensure_topics
 from radflow_core.topics import Topic
-
-from core.test_events import received
 from support.kafka import read_records
 from support.stack import Stack
 
@@ -55,12 +54,21 @@ async def topics(stack: Stack) -> None:
     await ensure_topics(stack.kafka, [f"{stack.kafka.topic_prefix}{t}" for t in ("dlq", "out")])
 
 
-def _consumer(stack: Stack, producer: EventProducer, handler: Handler, group: str) -> EventConsumer[InstanceReceived]:
+def _consumer(
+    stack: Stack, producer: EventProducer, handler: Handler, group: str
+) -> EventConsumer[InstanceReceived]:
     return EventConsumer(
-        stack.kafka, service="test", group_id=group,
-        topics=[stack.topic(Topic.INSTANCE_RECEIVED)], model=InstanceReceived,
-        handler=handler, producer=producer, dead_letter_topic=f"{stack.kafka.topic_prefix}dlq",
-        max_attempts=3, backoff_initial_s=0.01, backoff_max_s=0.05,
+        stack.kafka,
+        service="test",
+        group_id=group,
+        topics=[stack.topic(Topic.INSTANCE_RECEIVED)],
+        model=InstanceReceived,
+        handler=handler,
+        producer=producer,
+        dead_letter_topic=f"{stack.kafka.topic_prefix}dlq",
+        max_attempts=3,
+        backoff_initial_s=0.01,
+        backoff_max_s=0.05,
     )
 
 

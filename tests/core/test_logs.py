@@ -9,10 +9,16 @@ from radflow_core.logs import JsonFormatter
 
 
 def test_json_lines_keep_routing_fields_and_drop_anything_else() -> None:
-    record = logging.makeLogRecord({
-        "msg": "instance stored", "levelname": "INFO", "name": "ingest",
-        "sop_instance_uid": "1.2.3", "patient_name": "DOE^JOHN", "calling_ae": "CT1",
-    })
+    record = logging.makeLogRecord(
+        {
+            "msg": "instance stored",
+            "levelname": "INFO",
+            "name": "ingest",
+            "sop_instance_uid": "1.2.3",
+            "patient_name": "DOE^JOHN",
+            "calling_ae": "CT1",
+        }
+    )
     line = json.loads(JsonFormatter("ingest").format(record))
     assert line["message"] == "instance stored"
     assert line["sop_instance_uid"] == "1.2.3" and line["calling_ae"] == "CT1"

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from ingest.settings import IngestConfig, IngestSettings, PeerRule
 from radflow_core.errors import ConfigurationError
 from radflow_core.settings import KafkaSettings, S3Settings
-
-from ingest.settings import IngestConfig, IngestSettings, PeerRule
 
 
 def test_defaults_are_the_local_stack() -> None:
@@ -20,10 +19,12 @@ def test_defaults_are_the_local_stack() -> None:
 
 
 def test_values_are_read_and_typed() -> None:
-    ingest = IngestSettings.from_env({
-        "RADFLOW_INGEST_DIMSE_PORT": "104",
-        "RADFLOW_INGEST_ALLOWED_PEERS": "CT1, MR2@10.0.0.0/8",
-    })
+    ingest = IngestSettings.from_env(
+        {
+            "RADFLOW_INGEST_DIMSE_PORT": "104",
+            "RADFLOW_INGEST_ALLOWED_PEERS": "CT1, MR2@10.0.0.0/8",
+        }
+    )
     assert ingest.dimse_port == 104
     assert ingest.allowed_peers == ("CT1", "MR2@10.0.0.0/8")
 
@@ -47,7 +48,9 @@ def test_bad_value_fails_naming_the_variable(env: dict[str, str], names: str) ->
 
 def test_a_bad_secret_is_not_echoed() -> None:
     with pytest.raises(ConfigurationError) as info:
-        KafkaSettings.from_env({"RADFLOW_KAFKA_SASL_PASSWORD": "", "RADFLOW_KAFKA_ACK_TIMEOUT_S": "-1"})
+        KafkaSettings.from_env(
+            {"RADFLOW_KAFKA_SASL_PASSWORD": "", "RADFLOW_KAFKA_ACK_TIMEOUT_S": "-1"}
+        )
     assert "RADFLOW_KAFKA_ACK_TIMEOUT_S" in str(info.value)
     secret = "hunter2-secret"
     with pytest.raises(ConfigurationError) as info:
@@ -75,5 +78,7 @@ def test_help_lists_every_variable_with_its_documentation() -> None:
         ("CT1@::1", "CT1", "::1", True),
     ],
 )
-def test_peer_rules_match_ae_title_and_network(rule: str, ae: str, address: str, allowed: bool) -> None:
+def test_peer_rules_match_ae_title_and_network(
+    rule: str, ae: str, address: str, allowed: bool
+) -> None:
     assert PeerRule.parse(rule).allows(ae, address) is allowed

@@ -8,11 +8,11 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.uid import (
+    JPEG2000,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -59,7 +59,8 @@ def ts_corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     lossless = out / "jpeg_lossless_p14.dcm"
     subprocess.run(
         ["dcmcjpeg", "+el", str(bundled_file("CT_small.dcm")), str(lossless)],
-        check=True, capture_output=True,
+        check=True,
+        capture_output=True,
     )
     corpus[str(JPEGLossless)] = lossless
 

@@ -11,7 +11,6 @@ import pydicom
 import pytest
 
 from radflow_core.dicom_status import StoreStatus
-
 from support.dicom import (
     PHI_ID,
     PHI_NAME,
@@ -30,7 +29,9 @@ def _by_instance(events: list[dict]) -> dict[tuple[str, str], list[dict]]:
     grouped: dict[tuple[str, str], list[dict]] = {}
     for event in events:
         data = event["data"]
-        grouped.setdefault((data["sop_instance_uid"], data["transfer_syntax_uid"]), []).append(event)
+        grouped.setdefault((data["sop_instance_uid"], data["transfer_syntax_uid"]), []).append(
+            event
+        )
     return grouped
 
 
@@ -81,8 +82,11 @@ def test_every_transfer_syntax_from_pynetdicom_is_stored_byte_for_byte(
         ds = pydicom.dcmread(io.BytesIO(stored))
         assert ds.file_meta.TransferSyntaxUID == event["data"]["transfer_syntax_uid"]
         assert event["data"]["sender"] == {
-            "protocol": "dimse", "calling_ae": "PYSCU", "called_ae": "RADFLOW",
-            "peer_address": "127.0.0.1", "client": None,
+            "protocol": "dimse",
+            "calling_ae": "PYSCU",
+            "called_ae": "RADFLOW",
+            "peer_address": "127.0.0.1",
+            "client": None,
         }
 
 
@@ -151,8 +155,10 @@ def test_dataset_without_identifying_uids_is_refused_with_no_event(
     path = make_instance(tmp_path / "x.dcm", omit=omit)
     raw = path.read_bytes()
     result = raw_store(
-        ingest.dimse_port, sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-        sop_instance_uid="1.2.3.4", transfer_syntax="1.2.840.10008.1.2.1",
+        ingest.dimse_port,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        sop_instance_uid="1.2.3.4",
+        transfer_syntax="1.2.840.10008.1.2.1",
         data=dataset_bytes(raw),
     )
     assert result.status == status
@@ -169,13 +175,19 @@ def test_command_and_dataset_disagreeing_are_refused(
     ds = pydicom.dcmread(path)
     data = dataset_bytes(path.read_bytes())
     wrong_instance = raw_store(
-        ingest.dimse_port, sop_class_uid=ds.SOPClassUID, sop_instance_uid="1.2.3.999",
-        transfer_syntax="1.2.840.10008.1.2.1", data=data,
+        ingest.dimse_port,
+        sop_class_uid=ds.SOPClassUID,
+        sop_instance_uid="1.2.3.999",
+        transfer_syntax="1.2.840.10008.1.2.1",
+        data=data,
     )
     assert wrong_instance.status == StoreStatus.SOP_INSTANCE_MISMATCH
     wrong_class = raw_store(
-        ingest.dimse_port, sop_class_uid="1.2.840.10008.5.1.4.1.1.4",  # MR, dataset is CT
-        sop_instance_uid=ds.SOPInstanceUID, transfer_syntax="1.2.840.10008.1.2.1", data=data,
+        ingest.dimse_port,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.4",  # MR, dataset is CT
+        sop_instance_uid=ds.SOPInstanceUID,
+        transfer_syntax="1.2.840.10008.1.2.1",
+        data=data,
     )
     assert wrong_class.status == StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
     assert stack.events() == []
@@ -186,8 +198,11 @@ def test_invalid_uid_is_refused(stack: Stack, start_ingest, tmp_path: Path) -> N
     path = make_instance(tmp_path / "x.dcm", study_instance_uid="1.2.03.4")  # leading zero
     ds = pydicom.dcmread(path)
     result = raw_store(
-        ingest.dimse_port, sop_class_uid=ds.SOPClassUID, sop_instance_uid=ds.SOPInstanceUID,
-        transfer_syntax="1.2.840.10008.1.2.1", data=dataset_bytes(path.read_bytes()),
+        ingest.dimse_port,
+        sop_class_uid=ds.SOPClassUID,
+        sop_instance_uid=ds.SOPInstanceUID,
+        transfer_syntax="1.2.840.10008.1.2.1",
+        data=dataset_bytes(path.read_bytes()),
     )
     assert result.status == StoreStatus.INVALID_UID
     assert stack.events() == []
@@ -202,13 +217,19 @@ def test_truncated_or_garbage_dataset_is_refused_and_the_association_goes_on(
     ds = pydicom.dcmread(path)
     data = dataset_bytes(path.read_bytes())
     result = raw_store(
-        ingest.dimse_port, sop_class_uid=ds.SOPClassUID, sop_instance_uid=ds.SOPInstanceUID,
-        transfer_syntax="1.2.840.10008.1.2.1", data=data[: int(len(data) * cut)],
+        ingest.dimse_port,
+        sop_class_uid=ds.SOPClassUID,
+        sop_instance_uid=ds.SOPInstanceUID,
+        transfer_syntax="1.2.840.10008.1.2.1",
+        data=data[: int(len(data) * cut)],
     )
     assert 0xC000 <= result.status <= 0xCFFF, hex(result.status)
     garbage = raw_store(
-        ingest.dimse_port, sop_class_uid=ds.SOPClassUID, sop_instance_uid=ds.SOPInstanceUID,
-        transfer_syntax="1.2.840.10008.1.2.1", data=b"\xff" * 300,
+        ingest.dimse_port,
+        sop_class_uid=ds.SOPClassUID,
+        sop_instance_uid=ds.SOPInstanceUID,
+        transfer_syntax="1.2.840.10008.1.2.1",
+        data=b"\xff" * 300,
     )
     assert 0xC000 <= garbage.status <= 0xCFFF, hex(garbage.status)
     assert stack.events() == []
@@ -221,12 +242,16 @@ def test_echo_succeeds_and_wrong_called_ae_is_rejected(start_ingest) -> None:
     ingest: IngestProcess = start_ingest()
     ok = subprocess.run(
         ["echoscu", "-aec", "RADFLOW", "127.0.0.1", str(ingest.dimse_port)],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert ok.returncode == 0, ok.stderr
     wrong = subprocess.run(
         ["echoscu", "-aec", "NOTUS", "127.0.0.1", str(ingest.dimse_port)],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert wrong.returncode != 0
     assert "Called AE Title Not Recognized" in wrong.stderr
@@ -236,13 +261,17 @@ def test_allow_list_admits_listed_callers_only(start_ingest) -> None:
     ingest: IngestProcess = start_ingest(allowed_peers="CT1@127.0.0.1,MR2@10.0.0.0/8")
     admitted = subprocess.run(
         ["echoscu", "-aet", "CT1", "-aec", "RADFLOW", "127.0.0.1", str(ingest.dimse_port)],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert admitted.returncode == 0, admitted.stderr
     for caller in ("MR2", "OTHER"):  # MR2 is listed, but from another network
         refused = subprocess.run(
             ["echoscu", "-aet", caller, "-aec", "RADFLOW", "127.0.0.1", str(ingest.dimse_port)],
-            capture_output=True, text=True, timeout=30,
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
         assert refused.returncode != 0
         assert "Calling AE Title Not Recognized" in refused.stderr

@@ -15,7 +15,6 @@ from radflow_core.dicom_status import StoreStatus
 from radflow_core.topics import Topic
 from radflow_devstack.parts import prepare, start_broker
 from radflow_devstack.processes import ManagedProcess, free_port
-
 from support.dicom import make_instance, pynetdicom_store
 from support.proxy import FaultProxy
 from support.stack import IngestProcess, Stack, make_stack
@@ -76,8 +75,11 @@ def test_s3_outage_while_sending_acknowledges_only_what_is_stored_and_announced(
     proxy = FaultProxy(s3_server.port)
     try:
         ingest: IngestProcess = start_ingest(
-            stack, env={"RADFLOW_S3_ENDPOINT": f"http://127.0.0.1:{proxy.port}",
-                        "RADFLOW_S3_RETRIES": "0"},
+            stack,
+            env={
+                "RADFLOW_S3_ENDPOINT": f"http://127.0.0.1:{proxy.port}",
+                "RADFLOW_S3_RETRIES": "0",
+            },
         )
         files = [make_instance(tmp_path / f"{i}.dcm") for i in range(40)]
         statuses = _send_through_outage(ingest.dimse_port, files, proxy, cut_at=10, restore_at=20)
@@ -101,9 +103,7 @@ def test_broker_outage_while_sending_acknowledges_only_what_is_announced(
     try:
         stack = make_stack(proxy_port, s3_server.port, tmp_path)
         prepare(stack.kafka, stack.s3, [stack.topic(t) for t in Topic])
-        ingest: IngestProcess = start_ingest(
-            stack, env={"RADFLOW_KAFKA_ACK_TIMEOUT_S": "1"}
-        )
+        ingest: IngestProcess = start_ingest(stack, env={"RADFLOW_KAFKA_ACK_TIMEOUT_S": "1"})
         files = [make_instance(tmp_path / f"{i}.dcm") for i in range(40)]
         statuses = _send_through_outage(ingest.dimse_port, files, proxy, cut_at=10, restore_at=16)
         failed = [p for p, s in statuses.items() if s != StoreStatus.SUCCESS]
@@ -140,7 +140,9 @@ def test_sigterm_lets_an_open_association_finish_and_loses_nothing(
     files = [make_instance(tmp_path / f"{i}.dcm", rows=256, columns=256) for i in range(30)]
     sender = subprocess.Popen(
         ["storescu", "-aec", "RADFLOW", "127.0.0.1", str(ingest.dimse_port), *map(str, files)],
-        stderr=subprocess.PIPE, text=True, env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"},
+        stderr=subprocess.PIPE,
+        text=True,
+        env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"},
     )
     wait_for("the first instances to be stored", lambda: '"instance stored"' in ingest.log())
     ingest.proc.signal(15)

@@ -9,8 +9,7 @@ import pydicom
 import pytest
 
 from radflow_core.dicom_status import StoreStatus
-
-from support.dicom import make_instance, bundled_file
+from support.dicom import bundled_file, make_instance
 from support.stack import IngestProcess, Stack
 from support.stow import failed_reasons, multipart, referenced, stow
 
@@ -66,17 +65,24 @@ def test_mixed_request_answers_202_and_stores_the_good_part(
     assert response.status_code == 202, response.text
     body = response.json()
     assert referenced(body) == [pydicom.dcmread(good).SOPInstanceUID]
-    assert sorted(failed_reasons(body), key=str) == sorted([
-        (pydicom.dcmread(foreign).SOPInstanceUID, StoreStatus.STUDY_MISMATCH),
-        (None, StoreStatus.CANNOT_UNDERSTAND),
-    ], key=str)
+    assert sorted(failed_reasons(body), key=str) == sorted(
+        [
+            (pydicom.dcmread(foreign).SOPInstanceUID, StoreStatus.STUDY_MISMATCH),
+            (None, StoreStatus.CANNOT_UNDERSTAND),
+        ],
+        key=str,
+    )
     events = stack.events()
     assert [e["data"]["sop_instance_uid"] for e in events] == referenced(body)
 
 
 @pytest.mark.parametrize(
     "payload",
-    [b"garbage", bundled_file("MR_truncated.dcm").read_bytes(), bundled_file("no_meta.dcm").read_bytes()],
+    [
+        b"garbage",
+        bundled_file("MR_truncated.dcm").read_bytes(),
+        bundled_file("no_meta.dcm").read_bytes(),
+    ],
     ids=["garbage", "truncated", "no-file-meta"],
 )
 def test_unparsable_instances_answer_400_with_cannot_understand(
@@ -103,7 +109,8 @@ def test_wrong_media_types_answer_415(start_ingest, tmp_path: Path) -> None:
 def test_malformed_multipart_answers_400(stack: Stack, start_ingest) -> None:
     ingest: IngestProcess = start_ingest()
     no_boundary = httpx.post(
-        ingest.stow_url, content=b"--x\r\n\r\n",
+        ingest.stow_url,
+        content=b"--x\r\n\r\n",
         headers={"Content-Type": 'multipart/related; type="application/dicom"'},
     )
     assert no_boundary.status_code == 400

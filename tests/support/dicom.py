@@ -4,9 +4,9 @@ storescu, and pynetdicom's SCU (including a raw sender for malformed requests)."
 from __future__ import annotations
 
 import os
+import subprocess
 import tempfile
 import warnings
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,8 +18,7 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     generate_uid,
 )
-from pynetdicom import AE
-from pynetdicom import _config
+from pynetdicom import AE, _config
 
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 CT_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2")
@@ -36,22 +35,22 @@ def bundled_file(name: str) -> Path:
 
 def dataset_bytes(raw: bytes) -> bytes:
     """The encoded dataset of a Part 10 file, without preamble and file meta."""
-    return raw[_meta_end(raw):]
+    return raw[_meta_end(raw) :]
 
 
 def _meta_end(raw: bytes) -> int:
     """Offset where the dataset starts in a Part 10 file (after the group 0002 elements)."""
     offset = 132
     while offset + 8 <= len(raw):
-        group = int.from_bytes(raw[offset:offset + 2], "little")
+        group = int.from_bytes(raw[offset : offset + 2], "little")
         if group != 0x0002:
             return offset
-        vr = raw[offset + 4:offset + 6]
+        vr = raw[offset + 4 : offset + 6]
         if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
-            length = int.from_bytes(raw[offset + 8:offset + 12], "little")
+            length = int.from_bytes(raw[offset + 8 : offset + 12], "little")
             offset += 12 + length
         else:
-            length = int.from_bytes(raw[offset + 6:offset + 8], "little")
+            length = int.from_bytes(raw[offset + 6 : offset + 8], "little")
             offset += 8 + length
     return offset
 
@@ -73,9 +72,15 @@ def make_instance(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom warns on the invalid UIDs tests ask for
         return _make_instance(
-            path, sop_instance_uid=sop_instance_uid, study_instance_uid=study_instance_uid,
-            series_instance_uid=series_instance_uid, sop_class_uid=sop_class_uid,
-            modality=modality, rows=rows, columns=columns, omit=omit,
+            path,
+            sop_instance_uid=sop_instance_uid,
+            study_instance_uid=study_instance_uid,
+            series_instance_uid=series_instance_uid,
+            sop_class_uid=sop_class_uid,
+            modality=modality,
+            rows=rows,
+            columns=columns,
+            omit=omit,
         )
 
 
@@ -124,8 +129,9 @@ class StoreResult:
     comment: str | None
 
 
-def pynetdicom_store(port: int, path: Path, called_ae: str = "RADFLOW",
-                     calling_ae: str = "PYSCU") -> StoreResult:
+def pynetdicom_store(
+    port: int, path: Path, called_ae: str = "RADFLOW", calling_ae: str = "PYSCU"
+) -> StoreResult:
     """Send one file with pynetdicom's SCU, proposing the file's own transfer syntax."""
     ds = pydicom.dcmread(path)
     ae = AE(ae_title=calling_ae)
@@ -141,8 +147,13 @@ def pynetdicom_store(port: int, path: Path, called_ae: str = "RADFLOW",
 
 
 def raw_store(
-    port: int, *, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str,
-    data: bytes, called_ae: str = "RADFLOW",
+    port: int,
+    *,
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    transfer_syntax: str,
+    data: bytes,
+    called_ae: str = "RADFLOW",
 ) -> StoreResult:
     """A C-STORE whose command UIDs and data set bytes are exactly as given.
 
@@ -204,8 +215,14 @@ STORESCU_PROPOSE = {
 }
 
 
-def storescu(port: int, *files: Path, ts: str | None = None, called_ae: str = "RADFLOW",
-             calling_ae: str = "STORESCU", extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+def storescu(
+    port: int,
+    *files: Path,
+    ts: str | None = None,
+    called_ae: str = "RADFLOW",
+    calling_ae: str = "STORESCU",
+    extra: tuple[str, ...] = (),
+) -> subprocess.CompletedProcess[str]:
     """Run DCMTK's storescu (TCP_NODELAY=1) and return its result (stderr has statuses)."""
     if ts in STORESCU_PROPOSE:
         propose = ["-R", STORESCU_PROPOSE[ts]]
@@ -214,8 +231,20 @@ def storescu(port: int, *files: Path, ts: str | None = None, called_ae: str = "R
     else:
         propose = ["-R"]
     return subprocess.run(
-        ["storescu", *propose, "-aet", calling_ae, "-aec", called_ae, *extra,
-         "127.0.0.1", str(port), *map(str, files)],
-        capture_output=True, text=True, timeout=120,
+        [
+            "storescu",
+            *propose,
+            "-aet",
+            calling_ae,
+            "-aec",
+            called_ae,
+            *extra,
+            "127.0.0.1",
+            str(port),
+            *map(str, files),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={**os.environ, "TCP_NODELAY": "1"},
     )

@@ -29,14 +29,14 @@ async def read_records(
     waits for an idle timeout.
     """
     consumer = AIOKafkaConsumer(
-        **connection_options(kafka), group_id=None, enable_auto_commit=False,
+        **connection_options(kafka),
+        group_id=None,
+        enable_auto_commit=False,
     )
     await consumer.start()
     records: list[dict[str, Any]] = []
     try:
-        partitions = [
-            TopicPartition(topic, p) for p in sorted(await _partitions(consumer, topic))
-        ]
+        partitions = [TopicPartition(topic, p) for p in sorted(await _partitions(consumer, topic))]
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
         end = await consumer.end_offsets(partitions)
@@ -47,12 +47,14 @@ async def read_records(
             batch = await consumer.getmany(timeout_ms=200)
             for msgs in batch.values():
                 for m in msgs:
-                    records.append({
-                        "key": m.key.decode() if m.key else None,
-                        "raw": m.value,
-                        "partition": m.partition,
-                        "offset": m.offset,
-                    })
+                    records.append(
+                        {
+                            "key": m.key.decode() if m.key else None,
+                            "raw": m.value,
+                            "partition": m.partition,
+                            "offset": m.offset,
+                        }
+                    )
         return records
     finally:
         await consumer.stop()
@@ -63,6 +65,6 @@ async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
         parts = consumer.partitions_for_topic(topic)
         if parts:
             return set(parts)
-        await consumer._client.force_metadata_update()  # noqa: SLF001 - test helper
+        await consumer._client.force_metadata_update()
         await asyncio.sleep(0.1)
     raise AssertionError(f"topic {topic} has no partitions")

@@ -15,7 +15,6 @@ from radflow_core.topics import Topic
 from radflow_devstack.__main__ import local_env
 from radflow_devstack.parts import http_status
 from radflow_devstack.processes import ManagedProcess
-
 from support.kafka import read_topic
 
 
@@ -41,8 +40,10 @@ class Stack:
     def minio(self) -> Minio:
         endpoint = self.s3.endpoint.split("://", 1)[1]
         return Minio(
-            endpoint, access_key=self.s3.access_key,
-            secret_key=self.s3.secret_key.get_secret_value(), secure=False,
+            endpoint,
+            access_key=self.s3.access_key,
+            secret_key=self.s3.secret_key.get_secret_value(),
+            secure=False,
         )
 
     def object_bytes(self, key: str) -> bytes:
@@ -55,7 +56,8 @@ class Stack:
 
     def keys(self, prefix: str = "") -> list[str]:
         return sorted(
-            o.object_name for o in self.minio().list_objects(self.s3.bucket, prefix, recursive=True)
+            o.object_name
+            for o in self.minio().list_objects(self.s3.bucket, prefix, recursive=True)
             if o.object_name
         )
 

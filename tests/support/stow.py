@@ -19,11 +19,18 @@ def multipart(parts: Iterable[bytes], part_type: str = "application/dicom") -> t
     return bytes(body), f'multipart/related; type="{part_type}"; boundary={boundary}'
 
 
-def stow(url: str, parts: Iterable[bytes], part_type: str = "application/dicom",
-         content_type: str | None = None, **headers: str) -> httpx.Response:
+def stow(
+    url: str,
+    parts: Iterable[bytes],
+    part_type: str = "application/dicom",
+    content_type: str | None = None,
+    **headers: str,
+) -> httpx.Response:
     body, ctype = multipart(parts, part_type)
     return httpx.post(
-        url, content=body, headers={"Content-Type": content_type or ctype, **headers},
+        url,
+        content=body,
+        headers={"Content-Type": content_type or ctype, **headers},
         timeout=60,
     )
 

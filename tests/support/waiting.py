@@ -14,7 +14,9 @@ def wait_for(what: str, probe: Callable[[], T], timeout_s: float = 20.0, every_s
     last: T = probe()
     while not last:
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what} (last: {last!r})")
+            raise AssertionError(
+                f"timed out after {timeout_s}s waiting for {what} (last: {last!r})"
+            )
         time.sleep(every_s)
         last = probe()
     return last

@@ -69,8 +69,10 @@ def read_header(file: BinaryIO, size: int) -> InstanceHeader:
             StoreStatus.CANNOT_UNDERSTAND, "not a DICOM Part 10 file (no preamble/meta)"
         ) from None
     except RecursionError:
-        raise InvalidInstance(StoreStatus.CANNOT_UNDERSTAND, "sequences nested too deeply") from None
-    except Exception as exc:
+        raise InvalidInstance(
+            StoreStatus.CANNOT_UNDERSTAND, "sequences nested too deeply"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - any parser failure means "cannot understand"
         # pydicom's messages can quote element values; only the type is reported.
         raise InvalidInstance(
             StoreStatus.CANNOT_UNDERSTAND, f"unparsable dataset ({type(exc).__name__})"
@@ -91,7 +93,7 @@ def read_header(file: BinaryIO, size: int) -> InstanceHeader:
     for keyword in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID"):
         try:
             raw = ds.get(keyword)
-        except Exception:
+        except Exception:  # noqa: BLE001 - a value pydicom cannot decode
             raise InvalidInstance(
                 StoreStatus.CANNOT_UNDERSTAND, f"{keyword} cannot be decoded"
             ) from None

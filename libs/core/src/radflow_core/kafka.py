@@ -23,8 +23,8 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Generic, Self
 
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 from aiokafka.helpers import create_ssl_context
 from aiokafka.structs import RecordMetadata
@@ -107,7 +107,9 @@ class EventProducer:
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
@@ -134,7 +136,9 @@ class EventProducer:
             outcome = "ok"
             return metadata
         except (KafkaError, TimeoutError) as exc:
-            raise BrokerUnavailable(f"no ack from broker for {topic}: {type(exc).__name__}") from exc
+            raise BrokerUnavailable(
+                f"no ack from broker for {topic}: {type(exc).__name__}"
+            ) from exc
         finally:
             SEND_SECONDS.labels(topic, outcome).observe(time.perf_counter() - started)
 

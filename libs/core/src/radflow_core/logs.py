@@ -17,14 +17,48 @@ from typing import Any
 
 from radflow_core.settings import LogFormat, LogSettings
 
-SAFE_FIELDS = frozenset({
-    "event", "service", "topic", "partition", "offset", "reason", "status", "http_status",
-    "sop_instance_uid", "sop_class_uid", "study_instance_uid", "series_instance_uid",
-    "transfer_syntax_uid", "modality", "calling_ae", "called_ae", "peer_address",
-    "protocol", "sha256", "size", "key", "bucket", "duplicate", "duration_ms",
-    "error_type", "port", "host", "url", "count", "attempt", "component", "state",
-    "parts", "stored", "failed", "association_id", "max_associations", "client",
-})
+SAFE_FIELDS = frozenset(
+    {
+        "event",
+        "service",
+        "topic",
+        "partition",
+        "offset",
+        "reason",
+        "status",
+        "http_status",
+        "sop_instance_uid",
+        "sop_class_uid",
+        "study_instance_uid",
+        "series_instance_uid",
+        "transfer_syntax_uid",
+        "modality",
+        "calling_ae",
+        "called_ae",
+        "peer_address",
+        "protocol",
+        "sha256",
+        "size",
+        "key",
+        "bucket",
+        "duplicate",
+        "duration_ms",
+        "error_type",
+        "port",
+        "host",
+        "url",
+        "count",
+        "attempt",
+        "component",
+        "state",
+        "parts",
+        "stored",
+        "failed",
+        "association_id",
+        "max_associations",
+        "client",
+    }
+)
 """Keys that may appear in a log line; patient demographics are never among them."""
 
 _RESERVED = frozenset(vars(logging.makeLogRecord({})))

@@ -17,7 +17,6 @@ from pathlib import Path
 
 from radflow_core.settings import KafkaSettings, S3Settings
 from radflow_core.topics import Topic
-
 from radflow_devstack.parts import (
     LOCAL_S3_ACCESS_KEY,
     LOCAL_S3_SECRET_KEY,
@@ -63,9 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         started.append(start_s3(args.s3_port, args.log_dir))
         print(f"s3       moto S3 server     http://127.0.0.1:{args.s3_port}  bucket radflow")
         env = local_env(args.broker_port, args.s3_port)
-        prepare(
-            KafkaSettings.from_env(env), S3Settings.from_env(env), [t.value for t in Topic]
-        )
+        prepare(KafkaSettings.from_env(env), S3Settings.from_env(env), [t.value for t in Topic])
         print(f"topics   {', '.join(t.value for t in Topic)}")
         ingest_env = {
             **env,

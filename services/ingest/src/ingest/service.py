@@ -15,15 +15,14 @@ from enum import StrEnum
 
 from aiohttp import web
 
-from radflow_core.blobstore import BlobStore
-from radflow_core.errors import BrokerUnavailable
-from radflow_core.kafka import EventProducer
-from radflow_core.ops import Health, ops_routes
-
 from ingest.claimcheck import ClaimCheck
 from ingest.dimse import DimseReceiver
 from ingest.settings import IngestConfig
 from ingest.stowrs import StowReceiver
+from radflow_core.blobstore import BlobStore
+from radflow_core.errors import BrokerUnavailable
+from radflow_core.kafka import EventProducer
+from radflow_core.ops import Health, ops_routes
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +61,9 @@ class IngestService:
         app = web.Application()
         app.add_routes(StowReceiver(settings, self._claim_check).routes())
         app.add_routes(ops_routes(self.health))
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=settings.shutdown_grace_s)
+        self._runner = web.AppRunner(
+            app, access_log=None, shutdown_timeout=settings.shutdown_grace_s
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, settings.http_host, settings.http_port)
         await site.start()

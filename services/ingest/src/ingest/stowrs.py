@@ -23,23 +23,24 @@ from typing import Any
 from aiohttp import BodyPartReader, MultipartReader, web
 from aiohttp.helpers import parse_mimetype
 
-from radflow_core.dicom_status import StoreStatus
-from radflow_core.events import Protocol, Sender
-from radflow_core.uids import is_valid_uid
-
 from ingest import metrics
 from ingest.claimcheck import ClaimCheck, Expected, NotStored, Origin
 from ingest.settings import IngestSettings
+from radflow_core.dicom_status import StoreStatus
+from radflow_core.events import Protocol, Sender
+from radflow_core.uids import is_valid_uid
 
 log = logging.getLogger(__name__)
 
 DICOM_JSON = "application/dicom+json"
 _CHUNK = 1024 * 1024
-_SYNTAX_FAILURES = frozenset({
-    StoreStatus.CANNOT_UNDERSTAND,
-    StoreStatus.MISSING_ATTRIBUTE,
-    StoreStatus.INVALID_UID,
-})
+_SYNTAX_FAILURES = frozenset(
+    {
+        StoreStatus.CANNOT_UNDERSTAND,
+        StoreStatus.MISSING_ATTRIBUTE,
+        StoreStatus.INVALID_UID,
+    }
+)
 
 
 class BodyTooLarge(Exception):
@@ -63,22 +64,28 @@ def response_body(results: list[PartResult]) -> dict[str, Any]:
     referenced = [r for r in results if r.status is StoreStatus.SUCCESS]
     failed = [r for r in results if r.status is not StoreStatus.SUCCESS]
     if failed:
-        body["00081198"] = {"vr": "SQ", "Value": [
-            {
-                "00081150": _uid_element(r.sop_class_uid),
-                "00081155": _uid_element(r.sop_instance_uid),
-                "00081197": {"vr": "US", "Value": [int(r.status)]},
-            }
-            for r in failed
-        ]}
+        body["00081198"] = {
+            "vr": "SQ",
+            "Value": [
+                {
+                    "00081150": _uid_element(r.sop_class_uid),
+                    "00081155": _uid_element(r.sop_instance_uid),
+                    "00081197": {"vr": "US", "Value": [int(r.status)]},
+                }
+                for r in failed
+            ],
+        }
     if referenced:
-        body["00081199"] = {"vr": "SQ", "Value": [
-            {
-                "00081150": _uid_element(r.sop_class_uid),
-                "00081155": _uid_element(r.sop_instance_uid),
-            }
-            for r in referenced
-        ]}
+        body["00081199"] = {
+            "vr": "SQ",
+            "Value": [
+                {
+                    "00081150": _uid_element(r.sop_class_uid),
+                    "00081155": _uid_element(r.sop_instance_uid),
+                }
+                for r in referenced
+            ],
+        }
     return body
 
 
@@ -163,9 +170,13 @@ class StowReceiver:
         headers = {"Retry-After": str(self._settings.retry_after_s)} if status == 503 else None
         log.info(
             "STOW-RS request handled",
-            extra={"http_status": status, "parts": len(results),
-                   "stored": sum(r.status is StoreStatus.SUCCESS for r in results),
-                   "protocol": "stow-rs", "peer_address": request.remote},
+            extra={
+                "http_status": status,
+                "parts": len(results),
+                "stored": sum(r.status is StoreStatus.SUCCESS for r in results),
+                "protocol": "stow-rs",
+                "peer_address": request.remote,
+            },
         )
         return web.json_response(
             response_body(results), status=status, content_type=DICOM_JSON, headers=headers
