@@ -25,6 +25,7 @@ from radflow_devstack.parts import (
     start_s3,
     start_service,
 )
+from radflow_devstack.peek import blobs_command, events_command
 from radflow_devstack.processes import ManagedProcess, StartupFailed
 
 
@@ -44,14 +45,31 @@ def local_env(broker_port: int, s3_port: int) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m radflow_devstack",
-        description="Run the radflow pipeline locally on real parts (make run).",
+        description="Run the radflow pipeline locally on real parts (make run), or look "
+        "into a running one.",
     )
-    parser.add_argument("--broker-port", type=int, default=9092)
-    parser.add_argument("--s3-port", type=int, default=9000)
-    parser.add_argument("--dimse-port", type=int, default=11112)
-    parser.add_argument("--http-port", type=int, default=8080)
-    parser.add_argument("--log-dir", type=Path, default=Path(".run/logs"))
+    commands = parser.add_subparsers(dest="command")
+    run = commands.add_parser("run", help="start everything (the default)")
+    for p in (parser, run):
+        p.add_argument("--broker-port", type=int, default=9092)
+        p.add_argument("--s3-port", type=int, default=9000)
+        p.add_argument("--dimse-port", type=int, default=11112)
+        p.add_argument("--http-port", type=int, default=8080)
+        p.add_argument("--log-dir", type=Path, default=Path(".run/logs"))
+    events = commands.add_parser("events", help="print the events on a topic")
+    events.add_argument("topic", nargs="?", default=Topic.INSTANCE_RECEIVED.value)
+    events.add_argument("--follow", "-f", action="store_true", help="wait for new events")
+    commands.add_parser("blobs", help="list the objects in the bucket")
     args = parser.parse_args(argv)
+    environ = {**local_env(9092, 9000), **os.environ}
+    if args.command == "events":
+        return events_command(environ, args.topic, args.follow)
+    if args.command == "blobs":
+        return blobs_command(environ)
+    return run_stack(args)
+
+
+def run_stack(args: argparse.Namespace) -> int:
 
     started: list[ManagedProcess] = []
     stop = threading.Event()
@@ -77,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"         STOW-RS {http}/dicomweb/studies   metrics {http}/metrics")
         print(f"logs     {args.log_dir}/")
         print(f"try      TCP_NODELAY=1 storescu -aec RADFLOW 127.0.0.1 {args.dimse_port} FILE.dcm")
+        print("see      .venv/bin/python -m radflow_devstack events   (and: ... blobs)")
         print("Ctrl-C stops everything.")
         sys.stdout.flush()
         stop.wait()

@@ -1,0 +1,68 @@
+"""The Part 10 header reader on pydicom's bundled good and broken files."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+from pydicom.dataset import FileMetaDataset
+from pydicom.filewriter import write_file_meta_info
+
+from radflow_core.dicom_status import StoreStatus
+from radflow_core.instance_header import InvalidInstance, read_header
+from support.dicom import bundled_file, dataset_bytes, make_instance
+from support.nesting import deeply_nested
+
+
+def _read(data: bytes):  # type: ignore[no-untyped-def]
+    return read_header(io.BytesIO(data), len(data))
+
+
+@pytest.mark.parametrize(
+    ("name", "status"),
+    [
+        ("no_meta.dcm", StoreStatus.CANNOT_UNDERSTAND),
+        ("MR_truncated.dcm", StoreStatus.CANNOT_UNDERSTAND),
+        ("meta_missing_tsyntax.dcm", StoreStatus.MISSING_ATTRIBUTE),
+        ("JPEGLSNearLossless_08.dcm", StoreStatus.MISSING_ATTRIBUTE),  # no Study UID
+        ("UN_sequence.dcm", StoreStatus.MISSING_ATTRIBUTE),
+    ],
+)
+def test_broken_files_get_the_status_that_names_the_problem(name: str, status: StoreStatus) -> None:
+    with pytest.raises(InvalidInstance) as info:
+        _read(bundled_file(name).read_bytes())
+    assert info.value.status is status
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["CT_small.dcm", "MR_small_bigendian.dcm", "image_dfl.dcm", "JPEG2000.dcm", "test-SR.dcm"],
+)
+def test_good_files_yield_their_identifying_attributes(name: str) -> None:
+    header = _read(bundled_file(name).read_bytes())
+    assert header.sop_instance_uid and header.study_instance_uid and header.series_instance_uid
+
+
+def test_deep_nesting_is_refused_not_a_crash(tmp_path: Path) -> None:
+    base = make_instance(tmp_path / "a.dcm").read_bytes()
+    assert _read(deeply_nested(base, 50)).modality == "CT"
+    with pytest.raises(InvalidInstance) as info:
+        _read(deeply_nested(base, 20000))
+    assert info.value.status is StoreStatus.CANNOT_UNDERSTAND
+    assert "nested" in info.value.detail
+
+
+def test_unaccepted_transfer_syntax_is_refused(tmp_path: Path) -> None:
+    raw = make_instance(tmp_path / "a.dcm").read_bytes()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    meta.MediaStorageSOPInstanceUID = "1.2.3"
+    meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"  # MPEG2: explicit VR LE framing
+    out = io.BytesIO()
+    out.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(out, meta)
+    data = out.getvalue() + dataset_bytes(raw)
+    with pytest.raises(InvalidInstance) as info:
+        _read(data)
+    assert info.value.status is StoreStatus.TRANSFER_SYNTAX_NOT_SUPPORTED

@@ -1,0 +1,75 @@
+"""`make run`'s launcher from a newcomer's view: it starts the stack, a storescu send
+shows up as an event and a blob, and Ctrl-C/SIGTERM stops everything cleanly."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from radflow_devstack.parts import http_status
+from radflow_devstack.processes import ManagedProcess, free_port
+from support.dicom import bundled_file, storescu
+
+pytestmark = pytest.mark.pipeline
+
+
+def test_run_starts_the_stack_and_a_sent_instance_becomes_event_and_blob(tmp_path: Path) -> None:
+    ports = {name: free_port() for name in ("broker", "s3", "dimse", "http")}
+    stack = ManagedProcess(
+        "devstack",
+        [
+            sys.executable,
+            "-m",
+            "radflow_devstack",
+            "--broker-port",
+            str(ports["broker"]),
+            "--s3-port",
+            str(ports["s3"]),
+            "--dimse-port",
+            str(ports["dimse"]),
+            "--http-port",
+            str(ports["http"]),
+            "--log-dir",
+            str(tmp_path / "logs"),
+        ],
+        tmp_path / "devstack.out",
+    ).start()
+    try:
+        stack.wait_until(lambda: http_status(f"http://127.0.0.1:{ports['http']}/readyz") == 200, 90)
+        sent = storescu(ports["dimse"], bundled_file("CT_small.dcm"), ts="1.2.840.10008.1.2.1")
+        assert sent.returncode == 0, sent.stderr
+        env = {
+            "RADFLOW_KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{ports['broker']}",
+            "RADFLOW_S3_ENDPOINT": f"http://127.0.0.1:{ports['s3']}",
+            "PATH": "/usr/bin:/bin",
+        }
+        events = subprocess.run(
+            [sys.executable, "-m", "radflow_devstack", "events"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+            check=True,
+        )
+        (line,) = events.stdout.splitlines()
+        event = json.loads(line)["event"]
+        assert event["type"] == "dicom.instance.received"
+        blobs = subprocess.run(
+            [sys.executable, "-m", "radflow_devstack", "blobs"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+            check=True,
+        )
+        assert event["data"]["blob"]["key"] in blobs.stdout
+    finally:
+        code = stack.stop(timeout_s=60)
+    out = (tmp_path / "devstack.out").read_text()
+    assert code == 0, out
+    for name in ("ingest", "s3", "tansu"):
+        assert f"stopped  {name} (exit 0)" in out
