@@ -8,6 +8,7 @@ lists the bucket. Both read the same RADFLOW_* settings as the services.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 from collections.abc import Mapping
@@ -70,10 +71,8 @@ def list_blobs(s3: S3Settings) -> int:
 
 def events_command(environ: Mapping[str, str], topic: str, follow: bool) -> int:
     kafka = KafkaSettings.from_env(environ)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(print_events(kafka, kafka.topic_prefix + topic, follow))
-    except KeyboardInterrupt:
-        pass
     return 0
 
 
