@@ -81,4 +81,6 @@ def start_ingest(stack: Stack, tmp_path: Path) -> Iterator[IngestFactory]:
     yield start
     for handle in started:
         code = handle.proc.stop()
-        assert code == 0, f"ingest did not stop cleanly ({code}); log:\n{handle.proc.log_tail()}"
+        assert code == handle.expected_exit, (
+            f"ingest exited {code}, expected {handle.expected_exit}; log:\n{handle.proc.log_tail()}"
+        )

@@ -7,6 +7,7 @@ import io
 import subprocess
 from pathlib import Path
 
+import httpx
 import pydicom
 import pytest
 
@@ -100,6 +101,9 @@ def test_same_bytes_twice_succeed_without_a_second_blob_or_event(
     events = stack.events()
     assert len(events) == 1
     assert len(stack.keys("original/")) == 1
+    metrics = httpx.get(f"{ingest.url}/metrics").text
+    assert 'radflow_ingest_instances_total{outcome="stored",protocol="dimse"} 1.0' in metrics
+    assert 'radflow_ingest_instances_total{outcome="duplicate",protocol="dimse"} 2.0' in metrics
 
 
 def test_same_uid_with_different_bytes_is_kept_as_two_versions(
@@ -275,6 +279,7 @@ def test_allow_list_admits_listed_callers_only(start_ingest) -> None:
         )
         assert refused.returncode != 0
         assert "Calling AE Title Not Recognized" in refused.stderr
+    metrics = httpx.get(f"{ingest.url}/metrics").text
     assert 'radflow_ingest_associations_rejected_total{reason="calling_ae_not_allowed"} 2.0' in (
-        __import__("urllib.request").request.urlopen(f"{ingest.url}/metrics").read().decode()
+        metrics
     )

@@ -154,3 +154,15 @@ def test_sigterm_lets_an_open_association_finish_and_loses_nothing(
     assert len(events) == len(files)
     for event in events:
         stack.assert_event_matches_blob(event)
+
+
+def test_idempotent_producer_refused_by_tansu_stops_ingest_with_a_clear_reason(
+    stack: Stack, start_ingest
+) -> None:
+    ingest: IngestProcess = start_ingest(
+        stack, env={"RADFLOW_KAFKA_IDEMPOTENCE": "true"}, wait_ready=False
+    )
+    ingest.expected_exit = 3
+    assert ingest.proc.proc is not None
+    assert ingest.proc.proc.wait(timeout=60) == 3
+    assert "RADFLOW_KAFKA_IDEMPOTENCE=false" in ingest.log()

@@ -91,6 +91,8 @@ class IngestProcess:
     http_port: int
     ae_title: str = "RADFLOW"
     extra: dict[str, str] = field(default_factory=dict)
+    expected_exit: int = 0
+    """The exit code the fixture expects when it stops the process."""
 
     @property
     def url(self) -> str:

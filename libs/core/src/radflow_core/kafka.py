@@ -25,12 +25,17 @@ from typing import Any, Generic, Self
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError
+from aiokafka.errors import BrokerResponseError, KafkaError
 from aiokafka.helpers import create_ssl_context
 from aiokafka.structs import RecordMetadata
 from prometheus_client import Counter, Histogram
 
-from radflow_core.errors import BrokerUnavailable, EventDecodeError, PipelineError
+from radflow_core.errors import (
+    BrokerUnavailable,
+    ConfigurationError,
+    EventDecodeError,
+    PipelineError,
+)
 from radflow_core.events import DeadLetter, EventModel, PayloadT, decode, encode, wrap
 from radflow_core.settings import KafkaSettings
 
@@ -88,9 +93,22 @@ class EventProducer:
         self._started = False
 
     async def start(self) -> None:
-        """Connect; raises BrokerUnavailable if the brokers cannot be reached."""
+        """Connect.
+
+        Raises:
+            BrokerUnavailable: the brokers cannot be reached (retry later).
+            ConfigurationError: the broker refuses the idempotent producer.
+        """
         try:
             await self._producer.start()
+        except BrokerResponseError as exc:
+            await self._producer.stop()
+            if self._settings.idempotence:
+                raise ConfigurationError(
+                    "the broker refused the idempotent producer (InitProducerId); for brokers "
+                    "without it (Tansu) set RADFLOW_KAFKA_IDEMPOTENCE=false"
+                ) from exc
+            raise BrokerUnavailable(f"cannot start producer: {type(exc).__name__}") from exc
         except KafkaError as exc:
             await self._producer.stop()
             raise BrokerUnavailable(f"cannot start producer: {type(exc).__name__}") from exc

@@ -46,7 +46,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-async def serve(config: IngestConfig) -> None:
+async def serve(config: IngestConfig) -> int:
+    """Run until SIGTERM/SIGINT (exit 0) or until the service cannot run (exit 3)."""
     service = IngestService(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -54,10 +55,14 @@ async def serve(config: IngestConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     await service.start()
     try:
-        await stop.wait()
-        log.info("shutdown requested")
+        waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(service.failed.wait())]
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in waiters:
+            waiter.cancel()
+        log.info("shutdown requested" if stop.is_set() else "shutting down: cannot run")
     finally:
         await service.stop()
+    return 3 if service.failed.is_set() else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,8 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(config.log, "ingest")
     # pydicom warns (to stderr, unstructured) about recoverable oddities in senders' data.
     warnings.filterwarnings("ignore", module="pydicom")
-    asyncio.run(serve(config))
-    return 0
+    return asyncio.run(serve(config))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from enum import StrEnum
 
 from aiohttp import web
@@ -20,7 +21,7 @@ from ingest.dimse import DimseReceiver
 from ingest.settings import IngestConfig
 from ingest.stowrs import StowReceiver
 from radflow_core.blobstore import BlobStore
-from radflow_core.errors import BrokerUnavailable
+from radflow_core.errors import BrokerUnavailable, ConfigurationError
 from radflow_core.kafka import EventProducer
 from radflow_core.ops import Health, ops_routes
 
@@ -53,6 +54,8 @@ class IngestService:
         self._dimse: DimseReceiver | None = None
         self._runner: web.AppRunner | None = None
         self._connect_task: asyncio.Task[None] | None = None
+        self.failed = asyncio.Event()
+        """Set when the service cannot run as configured; ``main`` then exits non-zero."""
 
     async def start(self) -> None:
         """Open the listeners; the broker connection is retried in the background."""
@@ -68,7 +71,12 @@ class IngestService:
         site = web.TCPSite(self._runner, settings.http_host, settings.http_port)
         await site.start()
         log.info("HTTP listening", extra={"host": settings.http_host, "port": settings.http_port})
-        self._dimse = DimseReceiver(settings, self._claim_check, asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        # Blob I/O runs in the loop's default executor; size it for every association.
+        loop.set_default_executor(
+            ThreadPoolExecutor(settings.max_associations + 8, thread_name_prefix="blob-io")
+        )
+        self._dimse = DimseReceiver(settings, self._claim_check, loop)
         self._dimse.start()
         self._connect_task = asyncio.create_task(self._connect_broker())
         self.state = State.RUNNING
@@ -78,6 +86,10 @@ class IngestService:
         while True:
             try:
                 await self._producer.start()
+            except ConfigurationError as exc:
+                log.critical(str(exc), extra={"reason": exc.reason})
+                self.failed.set()
+                return
             except BrokerUnavailable as exc:
                 log.warning("waiting for the broker", extra={"reason": exc.reason})
                 await asyncio.sleep(delay)
