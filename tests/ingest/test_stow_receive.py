@@ -10,6 +10,7 @@ import pytest
 
 from radflow_core.dicom_status import StoreStatus
 from support.dicom import bundled_file, make_instance
+from support.nesting import deeply_nested
 from support.stack import IngestProcess, Stack
 from support.stow import failed_reasons, multipart, referenced, stow
 
@@ -104,6 +105,20 @@ def test_wrong_media_types_answer_415(start_ingest, tmp_path: Path) -> None:
     assert not_multipart.status_code == 415
     metadata_type = stow(ingest.stow_url, [b"{}"], part_type="application/dicom+json")
     assert metadata_type.status_code == 415
+    xml_only = stow(ingest.stow_url, [data], Accept="application/dicom+xml")
+    assert xml_only.status_code == 406
+
+
+def test_deeply_nested_instance_is_refused_and_the_receiver_carries_on(
+    stack: Stack, start_ingest, tmp_path: Path
+) -> None:
+    ingest: IngestProcess = start_ingest()
+    good = make_instance(tmp_path / "a.dcm").read_bytes()
+    response = stow(ingest.stow_url, [deeply_nested(good, 20000)])
+    assert response.status_code == 400
+    assert failed_reasons(response.json()) == [(None, StoreStatus.CANNOT_UNDERSTAND)]
+    assert stow(ingest.stow_url, [good]).status_code == 200
+    assert len(stack.events()) == 1
 
 
 def test_malformed_multipart_answers_400(stack: Stack, start_ingest) -> None:
