@@ -174,15 +174,22 @@ class BlobStore:
         return stat.size
 
     async def put_file(
-        self, key: str, blob: HashedFile, kind: str, content_type: str = "application/dicom"
+        self,
+        key: str,
+        blob: HashedFile,
+        kind: str,
+        content_type: str = "application/dicom",
+        check_existing: bool = True,
     ) -> StoredBlob:
         """Store ``blob`` under ``key`` unless identical bytes are already there.
 
-        The sha256 is recorded as object metadata too, so the bucket alone can be
-        audited against the events.
+        With ``check_existing=False`` the existence check (one HEAD) is skipped, for
+        small objects where writing them again costs less than asking. The sha256 is
+        recorded as object metadata too, so the bucket alone can be audited against the
+        events.
         """
         ref = BlobRef(bucket=self.bucket, key=key, size=blob.size, sha256=blob.sha256)
-        if await self.size_of(key) == blob.size:
+        if check_existing and await self.size_of(key) == blob.size:
             return StoredBlob(ref, created=False)
 
         def upload() -> None:
@@ -201,8 +208,12 @@ class BlobStore:
         BLOB_BYTES.labels(kind).inc(blob.size)
         return StoredBlob(ref, created=True)
 
-    async def put_bytes(self, key: str, data: bytes, kind: str) -> StoredBlob:
-        return await self.put_file(key, HashedFile.from_bytes(data), kind)
+    async def put_bytes(
+        self, key: str, data: bytes, kind: str, check_existing: bool = True
+    ) -> StoredBlob:
+        return await self.put_file(
+            key, HashedFile.from_bytes(data), kind, check_existing=check_existing
+        )
 
     async def exists(self, key: str) -> bool:
         return await self.size_of(key) is not None

@@ -212,7 +212,7 @@ class ClaimCheck:
 
     async def _mark_announced(self, marker: str) -> None:
         try:
-            await self._blobs.put_bytes(marker, b"", ANNOUNCED)
+            await self._blobs.put_bytes(marker, b"", ANNOUNCED, check_existing=False)
         except PipelineError as exc:
             # Only costs a repeated event if the same bytes arrive again.
             log.warning("announce marker not written", extra={"reason": exc.reason})
