@@ -73,3 +73,16 @@ def test_run_starts_the_stack_and_a_sent_instance_becomes_event_and_blob(tmp_pat
     assert code == 0, out
     for name in ("ingest", "s3", "tansu"):
         assert f"stopped  {name} (exit 0)" in out
+
+
+def _devstack(command: str, env: dict[str, str]) -> str:
+    """Run a look-inside subcommand of the launcher; return what it printed."""
+    done = subprocess.run(
+        [sys.executable, "-m", "radflow_devstack", command],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=True,
+    )
+    return done.stdout

@@ -58,34 +58,25 @@ def _uid_element(uid: str | None) -> dict[str, Any]:
     return {"vr": "UI", "Value": [uid]} if uid else {"vr": "UI"}
 
 
+def _sop_item(result: PartResult) -> dict[str, Any]:
+    """One SOP sequence item; failed ones carry their Failure Reason (0008,1197)."""
+    item = {
+        "00081150": _uid_element(result.sop_class_uid),
+        "00081155": _uid_element(result.sop_instance_uid),
+    }
+    if result.status is not StoreStatus.SUCCESS:
+        item["00081197"] = {"vr": "US", "Value": [int(result.status)]}
+    return item
+
+
 def response_body(results: list[PartResult]) -> dict[str, Any]:
-    """The Store Instances Response Module (PS3.18 Table 10.5.3-1) in DICOM JSON."""
+    """The Store Instances Response Module (PS3.18 Table 10.5.3-1) in DICOM JSON:
+    FailedSOPSequence (0008,1198) and ReferencedSOPSequence (0008,1199)."""
     body: dict[str, Any] = {}
-    referenced = [r for r in results if r.status is StoreStatus.SUCCESS]
-    failed = [r for r in results if r.status is not StoreStatus.SUCCESS]
-    if failed:
-        body["00081198"] = {
-            "vr": "SQ",
-            "Value": [
-                {
-                    "00081150": _uid_element(r.sop_class_uid),
-                    "00081155": _uid_element(r.sop_instance_uid),
-                    "00081197": {"vr": "US", "Value": [int(r.status)]},
-                }
-                for r in failed
-            ],
-        }
-    if referenced:
-        body["00081199"] = {
-            "vr": "SQ",
-            "Value": [
-                {
-                    "00081150": _uid_element(r.sop_class_uid),
-                    "00081155": _uid_element(r.sop_instance_uid),
-                }
-                for r in referenced
-            ],
-        }
+    for tag, ok in (("00081198", False), ("00081199", True)):
+        items = [_sop_item(r) for r in results if (r.status is StoreStatus.SUCCESS) is ok]
+        if items:
+            body[tag] = {"vr": "SQ", "Value": items}
     return body
 
 
