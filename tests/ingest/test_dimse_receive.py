@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pydicom
 import pytest
+from pynetdicom import AE
 
 from radflow_core.dicom_status import StoreStatus
 from support.dicom import (
@@ -22,6 +23,7 @@ from support.dicom import (
     storescu,
 )
 from support.stack import IngestProcess, Stack
+from support.waiting import wait_for
 
 pytestmark = pytest.mark.pipeline
 
@@ -283,3 +285,27 @@ def test_allow_list_admits_listed_callers_only(start_ingest) -> None:
     assert 'radflow_ingest_associations_rejected_total{reason="calling_ae_not_allowed"} 2.0' in (
         metrics
     )
+
+
+def test_associations_beyond_the_limit_are_rejected_as_transient(start_ingest) -> None:
+    ingest: IngestProcess = start_ingest(max_associations="1")
+    ae = AE(ae_title="FIRST")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    first = ae.associate("127.0.0.1", ingest.dimse_port, ae_title="RADFLOW")
+    assert first.is_established
+    try:
+        second = ae.associate("127.0.0.1", ingest.dimse_port, ae_title="RADFLOW")
+        assert second.is_rejected
+        assert second.acceptor.primitive is not None
+        assert second.acceptor.primitive.result == 0x02  # rejected-transient: retry later
+        assert second.acceptor.primitive.diagnostic == 0x02  # local limit exceeded
+    finally:
+        first.release()
+
+    def released_slot_is_reused() -> bool:
+        again = ae.associate("127.0.0.1", ingest.dimse_port, ae_title="RADFLOW")
+        if again.is_established:
+            again.release()
+        return again.is_established
+
+    wait_for("the freed association slot to be accepted", released_slot_is_reused, 10, 0.2)
