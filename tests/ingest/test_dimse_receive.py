@@ -302,10 +302,10 @@ def test_associations_beyond_the_limit_are_rejected_as_transient(start_ingest) -
     finally:
         first.release()
 
-    def released_slot_is_reused() -> bool:
-        again = ae.associate("127.0.0.1", ingest.dimse_port, ae_title="RADFLOW")
-        if again.is_established:
-            again.release()
-        return again.is_established
+    def no_open_association() -> bool:
+        return "radflow_ingest_associations_active 0.0" in httpx.get(f"{ingest.url}/metrics").text
 
-    wait_for("the freed association slot to be accepted", released_slot_is_reused, 10, 0.2)
+    wait_for("ingest to see both associations closed", no_open_association)
+    third = ae.associate("127.0.0.1", ingest.dimse_port, ae_title="RADFLOW")
+    assert third.is_established
+    third.release()
