@@ -8,15 +8,15 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.radflow-installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-PACKAGES := -e libs/core -e libs/devstack -e services/ingest
-SRC := libs/core/src libs/devstack/src services/ingest/src
+PACKAGES := -e libs/core -e libs/devstack -e services/ingest -e services/transcode
+SRC := libs/core/src libs/devstack/src services/ingest/src services/transcode/src
 
 .PHONY: install system-deps run test lint schemas clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): $(PY) pyproject.toml libs/core/pyproject.toml libs/devstack/pyproject.toml services/ingest/pyproject.toml
+$(STAMP): $(PY) pyproject.toml libs/core/pyproject.toml libs/devstack/pyproject.toml services/ingest/pyproject.toml services/transcode/pyproject.toml
 	$(PIP) install -q --disable-pip-version-check $(PACKAGES) -e '.[dev]'
 	touch $@
 

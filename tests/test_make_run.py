@@ -18,7 +18,7 @@ pytestmark = pytest.mark.pipeline
 
 
 def test_run_starts_the_stack_and_a_sent_instance_becomes_event_and_blob(tmp_path: Path) -> None:
-    ports = {name: free_port() for name in ("broker", "s3", "dimse", "http")}
+    ports = {name: free_port() for name in ("broker", "s3", "dimse", "http", "transcode")}
     stack = ManagedProcess(
         "devstack",
         [
@@ -71,7 +71,7 @@ def test_run_starts_the_stack_and_a_sent_instance_becomes_event_and_blob(tmp_pat
         code = stack.stop(timeout_s=60)
     out = (tmp_path / "devstack.out").read_text()
     assert code == 0, out
-    for name in ("ingest", "s3", "tansu"):
+    for name in ("transcode", "ingest", "s3", "tansu"):
         assert f"stopped  {name} (exit 0)" in out
 
 

@@ -112,6 +112,84 @@ class InstanceReceived(EventModel):
         return self.study_instance_uid.encode("ascii")
 
 
+class PixelInfo(EventModel):
+    """The image's geometry as decoded (absent for non-image instances)."""
+
+    frames: int = Field(ge=1)
+    """Number of frames."""
+    rows: int = Field(ge=1)
+    """(0028,0010) Rows."""
+    columns: int = Field(ge=1)
+    """(0028,0011) Columns."""
+    samples_per_pixel: int = Field(ge=1)
+    """(0028,0002) Samples per Pixel."""
+    bits_allocated: int = Field(ge=1)
+    """(0028,0100) Bits Allocated."""
+    bits_stored: int = Field(ge=1)
+    """(0028,0101) Bits Stored."""
+    photometric_interpretation: str
+    """(0028,0004) of the original."""
+    lossy_original: bool
+    """True if the original was lossy compressed (its syntax, or (0028,2110) = 01)."""
+
+
+class DecodeStatus(StrEnum):
+    VERIFIED = "verified"
+    """Re-encoded losslessly; the result decodes to exactly the original's values."""
+    ALREADY_CANONICAL = "already_canonical"
+    """The original is already in the target syntax and decodes completely."""
+    NATIVE_FALLBACK = "native_fallback"
+    """The target codec cannot encode this image; canonical is Explicit VR Little Endian,
+    verified."""
+    NON_IMAGE = "non_image"
+    """No pixel data; passed through unchanged."""
+
+
+class InstanceNormalized(EventModel):
+    """``dicom.instance.normalized`` v1: the canonical lossless variant is stored."""
+
+    type_name: ClassVar[str] = "dicom.instance.normalized"
+    version: ClassVar[int] = 1
+    topic: ClassVar[Topic | None] = Topic.INSTANCE_NORMALIZED
+
+    sop_instance_uid: Uid
+    """(0008,0018) SOP Instance UID (unchanged by lossless transcoding)."""
+    sop_class_uid: Uid
+    """(0008,0016) SOP Class UID."""
+    study_instance_uid: Uid
+    """(0020,000D) Study Instance UID; the record key."""
+    series_instance_uid: Uid
+    """(0020,000E) Series Instance UID."""
+    modality: str | None = None
+    """(0008,0060) Modality."""
+    body_part_examined: str | None = None
+    """(0018,0015) Body Part Examined."""
+    priority: Priority = Priority.MEDIUM
+    """Request priority as sent to ingest."""
+    sender: Sender
+    """Who sent it to ingest."""
+    received_at: AwareDatetime
+    """When ingest received it (UTC)."""
+    original: BlobRef
+    """The original, as received (never modified)."""
+    original_transfer_syntax_uid: Uid
+    """Transfer syntax of the original."""
+    canonical: BlobRef
+    """The canonical variant (the original itself when already canonical or non-image)."""
+    canonical_transfer_syntax_uid: Uid
+    """Transfer syntax of the canonical variant."""
+    decode_status: DecodeStatus
+    """What was proven about the pixel data."""
+    pixels: PixelInfo | None = None
+    """Geometry, for image instances."""
+    normalized_at: AwareDatetime
+    """When transcode finished (UTC)."""
+
+    @property
+    def key(self) -> bytes:
+        return self.study_instance_uid.encode("ascii")
+
+
 class DeadLetter(EventModel):
     """A record a consumer could not process and will not retry, with the reason."""
 

@@ -11,9 +11,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from radflow_core.events import DeadLetter, Envelope, EventModel, InstanceReceived, schema_name
+from radflow_core.events import (
+    DeadLetter,
+    Envelope,
+    EventModel,
+    InstanceNormalized,
+    InstanceReceived,
+    schema_name,
+)
 
-PUBLISHED: tuple[type[EventModel], ...] = (InstanceReceived, DeadLetter)
+PUBLISHED: tuple[type[EventModel], ...] = (InstanceReceived, InstanceNormalized, DeadLetter)
 
 
 def event_schema(model: type[EventModel]) -> dict[str, Any]:

@@ -10,3 +10,7 @@ class Topic(StrEnum):
 
     INSTANCE_RECEIVED = "dicom.instance.received"
     """One event per instance stored by ingest (the claim check)."""
+    INSTANCE_NORMALIZED = "dicom.instance.normalized"
+    """One event per instance whose canonical lossless variant is stored (transcode)."""
+    INSTANCE_FAILED = "dicom.instance.failed"
+    """Dead letters of transcode: instances that cannot be decoded or normalized."""

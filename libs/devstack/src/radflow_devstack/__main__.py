@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--s3-port", type=int, default=9000)
         p.add_argument("--dimse-port", type=int, default=11112)
         p.add_argument("--http-port", type=int, default=8080)
+        p.add_argument("--transcode-port", type=int, default=8081)
         p.add_argument("--log-dir", type=Path, default=Path(".run/logs"))
     events = commands.add_parser("events", help="print the events on a topic")
     events.add_argument("topic", nargs="?", default=Topic.INSTANCE_RECEIVED.value)
@@ -93,6 +94,17 @@ def run_stack(args: argparse.Namespace) -> int:
         )
         print(f"ingest   DIMSE  RADFLOW@127.0.0.1:{args.dimse_port}")
         print(f"         STOW-RS {http}/dicomweb/studies   metrics {http}/metrics")
+        transcode_http = f"http://127.0.0.1:{args.transcode_port}"
+        started.append(
+            start_service(
+                "transcode",
+                "transcode",
+                {**env, "RADFLOW_TRANSCODE_HTTP_PORT": str(args.transcode_port)},
+                args.log_dir,
+                f"{transcode_http}/readyz",
+            )
+        )
+        print(f"transcode metrics {transcode_http}/metrics")
         print(f"logs     {args.log_dir}/")
         print(f"try      TCP_NODELAY=1 storescu -aec RADFLOW 127.0.0.1 {args.dimse_port} FILE.dcm")
         print("see      .venv/bin/python -m radflow_devstack events   (and: ... blobs)")

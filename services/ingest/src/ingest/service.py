@@ -21,9 +21,9 @@ from ingest.dimse import DimseReceiver
 from ingest.settings import IngestConfig
 from ingest.stowrs import StowReceiver
 from radflow_core.blobstore import BlobStore
-from radflow_core.errors import BrokerUnavailable, ConfigurationError
 from radflow_core.kafka import EventProducer
 from radflow_core.ops import Health, ops_routes
+from radflow_core.runtime import connect_producer
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class IngestService:
         )
         self._dimse: DimseReceiver | None = None
         self._runner: web.AppRunner | None = None
-        self._connect_task: asyncio.Task[None] | None = None
+        self._connect_task: asyncio.Task[bool] | None = None
         self.failed = asyncio.Event()
         """Set when the service cannot run as configured; ``main`` then exits non-zero."""
 
@@ -78,25 +78,8 @@ class IngestService:
         )
         self._dimse = DimseReceiver(settings, self._claim_check, loop)
         self._dimse.start()
-        self._connect_task = asyncio.create_task(self._connect_broker())
+        self._connect_task = asyncio.create_task(connect_producer(self._producer, self.failed))
         self.state = State.RUNNING
-
-    async def _connect_broker(self) -> None:
-        delay = 0.5
-        while True:
-            try:
-                await self._producer.start()
-            except ConfigurationError as exc:
-                log.critical(str(exc), extra={"reason": exc.reason})
-                self.failed.set()
-                return
-            except BrokerUnavailable as exc:
-                log.warning("waiting for the broker", extra={"reason": exc.reason})
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
-                continue
-            log.info("connected to the broker")
-            return
 
     async def stop(self) -> None:
         if self.state in (State.STOPPING, State.STOPPED):

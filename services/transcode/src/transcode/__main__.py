@@ -1,0 +1,27 @@
+"""Entry point: ``python -m transcode`` (settings from RADFLOW_* variables; see --help)."""
+
+from __future__ import annotations
+
+from radflow_core.runtime import run_main
+from transcode.service import TranscodeService
+from transcode.settings import TranscodeConfig
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(
+        name="transcode",
+        description=(
+            "radflow transcode: reads dicom.instance.received, stores a canonical lossless "
+            "variant whose pixels are proven identical to the original's, and emits "
+            "dicom.instance.normalized; what cannot be decoded goes to dicom.instance.failed "
+            "with its reason."
+        ),
+        sections=TranscodeConfig.SECTIONS,
+        load=TranscodeConfig.from_env,
+        build=TranscodeService,
+        argv=argv,
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,25 @@
+"""Transcode metrics (Prometheus)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+INSTANCES = Counter(
+    "radflow_transcode_instances_total",
+    "Instances handled, by outcome (decode status or failure reason) and target syntax.",
+    ["outcome", "target"],
+)
+BYTES = Counter(
+    "radflow_transcode_bytes_total", "Bytes read (original) and written (canonical).", ["direction"]
+)
+RATIO = Histogram(
+    "radflow_transcode_compression_ratio",
+    "Original size / canonical size, per re-encoded instance.",
+    buckets=(0.5, 0.8, 1, 1.25, 1.5, 2, 2.5, 3, 4, 6, 10),
+)
+CODEC_SECONDS = Histogram(
+    "radflow_transcode_codec_seconds",
+    "Codec time per instance, by stage (decode, encode, verify).",
+    ["stage"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)

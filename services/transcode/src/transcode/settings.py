@@ -1,0 +1,52 @@
+"""Settings of the transcode service (``RADFLOW_TRANSCODE_*`` plus the shared sections)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Self
+
+from pydantic import Field
+
+from radflow_core.codecs import Target
+from radflow_core.settings import KafkaSettings, LogSettings, OpsSettings, S3Settings, Section
+
+
+class TranscodeSettings(Section):
+    prefix = "TRANSCODE_"
+
+    target: Target = Target.JPEG_LS_LOSSLESS
+    """Canonical transfer syntax UID (all lossless): 1.2.840.10008.1.2.1 Explicit VR
+    Little Endian, 1.2.840.10008.1.2.5 RLE, 1.2.840.10008.1.2.4.90 JPEG 2000 Lossless,
+    1.2.840.10008.1.2.4.80 JPEG-LS Lossless. The default is chosen from bench/ numbers."""
+    workers: int = Field(default=1, ge=1, le=64)
+    """Codec worker processes; CPU-bound work never runs on the consumer's event loop."""
+    http_host: str = "127.0.0.1"
+    """Address of the operations endpoint (/metrics, /healthz, /readyz)."""
+    http_port: int = Field(default=8081, ge=0, le=65535)
+    """Port of the operations endpoint."""
+    group_id: str = "radflow-transcode"
+    """Kafka consumer group."""
+    max_attempts: int = Field(default=5, ge=1, le=100)
+    """Attempts for a retriable failure (S3 or broker down) before it is dead-lettered."""
+
+
+@dataclass(frozen=True)
+class TranscodeConfig:
+    transcode: TranscodeSettings
+    kafka: KafkaSettings
+    s3: S3Settings
+    log: LogSettings
+    ops: OpsSettings
+
+    SECTIONS = (TranscodeSettings, KafkaSettings, S3Settings, LogSettings, OpsSettings)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Self:
+        return cls(
+            transcode=TranscodeSettings.from_env(environ),
+            kafka=KafkaSettings.from_env(environ),
+            s3=S3Settings.from_env(environ),
+            log=LogSettings.from_env(environ),
+            ops=OpsSettings.from_env(environ),
+        )
