@@ -45,13 +45,13 @@ def stack(broker: ManagedProcess, s3_server: ManagedProcess, tmp_path: Path) -> 
     return st
 
 
-IngestFactory = Callable[..., IngestProcess]
+ServiceFactory = Callable[..., IngestProcess]
 
 
-@pytest.fixture
-def start_ingest(stack: Stack, tmp_path: Path) -> Iterator[IngestFactory]:
-    """Start ``python -m ingest`` against ``stack``; stops it (gracefully) afterwards."""
-    started: list[IngestProcess] = []
+def _service_factory(
+    module: str, stack: Stack, tmp_path: Path, started: list[IngestProcess]
+) -> ServiceFactory:
+    prefix = f"RADFLOW_{module.upper()}_"
 
     def start(
         stack_: Stack | None = None,
@@ -59,28 +59,49 @@ def start_ingest(stack: Stack, tmp_path: Path) -> Iterator[IngestFactory]:
         wait_ready: bool = True,
         **settings: str,
     ) -> IngestProcess:
-        """``settings`` are RADFLOW_INGEST_* values by lower-case name; ``env`` is raw."""
+        """``settings`` are RADFLOW_<SERVICE>_* values by lower-case name; ``env`` is raw."""
         st = stack_ or stack
         dimse_port, http_port = free_port(), free_port()
         env = {
             **st.env,
             **(env or {}),
-            "RADFLOW_INGEST_DIMSE_PORT": str(dimse_port),
-            "RADFLOW_INGEST_HTTP_PORT": str(http_port),
-            **{f"RADFLOW_INGEST_{k.upper()}": v for k, v in settings.items()},
+            f"{prefix}HTTP_PORT": str(http_port),
+            **{f"{prefix}{k.upper()}": v for k, v in settings.items()},
         }
+        if module == "ingest":
+            env[f"{prefix}DIMSE_PORT"] = str(dimse_port)
         ready = f"http://127.0.0.1:{http_port}/readyz" if wait_ready else None
-        name = f"ingest-{len(started)}"
-        proc = start_service(name, "ingest", env, tmp_path, ready)
+        name = f"{module}-{len(started)}"
+        proc = start_service(name, module, env, tmp_path, ready)
         handle = IngestProcess(proc, dimse_port, http_port, extra=settings)
         if not wait_ready:
             proc.wait_for_port(http_port)
         started.append(handle)
         return handle
 
-    yield start
+    return start
+
+
+def _stop_all(started: list[IngestProcess]) -> None:
     for handle in started:
         code = handle.proc.stop()
         assert code == handle.expected_exit, (
-            f"ingest exited {code}, expected {handle.expected_exit}; log:\n{handle.proc.log_tail()}"
+            f"{handle.proc.name} exited {code}, expected {handle.expected_exit}; log:\n"
+            f"{handle.proc.log_tail()}"
         )
+
+
+@pytest.fixture
+def start_ingest(stack: Stack, tmp_path: Path) -> Iterator[ServiceFactory]:
+    """Start ``python -m ingest`` against ``stack``; stops it (gracefully) afterwards."""
+    started: list[IngestProcess] = []
+    yield _service_factory("ingest", stack, tmp_path, started)
+    _stop_all(started)
+
+
+@pytest.fixture
+def start_transcode(stack: Stack, tmp_path: Path) -> Iterator[ServiceFactory]:
+    """Start ``python -m transcode`` against ``stack``; stops it (gracefully) afterwards."""
+    started: list[IngestProcess] = []
+    yield _service_factory("transcode", stack, tmp_path, started)
+    _stop_all(started)
