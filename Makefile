@@ -11,7 +11,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PACKAGES := -e libs/core -e libs/devstack -e services/ingest -e services/transcode
 SRC := libs/core/src libs/devstack/src services/ingest/src services/transcode/src
 
-.PHONY: install system-deps run test lint schemas clean
+.PHONY: install system-deps run test lint bench schemas clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -36,9 +36,13 @@ test: install system-deps
 	$(PY) -m pytest
 
 lint: install
-	$(VENV)/bin/ruff format --check $(SRC) tests
-	$(VENV)/bin/ruff check $(SRC) tests
+	$(VENV)/bin/ruff format --check $(SRC) tests bench
+	$(VENV)/bin/ruff check $(SRC) tests bench
 	$(VENV)/bin/mypy $(SRC)
+
+# Side-by-side benchmarks (see bench/README.md); needs DCMTK like the tests.
+bench: install system-deps
+	$(PY) bench/codecs.py
 
 # Regenerate docs/events/*.schema.json from the event models.
 schemas: install
