@@ -12,6 +12,7 @@ import pytest
 from radflow_core.topics import Topic
 from radflow_devstack.parts import prepare, start_broker, start_s3, start_service
 from radflow_devstack.processes import ManagedProcess, free_port
+from support.corpus import build_corpus
 from support.stack import IngestProcess, Stack, make_stack
 
 os.environ.setdefault("TCP_NODELAY", "1")  # DCMTK tools: see DESIGN.md on Nagle
@@ -20,6 +21,12 @@ os.environ.setdefault("TCP_NODELAY", "1")  # DCMTK tools: see DESIGN.md on Nagle
 @pytest.fixture(scope="session")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("stack")
+
+
+@pytest.fixture(scope="session")
+def ts_corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One instance per transfer syntax ingest accepts: {transfer syntax UID: file}."""
+    return build_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.fixture(scope="session")

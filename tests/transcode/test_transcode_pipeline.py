@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -20,18 +21,12 @@ from support.waiting import wait_for
 
 pytestmark = pytest.mark.pipeline
 
-GOOD = [
-    "CT_small.dcm",
-    "MR_small_bigendian.dcm",
-    "MR_small_RLE.dcm",
-    "MR_small_jpeg_ls_lossless.dcm",
-    "JPEG2000.dcm",
-    "JPGExtended.dcm",
-    "SC_rgb_jpeg_dcmtk.dcm",
+MORE = [  # beyond one file per transfer syntax: colour, multi-frame, 32-bit, non-image
     "SC_rgb_rle_16bit_2frame.dcm",
-    "image_dfl.dcm",
     "rtdose_rle.dcm",
     "examples_ybr_color.dcm",
+    "examples_palette.dcm",
+    "liver_1frame.dcm",
     "test-SR.dcm",
 ]
 BROKEN = {
@@ -49,18 +44,19 @@ def _failed(stack: Stack) -> list[dict]:
 
 
 def test_received_instances_are_normalized_or_dead_lettered_with_reason(
-    stack: Stack, start_ingest, start_transcode
+    stack: Stack, start_ingest, start_transcode, ts_corpus: dict[str, Path]
 ) -> None:
     ingest: IngestProcess = start_ingest()
     start_transcode()
-    files = [bundled_file(n) for n in [*GOOD, *BROKEN]]
+    good = [*ts_corpus.values(), *(bundled_file(n) for n in MORE)]
+    files = [*good, *(bundled_file(n) for n in BROKEN)]
     response = stow(ingest.stow_url, [f.read_bytes() for f in files])
     assert response.status_code == 200, response.text
 
     wait_for(
-        f"{len(GOOD)} normalized and {len(BROKEN)} failed events",
-        lambda: len(_normalized(stack)) == len(GOOD) and len(_failed(stack)) == len(BROKEN),
-        timeout_s=120,
+        f"{len(good)} normalized and {len(BROKEN)} failed events",
+        lambda: len(_normalized(stack)) == len(good) and len(_failed(stack)) == len(BROKEN),
+        timeout_s=180,
     )
     received = {e["data"]["blob"]["sha256"]: e["data"] for e in stack.events()}
     for event in _normalized(stack):

@@ -1,4 +1,5 @@
-"""The transfer-syntax corpus: pydicom's bundled files plus two generated with DCMTK."""
+"""The transfer-syntax corpus: pydicom's bundled files plus two generated with DCMTK
+(one instance per transfer syntax ingest accepts)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import subprocess
 from pathlib import Path
 
 import pydicom
-import pytest
 from pydicom.uid import (
     JPEG2000,
     DeflatedExplicitVRLittleEndian,
@@ -41,10 +41,8 @@ BUNDLED = {
 }
 
 
-@pytest.fixture(scope="session")
-def ts_corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def build_corpus(out: Path) -> dict[str, Path]:
     """One instance per accepted transfer syntax: {transfer syntax UID: file}."""
-    out = tmp_path_factory.mktemp("corpus")
     corpus = {str(ts): bundled_file(name) for ts, name in BUNDLED.items()}
 
     # JPEG-LS near-lossless: pydicom's sample lacks study/series UIDs; add them.
