@@ -14,12 +14,14 @@ import pytest
 
 from radflow_core.codecs import (
     LosslessMismatch,
+    Normalized,
     Outcome,
     Target,
     decode,
     normalize,
 )
 from radflow_core.errors import PipelineError
+from radflow_core.streaming_codecs import normalize_file
 from support.dicom import bundled_file
 
 IMAGES = [
@@ -62,18 +64,33 @@ def _pixels(data: bytes) -> np.ndarray:
     return decode(pydicom.dcmread(io.BytesIO(data)))
 
 
+def in_memory(src: Path, _: Path, target: Target) -> tuple[Normalized, bytes | None]:
+    result = normalize(src.read_bytes(), target)
+    return result, result.data
+
+
+def from_file(src: Path, tmp: Path, target: Target) -> tuple[Normalized, bytes | None]:
+    dst = tmp / "canonical.dcm"
+    result = normalize_file(src, dst, target)
+    assert result.data is None
+    return result, dst.read_bytes() if dst.exists() else None
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("run", [in_memory, from_file], ids=["in-memory", "frame-by-frame"])
 @pytest.mark.parametrize("target", list(Target), ids=lambda t: t.name)
 @pytest.mark.parametrize("name", IMAGES)
-def test_images_become_canonical_with_identical_values(name: str, target: Target) -> None:
+def test_images_become_canonical_with_identical_values(
+    name: str, target: Target, run, tmp_path: Path
+) -> None:
     original = bundled_file(name).read_bytes()
-    result = normalize(original, target)
+    result, canonical = run(bundled_file(name), tmp_path, target)
     assert result.pixels is not None
     if result.outcome is Outcome.ALREADY_CANONICAL:
-        assert result.data is None
+        assert canonical is None
         return
-    assert result.data is not None
-    out = pydicom.dcmread(io.BytesIO(result.data))
+    assert canonical is not None
+    out = pydicom.dcmread(io.BytesIO(canonical))
     expected = (
         target.value if result.outcome is Outcome.ENCODED else Target.EXPLICIT_VR_LITTLE_ENDIAN
     )
@@ -81,7 +98,7 @@ def test_images_become_canonical_with_identical_values(name: str, target: Target
     assert out.file_meta.TransferSyntaxUID.is_little_endian
     src = pydicom.dcmread(io.BytesIO(original))
     assert out.SOPInstanceUID == src.SOPInstanceUID  # lossless: same instance
-    assert np.array_equal(_pixels(result.data), _pixels(original))
+    assert np.array_equal(_pixels(canonical), _pixels(original))
     if result.pixels.lossy_original:
         assert out.LossyImageCompression == "01"
 
@@ -94,10 +111,11 @@ def test_non_images_pass_through_unchanged(name: str) -> None:
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("run", [in_memory, from_file], ids=["in-memory", "frame-by-frame"])
 @pytest.mark.parametrize(("name", "reason"), BROKEN.items())
-def test_broken_files_fail_with_their_reason(name: str, reason: str) -> None:
+def test_broken_files_fail_with_their_reason(name: str, reason: str, run, tmp_path: Path) -> None:
     with pytest.raises(PipelineError) as info:
-        normalize(bundled_file(name).read_bytes(), Target.JPEG_LS_LOSSLESS)
+        run(bundled_file(name), tmp_path, Target.JPEG_LS_LOSSLESS)
     assert info.value.reason == reason
     assert not info.value.retriable
 
@@ -143,3 +161,41 @@ def test_dcmtk_decodes_our_canonical_output(target: Target, tool: str, tmp_path:
         assert run.returncode == 0, run.stderr
         theirs = pydicom.dcmread(decoded).pixel_array
         assert np.array_equal(theirs, _pixels(result.data)), f"{tool} disagrees on {name}"
+
+
+_PEAK_RSS = """
+import resource, sys
+from pathlib import Path
+from radflow_core.codecs import Target
+from radflow_core.streaming_codecs import normalize_file
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+result = normalize_file(Path(sys.argv[1]), Path(sys.argv[2]), Target.JPEG_LS_LOSSLESS)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(result.outcome.value, (after - before) * 1024)
+"""
+
+
+def test_a_large_multiframe_instance_is_normalized_without_holding_it_in_memory(
+    tmp_path: Path,
+) -> None:
+    import sys
+
+    frames = np.random.default_rng(3).integers(0, 4096, (160, 512, 512), dtype=np.uint16)
+    src, dst = tmp_path / "big.dcm", tmp_path / "out.dcm"
+    ds = pydicom.dcmread(bundled_file("CT_small.dcm"))
+    ds.set_pixel_data(frames, "MONOCHROME2", 12, generate_instance_uid=False)
+    ds.save_as(src, enforce_file_format=True)
+    size = src.stat().st_size
+    del frames, ds
+    run = subprocess.run(
+        [sys.executable, "-c", _PEAK_RSS, str(src), str(dst)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
+    )
+    outcome, grown = run.stdout.split()
+    assert outcome == "encoded"
+    assert size > 80_000_000
+    assert int(grown) < size * 0.25, f"peak memory grew by {int(grown) / size:.2f}x the instance"
+    assert pydicom.dcmread(dst, stop_before_pixels=True).NumberOfFrames == 160

@@ -238,6 +238,32 @@ class BlobStore:
             raise BlobIntegrityError("stored bytes do not match the announced size/sha256")
         return data
 
+    async def download(self, ref: BlobRef, file: BinaryIO) -> None:
+        """Stream a blob into ``file`` (1 MiB at a time), verifying size and sha256.
+
+        Raises:
+            BlobNotFound, BlobStoreUnavailable, BlobIntegrityError
+        """
+
+        def fetch() -> tuple[int, str]:
+            response = self._client.get_object(ref.bucket, ref.key)
+            digest = hashlib.sha256()
+            size = 0
+            try:
+                for chunk in response.stream(_CHUNK):
+                    digest.update(chunk)
+                    size += len(chunk)
+                    file.write(chunk)
+            finally:
+                response.close()
+                response.release_conn()
+            file.flush()
+            return size, digest.hexdigest()
+
+        size, sha = await self._call("get", fetch)
+        if size != ref.size or sha != ref.sha256:
+            raise BlobIntegrityError("stored bytes do not match the announced size/sha256")
+
     def close(self) -> None:
         """Release pooled connections; safe to call twice."""
         self._http.clear()

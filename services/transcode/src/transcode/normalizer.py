@@ -1,24 +1,29 @@
 """One received instance in, one canonical variant and normalized event out.
 
-The codec work runs in a process pool (bounded by ``workers``) so the consumer's
-event loop keeps heartbeating. Idempotent: after the normalized event is
-acknowledged a marker is written; a replayed received event that finds it does no
-work. Without the marker the work is redone, and since the encoders are
-deterministic the canonical bytes, and so their content-addressed key, are the same.
+The original is streamed from S3 to a spool file (sha256 verified on the way), the
+codec work runs frame by frame from file to file in a process pool (bounded by
+``workers``) so the consumer's event loop keeps heartbeating, and the canonical file is
+uploaded in parts: no process holds a whole large instance in memory.
+
+Idempotent: after the normalized event is acknowledged a marker is written; a
+replayed received event that finds it does no work. Without the marker the work is
+redone, and since the encoders are deterministic the canonical bytes, and so their
+content-addressed key, are the same.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
+import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
-from radflow_core.blobstore import BlobStore, content_key
-from radflow_core.codecs import Normalized, Outcome, Target, normalize
+from radflow_core.blobstore import BlobStore, HashedFile, content_key
+from radflow_core.codecs import Normalized, Outcome, Target
 from radflow_core.errors import PipelineError
 from radflow_core.events import (
     BlobRef,
@@ -29,6 +34,7 @@ from radflow_core.events import (
     PixelInfo,
 )
 from radflow_core.kafka import EventProducer
+from radflow_core.streaming_codecs import normalize_file
 from transcode import metrics
 
 log = logging.getLogger(__name__)
@@ -81,41 +87,45 @@ class Normalizer:
         if await self._blobs.exists(marker):
             metrics.INSTANCES.labels("replay_skipped", self._target.name).inc()
             return
-        try:
-            data = await self._blobs.read(received.blob)
-            result = await self._normalize(data)
-        except PipelineError as exc:
-            if not exc.retriable:
-                metrics.INSTANCES.labels(exc.reason, self._target.name).inc()
-                log.warning(
-                    "instance not normalized",
-                    extra={
-                        "reason": exc.reason,
-                        "sop_instance_uid": received.sop_instance_uid,
-                        "study_instance_uid": received.study_instance_uid,
-                    },
-                )
-            raise
-        canonical = await self._store(received, result)
+        with tempfile.TemporaryDirectory(prefix="transcode-") as tmp:
+            src, dst = Path(tmp) / "original.dcm", Path(tmp) / "canonical.dcm"
+            try:
+                with src.open("wb") as file:
+                    await self._blobs.download(received.blob, file)
+                result = await self._normalize(src, dst)
+            except PipelineError as exc:
+                if not exc.retriable:
+                    metrics.INSTANCES.labels(exc.reason, self._target.name).inc()
+                    log.warning(
+                        "instance not normalized",
+                        extra={
+                            "reason": exc.reason,
+                            "sop_instance_uid": received.sop_instance_uid,
+                            "study_instance_uid": received.study_instance_uid,
+                        },
+                    )
+                raise
+            canonical = await self._store(received, result, dst)
         event = self._event(received, result, canonical)
         await self._producer.publish(event, key=event.key)
         await self._blobs.put_bytes(marker, b"", NORMALIZED_MARKER, check_existing=False)
         self._count(received, result, canonical)
 
-    async def _normalize(self, data: bytes) -> Normalized:
+    async def _normalize(self, src: Path, dst: Path) -> Normalized:
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._pool, normalize, data, self._target)
+            return await loop.run_in_executor(self._pool, normalize_file, src, dst, self._target)
         except BrokenProcessPool:
             self._pool = self._new_pool()
             raise CodecCrashed("codec worker died on this instance") from None
 
-    async def _store(self, received: InstanceReceived, result: Normalized) -> BlobRef:
-        if result.data is None:
+    async def _store(self, received: InstanceReceived, result: Normalized, dst: Path) -> BlobRef:
+        if result.outcome in (Outcome.ALREADY_CANONICAL, Outcome.NON_IMAGE):
             return received.blob
-        sha = hashlib.sha256(result.data).hexdigest()
-        key = content_key(CANONICAL, received.study_instance_uid, sha)
-        stored = await self._blobs.put_bytes(key, result.data, CANONICAL)
+        with dst.open("rb") as file:
+            hashed = await asyncio.to_thread(HashedFile.from_file, file)
+            key = content_key(CANONICAL, received.study_instance_uid, hashed.sha256)
+            stored = await self._blobs.put_file(key, hashed, CANONICAL)
         return stored.ref
 
     @staticmethod
@@ -147,8 +157,9 @@ class Normalizer:
     def _count(self, received: InstanceReceived, result: Normalized, canonical: BlobRef) -> None:
         metrics.INSTANCES.labels(_STATUS[result.outcome].value, self._target.name).inc()
         metrics.BYTES.labels("in").inc(received.blob.size)
-        metrics.BYTES.labels("out").inc(canonical.size if result.data is not None else 0)
-        if result.data is not None and canonical.size:
+        rewritten = canonical != received.blob
+        metrics.BYTES.labels("out").inc(canonical.size if rewritten else 0)
+        if rewritten and canonical.size:
             metrics.RATIO.observe(received.blob.size / canonical.size)
         for stage, seconds in (
             ("decode", result.decode_s),
