@@ -169,8 +169,8 @@ def _check_j2k_sign(ds: Dataset) -> None:
         )
 
 
-def summary(ds: Dataset, arr: np.ndarray[Any, Any], source_ts: UID) -> PixelSummary:
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+def summary(ds: Dataset, frames: int, source_ts: UID) -> PixelSummary:
+    """The geometry of ``ds``'s pixel data, with ``frames`` as actually decoded."""
     return PixelSummary(
         frames=frames,
         rows=int(ds.Rows),
@@ -217,11 +217,16 @@ def _as_native(ds: Dataset, arr: np.ndarray[Any, Any], source_ts: UID) -> Datase
         out.PhotometricInterpretation = photometric
         if int(ds.get("SamplesPerPixel", 1)) > 1:
             out.PlanarConfiguration = 0
+    mark_lossy_original(out, ds, source_ts)
+    return out
+
+
+def mark_lossy_original(out: Dataset, ds: Dataset, source_ts: UID) -> None:
+    """A lossless copy of a lossy original stays marked lossy (PS3.3 C.7.6.1.1.5)."""
     if source_ts in ALWAYS_LOSSY or ds.get("LossyImageCompression") == "01":
         out.LossyImageCompression = "01"
         if "LossyImageCompressionMethod" not in out and source_ts in _LOSSY_METHOD:
             out.LossyImageCompressionMethod = _LOSSY_METHOD[source_ts]
-    return out
 
 
 def normalize(data: bytes, target: Target) -> Normalized:
@@ -238,7 +243,8 @@ def normalize(data: bytes, target: Target) -> Normalized:
     started = time.perf_counter()
     original = decode(ds)
     decoded = time.perf_counter()
-    pixels = summary(ds, original, source_ts)
+    frames = original.shape[0] if int(ds.get("NumberOfFrames", 1) or 1) > 1 else 1
+    pixels = summary(ds, frames, source_ts)
     if source_ts == target.value:
         return Normalized(None, source_ts, Outcome.ALREADY_CANONICAL, pixels, decoded - started)
 

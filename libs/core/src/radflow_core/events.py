@@ -77,15 +77,14 @@ class Priority(StrEnum):
     HIGH = "high"
 
 
-class InstanceReceived(EventModel):
-    """``dicom.instance.received`` v1: one instance is durably stored as received."""
+class InstanceIdentity(EventModel):
+    """What identifies an instance and routes it; shared by every per-instance event.
 
-    type_name: ClassVar[str] = "dicom.instance.received"
-    version: ClassVar[int] = 1
-    topic: ClassVar[Topic] = Topic.INSTANCE_RECEIVED
+    No demographics: name, patient ID and birth date stay in the blob.
+    """
 
     sop_instance_uid: Uid
-    """(0008,0018) SOP Instance UID."""
+    """(0008,0018) SOP Instance UID (unchanged by lossless transcoding)."""
     sop_class_uid: Uid
     """(0008,0016) SOP Class UID."""
     study_instance_uid: Uid
@@ -96,20 +95,30 @@ class InstanceReceived(EventModel):
     """(0008,0060) Modality, if present."""
     body_part_examined: str | None = None
     """(0018,0015) Body Part Examined, if present."""
-    transfer_syntax_uid: Uid
-    """(0002,0010) Transfer Syntax UID of the stored original."""
     priority: Priority = Priority.MEDIUM
-    """Request priority as sent."""
+    """Request priority as sent to ingest (DIMSE C-STORE Priority; medium for STOW-RS)."""
     sender: Sender
-    """Who sent it."""
+    """Who sent it to ingest, and how."""
     received_at: AwareDatetime
     """When ingest finished receiving the bytes (UTC)."""
-    blob: BlobRef
-    """The original Part 10 file, byte for byte as received."""
 
     @property
     def key(self) -> bytes:
+        """The record key: the Study Instance UID."""
         return self.study_instance_uid.encode("ascii")
+
+
+class InstanceReceived(InstanceIdentity):
+    """``dicom.instance.received`` v1: one instance is durably stored as received."""
+
+    type_name: ClassVar[str] = "dicom.instance.received"
+    version: ClassVar[int] = 1
+    topic: ClassVar[Topic | None] = Topic.INSTANCE_RECEIVED
+
+    transfer_syntax_uid: Uid
+    """(0002,0010) Transfer Syntax UID of the stored original."""
+    blob: BlobRef
+    """The original Part 10 file, byte for byte as received."""
 
 
 class PixelInfo(EventModel):
@@ -145,31 +154,13 @@ class DecodeStatus(StrEnum):
     """No pixel data; passed through unchanged."""
 
 
-class InstanceNormalized(EventModel):
+class InstanceNormalized(InstanceIdentity):
     """``dicom.instance.normalized`` v1: the canonical lossless variant is stored."""
 
     type_name: ClassVar[str] = "dicom.instance.normalized"
     version: ClassVar[int] = 1
     topic: ClassVar[Topic | None] = Topic.INSTANCE_NORMALIZED
 
-    sop_instance_uid: Uid
-    """(0008,0018) SOP Instance UID (unchanged by lossless transcoding)."""
-    sop_class_uid: Uid
-    """(0008,0016) SOP Class UID."""
-    study_instance_uid: Uid
-    """(0020,000D) Study Instance UID; the record key."""
-    series_instance_uid: Uid
-    """(0020,000E) Series Instance UID."""
-    modality: str | None = None
-    """(0008,0060) Modality."""
-    body_part_examined: str | None = None
-    """(0018,0015) Body Part Examined."""
-    priority: Priority = Priority.MEDIUM
-    """Request priority as sent to ingest."""
-    sender: Sender
-    """Who sent it to ingest."""
-    received_at: AwareDatetime
-    """When ingest received it (UTC)."""
     original: BlobRef
     """The original, as received (never modified)."""
     original_transfer_syntax_uid: Uid
@@ -184,10 +175,6 @@ class InstanceNormalized(EventModel):
     """Geometry, for image instances."""
     normalized_at: AwareDatetime
     """When transcode finished (UTC)."""
-
-    @property
-    def key(self) -> bytes:
-        return self.study_instance_uid.encode("ascii")
 
 
 class DeadLetter(EventModel):

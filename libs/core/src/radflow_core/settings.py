@@ -161,3 +161,17 @@ def csv_tuple(value: Any) -> Any:
     if isinstance(value, str):
         return tuple(part.strip() for part in value.split(",") if part.strip())
     return value
+
+
+class ServiceConfig:
+    """Base of a service's frozen dataclass of settings sections.
+
+    The dataclass declares one field per section, in the order of ``SECTIONS``; every
+    section reads its own ``RADFLOW_<PREFIX>*`` variables.
+    """
+
+    SECTIONS: ClassVar[tuple[type[Section], ...]]
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Self:
+        return cls(*(section.from_env(environ) for section in cls.SECTIONS))

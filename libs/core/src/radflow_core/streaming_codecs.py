@@ -28,19 +28,18 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEnd
 
 from radflow_core.codecs import (
     _J2K,
-    _LOSSY_METHOD,
-    ALWAYS_LOSSY,
     LosslessMismatch,
     Normalized,
     Outcome,
     PixelRepresentationMismatch,
-    PixelSummary,
     Target,
     UndecodablePixelData,
     UnreadableDataset,
     UnwritableDataset,
     has_pixels,
+    mark_lossy_original,
     normalize,
+    summary,
 )
 
 _PIXEL_DATA = 0x7FE00010
@@ -110,10 +109,7 @@ def _output_header(ds: Dataset, source_ts: UID, ts: str) -> tuple[Dataset, str]:
     header.PhotometricInterpretation = photometric
     if samples > 1:
         header.PlanarConfiguration = 0
-    if source_ts in ALWAYS_LOSSY or ds.get("LossyImageCompression") == "01":
-        header.LossyImageCompression = "01"
-        if "LossyImageCompressionMethod" not in header and source_ts in _LOSSY_METHOD:
-            header.LossyImageCompressionMethod = _LOSSY_METHOD[source_ts]
+    mark_lossy_original(header, ds, source_ts)
     return header, photometric
 
 
@@ -238,7 +234,7 @@ def _stream(
             None,
             source_ts,
             Outcome.ALREADY_CANONICAL,
-            _summary(ds, frames, source_ts),
+            summary(ds, frames, source_ts),
             decode_s=time.perf_counter() - started,
         )
     try:
@@ -256,20 +252,7 @@ def _stream(
         None,
         ts,
         outcome,
-        _summary(ds, frames, source_ts),
+        summary(ds, frames, source_ts),
         encode_s=written - started,
         verify_s=time.perf_counter() - written,
-    )
-
-
-def _summary(ds: Dataset, frames: int, source_ts: UID) -> PixelSummary:
-    return PixelSummary(
-        frames=frames,
-        rows=int(ds.Rows),
-        columns=int(ds.Columns),
-        samples_per_pixel=int(ds.get("SamplesPerPixel", 1)),
-        bits_allocated=int(ds.BitsAllocated),
-        bits_stored=int(ds.get("BitsStored", ds.BitsAllocated)),
-        photometric_interpretation=str(ds.get("PhotometricInterpretation", "")),
-        lossy_original=source_ts in ALWAYS_LOSSY or ds.get("LossyImageCompression") == "01",
     )

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Self
+from typing import ClassVar
 
 from pydantic import Field, field_validator
 
@@ -15,6 +14,7 @@ from radflow_core.settings import (
     OpsSettings,
     S3Settings,
     Section,
+    ServiceConfig,
     csv_tuple,
 )
 from radflow_core.uids import is_valid_uid
@@ -115,7 +115,7 @@ class IngestSettings(Section):
 
 
 @dataclass(frozen=True)
-class IngestConfig:
+class IngestConfig(ServiceConfig):
     """Every section the ingest service reads, built once in ``__main__``."""
 
     ingest: IngestSettings
@@ -124,14 +124,10 @@ class IngestConfig:
     log: LogSettings
     ops: OpsSettings
 
-    SECTIONS = (IngestSettings, KafkaSettings, S3Settings, LogSettings, OpsSettings)
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str]) -> Self:
-        return cls(
-            ingest=IngestSettings.from_env(environ),
-            kafka=KafkaSettings.from_env(environ),
-            s3=S3Settings.from_env(environ),
-            log=LogSettings.from_env(environ),
-            ops=OpsSettings.from_env(environ),
-        )
+    SECTIONS: ClassVar[tuple[type[Section], ...]] = (
+        IngestSettings,
+        KafkaSettings,
+        S3Settings,
+        LogSettings,
+        OpsSettings,
+    )

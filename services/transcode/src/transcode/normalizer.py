@@ -29,6 +29,7 @@ from radflow_core.events import (
     BlobRef,
     DecodeStatus,
     Envelope,
+    InstanceIdentity,
     InstanceNormalized,
     InstanceReceived,
     PixelInfo,
@@ -135,16 +136,9 @@ class Normalizer:
         pixels = None
         if result.pixels is not None:
             pixels = PixelInfo(**vars(result.pixels))
+        identity = {name: getattr(received, name) for name in InstanceIdentity.model_fields}
         return InstanceNormalized(
-            sop_instance_uid=received.sop_instance_uid,
-            sop_class_uid=received.sop_class_uid,
-            study_instance_uid=received.study_instance_uid,
-            series_instance_uid=received.series_instance_uid,
-            modality=received.modality,
-            body_part_examined=received.body_part_examined,
-            priority=received.priority,
-            sender=received.sender,
-            received_at=received.received_at,
+            **identity,
             original=received.blob,
             original_transfer_syntax_uid=received.transfer_syntax_uid,
             canonical=canonical,

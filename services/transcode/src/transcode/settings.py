@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Self
+from typing import ClassVar
 
 from pydantic import Field
 
 from radflow_core.codecs import Target
-from radflow_core.settings import KafkaSettings, LogSettings, OpsSettings, S3Settings, Section
+from radflow_core.settings import (
+    KafkaSettings,
+    LogSettings,
+    OpsSettings,
+    S3Settings,
+    Section,
+    ServiceConfig,
+)
 
 
 class TranscodeSettings(Section):
@@ -32,21 +38,17 @@ class TranscodeSettings(Section):
 
 
 @dataclass(frozen=True)
-class TranscodeConfig:
+class TranscodeConfig(ServiceConfig):
     transcode: TranscodeSettings
     kafka: KafkaSettings
     s3: S3Settings
     log: LogSettings
     ops: OpsSettings
 
-    SECTIONS = (TranscodeSettings, KafkaSettings, S3Settings, LogSettings, OpsSettings)
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str]) -> Self:
-        return cls(
-            transcode=TranscodeSettings.from_env(environ),
-            kafka=KafkaSettings.from_env(environ),
-            s3=S3Settings.from_env(environ),
-            log=LogSettings.from_env(environ),
-            ops=OpsSettings.from_env(environ),
-        )
+    SECTIONS: ClassVar[tuple[type[Section], ...]] = (
+        TranscodeSettings,
+        KafkaSettings,
+        S3Settings,
+        LogSettings,
+        OpsSettings,
+    )
