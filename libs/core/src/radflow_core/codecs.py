@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
 from pydicom.pixels.utils import get_j2k_parameters
 from pydicom.uid import (
     JPEG2000,
@@ -155,10 +156,17 @@ def decode(ds: Dataset) -> np.ndarray[Any, Any]:
 
 
 def _check_j2k_sign(ds: Dataset) -> None:
-    from pydicom.encaps import generate_frames
+    check_j2k_sign(ds, ds.PixelData)
 
+
+def check_j2k_sign(ds: Dataset, encapsulated: Any) -> None:
+    """Refuse a JPEG 2000 stream whose signedness contradicts Pixel Representation.
+
+    ``encapsulated`` is the Pixel Data value, as bytes or as a file positioned at it.
+    """
     try:
-        first = next(generate_frames(ds.PixelData, number_of_frames=1))
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        first = next(generate_frames(encapsulated, number_of_frames=frames))
         params = get_j2k_parameters(first)
     except Exception as exc:  # noqa: BLE001 - any parser failure: undecodable
         raise UndecodablePixelData(f"JPEG 2000 stream unreadable ({type(exc).__name__})") from None

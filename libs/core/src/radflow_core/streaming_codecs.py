@@ -20,9 +20,8 @@ from typing import Any, BinaryIO
 import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.encaps import generate_frames
 from pydicom.pixels.encoders.base import get_encoder
-from pydicom.pixels.utils import get_j2k_parameters, iter_pixels
+from pydicom.pixels.utils import iter_pixels
 from pydicom.tag import Tag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
@@ -36,6 +35,7 @@ from radflow_core.codecs import (
     UndecodablePixelData,
     UnreadableDataset,
     UnwritableDataset,
+    check_j2k_sign,
     has_pixels,
     mark_lossy_original,
     normalize,
@@ -71,18 +71,9 @@ def _streamable(ds: Dataset) -> bool:
 
 
 def _check_j2k_sign(src: Path, ds: Dataset, raw: Any) -> None:
-    try:
-        with src.open("rb") as f:
-            f.seek(raw.value_tell)
-            first = next(generate_frames(f, number_of_frames=int(ds.get("NumberOfFrames", 1))))
-        params = get_j2k_parameters(first)
-    except Exception as exc:  # noqa: BLE001 - any parser failure: undecodable
-        raise UndecodablePixelData(f"JPEG 2000 stream unreadable ({type(exc).__name__})") from None
-    signed = params.get("is_signed")
-    if signed is not None and bool(signed) != bool(ds.get("PixelRepresentation", 0)):
-        raise PixelRepresentationMismatch(
-            "JPEG 2000 stream signedness differs from Pixel Representation"
-        )
+    with src.open("rb") as f:
+        f.seek(raw.value_tell)
+        check_j2k_sign(ds, f)
 
 
 def _frames(src: Path) -> Iterator[np.ndarray[Any, Any]]:
