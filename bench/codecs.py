@@ -32,7 +32,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from radflow_core.codecs import Target
+from radflow_core.codecs import Target, decode
 from radflow_core.streaming_codecs import normalize_file
 
 DCMTK = {
@@ -92,7 +92,7 @@ def _timed(fn: Any, *args: Any) -> tuple[float, Any]:
 
 
 def _decode(data: bytes) -> Any:
-    return pydicom.dcmread(io.BytesIO(data)).pixel_array
+    return decode(pydicom.dcmread(io.BytesIO(data)))
 
 
 def _dcmtk(tool: str, src: Path, dst: Path) -> None:

@@ -23,6 +23,7 @@ import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
+from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.utils import get_j2k_parameters
 from pydicom.uid import (
     JPEG2000,
@@ -50,6 +51,7 @@ NATIVE_LITTLE_ENDIAN = frozenset(
 )
 ALWAYS_LOSSY = frozenset({JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSNearLossless})
 _J2K = frozenset({JPEG2000, JPEG2000Lossless})
+_JPEG_LS = frozenset({JPEGLSLossless, JPEGLSNearLossless})
 _LOSSY_METHOD = {
     JPEGBaseline8Bit: "ISO_10918_1",
     JPEGExtended12Bit: "ISO_10918_1",
@@ -134,6 +136,19 @@ class Normalized:
     verify_s: float = 0.0
 
 
+def decoding_plugin(transfer_syntax: str) -> str:
+    """The fastest installed decoder for a syntax ('' lets pydicom choose).
+
+    For JPEG-LS, CharLS (pyjpegls) decodes 4x faster than pylibjpeg-libjpeg, which
+    pydicom would otherwise pick first (bench/README.md).
+    """
+    if transfer_syntax in _JPEG_LS:
+        decoder = get_decoder(UID(transfer_syntax))
+        if "pyjpegls" in decoder.available_plugins:
+            return "pyjpegls"
+    return ""
+
+
 def has_pixels(ds: Dataset) -> bool:
     return any(k in ds for k in PIXEL_KEYWORDS)
 
@@ -150,6 +165,9 @@ def decode(ds: Dataset) -> np.ndarray[Any, Any]:
     if ds.file_meta.get("TransferSyntaxUID") in _J2K:
         _check_j2k_sign(ds)
     try:
+        plugin = decoding_plugin(str(ds.file_meta.get("TransferSyntaxUID", "")))
+        if plugin:
+            ds.pixel_array_options(decoding_plugin=plugin)
         return ds.pixel_array
     except Exception as exc:  # noqa: BLE001 - any decoder failure: undecodable
         raise UndecodablePixelData(f"pixel data not decodable ({type(exc).__name__})") from None

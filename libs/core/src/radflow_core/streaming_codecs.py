@@ -36,6 +36,7 @@ from radflow_core.codecs import (
     UnreadableDataset,
     UnwritableDataset,
     check_j2k_sign,
+    decoding_plugin,
     has_pixels,
     mark_lossy_original,
     normalize,
@@ -76,10 +77,10 @@ def _check_j2k_sign(src: Path, ds: Dataset, raw: Any) -> None:
         check_j2k_sign(ds, f)
 
 
-def _frames(src: Path) -> Iterator[np.ndarray[Any, Any]]:
+def _frames(src: Path, transfer_syntax: str) -> Iterator[np.ndarray[Any, Any]]:
     """Decoded frames; any decoder failure becomes UndecodablePixelData."""
     try:
-        yield from iter_pixels(src)
+        yield from iter_pixels(src, decoding_plugin=decoding_plugin(transfer_syntax))
     except Exception as exc:  # noqa: BLE001 - any decoder failure: undecodable
         raise UndecodablePixelData(f"pixel data not decodable ({type(exc).__name__})") from None
 
@@ -127,7 +128,7 @@ def _write_encapsulated(
     out.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, 0xFFFFFFFF))
     _item(out, _ITEM, b"")  # empty Basic Offset Table
     count = 0
-    for frame in _frames(src):
+    for frame in _frames(src, str(ds.file_meta.TransferSyntaxUID)):
         fragment = encoder.encode(frame, **options)
         _item(out, _ITEM, fragment + b"\0" * (len(fragment) % 2))
         count += 1
@@ -143,7 +144,7 @@ def _write_native(out: BinaryIO, src: Path, ds: Dataset) -> int:
     vr = b"OB" if bits <= 8 else b"OW"
     out.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, vr, 0, length + length % 2))
     count = 0
-    for frame in _frames(src):
+    for frame in _frames(src, str(ds.file_meta.TransferSyntaxUID)):
         out.write(frame.astype(frame.dtype.newbyteorder("<"), copy=False).tobytes())
         count += 1
     if length % 2:
@@ -169,8 +170,8 @@ def _write(src: Path, dst: Path, ds: Dataset, source_ts: UID, target: Target) ->
         return str(ExplicitVRLittleEndian), _write_native(out, src, ds)
 
 
-def _verify(src: Path, dst: Path) -> None:
-    frames = zip(_frames(src), _frames(dst), strict=True)
+def _verify(src: Path, src_ts: str, dst: Path, dst_ts: str) -> None:
+    frames = zip(_frames(src, src_ts), _frames(dst, dst_ts), strict=True)
     for index, (original, again) in enumerate(frames):
         if original.shape != again.shape or not np.array_equal(original, again):
             raise LosslessMismatch(f"frame {index} differs after re-encoding")
@@ -220,7 +221,7 @@ def _stream(
         _check_j2k_sign(src, ds, raw)
     started = time.perf_counter()
     if source_ts == target.value:
-        frames = sum(1 for _ in _frames(src))
+        frames = sum(1 for _ in _frames(src, source_ts))
         return Normalized(
             None,
             source_ts,
@@ -237,7 +238,7 @@ def _stream(
     except Exception as exc:  # noqa: BLE001 - any writer failure: unwritable
         raise UnwritableDataset(f"dataset cannot be written ({type(exc).__name__})") from None
     written = time.perf_counter()
-    _verify(src, dst)
+    _verify(src, source_ts, dst, ts)
     outcome = Outcome.ENCODED if ts == target.value else Outcome.NATIVE_FALLBACK
     return Normalized(
         None,
