@@ -1,0 +1,1 @@
+"""radflow router: decides, by readable rules, where each normalized instance goes."""

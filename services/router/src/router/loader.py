@@ -1,0 +1,499 @@
+"""Reading a rule file: YAML in, a validated :class:`RuleSet` out, or every problem
+with its line and what was expected.
+
+The YAML is walked as a node tree (not loaded into dicts) so each error can name the
+line it stands on. Everything is checked before anything is used: unknown
+destinations, bad regular expressions, unknown time zones, malformed windows, unknown
+attributes or tags, typos in keys. Rules that can never match are warned about.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import time
+from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from pydicom.datadict import keyword_dict, keyword_for_tag
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from radflow_core.errors import ConfigurationError
+from radflow_core.uids import is_valid_uid
+from router.rules import (
+    DAYS,
+    All,
+    Any_,
+    Condition,
+    Default,
+    Destination,
+    Equals,
+    Exists,
+    IsStat,
+    Lane,
+    Level,
+    Matches,
+    Not,
+    Rule,
+    RuleSet,
+    StatPolicy,
+    StudyComplete,
+    TimeWindow,
+)
+
+EVENT_ATTRIBUTES = {
+    "modality": "modality",
+    "body_part_examined": "body_part_examined",
+    "sop_class_uid": "sop_class_uid",
+    "calling_ae": "calling_ae",
+    "called_ae": "called_ae",
+    "study_description": "StudyDescription",
+    "institution": "InstitutionName",
+}
+"""Attribute names a rule may use besides DICOM keywords and (gggg,eeee) tags."""
+_TAG = re.compile(r"^\(([0-9A-Fa-f]{4}),([0-9A-Fa-f]{4})\)$")
+_WINDOW = re.compile(r"^(\d\d):(\d\d)-(\d\d):(\d\d)$")
+_RULE_KEYS = {"name", "when", "route", "lane", "wait_for_study_complete", "continue"}
+_TOP_KEYS = {"version", "timezone", "destinations", "rules", "default", "stat"}
+_DEST_KEYS = {"url", "auth", "transfer_syntaxes", "max_batch"}
+
+
+@dataclass(frozen=True)
+class Problem:
+    line: int
+    """1-based line in the rule file."""
+    message: str
+
+
+class RuleFileError(ConfigurationError):
+    """A rule file that cannot be used; lists every problem found, with its line."""
+
+    reason = "invalid_rule_file"
+
+    def __init__(self, source: str, problems: list[Problem]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__("\n".join(f"{source}:{p.line}: {p.message}" for p in problems))
+
+
+class _Reader:
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.problems: list[Problem] = []
+        self.warnings: list[str] = []
+        self.zone = ZoneInfo("UTC")
+
+    def fail(self, node: Node, message: str) -> None:
+        self.problems.append(Problem(node.start_mark.line + 1, message))
+
+    def warn(self, node: Node, message: str) -> None:
+        self.warnings.append(f"{self.source}:{node.start_mark.line + 1}: {message}")
+
+    # Small typed accessors over nodes.
+
+    def mapping(self, node: Node, what: str) -> dict[str, Node] | None:
+        if not isinstance(node, MappingNode):
+            self.fail(node, f"{what} must be a mapping (key: value)")
+            return None
+        out: dict[str, Node] = {}
+        for key, value in node.value:
+            name = str(key.value)
+            if name in out:
+                self.fail(key, f"duplicate key {name!r} in {what}")
+            out[name] = value
+        return out
+
+    def sequence(self, node: Node, what: str) -> list[Node]:
+        if isinstance(node, SequenceNode):
+            return list(node.value)
+        if isinstance(node, ScalarNode):
+            return [node]
+        self.fail(node, f"{what} must be a list")
+        return []
+
+    def scalar(self, node: Node, what: str) -> str | None:
+        if not isinstance(node, ScalarNode):
+            self.fail(node, f"{what} must be a single value")
+            return None
+        return str(node.value)
+
+    def unknown_keys(self, items: dict[str, Node], allowed: set[str], what: str) -> None:
+        for key, value in items.items():
+            if key not in allowed:
+                self.fail(
+                    value,
+                    f"unknown key {key!r} in {what} (expected one of: "
+                    f"{', '.join(sorted(allowed))})",
+                )
+
+    def zone_of(self, node: Node) -> ZoneInfo | None:
+        name = self.scalar(node, "timezone")
+        if name is None:
+            return None
+        try:
+            return ZoneInfo(name)
+        except (ZoneInfoNotFoundError, ValueError):
+            self.fail(
+                node,
+                f"unknown time zone {name!r} (expected an IANA name such as "
+                "Europe/Zurich or America/New_York)",
+            )
+            return None
+
+    # The file.
+
+    def ruleset(self, root: Node) -> RuleSet | None:
+        top = self.mapping(root, "the rule file")
+        if top is None:
+            return None
+        self.unknown_keys(top, _TOP_KEYS, "the rule file")
+        if "version" in top and self.scalar(top["version"], "version") != "1":
+            self.fail(top["version"], "unsupported version (expected 1)")
+        if "timezone" in top:
+            self.zone = self.zone_of(top["timezone"]) or self.zone
+        destinations = self.destinations(top.get("destinations"), root)
+        stat = self.stat_policy(top.get("stat"))
+        rules: list[Rule] = []
+        seen: dict[str, int] = {}
+        if "rules" not in top:
+            self.fail(root, "no 'rules' list (expected at least one rule)")
+        else:
+            for node in self.sequence(top["rules"], "rules"):
+                rule = self.rule(node, destinations)
+                if rule is None:
+                    continue
+                if rule.name in seen:
+                    self.fail(
+                        node, f"rule name {rule.name!r} already used on line {seen[rule.name]}"
+                    )
+                seen[rule.name] = rule.line
+                rules.append(rule)
+        default = self.default(top.get("default"), root, destinations)
+        self.check_reachability(rules, top.get("rules"))
+        if self.problems or default is None:
+            return None
+        return RuleSet(destinations, tuple(rules), default, stat, tuple(self.warnings))
+
+    def destinations(self, node: Node | None, root: Node) -> dict[str, Destination]:
+        if node is None:
+            self.fail(root, "no 'destinations' (expected at least one named destination)")
+            return {}
+        items = self.mapping(node, "destinations") or {}
+        out: dict[str, Destination] = {}
+        for name, value in items.items():
+            fields = self.mapping(value, f"destination {name!r}")
+            if fields is None:
+                continue
+            self.unknown_keys(fields, _DEST_KEYS, f"destination {name!r}")
+            url = self.scalar(fields["url"], "url") if "url" in fields else None
+            if not url or not url.startswith(("http://", "https://")):
+                self.fail(
+                    fields.get("url", value),
+                    f"destination {name!r} needs a url starting with http:// or https://",
+                )
+                continue
+            syntaxes: list[str] = []
+            if "transfer_syntaxes" in fields:
+                for item in self.sequence(fields["transfer_syntaxes"], "transfer_syntaxes"):
+                    syntax = self.scalar(item, "transfer syntax")
+                    if syntax is not None and not is_valid_uid(syntax):
+                        self.fail(item, f"{syntax!r} is not a transfer syntax UID")
+                    elif syntax is not None:
+                        syntaxes.append(syntax)
+            max_batch = 50
+            if "max_batch" in fields:
+                text = self.scalar(fields["max_batch"], "max_batch") or ""
+                if not text.isdigit() or int(text) < 1:
+                    self.fail(fields["max_batch"], "max_batch must be a whole number >= 1")
+                else:
+                    max_batch = int(text)
+            auth = self.scalar(fields["auth"], "auth") if "auth" in fields else None
+            out[name] = Destination(name, url, auth, tuple(syntaxes), max_batch)
+        return out
+
+    def stat_policy(self, node: Node | None) -> StatPolicy:
+        if node is None:
+            return StatPolicy(from_priority=True, calling_aes=frozenset())
+        fields = self.mapping(node, "stat") or {}
+        self.unknown_keys(fields, {"from_priority", "calling_aes"}, "stat")
+        from_priority = True
+        if "from_priority" in fields:
+            from_priority = self.boolean(fields["from_priority"], "from_priority")
+        aes = (
+            frozenset(
+                s
+                for s in (
+                    self.scalar(n, "AE title")
+                    for n in self.sequence(fields.get("calling_aes", node), "calling_aes")
+                )
+                if s
+            )
+            if "calling_aes" in fields
+            else frozenset()
+        )
+        return StatPolicy(from_priority, aes)
+
+    def boolean(self, node: Node, what: str) -> bool:
+        text = (self.scalar(node, what) or "").lower()
+        if text not in ("true", "false"):
+            self.fail(node, f"{what} must be true or false")
+        return text == "true"
+
+    def rule(self, node: Node, destinations: dict[str, Destination]) -> Rule | None:
+        fields = self.mapping(node, "a rule")
+        if fields is None:
+            return None
+        self.unknown_keys(fields, _RULE_KEYS, "a rule")
+        name = self.scalar(fields["name"], "name") if "name" in fields else None
+        if not name:
+            self.fail(node, "a rule needs a name")
+            return None
+        when: Condition = All(())
+        if "when" in fields:
+            when = self.condition(fields["when"]) or All(())
+        route = self.route(fields.get("route"), node, destinations, f"rule {name!r}")
+        if "route" not in fields or not self.sequence(fields["route"], "route"):
+            self.fail(node, f"rule {name!r} routes nowhere (expected route: [destination, ...])")
+        lane = None
+        if "lane" in fields:
+            text = self.scalar(fields["lane"], "lane")
+            if text not in ("routine", "stat"):
+                self.fail(fields["lane"], "lane must be routine or stat")
+            else:
+                lane = Lane(text)
+        wait = (
+            self.wait(fields["wait_for_study_complete"])
+            if "wait_for_study_complete" in fields
+            else None
+        )
+        stop = True
+        if "continue" in fields:
+            stop = not self.boolean(fields["continue"], "continue")
+        return Rule(name, when, tuple(route), lane, wait, stop, node.start_mark.line + 1)
+
+    def route(
+        self, node: Node | None, owner: Node, destinations: dict[str, Destination], what: str
+    ) -> list[str]:
+        if node is None:
+            return []
+        names = []
+        for item in self.sequence(node, f"route of {what}"):
+            name = self.scalar(item, "destination")
+            if name is None:
+                continue
+            if name not in destinations:
+                self.fail(
+                    item,
+                    f"unknown destination {name!r} in {what} (expected one of: "
+                    f"{', '.join(sorted(destinations)) or 'none defined'})",
+                )
+                continue
+            names.append(name)
+        return names
+
+    def wait(self, node: Node) -> StudyComplete | None:
+        fields = self.mapping(node, "wait_for_study_complete") or {}
+        self.unknown_keys(fields, {"quiet_seconds", "level"}, "wait_for_study_complete")
+        text = (
+            self.scalar(fields["quiet_seconds"], "quiet_seconds")
+            if "quiet_seconds" in fields
+            else None
+        )
+        if text is None or not text.isdigit() or int(text) < 1:
+            self.fail(
+                fields.get("quiet_seconds", node),
+                "quiet_seconds must be a whole number of seconds >= 1",
+            )
+            return None
+        level = Level.STUDY
+        if "level" in fields:
+            value = self.scalar(fields["level"], "level")
+            if value not in ("study", "series"):
+                self.fail(fields["level"], "level must be study or series")
+            else:
+                level = Level(value)
+        return StudyComplete(int(text), level)
+
+    def default(
+        self, node: Node | None, root: Node, destinations: dict[str, Destination]
+    ) -> Default | None:
+        if node is None:
+            self.fail(
+                root,
+                "no 'default' (expected default: {route: [...]} or "
+                "default: {hold: reason}); unmatched instances are never dropped",
+            )
+            return None
+        fields = self.mapping(node, "default") or {}
+        self.unknown_keys(fields, {"route", "hold"}, "default")
+        route = self.route(fields.get("route"), node, destinations, "default")
+        hold = self.scalar(fields["hold"], "hold") if "hold" in fields else None
+        if "route" not in fields and not hold:
+            self.fail(node, "default needs a route or a hold reason")
+            return None
+        return Default(tuple(route), hold)
+
+    # Conditions.
+
+    def condition(self, node: Node) -> Condition | None:
+        if isinstance(node, SequenceNode):  # a list means all of them
+            listed = [self.condition(n) for n in node.value]
+            return All(tuple(p for p in listed if p is not None))
+        fields = self.mapping(node, "a condition")
+        if not fields:
+            if fields is not None:
+                self.fail(node, "empty condition")
+            return None
+        parts: list[Condition] = []
+        for key, value in fields.items():
+            part = self.one_condition(key, value)
+            if part is not None:
+                parts.append(part)
+        return parts[0] if len(parts) == 1 else All(tuple(parts))
+
+    def one_condition(self, key: str, value: Node) -> Condition | None:
+        if key in ("all", "any"):
+            items = self.sequence(value, key)
+            if not items:
+                self.fail(value, f"'{key}' needs at least one condition")
+                return None
+            parts = tuple(p for p in (self.condition(n) for n in items) if p is not None)
+            return All(parts) if key == "all" else Any_(parts)
+        if key == "not":
+            part = self.condition(value)
+            return Not(part) if part is not None else None
+        if key == "stat":
+            return IsStat(self.boolean(value, "stat"))
+        if key == "time":
+            return self.window(value)
+        attribute = self.attribute(key, value)
+        if attribute is None:
+            return None
+        return self.matcher(attribute, value)
+
+    def attribute(self, key: str, node: Node) -> str | None:
+        if key in EVENT_ATTRIBUTES:
+            return EVENT_ATTRIBUTES[key]
+        if key in keyword_dict:
+            return key
+        tag = _TAG.match(key)
+        if tag:
+            value = int(tag.group(1) + tag.group(2), 16)
+            return keyword_for_tag(value) or f"({tag.group(1)},{tag.group(2)})".upper()
+        self.fail(
+            node,
+            f"unknown attribute {key!r} (expected one of "
+            f"{', '.join(sorted(EVENT_ATTRIBUTES))}, a DICOM keyword such as "
+            "StudyDescription, or a tag such as (0008,1030))",
+        )
+        return None
+
+    def matcher(self, attribute: str, node: Node) -> Condition | None:
+        if isinstance(node, ScalarNode):
+            return Equals(attribute, (str(node.value),))
+        if isinstance(node, SequenceNode):
+            values = tuple(str(n.value) for n in node.value if isinstance(n, ScalarNode))
+            return Equals(attribute, values)
+        fields = self.mapping(node, f"condition on {attribute}") or {}
+        self.unknown_keys(fields, {"equals", "in", "regex", "exists"}, f"condition on {attribute}")
+        if len(fields) != 1:
+            self.fail(
+                node, f"condition on {attribute} needs exactly one of equals, in, regex, exists"
+            )
+            return None
+        ((op, value),) = fields.items()
+        if op == "equals":
+            text = self.scalar(value, "equals")
+            return Equals(attribute, (text,)) if text is not None else None
+        if op == "in":
+            values = tuple(
+                s for s in (self.scalar(n, "in") for n in self.sequence(value, "in")) if s
+            )
+            return Equals(attribute, values)
+        if op == "regex":
+            text = self.scalar(value, "regex") or ""
+            try:
+                return Matches(attribute, re.compile(text))
+            except re.error as exc:
+                self.fail(value, f"invalid regular expression /{text}/: {exc.msg}")
+                return None
+        if op == "exists":
+            return Exists(attribute, self.boolean(value, "exists"))
+        return None
+
+    def window(self, node: Node) -> Condition | None:
+        fields = self.mapping(node, "time") or {}
+        self.unknown_keys(fields, {"between", "days", "timezone"}, "time")
+        text = self.scalar(fields["between"], "between") if "between" in fields else None
+        match = _WINDOW.match(text or "")
+        if not match:
+            self.fail(
+                fields.get("between", node),
+                f"time window {text!r} is not HH:MM-HH:MM (e.g. 18:00-07:00)",
+            )
+            return None
+        h1, m1, h2, m2 = (int(g) for g in match.groups())
+        if h1 > 23 or h2 > 24 or m1 > 59 or m2 > 59 or (h2 == 24 and m2):
+            self.fail(fields["between"], f"time window {text!r} has an impossible time")
+            return None
+        zone = self.zone_of(fields["timezone"]) if "timezone" in fields else self.zone
+        if zone is None:
+            return None
+        days = frozenset(range(7))
+        if "days" in fields:
+            names = [self.scalar(n, "day") or "" for n in self.sequence(fields["days"], "days")]
+            bad = [n for n in names if n.lower()[:3] not in DAYS]
+            if bad:
+                self.fail(fields["days"], f"unknown day(s) {bad} (expected mon, tue, ... sun)")
+                return None
+            days = frozenset(DAYS.index(n.lower()[:3]) for n in names)
+        end = time(0, 0) if h2 == 24 else time(h2, m2)
+        return TimeWindow(time(h1, m1), end, zone, days)
+
+    def check_reachability(self, rules: list[Rule], node: Node | None) -> None:
+        for index, rule in enumerate(rules):
+            unconditional = isinstance(rule.when, All) and not rule.when.parts
+            if unconditional and rule.stop and index + 1 < len(rules):
+                later = rules[index + 1]
+                self.warnings.append(
+                    f"{self.source}:{later.line}: rule {later.name!r} is unreachable: rule "
+                    f"{rule.name!r} (line {rule.line}) matches everything and stops"
+                )
+        for i, rule in enumerate(rules):
+            for other in rules[i + 1 :]:
+                if rule.when == other.when and rule.stop:
+                    self.warnings.append(
+                        f"{self.source}:{other.line}: rule {other.name!r} has the same "
+                        f"conditions as {rule.name!r} (line {rule.line}), which stops first"
+                    )
+
+
+def load_text(text: str, source: str = "<rules>") -> RuleSet:
+    """Parse and validate a rule file's text.
+
+    Raises:
+        RuleFileError: with every problem and its line.
+    """
+    reader = _Reader(source)
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else 1
+        problem = getattr(exc, "problem", None) or "unreadable"
+        raise RuleFileError(source, [Problem(line, f"not valid YAML: {problem}")]) from None
+    if root is None:
+        raise RuleFileError(source, [Problem(1, "the rule file is empty")])
+    rules = reader.ruleset(root)
+    if rules is None:
+        raise RuleFileError(source, reader.problems or [Problem(1, "invalid rule file")])
+    return rules
+
+
+def load_file(path: Path) -> RuleSet:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RuleFileError(str(path), [Problem(1, f"cannot read: {type(exc).__name__}")]) from None
+    return load_text(text, str(path))

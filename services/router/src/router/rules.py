@@ -1,0 +1,263 @@
+"""The rule model and its evaluation: pure, no I/O, importable without Kafka or S3.
+
+A rule set is an ordered list of rules. Each rule has a condition tree (all / any /
+not over attribute matchers, time windows and the STAT flag) and an action (route to
+destinations, lane, wait for the study to be complete, stop or continue). Instances
+that no rule routes get the default action: a named route or a hold with a reason,
+never a silent drop. :func:`evaluate` also returns why each rule did or did not
+match, which is what ``python -m router explain`` prints.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, time, timedelta
+from enum import StrEnum
+from zoneinfo import ZoneInfo
+
+
+class Lane(StrEnum):
+    ROUTINE = "routine"
+    STAT = "stat"
+
+
+class Level(StrEnum):
+    STUDY = "study"
+    SERIES = "series"
+
+
+@dataclass(frozen=True)
+class Destination:
+    name: str
+    url: str
+    auth: str | None
+    """Name of a secret reference (environment variable or file), never the secret."""
+    transfer_syntaxes: tuple[str, ...]
+    max_batch: int
+
+
+@dataclass(frozen=True)
+class Instance:
+    """What rules can see of one instance: attribute name → value, the STAT flag."""
+
+    attributes: Mapping[str, str | None]
+    stat: bool = False
+
+    def get(self, name: str) -> str | None:
+        return self.attributes.get(name)
+
+
+@dataclass(frozen=True)
+class Result:
+    matched: bool
+    why: str
+
+
+class Condition:
+    def test(self, instance: Instance, at: datetime) -> Result:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Equals(Condition):
+    attribute: str
+    values: tuple[str, ...]
+
+    def test(self, instance: Instance, at: datetime) -> Result:
+        value = instance.get(self.attribute)
+        ok = value is not None and value.strip() in self.values
+        want = self.values[0] if len(self.values) == 1 else list(self.values)
+        return Result(ok, f"{self.attribute}={value!r} {'in' if ok else 'not in'} {want!r}")
+
+
+@dataclass(frozen=True)
+class Matches(Condition):
+    attribute: str
+    pattern: re.Pattern[str]
+
+    def test(self, instance: Instance, at: datetime) -> Result:
+        value = instance.get(self.attribute)
+        ok = value is not None and self.pattern.search(value) is not None
+        verb = "matches" if ok else "does not match"
+        return Result(ok, f"{self.attribute}={value!r} {verb} /{self.pattern.pattern}/")
+
+
+@dataclass(frozen=True)
+class Exists(Condition):
+    attribute: str
+    present: bool
+
+    def test(self, instance: Instance, at: datetime) -> Result:
+        value = instance.get(self.attribute)
+        exists = value is not None and value != ""
+        return Result(
+            exists == self.present, f"{self.attribute} {'present' if exists else 'absent'}"
+        )
+
+
+@dataclass(frozen=True)
+class IsStat(Condition):
+    wanted: bool
+
+    def test(self, instance: Instance, at: datetime) -> Result:
+        return Result(instance.stat == self.wanted, f"STAT={instance.stat}")
+
+
+DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+@dataclass(frozen=True)
+class TimeWindow(Condition):
+    """Local time of day in [start, end) in ``zone``; wraps midnight when end <= start.
+
+    ``days`` are the days a window *starts* on: for 18:00-07:00 on Friday, Saturday
+    03:00 is inside (it belongs to Friday's night).
+    """
+
+    start: time
+    end: time
+    zone: ZoneInfo
+    days: frozenset[int]
+
+    def test(self, instance: Instance, at: datetime) -> Result:
+        local = at.astimezone(self.zone)
+        now = local.time().replace(tzinfo=None)
+        overnight = self.end <= self.start
+        if not overnight:
+            inside, start_day = self.start <= now < self.end, local.weekday()
+        elif now >= self.start:
+            inside, start_day = True, local.weekday()
+        else:
+            inside, start_day = now < self.end, (local - timedelta(days=1)).weekday()
+        ok = inside and start_day in self.days
+        window = f"{self.start:%H:%M}-{self.end:%H:%M} {self.zone.key}"
+        return Result(ok, f"local {local:%a %H:%M} {'inside' if ok else 'outside'} {window}")
+
+
+@dataclass(frozen=True)
+class All(Condition):
+    parts: tuple[Condition, ...]
+
+    def test(self, instance: Instance, at: datetime) -> Result:
+        results = [p.test(instance, at) for p in self.parts]
+        failed = [r for r in results if not r.matched]
+        if failed:
+            return Result(False, failed[0].why)
+        return Result(True, "; ".join(r.why for r in results) or "always")
+
+
+@dataclass(frozen=True)
+class Any_(Condition):
+    parts: tuple[Condition, ...]
+
+    def test(self, instance: Instance, at: datetime) -> Result:
+        results = [p.test(instance, at) for p in self.parts]
+        hit = next((r for r in results if r.matched), None)
+        if hit:
+            return Result(True, hit.why)
+        return Result(False, "none of: " + "; ".join(r.why for r in results))
+
+
+@dataclass(frozen=True)
+class Not(Condition):
+    part: Condition
+
+    def test(self, instance: Instance, at: datetime) -> Result:
+        result = self.part.test(instance, at)
+        return Result(not result.matched, f"not ({result.why})")
+
+
+@dataclass(frozen=True)
+class StudyComplete:
+    quiet_seconds: int
+    level: Level
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    when: Condition
+    route: tuple[str, ...]
+    lane: Lane | None
+    wait: StudyComplete | None
+    stop: bool
+    line: int
+
+
+@dataclass(frozen=True)
+class Default:
+    route: tuple[str, ...]
+    hold: str | None
+
+
+@dataclass(frozen=True)
+class StatPolicy:
+    from_priority: bool
+    calling_aes: frozenset[str]
+
+    def is_stat(self, attributes: Mapping[str, str | None], dimse_priority: str | None) -> bool:
+        if self.from_priority and (
+            dimse_priority == "high"
+            or (attributes.get("RequestedProcedurePriority") or "").upper() == "STAT"
+        ):
+            return True
+        return (attributes.get("calling_ae") or "") in self.calling_aes
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    destinations: Mapping[str, Destination]
+    rules: tuple[Rule, ...]
+    default: Default
+    stat: StatPolicy
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Route:
+    destination: str
+    lane: Lane
+    wait: StudyComplete | None
+    rules: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Decision:
+    routes: tuple[Route, ...]
+    hold: str | None
+    trace: tuple[tuple[str, Result], ...] = field(default=())
+    """(rule name, result) for every rule evaluated, in order."""
+
+
+def evaluate(rules: RuleSet, instance: Instance, at: datetime) -> Decision:
+    """Which destinations an instance goes to, in which lane, and why."""
+    trace: list[tuple[str, Result]] = []
+    routes: dict[str, Route] = {}
+    for rule in rules.rules:
+        result = rule.when.test(instance, at)
+        trace.append((rule.name, result))
+        if not result.matched:
+            continue
+        lane = rule.lane or (Lane.STAT if instance.stat else Lane.ROUTINE)
+        for name in rule.route:
+            previous = routes.get(name)
+            if previous is None:
+                routes[name] = Route(name, lane, rule.wait, (rule.name,))
+            else:  # several rules to one destination: one request, STAT wins, first wait wins
+                best = Lane.STAT if Lane.STAT in (previous.lane, lane) else Lane.ROUTINE
+                routes[name] = Route(
+                    name, best, previous.wait or rule.wait, (*previous.rules, rule.name)
+                )
+        if rule.stop:
+            break
+    if routes:
+        return Decision(tuple(routes.values()), None, tuple(trace))
+    default = rules.default
+    if default.route:
+        lane = Lane.STAT if instance.stat else Lane.ROUTINE
+        return Decision(
+            tuple(Route(n, lane, None, ("default",)) for n in default.route), None, tuple(trace)
+        )
+    return Decision((), default.hold or "no rule matched", tuple(trace))
