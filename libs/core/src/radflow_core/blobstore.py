@@ -219,24 +219,10 @@ class BlobStore:
         return await self.size_of(key) is not None
 
     async def read(self, ref: BlobRef) -> bytes:
-        """Read a whole blob and verify it against the event's size and sha256.
-
-        Raises:
-            BlobNotFound, BlobStoreUnavailable, BlobIntegrityError
-        """
-
-        def fetch() -> bytes:
-            response = self._client.get_object(ref.bucket, ref.key)
-            try:
-                return response.read()
-            finally:
-                response.close()
-                response.release_conn()
-
-        data = await self._call("get", fetch)
-        if len(data) != ref.size or hashlib.sha256(data).hexdigest() != ref.sha256:
-            raise BlobIntegrityError("stored bytes do not match the announced size/sha256")
-        return data
+        """A whole (small) blob in memory, verified like :meth:`download`."""
+        buffer = io.BytesIO()
+        await self.download(ref, buffer)
+        return buffer.getvalue()
 
     async def download(self, ref: BlobRef, file: BinaryIO) -> None:
         """Stream a blob into ``file`` (1 MiB at a time), verifying size and sha256.
