@@ -104,6 +104,75 @@ class HashedFile:
         return cls(io.BytesIO(data), len(data), hashlib.sha256(data).hexdigest())
 
 
+class ReadLimitExceeded(PipelineError):
+    """A partial read went past its limit (e.g. a header larger than any sane one)."""
+
+    reason = "read_limit_exceeded"
+
+
+class _RangedBlob(io.RawIOBase):
+    """Read-only, seekable, blocking file over one object; fetches 256 KiB blocks on
+    demand with ranged GETs and keeps the last few."""
+
+    _BLOCK = 256 * 1024
+
+    def __init__(self, client: Minio, ref: BlobRef, limit: int) -> None:
+        super().__init__()
+        self._client = client
+        self._ref = ref
+        self._limit = limit
+        self._pos = 0
+        self._blocks: dict[int, bytes] = {}
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._ref.size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def _block(self, index: int) -> bytes:
+        block = self._blocks.get(index)
+        if block is None:
+            start = index * self._BLOCK
+            if start >= self._limit:
+                raise ReadLimitExceeded(f"read past the first {self._limit} bytes")
+            length = min(self._BLOCK, self._ref.size - start)
+            response = self._client.get_object(
+                self._ref.bucket, self._ref.key, offset=start, length=length
+            )
+            try:
+                block = response.read()
+            finally:
+                response.close()
+                response.release_conn()
+            if len(self._blocks) >= 4:
+                self._blocks.pop(next(iter(self._blocks)))
+            self._blocks[index] = block
+        return block
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        wanted = min(len(buffer), self._ref.size - self._pos)
+        done = 0
+        while done < wanted:
+            index, within = divmod(self._pos, self._BLOCK)
+            block = self._block(index)
+            piece = block[within : within + wanted - done]
+            if not piece:
+                break
+            buffer[done : done + len(piece)] = piece
+            done += len(piece)
+            self._pos += len(piece)
+        return done
+
+
 class BlobStore:
     """Async facade over one bucket."""
 
@@ -223,6 +292,22 @@ class BlobStore:
         buffer = io.BytesIO()
         await self.download(ref, buffer)
         return buffer.getvalue()
+
+    async def read_partially(self, ref: BlobRef, parse: Callable[[BinaryIO], _T], limit: int) -> _T:
+        """Run ``parse`` (in a worker thread) on a seekable view of the blob that fetches
+        only the byte ranges it reads, never more than ``limit`` bytes from the start.
+
+        For reading a dataset's header without fetching its pixel data. Nothing read
+        this way is verified against the sha256 (only whole downloads can be); use it
+        for decisions, never to deliver bytes.
+
+        Raises:
+            BlobNotFound, BlobStoreUnavailable, ReadLimitExceeded
+        """
+        return await self._call(
+            "get_range",
+            lambda: parse(_RangedBlob(self._client, ref, limit)),  # type: ignore[arg-type]
+        )
 
     async def download(self, ref: BlobRef, file: BinaryIO) -> None:
         """Stream a blob into ``file`` (1 MiB at a time), verifying size and sha256.

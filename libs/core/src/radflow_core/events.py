@@ -177,6 +177,74 @@ class InstanceNormalized(InstanceIdentity):
     """When transcode finished (UTC)."""
 
 
+class Lane(StrEnum):
+    """Delivery lane: STAT requests travel on their own topic and are read first."""
+
+    ROUTINE = "routine"
+    STAT = "stat"
+
+
+class ForwardRequested(InstanceIdentity):
+    """``dicom.forward.requested`` v1 (and ``.stat``): deliver one instance to one
+    destination.
+
+    Published on ``dicom.forward.requested`` for the routine lane and on
+    ``dicom.forward.requested.stat`` for the STAT lane; the payload is the same.
+    """
+
+    type_name: ClassVar[str] = "dicom.forward.requested"
+    version: ClassVar[int] = 1
+
+    destination: str
+    """Name of the destination as defined in the rule file."""
+    lane: Lane
+    """routine or stat; also tells which topic the event is on."""
+    blob: BlobRef
+    """The variant to send (the canonical variant, or the original when the destination
+    accepts the original's syntax and not the canonical one)."""
+    transfer_syntax_uid: Uid
+    """Transfer syntax of ``blob``."""
+    requested_transfer_syntax_uid: Uid
+    """What the destination should receive; differs from ``transfer_syntax_uid`` when
+    the forwarder must convert."""
+    original_sha256: Sha256Hex
+    """sha256 of the original as received; part of the idempotency key."""
+    rules: tuple[str, ...]
+    """Names of the rules that routed the instance here (``default`` for the default)."""
+    rules_digest: str
+    """First 12 hex digits of the rule file's sha256, for tracing a decision to a file."""
+    idempotency_key: Sha256Hex
+    """sha256 of (SOP Instance UID, original sha256, destination): the same instance to
+    the same destination always has the same key, so a replay is recognised."""
+    waited_for: Literal["study", "series"] | None = None
+    """Set when the request was held until the study (or series) was complete."""
+    routed_at: AwareDatetime
+    """When the router decided (UTC); for a delayed study, when it was released."""
+
+
+class InstanceHeld(InstanceIdentity):
+    """``dicom.instance.held`` v1: no rule routed the instance and the default holds it.
+
+    Nothing is dropped: held instances stay in the blob store and on this topic until an
+    operator fixes the rules and replays them.
+    """
+
+    type_name: ClassVar[str] = "dicom.instance.held"
+    version: ClassVar[int] = 1
+    topic: ClassVar[Topic | None] = Topic.INSTANCE_HELD
+
+    reason: str
+    """The hold reason from the rule file's default."""
+    canonical: BlobRef
+    """The canonical variant (as in the normalized event)."""
+    canonical_transfer_syntax_uid: Uid
+    """Its transfer syntax."""
+    rules_digest: str
+    """First 12 hex digits of the rule file's sha256 that held it."""
+    held_at: AwareDatetime
+    """When the router decided (UTC)."""
+
+
 class DeadLetter(EventModel):
     """A record a consumer could not process and will not retry, with the reason."""
 

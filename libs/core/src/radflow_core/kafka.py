@@ -24,6 +24,7 @@ from types import TracebackType
 from typing import Any, Generic, Self
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import BrokerResponseError, KafkaError
 from aiokafka.helpers import create_ssl_context
@@ -142,15 +143,23 @@ class EventProducer:
             topic = self._settings.topic(payload.topic)
         return await self.send(topic, key, encode(wrap(payload, self._service)))
 
-    async def send(self, topic: str, key: bytes | None, value: bytes) -> RecordMetadata:
-        """Send raw bytes and wait for the broker's acknowledgement."""
+    async def send(
+        self, topic: str, key: bytes | None, value: bytes | None, partition: int | None = None
+    ) -> RecordMetadata:
+        """Send raw bytes (None: a tombstone) and wait for the broker's acknowledgement.
+
+        ``partition`` pins the record, for state changelogs that must be partitioned
+        like the input they describe.
+        """
         if not self._started:
             raise BrokerUnavailable("producer is not connected to the broker yet")
         started = time.perf_counter()
         outcome = "error"
         try:
             async with asyncio.timeout(self._settings.ack_timeout_s):
-                metadata = await self._producer.send_and_wait(topic, value, key=key)
+                metadata = await self._producer.send_and_wait(
+                    topic, value, key=key, partition=partition
+                )
             outcome = "ok"
             return metadata
         except (KafkaError, TimeoutError) as exc:
@@ -172,6 +181,21 @@ class EventProducer:
 
 
 Handler = Callable[[Any, ConsumerRecord[bytes, bytes]], Awaitable[None]]
+PartitionsHook = Callable[[set[TopicPartition]], Awaitable[None]]
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, assigned: PartitionsHook | None, revoked: PartitionsHook | None) -> None:
+        self._assigned = assigned
+        self._revoked = revoked
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        if self._revoked is not None:
+            await self._revoked(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        if self._assigned is not None:
+            await self._assigned(set(assigned))
 
 
 class EventConsumer(Generic[PayloadT]):
@@ -195,7 +219,12 @@ class EventConsumer(Generic[PayloadT]):
         max_attempts: int = 5,
         backoff_initial_s: float = 0.5,
         backoff_max_s: float = 30.0,
+        on_assigned: PartitionsHook | None = None,
+        on_revoked: PartitionsHook | None = None,
     ) -> None:
+        """``on_assigned``/``on_revoked`` run inside a rebalance, before records of the
+        new assignment are handed out: where a stateful consumer restores (or drops) the
+        state of the partitions it now owns."""
         self._settings = settings
         self._service = service
         self._topics = list(topics)
@@ -206,8 +235,8 @@ class EventConsumer(Generic[PayloadT]):
         self._max_attempts = max_attempts
         self._backoff_initial_s = backoff_initial_s
         self._backoff_max_s = backoff_max_s
+        self._listener = _Rebalance(on_assigned, on_revoked)
         self._consumer = AIOKafkaConsumer(
-            *self._topics,
             **connection_options(settings),
             client_id=f"radflow-{service}",
             group_id=group_id,
@@ -224,6 +253,7 @@ class EventConsumer(Generic[PayloadT]):
     async def run(self) -> None:
         """Consume until :meth:`stop`; commits after each partition's batch is handled."""
         await self._consumer.start()
+        self._consumer.subscribe(self._topics, listener=self._listener)
         try:
             while not self._stopping.is_set():
                 batches = await self._consumer.getmany(timeout_ms=500, max_records=100)

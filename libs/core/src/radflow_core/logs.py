@@ -57,6 +57,17 @@ SAFE_FIELDS = frozenset(
         "association_id",
         "max_associations",
         "client",
+        "destination",
+        "lane",
+        "level",
+        "rules",
+        "rules_digest",
+        "generation",
+        "destinations",
+        "problem",
+        "problems",
+        "instances",
+        "pending",
     }
 )
 """Keys that may appear in a log line; patient demographics are never among them."""

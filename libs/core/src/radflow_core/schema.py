@@ -15,12 +15,20 @@ from radflow_core.events import (
     DeadLetter,
     Envelope,
     EventModel,
+    ForwardRequested,
+    InstanceHeld,
     InstanceNormalized,
     InstanceReceived,
     schema_name,
 )
 
-PUBLISHED: tuple[type[EventModel], ...] = (InstanceReceived, InstanceNormalized, DeadLetter)
+PUBLISHED: tuple[type[EventModel], ...] = (
+    InstanceReceived,
+    InstanceNormalized,
+    ForwardRequested,
+    InstanceHeld,
+    DeadLetter,
+)
 
 
 def event_schema(model: type[EventModel]) -> dict[str, Any]:

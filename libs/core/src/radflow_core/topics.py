@@ -14,3 +14,12 @@ class Topic(StrEnum):
     """One event per instance whose canonical lossless variant is stored (transcode)."""
     INSTANCE_FAILED = "dicom.instance.failed"
     """Dead letters of transcode: instances that cannot be decoded or normalized."""
+    FORWARD_REQUESTED = "dicom.forward.requested"
+    """One event per (instance, destination) to deliver in the routine lane (router)."""
+    FORWARD_REQUESTED_STAT = "dicom.forward.requested.stat"
+    """The same for the STAT lane; forwarders read it ahead of the routine lane."""
+    INSTANCE_HELD = "dicom.instance.held"
+    """Instances no rule routed and whose default is a hold, with the reason (router)."""
+    ROUTER_PENDING = "radflow.router.pending"
+    """Internal changelog of the router's studies waiting to be complete (compacted;
+    partitioned like dicom.instance.normalized). Not a feed for downstream use."""

@@ -1,7 +1,7 @@
-"""``python -m router check RULES`` and ``python -m router explain RULES FILE|DIR``.
-
-Tools for an integration engineer to validate a rule file and see, before deploying
-it, which rules match each instance and where it would go.
+"""``python -m router`` runs the router service; ``python -m router check RULES`` and
+``python -m router explain RULES FILE|DIR`` are the tools for an integration engineer
+to validate a rule file and see, before deploying it, which rules match each instance
+and where it would go.
 """
 
 from __future__ import annotations
@@ -11,9 +11,12 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+from radflow_core.runtime import run_main
 from router.explain import describe, instance_from_file
 from router.loader import RuleFileError, load_file
 from router.rules import evaluate
+from router.service import RouterService
+from router.settings import RouterConfig
 
 
 def _files(target: Path) -> list[Path]:
@@ -22,7 +25,30 @@ def _files(target: Path) -> list[Path]:
     return [target]
 
 
+TOOLS = ("check", "explain")
+
+
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] in TOOLS:
+        return tools(args)
+    return run_main(
+        name="router",
+        description=(
+            "radflow router: reads dicom.instance.normalized, applies the rule file, and "
+            "emits one dicom.forward.requested(.stat) event per instance and destination; "
+            "studies can wait until complete (state kept in the broker). Tools: "
+            "'python -m router check RULES' validates a rule file, 'python -m router "
+            "explain RULES FILE|DIR [--at TIME]' shows which rules match and why."
+        ),
+        sections=RouterConfig.SECTIONS,
+        load=RouterConfig.from_env,
+        build=RouterService,
+        argv=args,
+    )
+
+
+def tools(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m router", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check", help="validate a rule file (exit 0 if usable)")
@@ -61,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     status = 0
     for path in _files(args.target):
         try:
-            instance = instance_from_file(path, rules.stat, args.calling_ae, args.priority)
+            instance = instance_from_file(path, rules, args.calling_ae, args.priority)
         except Exception as exc:  # noqa: BLE001 - report the file, go on with the others
             print(f"{path}\n  not a readable DICOM file ({type(exc).__name__})")
             status = 1

@@ -4,41 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydicom import dcmread
-from pydicom.dataset import Dataset
-
-from router.rules import Decision, Instance, StatPolicy
-
-
-def attributes_of(ds: Dataset, calling_ae: str | None) -> dict[str, str | None]:
-    """Event-level names plus every top-level text attribute by keyword.
-
-    Patient demographics (group 0010) are left out: rules route on the study, not on
-    who the patient is, and explain output must be safe to paste into a ticket.
-    """
-    values: dict[str, str | None] = {}
-    for elem in ds:
-        if elem.tag.group == 0x0010 or not elem.keyword or elem.VR in ("SQ", "OB", "OW", "UN"):
-            continue
-        values[elem.keyword] = None if elem.value is None else str(elem.value)
-    values.update(
-        {
-            "modality": values.get("Modality"),
-            "body_part_examined": values.get("BodyPartExamined"),
-            "sop_class_uid": values.get("SOPClassUID"),
-            "calling_ae": calling_ae,
-            "called_ae": None,
-        }
-    )
-    return values
+from router.attributes import file_view, parse_header
+from router.rules import Decision, Instance, RuleSet
 
 
 def instance_from_file(
-    path: Path, stat: StatPolicy, calling_ae: str | None, dimse_priority: str | None
+    path: Path, rules: RuleSet, calling_ae: str | None, dimse_priority: str | None
 ) -> Instance:
-    ds = dcmread(path, stop_before_pixels=True)
-    attributes = attributes_of(ds, calling_ae)
-    return Instance(attributes, stat.is_stat(attributes, dimse_priority))
+    with path.open("rb") as file:
+        ds = parse_header(file)
+    return file_view(
+        rules, ds, calling_ae=calling_ae, called_ae=None, dimse_priority=dimse_priority
+    )
 
 
 def describe(name: str, decision: Decision) -> str:

@@ -9,6 +9,8 @@ attributes or tags, typos in keys. Rules that can never match are warned about.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import re
 from dataclasses import dataclass
 from datetime import time
@@ -20,6 +22,7 @@ from pydicom.datadict import keyword_dict, keyword_for_tag
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from radflow_core.errors import ConfigurationError
+from radflow_core.events import Lane
 from radflow_core.uids import is_valid_uid
 from router.rules import (
     DAYS,
@@ -31,7 +34,6 @@ from router.rules import (
     Equals,
     Exists,
     IsStat,
-    Lane,
     Level,
     Matches,
     Not,
@@ -56,7 +58,7 @@ _TAG = re.compile(r"^\(([0-9A-Fa-f]{4}),([0-9A-Fa-f]{4})\)$")
 _WINDOW = re.compile(r"^(\d\d):(\d\d)-(\d\d):(\d\d)$")
 _RULE_KEYS = {"name", "when", "route", "lane", "wait_for_study_complete", "continue"}
 _TOP_KEYS = {"version", "timezone", "destinations", "rules", "default", "stat"}
-_DEST_KEYS = {"url", "auth", "transfer_syntaxes", "max_batch"}
+_DEST_KEYS = {"url", "auth", "transfer_syntaxes", "max_batch", "priority"}
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,7 @@ class _Reader:
         self.problems: list[Problem] = []
         self.warnings: list[str] = []
         self.zone = ZoneInfo("UTC")
+        self.attributes: set[str] = set()
 
     def fail(self, node: Node, message: str) -> None:
         self.problems.append(Problem(node.start_mark.line + 1, message))
@@ -173,7 +176,14 @@ class _Reader:
         self.check_reachability(rules, top.get("rules"))
         if self.problems or default is None:
             return None
-        return RuleSet(destinations, tuple(rules), default, stat, tuple(self.warnings))
+        return RuleSet(
+            destinations,
+            tuple(rules),
+            default,
+            stat,
+            tuple(self.warnings),
+            attributes=frozenset(self.attributes),
+        )
 
     def destinations(self, node: Node | None, root: Node) -> dict[str, Destination]:
         if node is None:
@@ -209,7 +219,14 @@ class _Reader:
                 else:
                     max_batch = int(text)
             auth = self.scalar(fields["auth"], "auth") if "auth" in fields else None
-            out[name] = Destination(name, url, auth, tuple(syntaxes), max_batch)
+            lane = None
+            if "priority" in fields:
+                priority = self.scalar(fields["priority"], "priority")
+                if priority not in ("routine", "stat"):
+                    self.fail(fields["priority"], "priority must be routine or stat")
+                else:
+                    lane = Lane(priority)
+            out[name] = Destination(name, url, auth, tuple(syntaxes), max_batch, lane)
         return out
 
     def stat_policy(self, node: Node | None) -> StatPolicy:
@@ -370,6 +387,7 @@ class _Reader:
         attribute = self.attribute(key, value)
         if attribute is None:
             return None
+        self.attributes.add(attribute)
         return self.matcher(attribute, value)
 
     def attribute(self, key: str, node: Node) -> str | None:
@@ -488,7 +506,8 @@ def load_text(text: str, source: str = "<rules>") -> RuleSet:
     rules = reader.ruleset(root)
     if rules is None:
         raise RuleFileError(source, reader.problems or [Problem(1, "invalid rule file")])
-    return rules
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+    return dataclasses.replace(rules, digest=digest)
 
 
 def load_file(path: Path) -> RuleSet:

@@ -17,10 +17,7 @@ from datetime import datetime, time, timedelta
 from enum import StrEnum
 from zoneinfo import ZoneInfo
 
-
-class Lane(StrEnum):
-    ROUTINE = "routine"
-    STAT = "stat"
+from radflow_core.events import Lane
 
 
 class Level(StrEnum):
@@ -35,7 +32,11 @@ class Destination:
     auth: str | None
     """Name of a secret reference (environment variable or file), never the secret."""
     transfer_syntaxes: tuple[str, ...]
+    """Accepted transfer syntaxes, preferred first; empty means any."""
     max_batch: int
+    lane: Lane | None = None
+    """The destination's own priority: ``stat`` sends everything routed to it in the
+    STAT lane unless the rule says otherwise."""
 
 
 @dataclass(frozen=True)
@@ -213,6 +214,10 @@ class RuleSet:
     default: Default
     stat: StatPolicy
     warnings: tuple[str, ...] = ()
+    digest: str = ""
+    """First 12 hex digits of the rule file's sha256: which file made a decision."""
+    attributes: frozenset[str] = frozenset()
+    """Every attribute a condition reads; tells whether the dataset header is needed."""
 
 
 @dataclass(frozen=True)
@@ -240,8 +245,8 @@ def evaluate(rules: RuleSet, instance: Instance, at: datetime) -> Decision:
         trace.append((rule.name, result))
         if not result.matched:
             continue
-        lane = rule.lane or (Lane.STAT if instance.stat else Lane.ROUTINE)
         for name in rule.route:
+            lane = _lane(rule.lane, instance, rules.destinations[name])
             previous = routes.get(name)
             if previous is None:
                 routes[name] = Route(name, lane, rule.wait, (rule.name,))
@@ -256,8 +261,19 @@ def evaluate(rules: RuleSet, instance: Instance, at: datetime) -> Decision:
         return Decision(tuple(routes.values()), None, tuple(trace))
     default = rules.default
     if default.route:
-        lane = Lane.STAT if instance.stat else Lane.ROUTINE
-        return Decision(
-            tuple(Route(n, lane, None, ("default",)) for n in default.route), None, tuple(trace)
+        defaults = tuple(
+            Route(n, _lane(None, instance, rules.destinations[n]), None, ("default",))
+            for n in default.route
         )
+        return Decision(defaults, None, tuple(trace))
     return Decision((), default.hold or "no rule matched", tuple(trace))
+
+
+def _lane(chosen: Lane | None, instance: Instance, destination: Destination) -> Lane:
+    """The rule's lane if it names one; else STAT for a STAT instance; else the
+    destination's own priority."""
+    if chosen is not None:
+        return chosen
+    if instance.stat:
+        return Lane.STAT
+    return destination.lane or Lane.ROUTINE

@@ -1,0 +1,143 @@
+"""What an instance looks like to the rules: the event's routing fields, plus the
+dataset header's attributes when a rule (or the STAT policy) needs them.
+
+The same function serves the running router (header read from S3) and ``explain``
+(header read from a local file), so an engineer's dry run sees exactly what the
+service sees.
+"""
+
+from __future__ import annotations
+
+from typing import BinaryIO
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from radflow_core.errors import PipelineError
+from radflow_core.events import InstanceIdentity
+from router.rules import Instance, RuleSet
+
+EVENT_FIELDS = frozenset(
+    {"modality", "body_part_examined", "sop_class_uid", "calling_ae", "called_ae"}
+)
+"""Attributes the normalized event itself carries; rules on these need no header."""
+_SKIPPED_VR = frozenset({"SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN"})
+_MAX_VALUE = 1024
+
+
+class UnreadableHeader(PipelineError):
+    """The stored instance's header cannot be parsed (it passed ingest, so this means
+    a damaged blob or a parser limit); retrying will not help."""
+
+    reason = "unreadable_header"
+
+
+def needs_header(rules: RuleSet) -> bool:
+    """True when a condition reads an attribute the event does not carry, or the STAT
+    policy looks at Requested Procedure Priority."""
+    return rules.stat.from_priority or not rules.attributes <= EVENT_FIELDS
+
+
+def parse_header(file: BinaryIO) -> Dataset:
+    """The dataset up to (not including) its pixel data.
+
+    Raises:
+        UnreadableHeader: with the parser's error type only (its messages can quote
+            values).
+    """
+    try:
+        ds = dcmread(file, stop_before_pixels=True)
+        for _ in ds:  # decode every top-level element now, while the file is open
+            pass
+    except PipelineError:
+        raise
+    except RecursionError:
+        raise UnreadableHeader("sequences nested too deeply") from None
+    except Exception as exc:  # noqa: BLE001 - any parser failure means unreadable
+        raise UnreadableHeader(f"header cannot be parsed ({type(exc).__name__})") from None
+    return ds
+
+
+def header_attributes(ds: Dataset) -> dict[str, str | None]:
+    """Every top-level text attribute by keyword, and the requested procedure priority.
+
+    Patient demographics (group 0010) are left out: rules route on the study, not on
+    who the patient is, and explain output must be safe to paste into a ticket.
+    """
+    values: dict[str, str | None] = {}
+    for elem in ds:
+        if elem.tag.group == 0x0010 or not elem.keyword or elem.VR in _SKIPPED_VR:
+            continue
+        try:
+            value = elem.value
+        except Exception:  # noqa: BLE001 - one undecodable value does not stop routing
+            value = None
+        values[elem.keyword] = None if value is None else str(value)[:_MAX_VALUE]
+    if not values.get("RequestedProcedurePriority"):
+        for item in ds.get("RequestAttributesSequence") or ():
+            priority = item.get("RequestedProcedurePriority")
+            if priority:
+                values["RequestedProcedurePriority"] = str(priority)
+                break
+    return values
+
+
+def instance_view(
+    rules: RuleSet,
+    header: dict[str, str | None],
+    *,
+    modality: str | None,
+    body_part_examined: str | None,
+    sop_class_uid: str | None,
+    calling_ae: str | None,
+    called_ae: str | None,
+    dimse_priority: str | None,
+) -> Instance:
+    """Header attributes overlaid with the event's fields (what ingest validated)."""
+    attributes = dict(header)
+    attributes.update(
+        {
+            "modality": modality,
+            "body_part_examined": body_part_examined,
+            "sop_class_uid": sop_class_uid,
+            "calling_ae": calling_ae,
+            "called_ae": called_ae,
+        }
+    )
+    return Instance(attributes, rules.stat.is_stat(attributes, dimse_priority))
+
+
+def event_view(rules: RuleSet, event: InstanceIdentity, header: Dataset | None) -> Instance:
+    """The running router's view of one normalized event."""
+    return instance_view(
+        rules,
+        header_attributes(header) if header is not None else {},
+        modality=event.modality,
+        body_part_examined=event.body_part_examined,
+        sop_class_uid=event.sop_class_uid,
+        calling_ae=event.sender.calling_ae,
+        called_ae=event.sender.called_ae,
+        dimse_priority=event.priority.value,
+    )
+
+
+def file_view(
+    rules: RuleSet,
+    ds: Dataset,
+    *,
+    calling_ae: str | None,
+    called_ae: str | None,
+    dimse_priority: str | None,
+) -> Instance:
+    """``explain``'s view of a local file, as the router would see it after ingest."""
+    header = header_attributes(ds)
+    return instance_view(
+        rules,
+        header,
+        modality=header.get("Modality"),
+        body_part_examined=header.get("BodyPartExamined"),
+        sop_class_uid=header.get("SOPClassUID"),
+        calling_ae=calling_ae,
+        called_ae=called_ae,
+        dimse_priority=dimse_priority,
+    )

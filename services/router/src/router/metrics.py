@@ -1,0 +1,38 @@
+"""Router metrics (Prometheus)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge
+
+RULE_MATCHES = Counter(
+    "radflow_router_rule_matches_total", "Instances each rule matched.", ["rule"]
+)
+REQUESTS = Counter(
+    "radflow_router_forward_requests_total",
+    "Forward requests emitted, by destination, lane and whether they waited for the study.",
+    ["destination", "lane", "waited"],
+)
+HELD = Counter("radflow_router_held_total", "Instances held by the default action.")
+PENDING_GROUPS = Gauge(
+    "radflow_router_pending_studies",
+    "Studies (or series) waiting for their quiet period, per destination group.",
+)
+PENDING_INSTANCES = Gauge(
+    "radflow_router_pending_instances", "Forward requests held until their study is complete."
+)
+RELEASED = Counter(
+    "radflow_router_released_total", "Studies (or series) released after their quiet period."
+)
+RULES_GENERATION = Gauge(
+    "radflow_router_rules_generation",
+    "How many valid rule files were loaded since start (1 after start).",
+)
+RULES_VALID = Gauge(
+    "radflow_router_rules_valid",
+    "1 if the rule file on disk is the one in use; 0 if its last change was rejected.",
+)
+RULES_RELOADS = Counter(
+    "radflow_router_rules_reloads_total",
+    "Rule file changes seen, by outcome (applied, rejected).",
+    ["outcome"],
+)

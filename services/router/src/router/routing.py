@@ -1,0 +1,173 @@
+"""One normalized instance in, its forward requests (or a hold) out.
+
+Each (instance, destination) gets one request whose idempotency key is derived from
+the SOP Instance UID, the original's sha256 and the destination name, so the same
+instance reaching the router twice asks for the same delivery, which the forwarder
+recognises. Requests wait in :mod:`router.pending` when a rule waits for the study to
+be complete, and are published at once otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from aiokafka import ConsumerRecord
+
+from radflow_core.blobstore import BlobStore
+from radflow_core.events import (
+    BlobRef,
+    Envelope,
+    ForwardRequested,
+    InstanceHeld,
+    InstanceIdentity,
+    InstanceNormalized,
+    Lane,
+)
+from radflow_core.kafka import EventProducer
+from radflow_core.settings import KafkaSettings
+from radflow_core.topics import Topic
+from router.attributes import event_view, needs_header, parse_header
+from router.live_rules import LiveRules
+from router.metrics import HELD, REQUESTS, RULE_MATCHES
+from router.pending import PendingStudies
+from router.rules import Destination, Route, RuleSet, evaluate
+
+log = logging.getLogger(__name__)
+
+
+def idempotency_key(sop_instance_uid: str, original_sha256: str, destination: str) -> str:
+    text = f"{sop_instance_uid}\n{original_sha256}\n{destination}"
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def variant_for(event: InstanceNormalized, destination: Destination) -> tuple[BlobRef, str, str]:
+    """(blob, its syntax, syntax to deliver) for one destination.
+
+    The canonical variant when the destination takes it (or takes anything); else the
+    original when the destination takes the original's syntax (never converting what
+    needs no conversion); else the canonical variant, to be converted by the
+    forwarder to the destination's first choice.
+    """
+    accepted = destination.transfer_syntaxes
+    canonical = event.canonical_transfer_syntax_uid
+    if not accepted or canonical in accepted:
+        return event.canonical, canonical, canonical
+    if event.original_transfer_syntax_uid in accepted:
+        original = event.original_transfer_syntax_uid
+        return event.original, original, original
+    return event.canonical, canonical, accepted[0]
+
+
+def _identity(event: InstanceIdentity) -> dict[str, Any]:
+    return event.model_dump(include=set(InstanceIdentity.model_fields))
+
+
+def forward_request(
+    event: InstanceNormalized, rules: RuleSet, route: Route, now: datetime
+) -> ForwardRequested:
+    blob, syntax, requested = variant_for(event, rules.destinations[route.destination])
+    return ForwardRequested(
+        **_identity(event),
+        destination=route.destination,
+        lane=route.lane,
+        blob=blob,
+        transfer_syntax_uid=syntax,
+        requested_transfer_syntax_uid=requested,
+        original_sha256=event.original.sha256,
+        rules=route.rules,
+        rules_digest=rules.digest,
+        idempotency_key=idempotency_key(
+            event.sop_instance_uid, event.original.sha256, route.destination
+        ),
+        routed_at=now,
+    )
+
+
+class Router:
+    def __init__(
+        self,
+        rules: LiveRules,
+        blobs: BlobStore,
+        producer: EventProducer,
+        kafka: KafkaSettings,
+        pending: PendingStudies,
+        header_limit_bytes: int,
+    ) -> None:
+        self._rules = rules
+        self._blobs = blobs
+        self._producer = producer
+        self._kafka = kafka
+        self._pending = pending
+        self._header_limit = header_limit_bytes
+
+    async def emit(self, request: ForwardRequested) -> None:
+        """Publish one request on its lane's topic (acks=all)."""
+        topic = (
+            Topic.FORWARD_REQUESTED_STAT if request.lane is Lane.STAT else Topic.FORWARD_REQUESTED
+        )
+        await self._producer.publish(request, request.key, topic=self._kafka.topic(topic))
+        REQUESTS.labels(
+            request.destination, request.lane.value, "yes" if request.waited_for else "no"
+        ).inc()
+
+    async def handle(
+        self, envelope: Envelope[InstanceNormalized], record: ConsumerRecord[bytes, bytes]
+    ) -> None:
+        event = envelope.data
+        rules = self._rules.current  # one snapshot for the whole decision
+        header = None
+        if needs_header(rules):
+            header = await self._blobs.read_partially(
+                event.canonical, parse_header, self._header_limit
+            )
+        now = datetime.now(UTC)
+        decision = evaluate(rules, event_view(rules, event, header), now)
+        if decision.hold is not None:
+            await self._hold(event, rules, decision.hold, now)
+        else:
+            waiting: list[tuple[ForwardRequested, Route]] = []
+            immediate: list[ForwardRequested] = []
+            for route in decision.routes:
+                request = forward_request(event, rules, route, now)
+                if route.wait is not None:
+                    waiting.append((request, route))
+                else:
+                    immediate.append(request)
+            for request, route in waiting:
+                assert route.wait is not None
+                await self._pending.add(record.partition, request, route.wait, now)
+            await asyncio.gather(*(self.emit(r) for r in immediate))
+        for name, result in decision.trace:
+            if result.matched:
+                RULE_MATCHES.labels(name).inc()
+        log.info(
+            "routed",
+            extra={
+                "sop_instance_uid": event.sop_instance_uid,
+                "study_instance_uid": event.study_instance_uid,
+                "destinations": [r.destination for r in decision.routes],
+                "rules": sorted({n for r in decision.routes for n in r.rules}),
+                "lane": ",".join(sorted({r.lane.value for r in decision.routes})),
+                "pending": sum(1 for r in decision.routes if r.wait is not None),
+                "reason": decision.hold,
+                "rules_digest": rules.digest,
+            },
+        )
+
+    async def _hold(
+        self, event: InstanceNormalized, rules: RuleSet, reason: str, now: datetime
+    ) -> None:
+        held = InstanceHeld(
+            **_identity(event),
+            reason=reason,
+            canonical=event.canonical,
+            canonical_transfer_syntax_uid=event.canonical_transfer_syntax_uid,
+            rules_digest=rules.digest,
+            held_at=now,
+        )
+        await self._producer.publish(held, event.key)
+        HELD.inc()
