@@ -64,9 +64,12 @@ def _service_factory(
         stack_: Stack | None = None,
         env: dict[str, str] | None = None,
         wait_ready: bool = True,
+        wait_port: bool = True,
         **settings: str,
     ) -> IngestProcess:
-        """``settings`` are RADFLOW_<SERVICE>_* values by lower-case name; ``env`` is raw."""
+        """``settings`` are RADFLOW_<SERVICE>_* values by lower-case name; ``env`` is raw.
+        Without ``wait_ready`` it waits for the HTTP port only, or (``wait_port=False``,
+        for a service expected not to start) for nothing."""
         st = stack_ or stack
         dimse_port, http_port = free_port(), free_port()
         env = {
@@ -81,7 +84,7 @@ def _service_factory(
         name = f"{module}-{len(started)}"
         proc = start_service(name, module, env, tmp_path, ready)
         handle = IngestProcess(proc, dimse_port, http_port, extra=settings)
-        if not wait_ready:
+        if not wait_ready and wait_port:
             proc.wait_for_port(http_port)
         started.append(handle)
         return handle
@@ -111,4 +114,13 @@ def start_transcode(stack: Stack, tmp_path: Path) -> Iterator[ServiceFactory]:
     """Start ``python -m transcode`` against ``stack``; stops it (gracefully) afterwards."""
     started: list[IngestProcess] = []
     yield _service_factory("transcode", stack, tmp_path, started)
+    _stop_all(started)
+
+
+@pytest.fixture
+def start_router(stack: Stack, tmp_path: Path) -> Iterator[ServiceFactory]:
+    """Start ``python -m router`` against ``stack`` (pass rules_file=...); stops it
+    (gracefully) afterwards."""
+    started: list[IngestProcess] = []
+    yield _service_factory("router", stack, tmp_path, started)
     _stop_all(started)

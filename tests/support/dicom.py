@@ -9,6 +9,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -66,9 +67,10 @@ def make_instance(
     rows: int = 16,
     columns: int = 16,
     omit: tuple[str, ...] = (),
+    extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write a small CT-like instance (with sentinel demographics) to ``path``; UIDs are
-    written as given, even invalid ones."""
+    written as given, even invalid ones; ``extra`` sets more attributes by keyword."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom warns on the invalid UIDs tests ask for
         return _make_instance(
@@ -81,6 +83,7 @@ def make_instance(
             rows=rows,
             columns=columns,
             omit=omit,
+            extra=extra or {},
         )
 
 
@@ -95,6 +98,7 @@ def _make_instance(
     rows: int,
     columns: int,
     omit: tuple[str, ...],
+    extra: dict[str, Any],
 ) -> Path:
     ds = Dataset()
     ds.SOPClassUID = sop_class_uid
@@ -112,6 +116,8 @@ def _make_instance(
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
     ds.PixelData = bytes(range(256)) * (rows * columns * 2 // 256 + 1)
     ds.PixelData = ds.PixelData[: rows * columns * 2]
+    for keyword, value in extra.items():
+        setattr(ds, keyword, value)
     for keyword in omit:
         delattr(ds, keyword)
     meta = FileMetaDataset()
@@ -129,8 +135,16 @@ class StoreResult:
     comment: str | None
 
 
+PRIORITY = {"medium": 0, "high": 1, "low": 2}
+"""DIMSE C-STORE Priority values."""
+
+
 def pynetdicom_store(
-    port: int, path: Path, called_ae: str = "RADFLOW", calling_ae: str = "PYSCU"
+    port: int,
+    path: Path,
+    called_ae: str = "RADFLOW",
+    calling_ae: str = "PYSCU",
+    priority: str = "medium",
 ) -> StoreResult:
     """Send one file with pynetdicom's SCU, proposing the file's own transfer syntax."""
     ds = pydicom.dcmread(path)
@@ -139,7 +153,7 @@ def pynetdicom_store(
     assoc = ae.associate("127.0.0.1", port, ae_title=called_ae)
     assert assoc.is_established, "association not established"
     try:
-        rsp = assoc.send_c_store(ds)
+        rsp = assoc.send_c_store(ds, priority=PRIORITY[priority])
     finally:
         assoc.release()
     assert rsp is not None and "Status" in rsp, "no C-STORE response"

@@ -185,17 +185,29 @@ PartitionsHook = Callable[[set[TopicPartition]], Awaitable[None]]
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Runs the hooks and tells the loop when the new assignment may be handled.
+
+    aiokafka starts fetching for new partitions before the assigned hook has finished;
+    ``ready`` holds records back until it has (and stays clear if the hook failed).
+    """
+
     def __init__(self, assigned: PartitionsHook | None, revoked: PartitionsHook | None) -> None:
         self._assigned = assigned
         self._revoked = revoked
+        self.ready = asyncio.Event()
+        if assigned is None:
+            self.ready.set()
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        if self._assigned is not None:
+            self.ready.clear()
         if self._revoked is not None:
             await self._revoked(set(revoked))
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         if self._assigned is not None:
             await self._assigned(set(assigned))
+            self.ready.set()
 
 
 class EventConsumer(Generic[PayloadT]):
@@ -257,6 +269,8 @@ class EventConsumer(Generic[PayloadT]):
         try:
             while not self._stopping.is_set():
                 batches = await self._consumer.getmany(timeout_ms=500, max_records=100)
+                if not self._listener.ready.is_set():
+                    await _first_of(self._listener.ready, self._stopping)
                 for tp, records in batches.items():
                     await self._handle_partition(tp, records)
         finally:
@@ -340,6 +354,15 @@ class EventConsumer(Generic[PayloadT]):
     def stop(self) -> None:
         """Ask :meth:`run` to return after the record in hand; safe to call twice."""
         self._stopping.set()
+
+
+async def _first_of(*events: asyncio.Event) -> None:
+    waiters = [asyncio.create_task(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
 
 
 async def ensure_topics(

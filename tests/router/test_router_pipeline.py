@@ -1,0 +1,355 @@
+"""The router on the real broker and S3, fed by real ingest and transcode: studies
+come out as the right forward requests, delayed studies are released once even across
+restarts, STAT goes to its own lane, rule files reload live."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom.uid import generate_uid
+
+from radflow_core.topics import Topic
+from support.dicom import make_instance, pynetdicom_store
+from support.metrics import metric
+from support.stack import IngestProcess, Stack
+from support.waiting import wait_for
+
+pytestmark = pytest.mark.pipeline
+
+DESTINATIONS = """
+destinations:
+  pacs:
+    url: http://127.0.0.1:1/dicom-web
+  ai:
+    url: http://127.0.0.1:2/dicom-web
+    transfer_syntaxes: [1.2.840.10008.1.2.1]
+  nighthawk:
+    url: http://127.0.0.1:3/dicom-web
+"""
+
+
+def write_rules(path: Path, body: str) -> Path:
+    path.write_text("version: 1\ntimezone: UTC\n" + DESTINATIONS + body)
+    return path
+
+
+def line_of(path: Path, text: str) -> int:
+    return next(i for i, line in enumerate(path.read_text().splitlines(), 1) if text in line)
+
+
+def requests(stack: Stack, topic: Topic = Topic.FORWARD_REQUESTED) -> list[dict[str, Any]]:
+    return [e["data"] for e in stack.events(topic)]
+
+
+def send_series(
+    ingest: IngestProcess,
+    tmp_path: Path,
+    study: str,
+    count: int,
+    *,
+    modality: str = "CT",
+    calling_ae: str = "PYSCU",
+    priority: str = "medium",
+    extra: dict[str, Any] | None = None,
+) -> list[str]:
+    """Send ``count`` instances of one new series; returns their SOP Instance UIDs."""
+    series = generate_uid()
+    uids = []
+    for _ in range(count):
+        uid = generate_uid()
+        path = make_instance(
+            tmp_path / f"{uid}.dcm",
+            sop_instance_uid=uid,
+            study_instance_uid=study,
+            series_instance_uid=series,
+            modality=modality,
+            extra=extra,
+        )
+        result = pynetdicom_store(ingest.dimse_port, path, calling_ae=calling_ae, priority=priority)
+        assert result.status == 0, result
+        uids.append(uid)
+    return uids
+
+
+@pytest.fixture
+def pipeline(stack: Stack, start_ingest, start_transcode) -> IngestProcess:
+    """Ingest and transcode running; the router is started by each test."""
+    ingest: IngestProcess = start_ingest()
+    start_transcode()
+    return ingest
+
+
+def test_a_study_of_several_series_becomes_one_request_per_instance_and_destination(
+    stack: Stack, pipeline: IngestProcess, start_router, tmp_path: Path
+) -> None:
+    rules = write_rules(
+        tmp_path / "rules.yaml",
+        """
+rules:
+  - name: ct-to-ai
+    when: {modality: CT}
+    route: [ai]
+    continue: true
+  - name: everything-to-pacs
+    route: [pacs]
+default:
+  hold: unrouted
+""",
+    )
+    start_router(rules_file=str(rules))
+    study = generate_uid()
+    ct = send_series(pipeline, tmp_path, study, 3, modality="CT")
+    ct += send_series(pipeline, tmp_path, study, 2, modality="CT")
+    mr = send_series(pipeline, tmp_path, study, 2, modality="MR")
+
+    wait_for("12 forward requests", lambda: len(requests(stack)) == 12, timeout_s=90)
+    normalized = {
+        e["data"]["sop_instance_uid"]: e["data"] for e in stack.events(Topic.INSTANCE_NORMALIZED)
+    }
+    got = requests(stack)
+    assert sorted((r["sop_instance_uid"], r["destination"]) for r in got) == sorted(
+        [(u, "ai") for u in ct] + [(u, "pacs") for u in ct + mr]
+    )
+    for request in got:
+        event = normalized[request["sop_instance_uid"]]
+        assert request["study_instance_uid"] == study
+        assert request["lane"] == "routine"
+        assert request["original_sha256"] == event["original"]["sha256"]
+        key = "\n".join(
+            (request["sop_instance_uid"], event["original"]["sha256"], request["destination"])
+        )
+        assert request["idempotency_key"] == hashlib.sha256(key.encode()).hexdigest()
+        if request["destination"] == "ai":  # accepts only Explicit VR LE: the original
+            assert request["rules"] == ["ct-to-ai"]
+            assert request["blob"] == event["original"]
+            assert request["requested_transfer_syntax_uid"] == "1.2.840.10008.1.2.1"
+        else:
+            assert request["rules"] == ["everything-to-pacs"]
+            assert request["blob"] == event["canonical"]
+            assert request["transfer_syntax_uid"] == event["canonical_transfer_syntax_uid"]
+        stack.assert_event_matches_blob({"data": {"blob": request["blob"]}})
+    assert requests(stack, Topic.FORWARD_REQUESTED_STAT) == []
+    assert requests(stack, Topic.INSTANCE_HELD) == []
+
+
+WAIT_RULES = """
+rules:
+  - name: wait-for-study
+    route: [pacs]
+    wait_for_study_complete: {quiet_seconds: %d, level: study}
+default:
+  hold: unrouted
+"""
+
+
+@pytest.mark.parametrize("crash", [False, True], ids=["sigterm", "sigkill"])
+def test_a_delayed_study_is_released_once_after_its_quiet_period_across_a_restart(
+    stack: Stack, pipeline: IngestProcess, start_router, tmp_path: Path, crash: bool
+) -> None:
+    # Long enough to cover a restart, including the broker's session timeout (10 s)
+    # that keeps a killed router's partitions assigned to it.
+    quiet = 20
+    rules = write_rules(tmp_path / "rules.yaml", WAIT_RULES % quiet)
+    router = start_router(rules_file=str(rules), release_interval_s="0.2")
+    study = generate_uid()
+    sent = send_series(pipeline, tmp_path, study, 4)
+    wait_for(
+        "4 pending instances",
+        lambda: metric(router.url, "radflow_router_pending_instances") == 4,
+        timeout_s=60,
+    )
+    if crash:
+        router.proc.kill()
+        router.expected_exit = -9
+    else:
+        assert router.proc.stop() == 0
+    assert requests(stack) == []
+
+    restarted = start_router(rules_file=str(rules), release_interval_s="0.2")
+    wait_for(
+        "the pending study restored",
+        lambda: metric(restarted.url, "radflow_router_pending_instances") == 4,
+        timeout_s=60,
+    )
+    wait_for("the study released", lambda: len(requests(stack)) == 4, timeout_s=quiet + 30)
+    time.sleep(2)  # ten release ticks: a second release would show now
+    released = requests(stack)
+    assert sorted(r["sop_instance_uid"] for r in released) == sorted(sent)
+    assert {r["waited_for"] for r in released} == {"study"}
+    last_arrival = max(
+        datetime.fromisoformat(e["data"]["normalized_at"])
+        for e in stack.events(Topic.INSTANCE_NORMALIZED)
+    )
+    released_at = min(datetime.fromisoformat(r["routed_at"]) for r in released)
+    assert (released_at - last_arrival).total_seconds() >= quiet
+    assert metric(restarted.url, "radflow_router_pending_instances") == 0
+
+
+def test_instances_arriving_during_the_quiet_period_extend_it_and_leave_together(
+    stack: Stack, pipeline: IngestProcess, start_router, tmp_path: Path
+) -> None:
+    rules = write_rules(tmp_path / "rules.yaml", WAIT_RULES % 4)
+    router = start_router(rules_file=str(rules), release_interval_s="0.2")
+    study = generate_uid()
+    first = send_series(pipeline, tmp_path, study, 2)
+    wait_for("2 pending", lambda: metric(router.url, "radflow_router_pending_instances") == 2)
+    time.sleep(2)
+    second = send_series(pipeline, tmp_path, study, 2)
+    wait_for("4 pending", lambda: metric(router.url, "radflow_router_pending_instances") == 4)
+    wait_for("the study released", lambda: len(requests(stack)) == 4, timeout_s=30)
+    released = requests(stack)
+    assert sorted(r["sop_instance_uid"] for r in released) == sorted(first + second)
+    assert len({r["routed_at"] for r in released}) == 1, "released as one group"
+
+
+def test_a_stat_instance_takes_the_stat_lane_past_a_routine_backlog(
+    stack: Stack, pipeline: IngestProcess, start_router, tmp_path: Path
+) -> None:
+    rules = write_rules(
+        tmp_path / "rules.yaml",
+        """
+stat:
+  from_priority: true
+  calling_aes: [ER_CT1]
+rules:
+  - name: all-to-pacs
+    route: [pacs]
+default:
+  hold: unrouted
+""",
+    )
+    start_router(rules_file=str(rules))
+    backlog = send_series(pipeline, tmp_path, generate_uid(), 20)
+    by_ae = send_series(pipeline, tmp_path, generate_uid(), 1, calling_ae="ER_CT1")
+    by_priority = send_series(pipeline, tmp_path, generate_uid(), 1, priority="high")
+    by_tag = send_series(
+        pipeline, tmp_path, generate_uid(), 1, extra={"RequestedProcedurePriority": "STAT"}
+    )
+    wait_for(
+        "routine backlog and 3 STAT requests",
+        lambda: (
+            len(requests(stack)) == 20 and len(requests(stack, Topic.FORWARD_REQUESTED_STAT)) == 3
+        ),
+        timeout_s=90,
+    )
+    # The STAT lane holds only the STAT instances: a forwarder that reads it first
+    # delivers them before any of the routine backlog.
+    stat = requests(stack, Topic.FORWARD_REQUESTED_STAT)
+    assert sorted(r["sop_instance_uid"] for r in stat) == sorted(by_ae + by_priority + by_tag)
+    assert {r["lane"] for r in stat} == {"stat"}
+    assert sorted(r["sop_instance_uid"] for r in requests(stack)) == sorted(backlog)
+
+
+def test_rules_on_header_attributes_and_tags_route_and_unmatched_instances_are_held(
+    stack: Stack, pipeline: IngestProcess, start_router, tmp_path: Path
+) -> None:
+    rules = write_rules(
+        tmp_path / "rules.yaml",
+        """
+rules:
+  - name: stroke
+    when:
+      all:
+        - study_description: {regex: "(?i)stroke"}
+        - (0008,0080): {equals: "Kantonsspital"}
+    route: [ai]
+  - name: night-institution
+    when: {InstitutionName: Nachtklinik}
+    route: [nighthawk]
+default:
+  hold: "no rule for this institution"
+""",
+    )
+    router = start_router(rules_file=str(rules))
+    stroke = send_series(
+        pipeline,
+        tmp_path,
+        generate_uid(),
+        1,
+        extra={"StudyDescription": "CT Stroke protocol", "InstitutionName": "Kantonsspital"},
+    )
+    night = send_series(
+        pipeline, tmp_path, generate_uid(), 1, extra={"InstitutionName": "Nachtklinik"}
+    )
+    other = send_series(
+        pipeline, tmp_path, generate_uid(), 1, extra={"InstitutionName": "Elsewhere"}
+    )
+    wait_for(
+        "2 requests and 1 hold",
+        lambda: len(requests(stack)) == 2 and len(requests(stack, Topic.INSTANCE_HELD)) == 1,
+        timeout_s=90,
+    )
+    routed = {r["sop_instance_uid"]: (r["destination"], r["rules"]) for r in requests(stack)}
+    assert routed == {stroke[0]: ("ai", ["stroke"]), night[0]: ("nighthawk", ["night-institution"])}
+    (held,) = requests(stack, Topic.INSTANCE_HELD)
+    assert held["sop_instance_uid"] == other[0]
+    assert held["reason"] == "no rule for this institution"
+    stack.assert_event_matches_blob({"data": {"blob": held["canonical"]}})
+    assert metric(router.url, "radflow_router_rule_matches_total", rule="stroke") == 1
+    assert metric(router.url, "radflow_router_held_total") == 1
+    assert "SENTINEL" not in router.log()
+
+
+def test_a_changed_rule_file_takes_effect_live_and_an_invalid_change_is_rejected(
+    stack: Stack, pipeline: IngestProcess, start_router, tmp_path: Path
+) -> None:
+    rules = write_rules(
+        tmp_path / "rules.yaml", "rules:\n  - name: a\n    route: [pacs]\ndefault: {hold: x}\n"
+    )
+    router = start_router(rules_file=str(rules), reload_interval_s="0.2")
+    assert metric(router.url, "radflow_router_rules_generation") == 1
+    first = send_series(pipeline, tmp_path, generate_uid(), 1)
+    wait_for("first request", lambda: len(requests(stack)) == 1, timeout_s=60)
+
+    write_rules(rules, "rules:\n  - name: b\n    route: [nighthawk]\ndefault: {hold: x}\n")
+    wait_for("reload", lambda: metric(router.url, "radflow_router_rules_generation") == 2)
+    second = send_series(pipeline, tmp_path, generate_uid(), 1)
+    wait_for("second request", lambda: len(requests(stack)) == 2, timeout_s=60)
+
+    write_rules(rules, "rules:\n  - name: c\n    route: [nowhere]\ndefault: {hold: x}\n")
+    wait_for("rejection", lambda: metric(router.url, "radflow_router_rules_valid") == 0)
+    third = send_series(pipeline, tmp_path, generate_uid(), 1)
+    wait_for("third request", lambda: len(requests(stack)) == 3, timeout_s=60)
+
+    routed = {r["sop_instance_uid"]: r["destination"] for r in requests(stack)}
+    assert routed == {first[0]: "pacs", second[0]: "nighthawk", third[0]: "nighthawk"}
+    assert router.proc.proc is not None and router.proc.proc.poll() is None
+    assert metric(router.url, "radflow_router_rules_reloads_total", outcome="rejected") == 1
+    assert f"rules.yaml:{line_of(rules, 'nowhere')}: unknown destination 'nowhere'" in router.log()
+
+    write_rules(rules, "rules:\n  - name: d\n    route: [ai]\ndefault: {hold: x}\n")
+    wait_for("recovery", lambda: metric(router.url, "radflow_router_rules_valid") == 1)
+    assert metric(router.url, "radflow_router_rules_generation") == 3
+
+
+def test_the_router_does_not_start_on_an_invalid_rule_file(
+    stack: Stack, start_router, tmp_path: Path
+) -> None:
+    rules = write_rules(tmp_path / "rules.yaml", "rules:\n  - name: a\n    route: [nowhere]\n")
+    router = start_router(rules_file=str(rules), wait_ready=False, wait_port=False)
+    router.expected_exit = 3
+    assert router.proc.proc is not None
+    assert router.proc.proc.wait(timeout=60) == 3
+    log = router.log()
+    assert f"rules.yaml:{line_of(rules, 'nowhere')}: unknown destination 'nowhere'" in log
+    assert "no 'default'" in log
+
+
+def test_a_second_router_replaying_the_topic_asks_for_the_same_deliveries(
+    stack: Stack, pipeline: IngestProcess, start_router, tmp_path: Path
+) -> None:
+    rules = write_rules(
+        tmp_path / "rules.yaml", "rules:\n  - name: a\n    route: [pacs, ai]\ndefault: {hold: x}\n"
+    )
+    start_router(rules_file=str(rules))
+    send_series(pipeline, tmp_path, generate_uid(), 3)
+    wait_for("6 requests", lambda: len(requests(stack)) == 6, timeout_s=60)
+    start_router(rules_file=str(rules), group_id="replay")
+    wait_for("12 requests", lambda: len(requests(stack)) == 12, timeout_s=60)
+    keys = [r["idempotency_key"] for r in requests(stack)]
+    assert len(set(keys)) == 6 and all(keys.count(k) == 2 for k in keys)
