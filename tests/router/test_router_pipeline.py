@@ -14,6 +14,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from radflow_core.topics import Topic
+from support.bad_rules import BAD_RULE_FILES, GOOD_HEAD
 from support.dicom import make_instance, pynetdicom_store
 from support.metrics import metric
 from support.stack import IngestProcess, Stack
@@ -353,3 +354,26 @@ def test_a_second_router_replaying_the_topic_asks_for_the_same_deliveries(
     wait_for("12 requests", lambda: len(requests(stack)) == 12, timeout_s=60)
     keys = [r["idempotency_key"] for r in requests(stack)]
     assert len(set(keys)) == 6 and all(keys.count(k) == 2 for k in keys)
+
+
+def test_no_kind_of_bad_rule_file_stops_a_running_router(
+    stack: Stack, pipeline: IngestProcess, start_router, tmp_path: Path
+) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(GOOD_HEAD + "rules:\n  - name: good\n    route: [pacs]\ndefault: {hold: x}\n")
+    router = start_router(rules_file=str(rules), reload_interval_s="0.1")
+    for count, (kind, text, expected) in enumerate(BAD_RULE_FILES, 1):
+        rules.write_text(text)
+        wait_for(
+            f"{kind} rejected",
+            lambda n=count: (
+                metric(router.url, "radflow_router_rules_reloads_total", outcome="rejected") == n
+            ),
+        )
+        assert expected.replace("site.yaml", str(rules)) in router.log(), kind
+    assert metric(router.url, "radflow_router_rules_valid") == 0
+    assert metric(router.url, "radflow_router_rules_generation") == 1
+    sent = send_series(pipeline, tmp_path, generate_uid(), 1)
+    wait_for("routed by the last valid rules", lambda: len(requests(stack)) == 1, timeout_s=60)
+    (request,) = requests(stack)
+    assert (request["sop_instance_uid"], request["rules"]) == (sent[0], ["good"])

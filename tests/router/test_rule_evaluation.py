@@ -7,8 +7,9 @@ from datetime import UTC, datetime
 
 import pytest
 
+from radflow_core.events import Lane
 from router.loader import load_text
-from router.rules import Instance, Lane, evaluate
+from router.rules import Instance, evaluate
 
 RULES = """
 version: 1
