@@ -13,12 +13,13 @@ import pytest
 from radflow_devstack.parts import http_status
 from radflow_devstack.processes import ManagedProcess, free_port
 from support.dicom import bundled_file, storescu
+from support.waiting import wait_for
 
 pytestmark = pytest.mark.pipeline
 
 
 def test_run_starts_the_stack_and_a_sent_instance_becomes_event_and_blob(tmp_path: Path) -> None:
-    ports = {name: free_port() for name in ("broker", "s3", "dimse", "http", "transcode")}
+    ports = {name: free_port() for name in ("broker", "s3", "dimse", "http", "transcode", "router")}
     stack = ManagedProcess(
         "devstack",
         [
@@ -33,6 +34,10 @@ def test_run_starts_the_stack_and_a_sent_instance_becomes_event_and_blob(tmp_pat
             str(ports["dimse"]),
             "--http-port",
             str(ports["http"]),
+            "--transcode-port",
+            str(ports["transcode"]),
+            "--router-port",
+            str(ports["router"]),
             "--log-dir",
             str(tmp_path / "logs"),
         ],
@@ -67,18 +72,30 @@ def test_run_starts_the_stack_and_a_sent_instance_becomes_event_and_blob(tmp_pat
             check=True,
         )
         assert event["data"]["blob"]["key"] in blobs.stdout
+
+        def routed() -> list[str]:
+            return _devstack_args(["events", "dicom.forward.requested"], env).splitlines()
+
+        (request,) = wait_for("the instance routed to Orthanc", routed, timeout_s=90)
+        data = json.loads(request)["event"]["data"]
+        assert (data["destination"], data["rules"]) == ("orthanc", ["everything-to-orthanc"])
+        assert data["sop_instance_uid"] == event["data"]["sop_instance_uid"]
     finally:
         code = stack.stop(timeout_s=60)
     out = (tmp_path / "devstack.out").read_text()
     assert code == 0, out
-    for name in ("transcode", "ingest", "s3", "tansu"):
+    for name in ("router", "transcode", "ingest", "s3", "tansu"):
         assert f"stopped  {name} (exit 0)" in out
 
 
 def _devstack(command: str, env: dict[str, str]) -> str:
     """Run a look-inside subcommand of the launcher; return what it printed."""
+    return _devstack_args([command], env)
+
+
+def _devstack_args(args: list[str], env: dict[str, str]) -> str:
     done = subprocess.run(
-        [sys.executable, "-m", "radflow_devstack", command],
+        [sys.executable, "-m", "radflow_devstack", *args],
         capture_output=True,
         text=True,
         env=env,

@@ -28,6 +28,8 @@ from radflow_devstack.parts import (
 from radflow_devstack.peek import blobs_command, events_command
 from radflow_devstack.processes import ManagedProcess, StartupFailed
 
+LOCAL_RULES = Path(__file__).with_name("rules.yaml")
+
 
 def local_env(broker_port: int, s3_port: int) -> dict[str, str]:
     """Settings every service gets in the local stack."""
@@ -56,6 +58,13 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--dimse-port", type=int, default=11112)
         p.add_argument("--http-port", type=int, default=8080)
         p.add_argument("--transcode-port", type=int, default=8081)
+        p.add_argument("--router-port", type=int, default=8082)
+        p.add_argument(
+            "--rules",
+            type=Path,
+            default=LOCAL_RULES,
+            help="the router's rule file (default: everything to the local Orthanc)",
+        )
         p.add_argument("--log-dir", type=Path, default=Path(".run/logs"))
     events = commands.add_parser("events", help="print the events on a topic")
     events.add_argument("topic", nargs="?", default=Topic.INSTANCE_RECEIVED.value)
@@ -105,6 +114,16 @@ def run_stack(args: argparse.Namespace) -> int:
             )
         )
         print(f"transcode metrics {transcode_http}/metrics")
+        router_http = f"http://127.0.0.1:{args.router_port}"
+        router_env = {
+            **env,
+            "RADFLOW_ROUTER_HTTP_PORT": str(args.router_port),
+            "RADFLOW_ROUTER_RULES_FILE": str(args.rules.resolve()),
+        }
+        started.append(
+            start_service("router", "router", router_env, args.log_dir, f"{router_http}/readyz")
+        )
+        print(f"router   rules {args.rules}   metrics {router_http}/metrics")
         print(f"logs     {args.log_dir}/")
         print(f"try      TCP_NODELAY=1 storescu -aec RADFLOW 127.0.0.1 {args.dimse_port} FILE.dcm")
         print("see      .venv/bin/python -m radflow_devstack events   (and: ... blobs)")
