@@ -116,5 +116,27 @@ BAD_RULE_FILES: list[tuple[str, str, str]] = [
         "default: {hold: x}\n",
         "site.yaml:5: 'jpeg-ls' is not a transfer syntax UID",
     ),
+    (
+        "secret written into the rule file",
+        "version: 1\ndestinations:\n  pacs:\n    url: 'https://p.example'\n"
+        "    auth: {type: basic, username: u, password: hunter2}\nrules:\n  - name: a\n"
+        "    route: [pacs]\ndefault: {hold: x}\n",
+        "site.yaml:5: auth of destination 'pacs': secrets never go in the rule file; use "
+        "password_env",
+    ),
+    (
+        "unknown auth type",
+        "version: 1\ndestinations:\n  pacs:\n    url: 'https://p.example'\n"
+        "    auth: {type: kerberos}\nrules:\n  - name: a\n    route: [pacs]\n"
+        "default: {hold: x}\n",
+        "site.yaml:5: auth of destination 'pacs' needs type: basic, bearer or oauth2",
+    ),
+    (
+        "client certificate without its key",
+        "version: 1\ndestinations:\n  pacs:\n    url: 'https://p.example'\n"
+        "    tls: {cert_file: /c.pem}\nrules:\n  - name: a\n    route: [pacs]\n"
+        "default: {hold: x}\n",
+        "site.yaml:5: tls of destination 'pacs': cert_file and key_file go together",
+    ),
 ]
 """(kind of mistake, file text, expected message)."""

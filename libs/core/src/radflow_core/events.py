@@ -222,6 +222,62 @@ class ForwardRequested(InstanceIdentity):
     """When the router decided (UTC); for a delayed study, when it was released."""
 
 
+class Delivery(InstanceIdentity):
+    """What every delivery outcome says about the request it answers."""
+
+    destination: str
+    """Name of the destination as defined in the rule file."""
+    lane: Lane
+    """The lane the request travelled in."""
+    idempotency_key: Sha256Hex
+    """The request's key (SOP Instance UID, original sha256, destination)."""
+    original_sha256: Sha256Hex
+    """sha256 of the original as received."""
+    attempts: int = Field(ge=1)
+    """Sending attempts made (1 when it went through the first time)."""
+
+
+class ForwardCompleted(Delivery):
+    """``dicom.forward.completed`` v1: the destination acknowledged the instance."""
+
+    type_name: ClassVar[str] = "dicom.forward.completed"
+    version: ClassVar[int] = 1
+    topic: ClassVar[Topic | None] = Topic.FORWARD_COMPLETED
+
+    transfer_syntax_uid: Uid
+    """The transfer syntax the destination received."""
+    size: int = Field(ge=0)
+    """Bytes sent for this instance."""
+    delivered_at: AwareDatetime
+    """When the destination's positive answer arrived (UTC)."""
+    latency_s: float = Field(ge=0)
+    """From ``received_at`` (ingest) to ``delivered_at``: the end-to-end trace."""
+    already_delivered: bool = False
+    """True when a replayed request was recognised and not sent again."""
+
+
+class ForwardFailed(Delivery):
+    """``dicom.forward.failed`` v1: delivery given up, with the destination's answer."""
+
+    type_name: ClassVar[str] = "dicom.forward.failed"
+    version: ClassVar[int] = 1
+    topic: ClassVar[Topic | None] = Topic.FORWARD_FAILED
+
+    reason: str
+    """Machine-readable: ``rejected`` (the destination said no), ``retries_exhausted``,
+    ``blob_integrity_error``, ``blob_not_found``, ``cannot_convert``, ``unknown_destination``."""
+    http_status: int | None = None
+    """The destination's last HTTP status, if it answered."""
+    dicom_status: int | None = None
+    """The FailureReason (0008,1197) it gave for this instance, if any."""
+    message: str
+    """Human-readable detail written by the pipeline (never copied from patient data)."""
+    retriable: bool
+    """Whether the last failure was of a retriable kind (its budget ran out)."""
+    failed_at: AwareDatetime
+    """When the forwarder gave up (UTC)."""
+
+
 class InstanceHeld(InstanceIdentity):
     """``dicom.instance.held`` v1: no rule routed the instance and the default holds it.
 

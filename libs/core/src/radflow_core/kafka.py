@@ -251,7 +251,7 @@ class EventConsumer(Generic[PayloadT]):
         self._consumer = AIOKafkaConsumer(
             **connection_options(settings),
             client_id=f"radflow-{service}",
-            group_id=group_id,
+            group_id=settings.group(group_id),
             enable_auto_commit=False,
             auto_offset_reset="earliest",
         )

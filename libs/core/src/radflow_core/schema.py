@@ -15,6 +15,8 @@ from radflow_core.events import (
     DeadLetter,
     Envelope,
     EventModel,
+    ForwardCompleted,
+    ForwardFailed,
     ForwardRequested,
     InstanceHeld,
     InstanceNormalized,
@@ -26,6 +28,8 @@ PUBLISHED: tuple[type[EventModel], ...] = (
     InstanceReceived,
     InstanceNormalized,
     ForwardRequested,
+    ForwardCompleted,
+    ForwardFailed,
     InstanceHeld,
     DeadLetter,
 )

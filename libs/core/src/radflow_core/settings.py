@@ -86,7 +86,8 @@ class KafkaSettings(Section):
     ack_timeout_s: float = Field(default=10.0, gt=0)
     """Seconds to wait for acks=all on one event before the send counts as failed."""
     topic_prefix: str = ""
-    """Prepended to every topic name (e.g. 'site1.'); empty in production."""
+    """Prepended to every topic name and consumer group id (e.g. 'site1.'), so that
+    several pipelines can share one cluster; empty in production."""
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     """How to talk to the brokers."""
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "SCRAM-SHA-512"
@@ -101,6 +102,10 @@ class KafkaSettings(Section):
     def topic(self, topic: Topic) -> str:
         """The real topic name, with the deployment's prefix."""
         return f"{self.topic_prefix}{topic.value}"
+
+    def group(self, group_id: str) -> str:
+        """The consumer group id as used on the cluster (with the prefix)."""
+        return f"{self.topic_prefix}{group_id}"
 
 
 class S3Settings(Section):

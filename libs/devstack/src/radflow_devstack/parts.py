@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import shutil
 import sys
 import urllib.error
 import urllib.request
@@ -61,6 +63,63 @@ def start_s3(port: int, log_dir: Path) -> ManagedProcess:
     ).start()
     proc.port = port
     proc.wait_until(lambda: http_status(f"http://127.0.0.1:{port}/moto-api/") == 200)
+    return proc
+
+
+ORTHANC_PLUGINS = Path("/usr/share/orthanc/plugins")
+
+
+def start_orthanc(
+    http_port: int,
+    dicom_port: int,
+    run_dir: Path,
+    *,
+    users: Mapping[str, str] | None = None,
+    name: str = "orthanc",
+) -> ManagedProcess:
+    """Orthanc (Debian packages ``orthanc`` and ``orthanc-dicomweb``) on loopback, with
+    its DICOMweb plugin at ``/dicom-web/``, storing in ``run_dir/<name>``.
+
+    ``users`` turns on HTTP basic authentication with those user names and passwords.
+    Orthanc's DIMSE side uses DCMTK, so Nagle's algorithm is turned off for it too.
+    """
+    binary = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+    if not Path(binary).exists():
+        raise FileNotFoundError(
+            "Orthanc is not installed (apt-get install orthanc orthanc-dicomweb)"
+        )
+    home = run_dir / name
+    home.mkdir(parents=True, exist_ok=True)
+    config = {
+        "Name": name,
+        "StorageDirectory": str(home / "storage"),
+        "IndexDirectory": str(home / "index"),
+        "HttpPort": http_port,
+        "DicomPort": dicom_port,
+        "DicomAet": "ORTHANC",
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": bool(users),
+        "RegisteredUsers": dict(users or {}),
+        "HttpCompressionEnabled": False,
+        "Plugins": [str(ORTHANC_PLUGINS / "libOrthancDicomWeb.so")],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": False},
+        "StableAge": 2,
+        "ConcurrentJobs": 2,
+        "HttpThreadsCount": 16,
+        "DicomScpTimeout": 30,
+        "DicomModalities": {},
+        "UnknownSopClassAccepted": True,
+    }
+    config_path = home / "orthanc.json"
+    config_path.write_text(json.dumps(config, indent=2))
+    proc = ManagedProcess(
+        name,
+        [binary, str(config_path)],
+        run_dir / f"{name}.log",
+        {"TCP_NODELAY": "1"},
+    ).start()
+    proc.port = http_port
+    proc.wait_until(lambda: http_status(f"http://127.0.0.1:{http_port}/") in (200, 401), 60)
     return proc
 
 

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 from datetime import time
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -24,6 +25,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from radflow_core.errors import ConfigurationError
 from radflow_core.events import Lane
 from radflow_core.uids import is_valid_uid
+from router.destinations import AUTH_FIELDS, Auth, AuthKind, SecretRef, Tls
 from router.rules import (
     DAYS,
     All,
@@ -58,7 +60,7 @@ _TAG = re.compile(r"^\(([0-9A-Fa-f]{4}),([0-9A-Fa-f]{4})\)$")
 _WINDOW = re.compile(r"^(\d\d):(\d\d)-(\d\d):(\d\d)$")
 _RULE_KEYS = {"name", "when", "route", "lane", "wait_for_study_complete", "continue"}
 _TOP_KEYS = {"version", "timezone", "destinations", "rules", "default", "stat"}
-_DEST_KEYS = {"url", "auth", "transfer_syntaxes", "max_batch", "priority"}
+_DEST_KEYS = {"url", "auth", "tls", "transfer_syntaxes", "max_batch", "priority"}
 
 
 @dataclass(frozen=True)
@@ -218,7 +220,10 @@ class _Reader:
                     self.fail(fields["max_batch"], "max_batch must be a whole number >= 1")
                 else:
                     max_batch = int(text)
-            auth = self.scalar(fields["auth"], "auth") if "auth" in fields else None
+            auth = self.auth(fields["auth"], name) if "auth" in fields else None
+            tls = self.tls(fields["tls"], name) if "tls" in fields else None
+            if tls is not None and not url.startswith("https://"):
+                self.fail(fields["tls"], f"destination {name!r} has tls but an http:// url")
             lane = None
             if "priority" in fields:
                 priority = self.scalar(fields["priority"], "priority")
@@ -226,8 +231,65 @@ class _Reader:
                     self.fail(fields["priority"], "priority must be routine or stat")
                 else:
                     lane = Lane(priority)
-            out[name] = Destination(name, url, auth, tuple(syntaxes), max_batch, lane)
+            out[name] = Destination(name, url, auth, tuple(syntaxes), max_batch, tls=tls, lane=lane)
         return out
+
+    def auth(self, node: Node, destination: str) -> Auth | None:
+        what = f"auth of destination {destination!r}"
+        fields = self.mapping(node, what)
+        if fields is None:
+            return None
+        kind_text = self.scalar(fields["type"], "type") if "type" in fields else None
+        if kind_text not in {k.value for k in AuthKind}:
+            self.fail(
+                fields.get("type", node),
+                f"{what} needs type: basic, bearer or oauth2 (got {kind_text!r})",
+            )
+            return None
+        kind = AuthKind(kind_text)
+        plain, secret = AUTH_FIELDS[kind]
+        allowed = (
+            {"type", "scope"} | plain | {f"{s}_env" for s in secret} | {f"{s}_file" for s in secret}
+        )
+        for name in secret & set(fields):
+            self.fail(
+                fields[name],
+                f"{what}: secrets never go in the rule file; use {name}_env "
+                f"(an environment variable) or {name}_file (a mounted secret)",
+            )
+        self.unknown_keys({k: v for k, v in fields.items() if k not in secret}, allowed, what)
+        values: dict[str, Any] = {}
+        for name in sorted(plain):
+            if name not in fields:
+                self.fail(node, f"{what} ({kind.value}) needs {name}")
+            else:
+                values[name] = self.scalar(fields[name], name)
+        for name in sorted(secret):
+            env, file = fields.get(f"{name}_env"), fields.get(f"{name}_file")
+            if (env is None) == (file is None):
+                self.fail(node, f"{what} ({kind.value}) needs one of {name}_env or {name}_file")
+                continue
+            if env is not None:
+                values[name] = SecretRef(env=self.scalar(env, f"{name}_env"))
+            elif file is not None:
+                values[name] = SecretRef(file=Path(self.scalar(file, f"{name}_file") or ""))
+        if "scope" in fields:
+            values["scope"] = self.scalar(fields["scope"], "scope")
+        token_url = values.get("token_url")
+        if token_url is not None and not str(token_url).startswith(("http://", "https://")):
+            self.fail(fields["token_url"], f"{what}: token_url must be an http(s) URL")
+        return Auth(kind, **values)
+
+    def tls(self, node: Node, destination: str) -> Tls | None:
+        what = f"tls of destination {destination!r}"
+        fields = self.mapping(node, what)
+        if fields is None:
+            return None
+        self.unknown_keys(fields, {"ca_file", "cert_file", "key_file"}, what)
+        paths = {k: Path(self.scalar(v, k) or "") for k, v in fields.items()}
+        if ("cert_file" in paths) != ("key_file" in paths):
+            self.fail(node, f"{what}: cert_file and key_file go together")
+        return Tls(paths.get("ca_file"), paths.get("cert_file"), paths.get("key_file"))
 
     def stat_policy(self, node: Node | None) -> StatPolicy:
         if node is None:

@@ -18,6 +18,7 @@ from enum import StrEnum
 from zoneinfo import ZoneInfo
 
 from radflow_core.events import Lane
+from router.destinations import Auth, Tls
 
 
 class Level(StrEnum):
@@ -29,11 +30,13 @@ class Level(StrEnum):
 class Destination:
     name: str
     url: str
-    auth: str | None
-    """Name of a secret reference (environment variable or file), never the secret."""
+    auth: Auth | None
+    """How to authenticate; secrets are references (environment variable or file)."""
     transfer_syntaxes: tuple[str, ...]
     """Accepted transfer syntaxes, preferred first; empty means any."""
     max_batch: int
+    tls: Tls | None = None
+    """CA and client certificate, for https destinations."""
     lane: Lane | None = None
     """The destination's own priority: ``stat`` sends everything routed to it in the
     STAT lane unless the rule says otherwise."""

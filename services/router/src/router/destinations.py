@@ -1,0 +1,82 @@
+"""How a destination is reached: authentication and TLS, as written in the rule file.
+
+The rule file never holds a secret: every secret is a reference to an environment
+variable or a file (a Kubernetes Secret mounted as either), resolved by the forwarder
+when it starts, so a missing one stops it with the variable's name rather than failing
+the first delivery.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from radflow_core.errors import ConfigurationError
+
+
+@dataclass(frozen=True)
+class SecretRef:
+    env: str | None = None
+    file: Path | None = None
+
+    def resolve(self, environ: Mapping[str, str] | None = None) -> str:
+        """The secret's value.
+
+        Raises:
+            ConfigurationError: naming the variable or file, never a value.
+        """
+        if self.env is not None:
+            value = (os.environ if environ is None else environ).get(self.env)
+            if not value:
+                raise ConfigurationError(f"environment variable {self.env} is not set")
+            return value
+        assert self.file is not None
+        try:
+            return self.file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigurationError(
+                f"secret file {self.file} cannot be read ({type(exc).__name__})"
+            ) from None
+
+    def __str__(self) -> str:
+        return f"env:{self.env}" if self.env else f"file:{self.file}"
+
+
+class AuthKind(StrEnum):
+    BASIC = "basic"
+    BEARER = "bearer"
+    OAUTH2 = "oauth2"
+    """OAuth2 client credentials grant."""
+
+
+@dataclass(frozen=True)
+class Auth:
+    kind: AuthKind
+    username: str | None = None
+    password: SecretRef | None = None
+    token: SecretRef | None = None
+    token_url: str | None = None
+    client_id: str | None = None
+    client_secret: SecretRef | None = None
+    scope: str | None = None
+
+
+AUTH_FIELDS: dict[AuthKind, tuple[set[str], set[str]]] = {
+    AuthKind.BASIC: ({"username"}, {"password"}),
+    AuthKind.BEARER: (set(), {"token"}),
+    AuthKind.OAUTH2: ({"token_url", "client_id"}, {"client_secret"}),
+}
+"""Per kind: (plain fields, secret fields); every one is required except ``scope``."""
+
+
+@dataclass(frozen=True)
+class Tls:
+    ca_file: Path | None = None
+    """CA bundle to verify the destination's certificate (default: the system's)."""
+    cert_file: Path | None = None
+    """Client certificate (PEM) for mutual TLS."""
+    key_file: Path | None = None
+    """Its private key (PEM)."""
