@@ -181,6 +181,7 @@ class EventProducer:
 
 
 Handler = Callable[[Any, ConsumerRecord[bytes, bytes]], Awaitable[None]]
+BatchHandler = Callable[[list[tuple[Any, ConsumerRecord[bytes, bytes]]]], Awaitable[None]]
 PartitionsHook = Callable[[set[TopicPartition]], Awaitable[None]]
 
 
@@ -225,7 +226,8 @@ class EventConsumer(Generic[PayloadT]):
         group_id: str,
         topics: Sequence[str],
         model: type[PayloadT],
-        handler: Handler,
+        handler: Handler | None = None,
+        batch_handler: BatchHandler | None = None,
         producer: EventProducer,
         dead_letter_topic: str,
         max_attempts: int = 5,
@@ -234,9 +236,17 @@ class EventConsumer(Generic[PayloadT]):
         on_assigned: PartitionsHook | None = None,
         on_revoked: PartitionsHook | None = None,
     ) -> None:
-        """``on_assigned``/``on_revoked`` run inside a rebalance, before records of the
+        """Exactly one of ``handler`` (one record at a time, retried and dead-lettered
+        here) or ``batch_handler`` (every decodable record of a partition's fetch at
+        once; it handles failures itself, and if it raises, nothing of the batch is
+        committed and the batch is read again after a backoff).
+
+        ``on_assigned``/``on_revoked`` run inside a rebalance, before records of the
         new assignment are handed out: where a stateful consumer restores (or drops) the
         state of the partitions it now owns."""
+        if (handler is None) == (batch_handler is None):
+            raise ValueError("give exactly one of handler and batch_handler")
+        self._batch_handler = batch_handler
         self._settings = settings
         self._service = service
         self._topics = list(topics)
@@ -279,6 +289,9 @@ class EventConsumer(Generic[PayloadT]):
     async def _handle_partition(
         self, tp: TopicPartition, records: list[ConsumerRecord[bytes, bytes]]
     ) -> None:
+        if self._batch_handler is not None:
+            await self._handle_batch(tp, records, self._batch_handler)
+            return
         done: int | None = None
         try:
             for record in records:
@@ -297,6 +310,36 @@ class EventConsumer(Generic[PayloadT]):
         if done is not None:
             await self._consumer.commit({tp: done + 1})
 
+    async def _handle_batch(
+        self,
+        tp: TopicPartition,
+        records: list[ConsumerRecord[bytes, bytes]],
+        handler: BatchHandler,
+    ) -> None:
+        items: list[tuple[Any, ConsumerRecord[bytes, bytes]]] = []
+        try:
+            for record in records:
+                try:
+                    if record.value is None:
+                        raise EventDecodeError("record has no value (tombstone)")
+                    items.append((decode(record.value, self._model), record))
+                except EventDecodeError as exc:
+                    await self._dead_letter(record, exc.reason, str(exc), False, 1)
+            if items:
+                await handler(items)
+        except Exception as exc:  # noqa: BLE001 - whatever it was, read the batch again
+            reason = exc.reason if isinstance(exc, PipelineError) else type(exc).__name__
+            log.warning(
+                "batch not finished; will read it again",
+                extra={"topic": tp.topic, "partition": tp.partition, "reason": reason},
+            )
+            self._consumer.seek(tp, records[0].offset)
+            if not self._stopping.is_set():
+                await asyncio.sleep(self.backoff(2))
+            return
+        CONSUMED.labels(tp.topic, "ok").inc(len(items))
+        await self._consumer.commit({tp: records[-1].offset + 1})
+
     async def _handle_record(self, record: ConsumerRecord[bytes, bytes]) -> None:
         attempt = 0
         while True:
@@ -305,6 +348,7 @@ class EventConsumer(Generic[PayloadT]):
                 if record.value is None:
                     raise EventDecodeError("record has no value (tombstone)")
                 envelope = decode(record.value, self._model)
+                assert self._handler is not None
                 await self._handler(envelope, record)
             except PipelineError as exc:
                 if exc.retriable and attempt < self._max_attempts and not self._stopping.is_set():
