@@ -8,15 +8,15 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.radflow-installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-PACKAGES := -e libs/core -e libs/devstack -e services/ingest -e services/transcode -e services/router
-SRC := libs/core/src libs/devstack/src services/ingest/src services/transcode/src services/router/src
+PACKAGES := -e libs/core -e libs/devstack -e services/ingest -e services/transcode -e services/router -e services/stow-forwarder
+SRC := libs/core/src libs/devstack/src services/ingest/src services/transcode/src services/router/src services/stow-forwarder/src
 
 .PHONY: install system-deps run test lint bench schemas clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): $(PY) pyproject.toml libs/core/pyproject.toml libs/devstack/pyproject.toml services/ingest/pyproject.toml services/transcode/pyproject.toml services/router/pyproject.toml
+$(STAMP): $(PY) pyproject.toml libs/core/pyproject.toml libs/devstack/pyproject.toml services/ingest/pyproject.toml services/transcode/pyproject.toml services/router/pyproject.toml services/stow-forwarder/pyproject.toml
 	$(PIP) install -q --disable-pip-version-check $(PACKAGES) -e '.[dev]'
 	touch $@
 

@@ -1,0 +1,151 @@
+"""One destination's STOW-RS endpoint: a pooled HTTP client with its auth and TLS,
+and each answer sorted into delivered, refused, or worth another try.
+
+What is retried (DESIGN, delivery semantics): timeouts, connection errors, 408, 429
+and 5xx (honouring Retry-After), a FailedSOPSequence entry whose reason is 0xA7xx (out
+of resources), and an instance a 2xx answer does not mention. Everything else a
+destination says no to is final: 400, 401/403 (after one token refresh), 404, 409
+entries, 413, 415.
+"""
+
+from __future__ import annotations
+
+import ssl
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+
+import httpx
+
+from router.rules import Destination
+from stow_forwarder.auth import TokenUnavailable, build_auth
+from stow_forwarder.metrics import REQUEST_SECONDS
+from stow_forwarder.settings import ForwarderSettings
+from stow_forwarder.stow import InstanceAnswer, MultipartBody, UnreadableResponse, parse_response
+
+RETRIABLE_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+@dataclass
+class Answer:
+    """The destination's answer to one request, per SOP Instance UID."""
+
+    http_status: int | None
+    delivered: set[str] = field(default_factory=set)
+    refused: dict[str, tuple[int | None, str]] = field(default_factory=dict)
+    """uid → (FailureReason or None, message)."""
+    retry: dict[str, str] = field(default_factory=dict)
+    """uid → why it is worth another try."""
+    retry_after_s: float | None = None
+
+
+def tls_context(destination: Destination) -> ssl.SSLContext | bool:
+    if destination.tls is None:
+        return True
+    context = ssl.create_default_context(
+        cafile=str(destination.tls.ca_file) if destination.tls.ca_file else None
+    )
+    if destination.tls.cert_file and destination.tls.key_file:
+        context.load_cert_chain(str(destination.tls.cert_file), str(destination.tls.key_file))
+    return context
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+class DestinationClient:
+    def __init__(
+        self,
+        destination: Destination,
+        settings: ForwarderSettings,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self.destination = destination
+        timeout = httpx.Timeout(settings.request_timeout_s, connect=settings.connect_timeout_s)
+        verify = tls_context(destination)
+        self._token_client = httpx.AsyncClient(timeout=timeout, verify=verify)
+        self.auth = build_auth(destination.auth, self._token_client, environ)
+        self._client = httpx.AsyncClient(
+            timeout=timeout,
+            verify=verify,
+            auth=self.auth,
+            limits=httpx.Limits(max_connections=8, max_keepalive_connections=8),
+            headers={"Accept": "application/dicom+json", "User-Agent": "radflow-stow-forwarder"},
+        )
+        self.url = destination.url.rstrip("/") + "/studies"
+
+    async def close(self) -> None:
+        await self._client.aclose()
+        await self._token_client.aclose()
+
+    async def store(self, files: Sequence[tuple[str, Path]]) -> Answer:
+        """POST one multipart request with ``files`` ((SOP Instance UID, path) pairs)."""
+        uids = [uid for uid, _ in files]
+        body = MultipartBody.of([path for _, path in files])
+        started = time.perf_counter()
+        status_label = "error"
+        try:
+            response = await self._client.post(
+                self.url,
+                content=body.stream(),
+                headers={
+                    "Content-Type": body.content_type,
+                    "Content-Length": str(body.length()),
+                },
+            )
+            status_label = f"{response.status_code // 100}xx"
+        except (httpx.TimeoutException, httpx.TransportError) as exc:
+            return Answer(None, retry=dict.fromkeys(uids, f"no answer ({type(exc).__name__})"))
+        except TokenUnavailable as exc:
+            return Answer(None, retry=dict.fromkeys(uids, str(exc)))
+        finally:
+            REQUEST_SECONDS.labels(self.destination.name, status_label).observe(
+                time.perf_counter() - started
+            )
+        return classify(response, uids)
+
+
+def classify(response: httpx.Response, uids: Sequence[str]) -> Answer:
+    status = response.status_code
+    answer = Answer(status, retry_after_s=_retry_after(response.headers.get("Retry-After")))
+    if status in RETRIABLE_HTTP:
+        answer.retry = dict.fromkeys(uids, f"HTTP {status}")
+        return answer
+    if status not in (200, 202, 409):
+        answer.refused = {uid: (None, f"HTTP {status}") for uid in uids}
+        return answer
+    try:
+        per_instance = parse_response(response.content, response.headers.get("Content-Type"))
+    except UnreadableResponse as exc:
+        if status == 200:  # stored, but we cannot confirm which: send again (idempotent)
+            answer.retry = dict.fromkeys(uids, f"HTTP 200 with {exc}")
+        else:
+            answer.refused = {uid: (None, f"HTTP {status} with {exc}") for uid in uids}
+        return answer
+    for uid in uids:
+        result: InstanceAnswer | None = per_instance.get(uid)
+        if result is None:
+            answer.retry[uid] = f"HTTP {status} does not mention the instance"
+        elif result.stored:
+            answer.delivered.add(uid)
+        elif result.failure_reason is not None and 0xA700 <= result.failure_reason <= 0xA7FF:
+            answer.retry[uid] = f"out of resources (0x{result.failure_reason:04X})"
+        else:
+            reason = result.failure_reason
+            shown = f"0x{reason:04X}" if reason is not None else "no reason given"
+            answer.refused[uid] = (reason, f"HTTP {status}, FailureReason {shown}")
+    return answer

@@ -1,0 +1,52 @@
+"""Forwarder metrics (Prometheus)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+DELIVERED = Counter(
+    "radflow_forwarder_delivered_total",
+    "Instances a destination acknowledged, by destination and lane.",
+    ["destination", "lane"],
+)
+SKIPPED = Counter(
+    "radflow_forwarder_already_delivered_total",
+    "Replayed requests recognised as delivered and not sent again.",
+    ["destination"],
+)
+FAILED = Counter(
+    "radflow_forwarder_failed_total",
+    "Instances sent to dicom.forward.failed, by destination and reason.",
+    ["destination", "reason"],
+)
+RETRIED = Counter(
+    "radflow_forwarder_retries_total",
+    "Requests retried after a retriable failure, by destination and cause.",
+    ["destination", "cause"],
+)
+IN_FLIGHT = Gauge(
+    "radflow_forwarder_in_flight", "Instances being sent now, by destination.", ["destination"]
+)
+CIRCUIT = Gauge(
+    "radflow_forwarder_circuit_state",
+    "Circuit breaker per destination: 0 closed, 1 half-open (probing), 2 open.",
+    ["destination"],
+)
+LATENCY = Histogram(
+    "radflow_forwarder_delivery_latency_seconds",
+    "From ingest receiving an instance to the destination acknowledging it.",
+    ["destination", "lane"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600),
+)
+REQUEST_SECONDS = Histogram(
+    "radflow_forwarder_request_seconds",
+    "Duration of one STOW-RS request, by destination and HTTP status class.",
+    ["destination", "status"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120),
+)
+BATCH_SIZE = Histogram(
+    "radflow_forwarder_batch_instances",
+    "Instances per STOW-RS request.",
+    ["destination"],
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200),
+)

@@ -1,0 +1,68 @@
+"""Settings of the stow-forwarder (``RADFLOW_FORWARDER_*`` plus the shared sections)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from pydantic import Field
+
+from radflow_core.settings import (
+    KafkaSettings,
+    LogSettings,
+    OpsSettings,
+    S3Settings,
+    Section,
+    ServiceConfig,
+)
+
+
+class ForwarderSettings(Section):
+    prefix = "FORWARDER_"
+
+    rules_file: Path = Path("rules.yaml")
+    """The rule file whose ``destinations`` are delivered to (the router's file). Read
+    at start; secrets it references must be set then."""
+    http_host: str = "127.0.0.1"
+    """Address of the operations endpoint (/metrics, /healthz, /readyz)."""
+    http_port: int = Field(default=8083, ge=0, le=65535)
+    """Port of the operations endpoint."""
+    group_prefix: str = "radflow-forwarder"
+    """Consumer groups are <prefix>.<destination>.<lane>: each destination reads at its
+    own pace, so one that is down holds back nothing of the others."""
+    max_batch_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    """Most bytes of instances in one STOW-RS request (besides the destination's
+    max_batch count)."""
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    """TCP/TLS connect timeout to a destination."""
+    request_timeout_s: float = Field(default=120.0, gt=0)
+    """Longest wait for a destination's answer to one request."""
+    retry_initial_s: float = Field(default=1.0, gt=0)
+    """First backoff after a retriable failure (doubles each time, with jitter)."""
+    retry_max_s: float = Field(default=60.0, gt=0)
+    """Longest backoff between attempts (a Retry-After header may ask for more)."""
+    retry_budget_s: float = Field(default=6 * 3600.0, gt=0)
+    """How long one instance is retried (timeouts, 5xx, 429, connection errors) before
+    it goes to dicom.forward.failed with reason retries_exhausted."""
+    breaker_failures: int = Field(default=5, ge=1)
+    """Consecutive failed requests that open a destination's circuit."""
+    breaker_cooldown_s: float = Field(default=15.0, gt=0)
+    """How long an open circuit waits before one probe request."""
+
+
+@dataclass(frozen=True)
+class ForwarderConfig(ServiceConfig):
+    forwarder: ForwarderSettings
+    kafka: KafkaSettings
+    s3: S3Settings
+    log: LogSettings
+    ops: OpsSettings
+
+    SECTIONS: ClassVar[tuple[type[Section], ...]] = (
+        ForwarderSettings,
+        KafkaSettings,
+        S3Settings,
+        LogSettings,
+        OpsSettings,
+    )
