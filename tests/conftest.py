@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from radflow_core.topics import Topic
-from radflow_devstack.parts import prepare, start_broker, start_s3, start_service
+from radflow_devstack.parts import prepare, start_broker, start_orthanc, start_s3, start_service
 from radflow_devstack.processes import ManagedProcess, free_port
 from support.corpus import build_corpus
 from support.stack import IngestProcess, Stack, make_stack
@@ -53,12 +53,14 @@ def stack(broker: ManagedProcess, s3_server: ManagedProcess, tmp_path: Path) -> 
 
 
 ServiceFactory = Callable[..., IngestProcess]
+ENV_SECTION = {"stow_forwarder": "forwarder"}
+"""Module → its settings prefix, where they differ."""
 
 
 def _service_factory(
     module: str, stack: Stack, tmp_path: Path, started: list[IngestProcess]
 ) -> ServiceFactory:
-    prefix = f"RADFLOW_{module.upper()}_"
+    prefix = f"RADFLOW_{ENV_SECTION.get(module, module).upper()}_"
 
     def start(
         stack_: Stack | None = None,
@@ -124,3 +126,28 @@ def start_router(stack: Stack, tmp_path: Path) -> Iterator[ServiceFactory]:
     started: list[IngestProcess] = []
     yield _service_factory("router", stack, tmp_path, started)
     _stop_all(started)
+
+
+@pytest.fixture
+def start_forwarder(stack: Stack, tmp_path: Path) -> Iterator[ServiceFactory]:
+    """Start ``python -m stow_forwarder`` against ``stack`` (pass rules_file=...)."""
+    started: list[IngestProcess] = []
+    yield _service_factory("stow_forwarder", stack, tmp_path, started)
+    _stop_all(started)
+
+
+@pytest.fixture
+def start_orthanc_server(tmp_path: Path) -> Iterator[Callable[..., ManagedProcess]]:
+    """Start Orthanc with its DICOMweb plugin on free ports (``users=`` for basic auth)."""
+    started: list[ManagedProcess] = []
+
+    def start(**kwargs: object) -> ManagedProcess:
+        proc = start_orthanc(
+            free_port(), free_port(), tmp_path, name=f"orthanc-{len(started)}", **kwargs
+        )
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()

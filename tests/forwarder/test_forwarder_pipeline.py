@@ -1,0 +1,275 @@
+"""The whole pipeline with everything real: DCMTK storescu → ingest → transcode →
+router → stow-forwarder → Orthanc (DICOMweb). Each instance arrives once, with the
+original's pixels, through outages, refusals and a forwarder crash."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from radflow_core.codecs import decode
+from radflow_core.topics import Topic
+from radflow_devstack.processes import ManagedProcess
+from support.dicom import make_instance, storescu
+from support.metrics import metric
+from support.orthanc import OrthancView
+from support.proxy import FaultProxy
+from support.stack import IngestProcess, Stack
+from support.waiting import wait_for
+
+pytestmark = pytest.mark.pipeline
+
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+
+
+def write_rules(path: Path, destinations: dict[str, str], route: list[str], **extra: str) -> Path:
+    lines = ["version: 1", "destinations:"]
+    for name, body in destinations.items():
+        lines += [f"  {name}:", *(f"    {line}" for line in body.strip().splitlines())]
+    lines += ["rules:", "  - name: everything", f"    route: [{', '.join(route)}]"]
+    lines += [f"    {k}: {v}" for k, v in extra.items()]
+    lines += ["default: {hold: unrouted}"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def completed(stack: Stack) -> list[dict[str, Any]]:
+    return [e["data"] for e in stack.events(Topic.FORWARD_COMPLETED)]
+
+
+def failed(stack: Stack) -> list[dict[str, Any]]:
+    return [e["data"] for e in stack.events(Topic.FORWARD_FAILED)]
+
+
+def series(tmp_path: Path, count: int, study: str | None = None, **kwargs: Any) -> list[Path]:
+    study = study or generate_uid()
+    series_uid = generate_uid()
+    folder = tmp_path / f"series-{series_uid[-8:]}"
+    folder.mkdir()
+    return [
+        make_instance(
+            folder / f"{i:04d}.dcm",
+            study_instance_uid=study,
+            series_instance_uid=series_uid,
+            **{"rows": 64, "columns": 64, **kwargs},
+        )
+        for i in range(count)
+    ]
+
+
+def send(ingest: IngestProcess, files: list[Path], ts: str | None = None) -> None:
+    for start in range(0, len(files), 100):
+        done = storescu(ingest.dimse_port, *files[start : start + 100], ts=ts)
+        assert done.returncode == 0, done.stderr
+
+
+def same_pixels(received: bytes, original: Path) -> bool:
+    ours = pydicom.dcmread(io.BytesIO(received))
+    theirs = pydicom.dcmread(original)
+    if "PixelData" not in theirs:
+        return "PixelData" not in ours
+    return bool(np.array_equal(decode(ours), decode(theirs)))
+
+
+@pytest.fixture
+def pipeline(stack: Stack, start_ingest, start_transcode, start_router) -> Callable[..., Any]:
+    """Start ingest and transcode now; returns a starter for the router (with rules)."""
+    ingest: IngestProcess = start_ingest()
+    start_transcode()
+
+    def with_rules(rules: Path) -> IngestProcess:
+        start_router(rules_file=str(rules))
+        return ingest
+
+    return with_rules
+
+
+def test_a_few_hundred_instances_across_syntaxes_arrive_once_with_their_pixels(
+    stack: Stack,
+    pipeline,
+    start_forwarder,
+    start_orthanc_server: Callable[..., ManagedProcess],
+    ts_corpus: dict[str, Path],
+    tmp_path: Path,
+) -> None:
+    orthanc = OrthancView(start_orthanc_server())
+    rules = write_rules(
+        tmp_path / "rules.yaml", {"orthanc": f"url: {orthanc.dicomweb}"}, ["orthanc"]
+    )
+    ingest = pipeline(rules)
+    forwarder = start_forwarder(rules_file=str(rules))
+    generated = series(tmp_path, 150) + series(tmp_path, 100)
+    send(ingest, generated)
+    for ts, path in ts_corpus.items():
+        send(ingest, [path], ts=ts)
+    sent = [*generated, *ts_corpus.values()]
+    uids = [pydicom.dcmread(p).SOPInstanceUID for p in sent]
+    # Several bundled files share one SOP Instance UID with different bytes: each is
+    # its own delivery (its own idempotency key); the destination keeps one.
+    wait_for(f"{len(sent)} deliveries", lambda: len(completed(stack)) >= len(sent), timeout_s=300)
+    assert failed(stack) == []
+    done = completed(stack)
+    assert len(done) == len(sent)
+    assert len({d["idempotency_key"] for d in done}) == len(sent), "a request delivered twice"
+    assert sorted(orthanc.sop_instance_uids()) == sorted(set(uids))
+    assert all(d["latency_s"] > 0 and d["destination"] == "orthanc" for d in done)
+    unique = {u: p for u, p in zip(uids, sent, strict=True) if uids.count(u) == 1}
+    checked = [*generated[:5], *(p for p in ts_corpus.values() if p in unique.values())]
+    for path in checked:
+        uid = pydicom.dcmread(path).SOPInstanceUID
+        assert same_pixels(orthanc.file(uid), path), path.name
+    delivered = metric(
+        forwarder.url, "radflow_forwarder_delivered_total", destination="orthanc", lane="routine"
+    )
+    assert delivered == len(sent)
+
+
+def test_a_destination_that_accepts_one_syntax_gets_it_converted_losslessly(
+    stack: Stack,
+    pipeline,
+    start_forwarder,
+    start_orthanc_server: Callable[..., ManagedProcess],
+    ts_corpus: dict[str, Path],
+    tmp_path: Path,
+) -> None:
+    orthanc = OrthancView(start_orthanc_server())
+    rules = write_rules(
+        tmp_path / "rules.yaml",
+        {"orthanc": f"url: {orthanc.dicomweb}\ntransfer_syntaxes: [{EXPLICIT_LE}]"},
+        ["orthanc"],
+    )
+    ingest = pipeline(rules)
+    start_forwarder(rules_file=str(rules))
+    lossless = {
+        ts: p
+        for ts, p in ts_corpus.items()
+        if ts
+        in (
+            "1.2.840.10008.1.2.4.80",
+            "1.2.840.10008.1.2.4.90",
+            "1.2.840.10008.1.2.5",
+            "1.2.840.10008.1.2.2",
+        )
+    }
+    for ts, path in lossless.items():
+        send(ingest, [path], ts=ts)
+    wait_for("deliveries", lambda: len(completed(stack)) == len(lossless), timeout_s=120)
+    for path in lossless.values():
+        uid = pydicom.dcmread(path).SOPInstanceUID
+        received = orthanc.file(uid)
+        assert pydicom.dcmread(io.BytesIO(received)).file_meta.TransferSyntaxUID == EXPLICIT_LE
+        assert same_pixels(received, path), path.name
+    assert {d["transfer_syntax_uid"] for d in completed(stack)} == {EXPLICIT_LE}
+
+
+def test_an_outage_of_the_destination_delays_but_delivers_everything_once(
+    stack: Stack,
+    pipeline,
+    start_forwarder,
+    start_orthanc_server: Callable[..., ManagedProcess],
+    tmp_path: Path,
+) -> None:
+    server = start_orthanc_server()
+    assert server.port is not None
+    proxy = FaultProxy(server.port)
+    orthanc = OrthancView(server)
+    url = f"http://127.0.0.1:{proxy.port}/dicom-web"
+    rules = write_rules(tmp_path / "rules.yaml", {"orthanc": f"url: {url}"}, ["orthanc"])
+    ingest = pipeline(rules)
+    forwarder = start_forwarder(
+        rules_file=str(rules),
+        retry_initial_s="0.2",
+        retry_max_s="1",
+        breaker_cooldown_s="1",
+        breaker_failures="2",
+    )
+    proxy.cut()
+    files = series(tmp_path, 30)
+    send(ingest, files)
+    wait_for(
+        "the circuit to open",
+        lambda: (
+            metric(forwarder.url, "radflow_forwarder_circuit_state", destination="orthanc") == 2
+        ),
+        timeout_s=60,
+    )
+    assert completed(stack) == [] and failed(stack) == []
+    proxy.restore()
+    wait_for("30 deliveries", lambda: len(completed(stack)) == 30, timeout_s=120)
+    assert orthanc.count() == 30
+    assert failed(stack) == []
+    assert max(d["attempts"] for d in completed(stack)) > 1
+    assert metric(forwarder.url, "radflow_forwarder_circuit_state", destination="orthanc") == 0
+    proxy.close()
+
+
+def test_a_refusing_destination_dead_letters_while_another_keeps_receiving(
+    stack: Stack,
+    pipeline,
+    start_forwarder,
+    start_orthanc_server: Callable[..., ManagedProcess],
+    tmp_path: Path,
+) -> None:
+    good = OrthancView(start_orthanc_server())
+    rules = write_rules(
+        tmp_path / "rules.yaml",
+        {
+            "good": f"url: {good.dicomweb}",
+            "refusing": f"url: {good.url}/no-such-dicomweb-root",
+        },
+        ["good", "refusing"],
+    )
+    ingest = pipeline(rules)
+    start_forwarder(rules_file=str(rules))
+    files = series(tmp_path, 12)
+    send(ingest, files)
+    wait_for(
+        "12 delivered and 12 dead-lettered",
+        lambda: len(completed(stack)) == 12 and len(failed(stack)) == 12,
+        timeout_s=120,
+    )
+    assert good.count() == 12
+    assert {(f["destination"], f["reason"], f["http_status"]) for f in failed(stack)} == {
+        ("refusing", "rejected", 404)
+    }
+    assert {f["retriable"] for f in failed(stack)} == {False}
+
+
+def test_a_forwarder_killed_mid_batch_delivers_every_instance_once_after_restart(
+    stack: Stack,
+    pipeline,
+    start_forwarder,
+    start_orthanc_server: Callable[..., ManagedProcess],
+    tmp_path: Path,
+) -> None:
+    orthanc = OrthancView(start_orthanc_server())
+    rules = write_rules(
+        tmp_path / "rules.yaml", {"orthanc": f"url: {orthanc.dicomweb}\nmax_batch: 5"}, ["orthanc"]
+    )
+    ingest = pipeline(rules)
+    files = series(tmp_path, 60, rows=256, columns=256)
+    send(ingest, files)
+    wait_for("60 routed", lambda: len(stack.events(Topic.FORWARD_REQUESTED)) == 60, timeout_s=120)
+    forwarder = start_forwarder(rules_file=str(rules))
+    wait_for("some delivered", lambda: orthanc.count() >= 10, timeout_s=60)
+    forwarder.proc.kill()
+    forwarder.expected_exit = -9
+    start_forwarder(rules_file=str(rules))
+    wait_for("all delivered", lambda: orthanc.count() == 60, timeout_s=120)
+    wait_for(
+        "every instance acknowledged",
+        lambda: (
+            {d["sop_instance_uid"] for d in completed(stack)}
+            == {pydicom.dcmread(f).SOPInstanceUID for f in files}
+        ),
+        timeout_s=60,
+    )
+    assert failed(stack) == []
+    assert orthanc.count() == 60
