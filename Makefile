@@ -22,14 +22,17 @@ $(STAMP): $(PY) pyproject.toml libs/core/pyproject.toml libs/devstack/pyproject.
 
 install: $(STAMP)
 
-# DCMTK (storescu, echoscu, dcmcjpeg…) is a real DICOM sender for the tests.
+# DCMTK (storescu, echoscu, dcmcjpeg…) is a real DICOM sender for the tests; Orthanc
+# with its DICOMweb plugin is the real destination (make run's example destination).
 system-deps:
-	@command -v storescu >/dev/null 2>&1 || { \
-	  echo "installing dcmtk with apt-get"; \
+	@{ command -v storescu && command -v Orthanc && \
+	   test -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so; } >/dev/null 2>&1 || { \
+	  echo "installing dcmtk, orthanc and orthanc-dicomweb with apt-get"; \
 	  $(SUDO) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends dcmtk; }
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
+	    dcmtk orthanc orthanc-dicomweb; }
 
-run: install
+run: install system-deps
 	$(PY) -m radflow_devstack
 
 test: install system-deps

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from radflow_devstack.parts import http_status
@@ -19,7 +20,8 @@ pytestmark = pytest.mark.pipeline
 
 
 def test_run_starts_the_stack_and_a_sent_instance_becomes_event_and_blob(tmp_path: Path) -> None:
-    ports = {name: free_port() for name in ("broker", "s3", "dimse", "http", "transcode", "router")}
+    names = ("broker", "s3", "dimse", "http", "transcode", "router", "forwarder", "orthanc")
+    ports = {name: free_port() for name in (*names, "orthanc_dicom")}
     stack = ManagedProcess(
         "devstack",
         [
@@ -38,6 +40,12 @@ def test_run_starts_the_stack_and_a_sent_instance_becomes_event_and_blob(tmp_pat
             str(ports["transcode"]),
             "--router-port",
             str(ports["router"]),
+            "--forwarder-port",
+            str(ports["forwarder"]),
+            "--orthanc-port",
+            str(ports["orthanc"]),
+            "--orthanc-dicom-port",
+            str(ports["orthanc_dicom"]),
             "--log-dir",
             str(tmp_path / "logs"),
         ],
@@ -80,11 +88,17 @@ def test_run_starts_the_stack_and_a_sent_instance_becomes_event_and_blob(tmp_pat
         data = json.loads(request)["event"]["data"]
         assert (data["destination"], data["rules"]) == ("orthanc", ["everything-to-orthanc"])
         assert data["sop_instance_uid"] == event["data"]["sop_instance_uid"]
+        orthanc = f"http://127.0.0.1:{ports['orthanc']}"
+
+        def in_orthanc() -> bool:
+            return httpx.get(f"{orthanc}/statistics").json()["CountInstances"] == 1
+
+        wait_for("the instance delivered to Orthanc", in_orthanc, timeout_s=90)
     finally:
         code = stack.stop(timeout_s=60)
     out = (tmp_path / "devstack.out").read_text()
     assert code == 0, out
-    for name in ("router", "transcode", "ingest", "s3", "tansu"):
+    for name in ("stow-forwarder", "orthanc", "router", "transcode", "ingest", "s3", "tansu"):
         assert f"stopped  {name} (exit 0)" in out
 
 

@@ -22,6 +22,7 @@ from radflow_devstack.parts import (
     LOCAL_S3_SECRET_KEY,
     prepare,
     start_broker,
+    start_orthanc,
     start_s3,
     start_service,
 )
@@ -59,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--http-port", type=int, default=8080)
         p.add_argument("--transcode-port", type=int, default=8081)
         p.add_argument("--router-port", type=int, default=8082)
+        p.add_argument("--forwarder-port", type=int, default=8083)
+        p.add_argument("--orthanc-port", type=int, default=8042, help="Orthanc's HTTP port")
+        p.add_argument("--orthanc-dicom-port", type=int, default=4242)
         p.add_argument(
             "--rules",
             type=Path,
@@ -114,16 +118,43 @@ def run_stack(args: argparse.Namespace) -> int:
             )
         )
         print(f"transcode metrics {transcode_http}/metrics")
+        rules = args.rules.resolve()
+        if args.rules == LOCAL_RULES:  # the example, pointed at this run's Orthanc
+            rules = args.log_dir.parent / "rules.yaml"
+            rules.write_text(
+                LOCAL_RULES.read_text().replace("127.0.0.1:8042", f"127.0.0.1:{args.orthanc_port}")
+            )
         router_http = f"http://127.0.0.1:{args.router_port}"
         router_env = {
             **env,
             "RADFLOW_ROUTER_HTTP_PORT": str(args.router_port),
-            "RADFLOW_ROUTER_RULES_FILE": str(args.rules.resolve()),
+            "RADFLOW_ROUTER_RULES_FILE": str(rules),
         }
         started.append(
             start_service("router", "router", router_env, args.log_dir, f"{router_http}/readyz")
         )
-        print(f"router   rules {args.rules}   metrics {router_http}/metrics")
+        print(
+            f"router   rules {rules} (edit it: changes apply live)  metrics {router_http}/metrics"
+        )
+        started.append(start_orthanc(args.orthanc_port, args.orthanc_dicom_port, args.log_dir))
+        orthanc = f"http://127.0.0.1:{args.orthanc_port}"
+        print(f"orthanc  example destination {orthanc}/app/explorer.html")
+        forwarder_http = f"http://127.0.0.1:{args.forwarder_port}"
+        forwarder_env = {
+            **env,
+            "RADFLOW_FORWARDER_HTTP_PORT": str(args.forwarder_port),
+            "RADFLOW_FORWARDER_RULES_FILE": str(rules),
+        }
+        started.append(
+            start_service(
+                "stow-forwarder",
+                "stow_forwarder",
+                forwarder_env,
+                args.log_dir,
+                f"{forwarder_http}/readyz",
+            )
+        )
+        print(f"forwarder metrics {forwarder_http}/metrics")
         print(f"logs     {args.log_dir}/")
         print(f"try      TCP_NODELAY=1 storescu -aec RADFLOW 127.0.0.1 {args.dimse_port} FILE.dcm")
         print("see      .venv/bin/python -m radflow_devstack events   (and: ... blobs)")
