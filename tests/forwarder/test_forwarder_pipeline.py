@@ -273,3 +273,94 @@ def test_a_forwarder_killed_mid_batch_delivers_every_instance_once_after_restart
     )
     assert failed(stack) == []
     assert orthanc.count() == 60
+
+
+def test_a_stat_instance_is_delivered_ahead_of_a_routine_backlog(
+    stack: Stack,
+    pipeline,
+    start_forwarder,
+    start_orthanc_server: Callable[..., ManagedProcess],
+    tmp_path: Path,
+) -> None:
+    orthanc = OrthancView(start_orthanc_server())
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        f"version: 1\ndestinations:\n  orthanc: {{url: '{orthanc.dicomweb}', max_batch: 5}}\n"
+        "stat: {calling_aes: [ER_CT1]}\n"
+        "rules:\n  - name: everything\n    route: [orthanc]\ndefault: {hold: x}\n"
+    )
+    ingest = pipeline(rules)
+    backlog = series(tmp_path, 300, rows=128, columns=128)
+    send(ingest, backlog)
+    (stat_file,) = series(tmp_path, 1)
+    done = storescu(ingest.dimse_port, stat_file, calling_ae="ER_CT1")
+    assert done.returncode == 0, done.stderr
+    wait_for(
+        "the backlog and the STAT request routed",
+        lambda: (
+            len(stack.events(Topic.FORWARD_REQUESTED)) == 300
+            and len(stack.events(Topic.FORWARD_REQUESTED_STAT)) == 1
+        ),
+        timeout_s=180,
+    )
+    start_forwarder(rules_file=str(rules))
+    wait_for("all delivered", lambda: len(completed(stack)) == 301, timeout_s=180)
+    stat_uid = pydicom.dcmread(stat_file).SOPInstanceUID
+    (stat,) = [d for d in completed(stack) if d["sop_instance_uid"] == stat_uid]
+    assert stat["lane"] == "stat"
+    ahead = [
+        d
+        for d in completed(stack)
+        if d["lane"] == "routine" and d["delivered_at"] < stat["delivered_at"]
+    ]
+    assert len(ahead) < 100, f"{len(ahead)} routine instances went before the STAT one"
+
+
+def test_basic_auth_delivers_with_the_referenced_secret_and_a_wrong_one_is_refused(
+    stack: Stack,
+    pipeline,
+    start_forwarder,
+    start_orthanc_server: Callable[..., ManagedProcess],
+    tmp_path: Path,
+) -> None:
+    server = start_orthanc_server(users={"radflow": "s3cret-Pa55"})
+    orthanc = OrthancView(server, auth=("radflow", "s3cret-Pa55"))
+    rules = write_rules(
+        tmp_path / "rules.yaml",
+        {
+            "right": f"url: {orthanc.dicomweb}\n"
+            "auth: {type: basic, username: radflow, password_env: RIGHT_PASSWORD}",
+            "wrong": f"url: {orthanc.dicomweb}\n"
+            "auth: {type: basic, username: radflow, password_file: "
+            f"{tmp_path / 'wrong-password'}}}",
+        },
+        ["right", "wrong"],
+    )
+    (tmp_path / "wrong-password").write_text("guess\n")
+    ingest = pipeline(rules)
+    forwarder = start_forwarder(rules_file=str(rules), env={"RIGHT_PASSWORD": "s3cret-Pa55"})
+    send(ingest, series(tmp_path, 3))
+    wait_for(
+        "3 delivered, 3 refused",
+        lambda: len(completed(stack)) == 3 and len(failed(stack)) == 3,
+        timeout_s=120,
+    )
+    assert orthanc.count() == 3
+    assert {(f["destination"], f["http_status"]) for f in failed(stack)} == {("wrong", 401)}
+    log = forwarder.log()
+    assert "s3cret-Pa55" not in log and "guess" not in log
+
+
+def test_the_forwarder_does_not_start_without_a_referenced_secret(
+    stack: Stack, start_forwarder, tmp_path: Path
+) -> None:
+    rules = write_rules(
+        tmp_path / "rules.yaml",
+        {"pacs": "url: https://pacs.example\nauth: {type: bearer, token_env: PACS_TOKEN_X}"},
+        ["pacs"],
+    )
+    forwarder = start_forwarder(rules_file=str(rules), wait_ready=False, wait_port=False)
+    forwarder.expected_exit = 3
+    assert forwarder.proc.proc is not None
+    assert forwarder.proc.proc.wait(timeout=60) == 3
+    assert "environment variable PACS_TOKEN_X is not set" in forwarder.log()
