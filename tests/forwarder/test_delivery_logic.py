@@ -1,0 +1,212 @@
+"""The forwarder's pure logic: reading STOW-RS answers, what is retried, how batches
+are cut, the circuit breaker, STAT precedence, and OAuth2 token caching."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime
+
+import httpx
+import pytest
+from pydicom.uid import generate_uid
+
+from radflow_core.events import BlobRef, ForwardRequested, Lane, Protocol, Sender
+from stow_forwarder.auth import ClientCredentials
+from stow_forwarder.client import classify
+from stow_forwarder.delivery import chunks
+from stow_forwarder.flow import Circuit, CircuitBreaker, StatFirst
+from stow_forwarder.stow import MultipartBody, parse_response
+
+
+def _response_body(stored: list[str], failed: dict[str, int]) -> bytes:
+    body: dict[str, object] = {}
+    if stored:
+        body["00081199"] = {
+            "vr": "SQ",
+            "Value": [{"00081155": {"vr": "UI", "Value": [u]}} for u in stored],
+        }
+    if failed:
+        body["00081198"] = {
+            "vr": "SQ",
+            "Value": [
+                {"00081155": {"vr": "UI", "Value": [u]}, "00081197": {"vr": "US", "Value": [r]}}
+                for u, r in failed.items()
+            ],
+        }
+    return json.dumps(body).encode()
+
+
+def _answer(status: int, body: bytes = b"") -> httpx.Response:
+    return httpx.Response(status, content=body, headers={"Content-Type": "application/dicom+json"})
+
+
+def test_each_instance_is_delivered_refused_or_retried_by_what_the_server_said() -> None:
+    body = _response_body(["1.1", "1.2"], {"1.3": 0xC122, "1.4": 0xA700})
+    answer = classify(_answer(202, body), ["1.1", "1.2", "1.3", "1.4", "1.5"])
+    assert answer.delivered == {"1.1", "1.2"}
+    assert answer.refused == {"1.3": (0xC122, "HTTP 202, FailureReason 0xC122")}
+    assert set(answer.retry) == {"1.4", "1.5"}  # out of resources; not mentioned
+
+
+@pytest.mark.parametrize("status", [408, 429, 500, 502, 503, 504])
+def test_overload_and_server_errors_are_retried_honouring_retry_after(status: int) -> None:
+    answer = classify(httpx.Response(status, headers={"Retry-After": "7"}), ["1.1"])
+    assert set(answer.retry) == {"1.1"} and not answer.refused
+    assert answer.retry_after_s == 7
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 413, 415])
+def test_other_client_errors_are_final(status: int) -> None:
+    answer = classify(_answer(status), ["1.1", "1.2"])
+    assert set(answer.refused) == {"1.1", "1.2"} and not answer.retry
+    assert answer.refused["1.1"] == (None, f"HTTP {status}")
+
+
+def test_a_conflict_refuses_the_failed_instances_with_their_reasons() -> None:
+    answer = classify(_answer(409, _response_body([], {"1.1": 0x0122})), ["1.1"])
+    assert answer.refused == {"1.1": (0x0122, "HTTP 409, FailureReason 0x0122")}
+
+
+def test_an_unreadable_200_is_sent_again_rather_than_assumed_delivered() -> None:
+    answer = classify(_answer(200, b"<html>ok</html>"), ["1.1"])
+    assert set(answer.retry) == {"1.1"} and not answer.delivered
+
+
+def test_the_multipart_body_has_the_length_it_announces(tmp_path) -> None:
+    files = []
+    for i, size in enumerate((0, 10, 3 * 1024 * 1024 + 7)):
+        path = tmp_path / f"{i}.dcm"
+        path.write_bytes(bytes([i]) * size)
+        files.append(path)
+    body = MultipartBody.of(files)
+
+    async def collect() -> bytes:
+        return b"".join([chunk async for chunk in body.stream()])
+
+    data = asyncio.run(collect())
+    assert len(data) == body.length()
+    assert data.count(f"--{body.boundary}\r\n".encode()) == 3
+    assert data.endswith(f"--{body.boundary}--\r\n".encode())
+    assert 'type="application/dicom"' in body.content_type
+
+
+def test_parse_response_reads_lists_and_ignores_an_empty_body() -> None:
+    wrapped = b"[" + _response_body(["1.1"], {}) + b"]"
+    assert parse_response(wrapped, "application/dicom+json")["1.1"].stored
+    assert parse_response(b"", None) == {}
+
+
+def _request(study: str, sop: str | None = None, size: int = 100) -> ForwardRequested:
+    now = datetime.now(UTC)
+    blob = BlobRef(bucket="b", key="k", size=size, sha256="a" * 64)
+    return ForwardRequested(
+        sop_instance_uid=sop or generate_uid(),
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        study_instance_uid=study,
+        series_instance_uid=generate_uid(),
+        sender=Sender(protocol=Protocol.DIMSE),
+        received_at=now,
+        destination="d",
+        lane=Lane.ROUTINE,
+        blob=blob,
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        requested_transfer_syntax_uid="1.2.840.10008.1.2.1",
+        original_sha256="a" * 64,
+        rules=("r",),
+        rules_digest="x",
+        idempotency_key="b" * 64,
+        routed_at=now,
+    )
+
+
+def test_batches_hold_one_study_within_count_and_size_and_no_repeated_uid() -> None:
+    a, b = generate_uid(), generate_uid()
+    same = generate_uid()
+    requests = [
+        *(_request(a) for _ in range(5)),
+        _request(b, same),
+        _request(b, same),  # same UID, other bytes: its own request
+        _request(b, size=10_000),
+    ]
+    cut = [len(c) for c in chunks(requests, max_count=3, max_bytes=5_000)]
+    assert cut == [3, 2, 1, 1, 1]
+
+
+def test_the_circuit_opens_after_repeated_failures_and_closes_after_a_probe() -> None:
+    async def scenario() -> list[Circuit]:
+        breaker = CircuitBreaker("unit", failures=2, cooldown_s=0.05)
+        stopping = asyncio.Event()
+        states = []
+        breaker.failed()
+        states.append(breaker.state)
+        breaker.failed()
+        states.append(breaker.state)
+        async with breaker.attempt(stopping):  # waits out the cooldown, then probes
+            states.append(breaker.state)
+        breaker.failed()  # the probe failed: open again
+        states.append(breaker.state)
+        async with breaker.attempt(stopping):
+            pass
+        breaker.succeeded()
+        states.append(breaker.state)
+        return states
+
+    assert asyncio.run(scenario()) == [
+        Circuit.CLOSED,
+        Circuit.OPEN,
+        Circuit.HALF_OPEN,
+        Circuit.OPEN,
+        Circuit.CLOSED,
+    ]
+
+
+def test_routine_sends_wait_while_a_stat_send_is_in_progress() -> None:
+    async def scenario() -> list[str]:
+        gate = StatFirst()
+        order: list[str] = []
+        stat_inside = asyncio.Event()
+
+        async def stat() -> None:
+            async with gate.turn(Lane.STAT):
+                stat_inside.set()
+                await asyncio.sleep(0.05)
+                order.append("stat")
+
+        async def routine() -> None:
+            await stat_inside.wait()
+            async with gate.turn(Lane.ROUTINE):
+                order.append("routine")
+
+        await asyncio.gather(routine(), stat())
+        return order
+
+    assert asyncio.run(scenario()) == ["stat", "routine"]
+
+
+def test_oauth2_tokens_are_cached_and_refreshed_once_on_401() -> None:
+    issued: list[str] = []
+    seen: list[str] = []
+
+    def token_server(request: httpx.Request) -> httpx.Response:
+        assert b"grant_type=client_credentials" in request.content
+        issued.append(f"t{len(issued)}")
+        return httpx.Response(200, json={"access_token": issued[-1], "expires_in": 3600})
+
+    def destination(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers["Authorization"])
+        return httpx.Response(401 if len(seen) == 2 else 200)
+
+    async def scenario() -> None:
+        tokens = httpx.AsyncClient(transport=httpx.MockTransport(token_server))
+        auth = ClientCredentials("https://login/token", "id", "secret", "dicom", tokens)
+        client = httpx.AsyncClient(transport=httpx.MockTransport(destination), auth=auth)
+        assert (await client.post("https://d/studies")).status_code == 200
+        assert (await client.post("https://d/studies")).status_code == 200  # 401, refreshed
+        assert (await client.post("https://d/studies")).status_code == 200
+        await client.aclose()
+        await tokens.aclose()
+
+    asyncio.run(scenario())
+    assert issued == ["t0", "t1"]
+    assert seen == ["Bearer t0", "Bearer t0", "Bearer t1", "Bearer t1"]
