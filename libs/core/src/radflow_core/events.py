@@ -13,7 +13,7 @@ import socket
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, ClassVar, Generic, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
@@ -106,6 +106,10 @@ class InstanceIdentity(EventModel):
     def key(self) -> bytes:
         """The record key: the Study Instance UID."""
         return self.study_instance_uid.encode("ascii")
+
+    def identity(self) -> dict[str, Any]:
+        """The identity fields alone, to build the next stage's event from."""
+        return {name: getattr(self, name) for name in InstanceIdentity.model_fields}
 
 
 class InstanceReceived(InstanceIdentity):

@@ -180,6 +180,14 @@ class EventProducer:
             raise BrokerUnavailable(f"broker metadata unavailable: {type(exc).__name__}") from exc
 
 
+def backoff_delay(attempt: int, initial_s: float, max_s: float) -> float:
+    """Exponential backoff with jitter before retry number ``attempt`` (1-based):
+    between half and all of ``initial_s * 2**(attempt-1)``, capped at ``max_s``, so
+    many clients retrying after one outage do not all come back at once."""
+    ceiling = min(max_s, initial_s * 2 ** (attempt - 1))
+    return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not crypto
+
+
 Handler = Callable[[Any, ConsumerRecord[bytes, bytes]], Awaitable[None]]
 BatchHandler = Callable[[list[tuple[Any, ConsumerRecord[bytes, bytes]]]], Awaitable[None]]
 PartitionsHook = Callable[[set[TopicPartition]], Awaitable[None]]
@@ -268,9 +276,8 @@ class EventConsumer(Generic[PayloadT]):
         self._stopping = asyncio.Event()
 
     def backoff(self, attempt: int) -> float:
-        """Full-jitter exponential backoff before retry number ``attempt`` (1-based)."""
-        ceiling = min(self._backoff_max_s, self._backoff_initial_s * 2 ** (attempt - 1))
-        return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not crypto
+        """Backoff before retry number ``attempt`` (1-based)."""
+        return backoff_delay(attempt, self._backoff_initial_s, self._backoff_max_s)
 
     async def run(self) -> None:
         """Consume until :meth:`stop`; commits after each partition's batch is handled."""

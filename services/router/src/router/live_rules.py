@@ -12,7 +12,7 @@ import hashlib
 import logging
 from pathlib import Path
 
-from router.loader import Problem, RuleFileError, load_text
+from router.loader import RuleFileError, load_text, read_text
 from router.metrics import RULES_GENERATION, RULES_RELOADS, RULES_VALID
 from router.rules import RuleSet
 
@@ -65,14 +65,8 @@ class LiveRules:
             self.reload()
 
     def _read(self) -> tuple[str, str]:
-        try:
-            raw = self.path.read_bytes()
-            text = raw.decode("utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise RuleFileError(
-                str(self.path), [Problem(1, f"cannot read: {type(exc).__name__}")]
-            ) from None
-        return text, hashlib.sha256(raw).hexdigest()
+        text = read_text(self.path)
+        return text, hashlib.sha256(text.encode("utf-8")).hexdigest()
 
     def _apply(self, rules: RuleSet, digest: str) -> None:
         self._rules, self._digest = rules, digest
@@ -100,7 +94,7 @@ class LiveRules:
         log.error(
             "rule file change rejected; the last valid rules stay in force",
             extra={
-                "problems": [f"{exc.source}:{p.line}: {p.message}" for p in exc.problems],
+                "problems": exc.lines,
                 "rules_digest": self.current.digest,
             },
         )

@@ -78,7 +78,12 @@ class RuleFileError(ConfigurationError):
     def __init__(self, source: str, problems: list[Problem]) -> None:
         self.source = source
         self.problems = problems
-        super().__init__("\n".join(f"{source}:{p.line}: {p.message}" for p in problems))
+        super().__init__("\n".join(self.lines))
+
+    @property
+    def lines(self) -> list[str]:
+        """One ``file:line: message`` per problem, as editors and CI logs show them."""
+        return [f"{self.source}:{p.line}: {p.message}" for p in self.problems]
 
 
 class _Reader:
@@ -572,9 +577,17 @@ def load_text(text: str, source: str = "<rules>") -> RuleSet:
     return dataclasses.replace(rules, digest=digest)
 
 
-def load_file(path: Path) -> RuleSet:
+def read_text(path: Path) -> str:
+    """A rule file's text.
+
+    Raises:
+        RuleFileError: it cannot be read as UTF-8 (the error type, as its one problem).
+    """
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise RuleFileError(str(path), [Problem(1, f"cannot read: {type(exc).__name__}")]) from None
-    return load_text(text, str(path))
+
+
+def load_file(path: Path) -> RuleSet:
+    return load_text(read_text(path), str(path))

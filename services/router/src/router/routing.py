@@ -13,7 +13,6 @@ import asyncio
 import hashlib
 import logging
 from datetime import UTC, datetime
-from typing import Any
 
 from aiokafka import ConsumerRecord
 
@@ -23,7 +22,6 @@ from radflow_core.events import (
     Envelope,
     ForwardRequested,
     InstanceHeld,
-    InstanceIdentity,
     InstanceNormalized,
     Lane,
 )
@@ -62,16 +60,12 @@ def variant_for(event: InstanceNormalized, destination: Destination) -> tuple[Bl
     return event.canonical, canonical, accepted[0]
 
 
-def _identity(event: InstanceIdentity) -> dict[str, Any]:
-    return event.model_dump(include=set(InstanceIdentity.model_fields))
-
-
 def forward_request(
     event: InstanceNormalized, rules: RuleSet, route: Route, now: datetime
 ) -> ForwardRequested:
     blob, syntax, requested = variant_for(event, rules.destinations[route.destination])
     return ForwardRequested(
-        **_identity(event),
+        **event.identity(),
         destination=route.destination,
         lane=route.lane,
         blob=blob,
@@ -162,7 +156,7 @@ class Router:
         self, event: InstanceNormalized, rules: RuleSet, reason: str, now: datetime
     ) -> None:
         held = InstanceHeld(
-            **_identity(event),
+            **event.identity(),
             reason=reason,
             canonical=event.canonical,
             canonical_transfer_syntax_uid=event.canonical_transfer_syntax_uid,

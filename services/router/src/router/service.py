@@ -85,7 +85,7 @@ class RouterService:
         except RuleFileError as exc:
             log.critical(
                 "the rule file cannot be used; not starting",
-                extra={"problems": [f"{exc.source}:{p.line}: {p.message}" for p in exc.problems]},
+                extra={"problems": exc.lines},
             )
             self.failed.set()
             return

@@ -13,14 +13,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import random
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from aiokafka import ConsumerRecord
 
@@ -32,9 +30,8 @@ from radflow_core.events import (
     ForwardCompleted,
     ForwardFailed,
     ForwardRequested,
-    InstanceIdentity,
 )
-from radflow_core.kafka import EventProducer
+from radflow_core.kafka import EventProducer, backoff_delay
 from radflow_core.streaming_codecs import normalize_file
 from router.rules import Destination
 from stow_forwarder.client import Answer, DestinationClient
@@ -103,10 +100,6 @@ def chunks(
         size += request.blob.size
     if chunk:
         yield chunk
-
-
-def _identity(request: ForwardRequested) -> dict[str, Any]:
-    return request.model_dump(include=set(InstanceIdentity.model_fields))
 
 
 class Deliverer:
@@ -269,10 +262,7 @@ class Deliverer:
             )
 
     async def _backoff(self, attempt: int, retry_after_s: float | None) -> None:
-        ceiling = min(
-            self._settings.retry_max_s, self._settings.retry_initial_s * 2 ** (attempt - 1)
-        )
-        delay = random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not crypto
+        delay = backoff_delay(attempt, self._settings.retry_initial_s, self._settings.retry_max_s)
         if retry_after_s is not None:
             delay = max(delay, min(retry_after_s, self._settings.retry_budget_s))
         try:
@@ -292,7 +282,7 @@ class Deliverer:
         now = datetime.now(UTC)
         latency = max(0.0, (now - request.received_at).total_seconds())
         event = ForwardCompleted(
-            **_identity(request),
+            **request.identity(),
             destination=self.name,
             lane=request.lane,
             idempotency_key=request.idempotency_key,
@@ -331,7 +321,7 @@ class Deliverer:
         dicom_status: int | None = None,
     ) -> None:
         event = ForwardFailed(
-            **_identity(request),
+            **request.identity(),
             destination=self.name,
             lane=request.lane,
             idempotency_key=request.idempotency_key,

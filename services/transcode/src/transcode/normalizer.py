@@ -29,7 +29,6 @@ from radflow_core.events import (
     BlobRef,
     DecodeStatus,
     Envelope,
-    InstanceIdentity,
     InstanceNormalized,
     InstanceReceived,
     PixelInfo,
@@ -136,9 +135,8 @@ class Normalizer:
         pixels = None
         if result.pixels is not None:
             pixels = PixelInfo(**vars(result.pixels))
-        identity = {name: getattr(received, name) for name in InstanceIdentity.model_fields}
         return InstanceNormalized(
-            **identity,
+            **received.identity(),
             original=received.blob,
             original_transfer_syntax_uid=received.transfer_syntax_uid,
             canonical=canonical,
