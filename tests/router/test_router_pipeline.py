@@ -363,7 +363,11 @@ def test_no_kind_of_bad_rule_file_stops_a_running_router(
     rules.write_text(GOOD_HEAD + "rules:\n  - name: good\n    route: [pacs]\ndefault: {hold: x}\n")
     router = start_router(rules_file=str(rules), reload_interval_s="0.1")
     for count, (kind, text, expected) in enumerate(BAD_RULE_FILES, 1):
-        rules.write_text(text)
+        # Swapped in whole, as a ConfigMap update is: a half-written file would be a
+        # different (also rejected) mistake.
+        staged = tmp_path / "rules.yaml.new"
+        staged.write_text(text)
+        staged.replace(rules)
         wait_for(
             f"{kind} rejected",
             lambda n=count: (

@@ -89,8 +89,7 @@ class LiveRules:
         if digest is not None and digest == self._rejected:
             return False  # already reported this version of the file
         self._rejected = digest
-        RULES_VALID.set(0)
-        RULES_RELOADS.labels("rejected").inc()
+        # Log first: whoever sees the metric move must find the reason already logged.
         log.error(
             "rule file change rejected; the last valid rules stay in force",
             extra={
@@ -98,4 +97,6 @@ class LiveRules:
                 "rules_digest": self.current.digest,
             },
         )
+        RULES_VALID.set(0)
+        RULES_RELOADS.labels("rejected").inc()
         return False
