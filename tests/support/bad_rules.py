@@ -138,5 +138,39 @@ BAD_RULE_FILES: list[tuple[str, str, str]] = [
         "default: {hold: x}\n",
         "site.yaml:5: tls of destination 'pacs': cert_file and key_file go together",
     ),
+    (
+        "unknown destination kind",
+        GOOD_HEAD + "  pacs2: {kind: dimse2, host: pacs.local}\ndefault: {route: [pacs]}\n",
+        "site.yaml:4: destination 'pacs2' has kind 'dimse2' (expected one of: stow-rs, "
+        "dimse, report-return)",
+    ),
+    (
+        "dimse destination without port and AE title",
+        GOOD_HEAD + "  pacs2: {kind: dimse, host: pacs.local}\ndefault: {route: [pacs]}\n",
+        "site.yaml:4: destination 'pacs2' (dimse) needs port, ae_title",
+    ),
+    (
+        "dimse destination with a 17-character AE title",
+        GOOD_HEAD + "  pacs2: {kind: dimse, host: pacs.local, port: 104, "
+        "ae_title: ABCDEFGHIJKLMNOPQ}\ndefault: {route: [pacs]}\n",
+        "site.yaml:4: destination 'pacs2': ae_title 'ABCDEFGHIJKLMNOPQ' is not an AE title",
+    ),
+    (
+        "dimse destination with a port out of range",
+        GOOD_HEAD + "  pacs2:\n    kind: dimse\n    host: pacs.local\n    port: 70000\n"
+        "    ae_title: PACS\ndefault: {route: [pacs]}\n",
+        "site.yaml:7: destination 'pacs2': port must be a number from 1 to 65535",
+    ),
+    (
+        "dimse destination with http auth",
+        GOOD_HEAD + "  pacs2:\n    kind: dimse\n    host: pacs.local\n    port: 104\n"
+        "    ae_title: PACS\n    auth: {type: basic}\ndefault: {route: [pacs]}\n",
+        "site.yaml:9: unknown key 'auth' in destination 'pacs2' (dimse)",
+    ),
+    (
+        "report-return destination without a site",
+        GOOD_HEAD + "  ris: {kind: report-return}\ndefault: {route: [pacs]}\n",
+        "site.yaml:4: destination 'ris' needs site: the RIS site report-return sends to",
+    ),
 ]
 """(kind of mistake, file text, expected message)."""

@@ -1,4 +1,5 @@
-"""How a destination is reached: authentication and TLS, as written in the rule file.
+"""How a destination is reached: its kind, its peer, authentication and TLS, as
+written in the rule file.
 
 The rule file never holds a secret: every secret is a reference to an environment
 variable or a file (a Kubernetes Secret mounted as either), resolved by the forwarder
@@ -43,6 +44,31 @@ class SecretRef:
 
     def __str__(self) -> str:
         return f"env:{self.env}" if self.env else f"file:{self.file}"
+
+
+class DestinationKind(StrEnum):
+    STOW_RS = "stow-rs"
+    """A DICOMweb server, sent to by STOW-RS (the default)."""
+    DIMSE = "dimse"
+    """A DICOM peer reached by C-STORE, for PACS that do not speak DICOMweb."""
+    REPORT_RETURN = "report-return"
+    """Structured reports handed to report-return, which sends them on as HL7 ORU to
+    the named site's RIS."""
+
+
+@dataclass(frozen=True)
+class DimsePeer:
+    """Where a DIMSE destination listens, and the AE titles of both ends."""
+
+    host: str
+    port: int
+    ae_title: str
+    """The destination's AE title (the called AE)."""
+    calling_ae_title: str = "RADFLOW"
+    """Ours, as the destination knows it."""
+
+    def __str__(self) -> str:
+        return f"dicom://{self.ae_title}@{self.host}:{self.port}"
 
 
 class AuthKind(StrEnum):

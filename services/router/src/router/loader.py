@@ -25,7 +25,15 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from radflow_core.errors import ConfigurationError
 from radflow_core.events import Lane
 from radflow_core.uids import is_valid_uid
-from router.destinations import AUTH_FIELDS, Auth, AuthKind, SecretRef, Tls
+from router.destinations import (
+    AUTH_FIELDS,
+    Auth,
+    AuthKind,
+    DestinationKind,
+    DimsePeer,
+    SecretRef,
+    Tls,
+)
 from router.rules import (
     DAYS,
     All,
@@ -60,7 +68,14 @@ _TAG = re.compile(r"^\(([0-9A-Fa-f]{4}),([0-9A-Fa-f]{4})\)$")
 _WINDOW = re.compile(r"^(\d\d):(\d\d)-(\d\d):(\d\d)$")
 _RULE_KEYS = {"name", "when", "route", "lane", "wait_for_study_complete", "continue"}
 _TOP_KEYS = {"version", "timezone", "destinations", "rules", "default", "stat"}
-_DEST_KEYS = {"url", "auth", "tls", "transfer_syntaxes", "max_batch", "priority"}
+_COMMON_DEST_KEYS = {"kind", "transfer_syntaxes", "max_batch", "priority"}
+_DEST_KEYS = {
+    DestinationKind.STOW_RS: _COMMON_DEST_KEYS | {"url", "auth", "tls"},
+    DestinationKind.DIMSE: _COMMON_DEST_KEYS | {"host", "port", "ae_title", "calling_ae_title"},
+    DestinationKind.REPORT_RETURN: _COMMON_DEST_KEYS | {"site"},
+}
+"""Keys each kind of destination takes (DICOM TLS for DIMSE peers is not supported)."""
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
 
 
 @dataclass(frozen=True)
@@ -202,14 +217,17 @@ class _Reader:
             fields = self.mapping(value, f"destination {name!r}")
             if fields is None:
                 continue
-            self.unknown_keys(fields, _DEST_KEYS, f"destination {name!r}")
-            url = self.scalar(fields["url"], "url") if "url" in fields else None
-            if not url or not url.startswith(("http://", "https://")):
+            what = f"destination {name!r}"
+            kind_text = self.scalar(fields["kind"], "kind") if "kind" in fields else "stow-rs"
+            if kind_text not in {k.value for k in DestinationKind}:
                 self.fail(
-                    fields.get("url", value),
-                    f"destination {name!r} needs a url starting with http:// or https://",
+                    fields["kind"],
+                    f"{what} has kind {kind_text!r} (expected one of: "
+                    f"{', '.join(k.value for k in DestinationKind)})",
                 )
                 continue
+            kind = DestinationKind(kind_text)
+            self.unknown_keys(fields, _DEST_KEYS[kind], f"{what} ({kind.value})")
             syntaxes: list[str] = []
             if "transfer_syntaxes" in fields:
                 for item in self.sequence(fields["transfer_syntaxes"], "transfer_syntaxes"):
@@ -225,10 +243,6 @@ class _Reader:
                     self.fail(fields["max_batch"], "max_batch must be a whole number >= 1")
                 else:
                     max_batch = int(text)
-            auth = self.auth(fields["auth"], name) if "auth" in fields else None
-            tls = self.tls(fields["tls"], name) if "tls" in fields else None
-            if tls is not None and not url.startswith("https://"):
-                self.fail(fields["tls"], f"destination {name!r} has tls but an http:// url")
             lane = None
             if "priority" in fields:
                 priority = self.scalar(fields["priority"], "priority")
@@ -236,8 +250,66 @@ class _Reader:
                     self.fail(fields["priority"], "priority must be routine or stat")
                 else:
                     lane = Lane(priority)
-            out[name] = Destination(name, url, auth, tuple(syntaxes), max_batch, tls=tls, lane=lane)
+            common: dict[str, Any] = {"lane": lane, "kind": kind}
+            url: str | None
+            if kind is DestinationKind.DIMSE:
+                peer = self.dimse_peer(fields, value, what)
+                if peer is None:
+                    continue
+                common["dimse"] = peer
+                url = str(peer)
+                auth, tls = None, None
+            elif kind is DestinationKind.REPORT_RETURN:
+                site = self.scalar(fields["site"], "site") if "site" in fields else None
+                if not site:
+                    self.fail(value, f"{what} needs site: the RIS site report-return sends to")
+                    continue
+                common["site"] = site
+                url = f"report-return://{site}"
+                auth, tls = None, None
+            else:
+                url = self.scalar(fields["url"], "url") if "url" in fields else None
+                if not url or not url.startswith(("http://", "https://")):
+                    self.fail(
+                        fields.get("url", value),
+                        f"{what} needs a url starting with http:// or https://",
+                    )
+                    continue
+                auth = self.auth(fields["auth"], name) if "auth" in fields else None
+                tls = self.tls(fields["tls"], name) if "tls" in fields else None
+                if tls is not None and not url.startswith("https://"):
+                    self.fail(fields["tls"], f"{what} has tls but an http:// url")
+            out[name] = Destination(name, url, auth, tuple(syntaxes), max_batch, tls=tls, **common)
         return out
+
+    def dimse_peer(self, fields: dict[str, Node], node: Node, what: str) -> DimsePeer | None:
+        missing = [key for key in ("host", "port", "ae_title") if key not in fields]
+        if missing:
+            self.fail(node, f"{what} (dimse) needs {', '.join(missing)}")
+            return None
+        problems = len(self.problems)
+        host = self.scalar(fields["host"], "host") or ""
+        if not host:
+            self.fail(fields["host"], f"{what}: host is empty")
+        port_text = self.scalar(fields["port"], "port") or ""
+        port = int(port_text) if port_text.isdigit() else 0
+        if not 1 <= port <= 65535:
+            self.fail(fields["port"], f"{what}: port must be a number from 1 to 65535")
+        titles = {}
+        for key in ("ae_title", "calling_ae_title"):
+            if key not in fields:
+                continue
+            title = self.scalar(fields[key], key) or ""
+            if not _AE_TITLE.match(title) or not title.strip():
+                self.fail(
+                    fields[key],
+                    f"{what}: {key} {title!r} is not an AE title (1 to 16 characters, "
+                    "no backslash or control characters)",
+                )
+            titles[key] = title.strip()
+        if len(self.problems) > problems:
+            return None
+        return DimsePeer(host, port, **titles)
 
     def auth(self, node: Node, destination: str) -> Auth | None:
         what = f"auth of destination {destination!r}"

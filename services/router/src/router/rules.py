@@ -18,7 +18,7 @@ from enum import StrEnum
 from zoneinfo import ZoneInfo
 
 from radflow_core.events import Lane
-from router.destinations import Auth, Tls
+from router.destinations import Auth, DestinationKind, DimsePeer, Tls
 
 
 class Level(StrEnum):
@@ -30,6 +30,8 @@ class Level(StrEnum):
 class Destination:
     name: str
     url: str
+    """Where it is: the STOW-RS base URL; ``dicom://AE@host:port`` for a DIMSE peer;
+    ``report-return://site`` for a RIS."""
     auth: Auth | None
     """How to authenticate; secrets are references (environment variable or file)."""
     transfer_syntaxes: tuple[str, ...]
@@ -40,6 +42,11 @@ class Destination:
     lane: Lane | None = None
     """The destination's own priority: ``stat`` sends everything routed to it in the
     STAT lane unless the rule says otherwise."""
+    kind: DestinationKind = DestinationKind.STOW_RS
+    dimse: DimsePeer | None = None
+    """The peer, for ``kind: dimse``."""
+    site: str | None = None
+    """The RIS site, for ``kind: report-return``."""
 
 
 @dataclass(frozen=True)

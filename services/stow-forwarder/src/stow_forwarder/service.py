@@ -23,6 +23,7 @@ from radflow_core.kafka import EventConsumer, EventProducer
 from radflow_core.ops import Health, ops_routes
 from radflow_core.runtime import connect_producer, start_http
 from radflow_core.topics import Topic
+from router.destinations import DestinationKind
 from router.loader import RuleFileError, load_file
 from stow_forwarder.client import DestinationClient
 from stow_forwarder.delivery import Deliverer
@@ -57,6 +58,8 @@ class ForwarderService:
         kafka = self._config.kafka
         rules = load_file(settings.rules_file)
         for destination in rules.destinations.values():
+            if destination.kind is DestinationKind.REPORT_RETURN:
+                continue  # report-return's, not ours
             client = DestinationClient(destination, settings)
             self._clients.append(client)
             deliverer = Deliverer(
