@@ -16,9 +16,10 @@ from pydicom.uid import generate_uid
 
 from radflow_core.codecs import decode
 from radflow_core.topics import Topic
-from radflow_devstack.processes import ManagedProcess
+from radflow_devstack.processes import ManagedProcess, free_port
 from support.dicom import make_instance, storescu
-from support.metrics import metric
+from support.dimse_peer import DimsePeer
+from support.metrics import metric, metric_sum
 from support.orthanc import OrthancView
 from support.proxy import FaultProxy
 from support.stack import IngestProcess, Stack
@@ -364,3 +365,96 @@ def test_the_forwarder_does_not_start_without_a_referenced_secret(
     assert forwarder.proc.proc is not None
     assert forwarder.proc.proc.wait(timeout=60) == 3
     assert "environment variable PACS_TOKEN_X is not set" in forwarder.log()
+
+
+def dimse_destination(port: int, ae_title: str, **extra: str) -> str:
+    body = f"kind: dimse\nhost: 127.0.0.1\nport: {port}\nae_title: {ae_title}"
+    return "\n".join([body, *(f"{k}: {v}" for k, v in extra.items())])
+
+
+def test_a_dimse_destination_receives_every_instance_once_with_its_pixels(
+    stack: Stack,
+    pipeline,
+    start_forwarder,
+    start_orthanc_server: Callable[..., ManagedProcess],
+    ts_corpus: dict[str, Path],
+    tmp_path: Path,
+) -> None:
+    server = start_orthanc_server()
+    assert server.dicom_port is not None
+    orthanc = OrthancView(server)
+    rules = write_rules(
+        tmp_path / "rules.yaml",
+        {"pacs": dimse_destination(server.dicom_port, "ORTHANC", max_batch="20")},
+        ["pacs"],
+    )
+    ingest = pipeline(rules)
+    forwarder = start_forwarder(rules_file=str(rules))
+    generated = series(tmp_path, 40)
+    send(ingest, generated)
+    lossless = [
+        ts_corpus[ts]
+        for ts in ("1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.5")
+    ]
+    for path in lossless:
+        send(ingest, [path], ts=pydicom.dcmread(path).file_meta.TransferSyntaxUID)
+    sent = [*generated, *lossless]
+    wait_for(f"{len(sent)} deliveries", lambda: len(completed(stack)) >= len(sent), timeout_s=180)
+    assert failed(stack) == []
+    assert len({d["idempotency_key"] for d in completed(stack)}) == len(sent)
+    uids = {pydicom.dcmread(p).SOPInstanceUID for p in sent}
+    assert set(orthanc.sop_instance_uids()) == uids
+    for path in [*generated[:3], *lossless]:
+        uid = pydicom.dcmread(path).SOPInstanceUID
+        assert same_pixels(orthanc.file(uid), path), path.name
+    assert metric(
+        forwarder.url, "radflow_forwarder_delivered_total", destination="pacs", lane="routine"
+    ) == len(sent)
+
+
+def test_a_dimse_destination_retries_out_of_resources_and_dead_letters_a_refusal(
+    stack: Stack, pipeline, start_forwarder, tmp_path: Path
+) -> None:
+    port = free_port()
+    peer = DimsePeer(port)
+    rules = write_rules(
+        tmp_path / "rules.yaml", {"pacs": dimse_destination(port, "PACS")}, ["pacs"]
+    )
+    ingest = pipeline(rules)
+    files = series(tmp_path, 8)
+    uids = [str(pydicom.dcmread(f).SOPInstanceUID) for f in files]
+    peer.script[uids[0]] = [0xA700, 0xA702]
+    peer.script[uids[1]] = [0xA900]
+    peer.script[uids[2]] = [0xC000]
+    forwarder = start_forwarder(
+        rules_file=str(rules),
+        retry_initial_s="0.2",
+        retry_max_s="1",
+        breaker_cooldown_s="1",
+        breaker_failures="3",
+    )
+    send(ingest, files)  # the PACS is down while the first requests arrive
+    wait_for(
+        "retries while the PACS is down",
+        lambda: (
+            metric_sum(forwarder.url, "radflow_forwarder_retries_total", destination="pacs") > 0
+        ),
+        timeout_s=60,
+    )
+    peer.start()
+    try:
+        wait_for(
+            "6 delivered and 2 refused",
+            lambda: len(completed(stack)) == 6 and len(failed(stack)) == 2,
+            timeout_s=120,
+        )
+    finally:
+        peer.stop()
+    assert sorted(peer.stored()) == sorted(set(uids) - {uids[1], uids[2]})
+    assert len(peer.stored()) == 6, "each stored once"
+    assert {(f["sop_instance_uid"], f["reason"], f["dicom_status"]) for f in failed(stack)} == {
+        (uids[1], "rejected", 0xA900),
+        (uids[2], "rejected", 0xC000),
+    }
+    (retried,) = [d for d in completed(stack) if d["sop_instance_uid"] == uids[0]]
+    assert retried["attempts"] >= 3

@@ -119,6 +119,7 @@ def start_orthanc(
         {"TCP_NODELAY": "1"},
     ).start()
     proc.port = http_port
+    proc.dicom_port = dicom_port
     proc.wait_until(lambda: http_status(f"http://127.0.0.1:{http_port}/") in (200, 401), 60)
     return proc
 

@@ -47,6 +47,8 @@ class ManagedProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.port: int | None = None
         """The main port the process listens on, when the starter knows it."""
+        self.dicom_port: int | None = None
+        """Its DIMSE port, for a process that is a DICOM peer too (Orthanc)."""
 
     def start(self) -> ManagedProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)

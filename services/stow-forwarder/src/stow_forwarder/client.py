@@ -13,33 +13,20 @@ from __future__ import annotations
 import ssl
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from pathlib import Path
 
 import httpx
 
+from radflow_core.events import Lane
 from router.rules import Destination
+from stow_forwarder.answer import Answer, Outgoing
 from stow_forwarder.auth import TokenUnavailable, build_auth
 from stow_forwarder.metrics import REQUEST_SECONDS
 from stow_forwarder.settings import ForwarderSettings
 from stow_forwarder.stow import InstanceAnswer, MultipartBody, UnreadableResponse, parse_response
 
 RETRIABLE_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
-
-
-@dataclass
-class Answer:
-    """The destination's answer to one request, per SOP Instance UID."""
-
-    http_status: int | None
-    delivered: set[str] = field(default_factory=set)
-    refused: dict[str, tuple[int | None, str]] = field(default_factory=dict)
-    """uid → (FailureReason or None, message)."""
-    retry: dict[str, str] = field(default_factory=dict)
-    """uid → why it is worth another try."""
-    retry_after_s: float | None = None
 
 
 def tls_context(destination: Destination) -> ssl.SSLContext | bool:
@@ -67,7 +54,9 @@ def _retry_after(value: str | None) -> float | None:
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
-class DestinationClient:
+class StowClient:
+    """A DICOMweb destination: STOW-RS over a pooled HTTP client."""
+
     def __init__(
         self,
         destination: Destination,
@@ -92,10 +81,10 @@ class DestinationClient:
         await self._client.aclose()
         await self._token_client.aclose()
 
-    async def store(self, files: Sequence[tuple[str, Path]]) -> Answer:
-        """POST one multipart request with ``files`` ((SOP Instance UID, path) pairs)."""
-        uids = [uid for uid, _ in files]
-        body = MultipartBody.of([path for _, path in files])
+    async def store(self, items: Sequence[Outgoing], lane: Lane) -> Answer:
+        """POST one multipart request with ``items`` (STOW-RS has no priority)."""
+        uids = [item.sop_instance_uid for item in items]
+        body = MultipartBody.of([item.path for item in items])
         started = time.perf_counter()
         status_label = "error"
         try:
@@ -109,9 +98,13 @@ class DestinationClient:
             )
             status_label = f"{response.status_code // 100}xx"
         except (httpx.TimeoutException, httpx.TransportError) as exc:
-            return Answer(None, retry=dict.fromkeys(uids, f"no answer ({type(exc).__name__})"))
+            return Answer(
+                None,
+                retry=dict.fromkeys(uids, f"no answer ({type(exc).__name__})"),
+                peer_unavailable=True,
+            )
         except TokenUnavailable as exc:
-            return Answer(None, retry=dict.fromkeys(uids, str(exc)))
+            return Answer(None, retry=dict.fromkeys(uids, str(exc)), peer_unavailable=True)
         finally:
             REQUEST_SECONDS.labels(self.destination.name, status_label).observe(
                 time.perf_counter() - started
@@ -124,6 +117,7 @@ def classify(response: httpx.Response, uids: Sequence[str]) -> Answer:
     answer = Answer(status, retry_after_s=_retry_after(response.headers.get("Retry-After")))
     if status in RETRIABLE_HTTP:
         answer.retry = dict.fromkeys(uids, f"HTTP {status}")
+        answer.peer_unavailable = True
         return answer
     if status not in (200, 202, 409):
         answer.refused = {uid: (None, f"HTTP {status}") for uid in uids}

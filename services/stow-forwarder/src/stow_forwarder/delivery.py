@@ -34,7 +34,7 @@ from radflow_core.events import (
 from radflow_core.kafka import EventProducer, backoff_delay
 from radflow_core.streaming_codecs import normalize_file
 from router.rules import Destination
-from stow_forwarder.client import Answer, DestinationClient
+from stow_forwarder.answer import Answer, DestinationClient, Outgoing
 from stow_forwarder.flow import CircuitBreaker, StatFirst
 from stow_forwarder.metrics import (
     BATCH_SIZE,
@@ -65,6 +65,14 @@ class Prepared:
     path: Path
     transfer_syntax_uid: str
     size: int
+
+    def outgoing(self) -> Outgoing:
+        return Outgoing(
+            self.request.sop_instance_uid,
+            self.request.sop_class_uid,
+            self.transfer_syntax_uid,
+            self.path,
+        )
 
 
 @dataclass
@@ -195,18 +203,16 @@ class Deliverer:
             IN_FLIGHT.labels(self.name).inc(len(pending))
             try:
                 async with self._gate.turn(lane), self.breaker.attempt(self._stopping):
-                    answer = await self._client.store([(uid, p.path) for uid, p in pending.items()])
+                    answer = await self._client.store(
+                        [p.outgoing() for p in pending.values()], lane
+                    )
             except asyncio.CancelledError:
                 if self._stopping.is_set():
                     raise Abandoned("stopping while the destination's circuit is open") from None
                 raise
             finally:
                 IN_FLIGHT.labels(self.name).dec(len(pending))
-            if (
-                answer.http_status is None
-                or answer.http_status in (408, 429)
-                or (answer.http_status >= 500)
-            ):
+            if answer.peer_unavailable:
                 self.breaker.failed()
             else:
                 self.breaker.succeeded()

@@ -1,5 +1,5 @@
-"""The forwarder's lifecycle: destinations from the rule file, one consumer per
-destination and lane, ops endpoint.
+"""The forwarder's lifecycle: destinations from the rule file (STOW-RS and DIMSE;
+report-return's are left to it), one consumer per destination and lane, ops endpoint.
 
 Each destination has its own consumer groups (``<prefix>.<destination>.stat`` and
 ``.routine``), so a destination that is down holds back only its own requests, and
@@ -25,8 +25,10 @@ from radflow_core.runtime import connect_producer, start_http
 from radflow_core.topics import Topic
 from router.destinations import DestinationKind
 from router.loader import RuleFileError, load_file
-from stow_forwarder.client import DestinationClient
+from stow_forwarder.answer import DestinationClient
+from stow_forwarder.client import StowClient
 from stow_forwarder.delivery import Deliverer
+from stow_forwarder.dimse import DimseClient
 from stow_forwarder.settings import ForwarderConfig
 
 log = logging.getLogger(__name__)
@@ -60,7 +62,11 @@ class ForwarderService:
         for destination in rules.destinations.values():
             if destination.kind is DestinationKind.REPORT_RETURN:
                 continue  # report-return's, not ours
-            client = DestinationClient(destination, settings)
+            client: DestinationClient = (
+                DimseClient(destination, settings)
+                if destination.kind is DestinationKind.DIMSE
+                else StowClient(destination, settings)
+            )
             self._clients.append(client)
             deliverer = Deliverer(
                 destination, client, self._blobs, self._producer, settings, self._stopping

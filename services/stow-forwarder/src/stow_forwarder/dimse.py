@@ -1,0 +1,194 @@
+"""A DIMSE destination: C-STORE SCU for on-premise PACS that do not speak DICOMweb.
+
+One association per batch (one study), proposing for each SOP class the syntax the
+instance is in, plus Explicit VR Little Endian for compressed instances: a PACS that
+refuses the compressed syntax gets the instance decompressed losslessly instead of
+not at all. Files are sent in pynetdicom's chunked mode, straight from the spool file,
+so memory does not grow with the instance.
+
+How answers are sorted (PS3.4 Annex B.2.3 and PS3.7 Annex C), the same way for every
+peer:
+
+- Success 0x0000 and the warnings 0xB000, 0xB006, 0xB007: stored.
+- 0xA7xx (out of resources): retried, within the destination's budget.
+- 0xA9xx (data set does not match SOP class), 0xCxxx (cannot understand), 0x0122
+  (SOP class not supported), 0x0124 (not authorised) and any other failure: refused,
+  dead-lettered with the status.
+- No connection, an abort, a DIMSE timeout, or an association rejected *transiently*
+  (e.g. the PACS is at its association limit): retried, and counted by the circuit
+  breaker. An association rejected *permanently* (e.g. called AE title not
+  recognised) is a configuration error at the destination: refused.
+
+pynetdicom is synchronous, so each association runs in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import tempfile
+import time
+from collections.abc import Sequence
+from enum import Enum
+from pathlib import Path
+
+from pydicom.uid import UID, ExplicitVRLittleEndian
+from pynetdicom import AE, _config, evt
+from pynetdicom.association import Association
+
+from radflow_core.codecs import Target
+from radflow_core.errors import PipelineError
+from radflow_core.events import Lane
+from radflow_core.streaming_codecs import normalize_file
+from router.destinations import DimsePeer
+from router.rules import Destination
+from stow_forwarder.answer import Answer, Outgoing
+from stow_forwarder.metrics import REQUEST_SECONDS
+from stow_forwarder.settings import ForwarderSettings
+
+# The forwarder is the only DIMSE user in its process: send files as they are, in
+# PDU-sized chunks, never decoded into memory.
+_config.STORE_SEND_CHUNKED_DATASET = True
+
+HIGH, MEDIUM = 1, 0
+"""C-STORE Priority (0000,0700): STAT goes as HIGH."""
+_WARNINGS = frozenset({0xB000, 0xB006, 0xB007})
+_MAX_CONTEXTS = 128
+
+
+class Verdict(Enum):
+    STORED = "stored"
+    RETRY = "retry"
+    REFUSED = "refused"
+
+
+def verdict(status: int) -> Verdict:
+    """What a C-STORE response status means for the instance."""
+    if status == 0x0000 or status in _WARNINGS:
+        return Verdict.STORED
+    if 0xA700 <= status <= 0xA7FF:
+        return Verdict.RETRY
+    return Verdict.REFUSED
+
+
+def proposed_contexts(items: Sequence[Outgoing]) -> list[tuple[str, str]]:
+    """(SOP class, transfer syntax) pairs to propose, instances' own syntaxes first."""
+    pairs: dict[tuple[str, str], None] = {}
+    for item in items:
+        pairs[(item.sop_class_uid, item.transfer_syntax_uid)] = None
+    for item in items:
+        if UID(item.transfer_syntax_uid).is_compressed:
+            pairs[(item.sop_class_uid, str(ExplicitVRLittleEndian))] = None
+    return list(pairs)[:_MAX_CONTEXTS]
+
+
+def _nodelay(event: evt.Event) -> None:
+    sock = event.assoc.dul.socket
+    if sock is not None and sock.socket is not None:
+        sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class DimseClient:
+    """A DICOM peer reached by C-STORE (``kind: dimse`` in the rule file)."""
+
+    def __init__(self, destination: Destination, settings: ForwarderSettings) -> None:
+        assert destination.dimse is not None
+        self.destination = destination
+        self.peer: DimsePeer = destination.dimse
+        self._settings = settings
+
+    async def close(self) -> None:
+        return None
+
+    async def store(self, items: Sequence[Outgoing], lane: Lane) -> Answer:
+        started = time.perf_counter()
+        answer = await asyncio.to_thread(self._store, items, HIGH if lane is Lane.STAT else MEDIUM)
+        label = "error" if answer.peer_unavailable else "dimse"
+        REQUEST_SECONDS.labels(self.destination.name, label).observe(time.perf_counter() - started)
+        return answer
+
+    def _ae(self, items: Sequence[Outgoing]) -> AE:
+        ae = AE(ae_title=self.peer.calling_ae_title)
+        ae.connection_timeout = self._settings.connect_timeout_s
+        ae.acse_timeout = self._settings.connect_timeout_s
+        ae.dimse_timeout = self._settings.request_timeout_s
+        ae.network_timeout = self._settings.request_timeout_s
+        for sop_class, syntax in proposed_contexts(items):
+            ae.add_requested_context(sop_class, syntax)
+        return ae
+
+    def _store(self, items: Sequence[Outgoing], priority: int) -> Answer:
+        uids = [item.sop_instance_uid for item in items]
+        assoc = self._ae(items).associate(
+            self.peer.host,
+            self.peer.port,
+            ae_title=self.peer.ae_title,
+            evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)],
+        )
+        if not assoc.is_established:
+            return _not_associated(assoc, uids)
+        answer = Answer(None)
+        try:
+            for item in items:
+                if not assoc.is_established:
+                    answer.retry[item.sop_instance_uid] = "association lost"
+                    answer.peer_unavailable = True
+                    continue
+                self._send_one(assoc, item, priority, answer)
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        return answer
+
+    def _send_one(self, assoc: Association, item: Outgoing, priority: int, answer: Answer) -> None:
+        uid = item.sop_instance_uid
+        accepted = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
+        path = item.path
+        with tempfile.TemporaryDirectory(prefix="radflow-dimse-") as scratch:
+            if (item.sop_class_uid, item.transfer_syntax_uid) not in accepted:
+                if (item.sop_class_uid, str(ExplicitVRLittleEndian)) not in accepted:
+                    answer.refused[uid] = (
+                        None,
+                        f"the destination accepted no presentation context for SOP class "
+                        f"{item.sop_class_uid} in {item.transfer_syntax_uid} or explicit "
+                        "VR little endian",
+                    )
+                    return
+                path = Path(scratch) / "decompressed.dcm"
+                try:
+                    normalize_file(item.path, path, Target.EXPLICIT_VR_LITTLE_ENDIAN)
+                except PipelineError as exc:
+                    answer.refused[uid] = (None, f"cannot decompress for the peer: {exc.reason}")
+                    return
+            try:
+                status = assoc.send_c_store(path, priority=priority)
+            except (ValueError, AttributeError, OSError) as exc:
+                answer.refused[uid] = (None, f"cannot send: {type(exc).__name__}")
+                return
+        if "Status" not in status:
+            answer.retry[uid] = "no C-STORE response (timeout or abort)"
+            answer.peer_unavailable = True
+            return
+        code = int(status.Status)
+        outcome = verdict(code)
+        if outcome is Verdict.STORED:
+            answer.delivered.add(uid)
+        elif outcome is Verdict.RETRY:
+            answer.retry[uid] = f"out of resources (0x{code:04X})"
+            answer.peer_unavailable = True
+        else:
+            answer.refused[uid] = (code, f"C-STORE status 0x{code:04X}")
+
+
+def _not_associated(assoc: Association, uids: list[str]) -> Answer:
+    rsp = assoc.acceptor.primitive
+    if assoc.is_rejected and rsp is not None:
+        why = f"association rejected ({rsp.result_str}: {rsp.reason_str})"
+        if rsp.result == 0x01:
+            return Answer(None, refused=dict.fromkeys(uids, (None, why)))
+        return Answer(None, retry=dict.fromkeys(uids, why), peer_unavailable=True)
+    return Answer(
+        None,
+        retry=dict.fromkeys(uids, "no association (connection refused, timeout or abort)"),
+        peer_unavailable=True,
+    )
