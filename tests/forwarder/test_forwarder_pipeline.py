@@ -5,6 +5,7 @@ original's pixels, through outages, refusals and a forwarder crash."""
 from __future__ import annotations
 
 import io
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -458,3 +459,83 @@ def test_a_dimse_destination_retries_out_of_resources_and_dead_letters_a_refusal
     }
     (retried,) = [d for d in completed(stack) if d["sop_instance_uid"] == uids[0]]
     assert retried["attempts"] >= 3
+
+
+def test_a_destination_answering_503_is_retried_after_its_retry_after_then_delivered_once(
+    stack: Stack,
+    pipeline,
+    start_forwarder,
+    start_orthanc_server: Callable[..., ManagedProcess],
+    tmp_path: Path,
+) -> None:
+    server = start_orthanc_server()
+    assert server.port is not None
+    proxy = FaultProxy(server.port)
+    proxy.answer_http(503, "Service Unavailable", retry_after_s=2)
+    orthanc = OrthancView(server)
+    url = f"http://127.0.0.1:{proxy.port}/dicom-web"
+    rules = write_rules(tmp_path / "rules.yaml", {"orthanc": f"url: {url}"}, ["orthanc"])
+    ingest = pipeline(rules)
+    forwarder = start_forwarder(
+        rules_file=str(rules), retry_initial_s="0.05", retry_max_s="0.2", breaker_failures="1000"
+    )
+    send(ingest, series(tmp_path, 10))
+    wait_for("the first 503", lambda: proxy.answered >= 1, timeout_s=60)
+    first = proxy.answered
+    time.sleep(6)
+    # Without Retry-After, a 0.05-0.2 s backoff would have asked ~30 times per batch.
+    assert 1 <= proxy.answered - first <= 8, proxy.answered - first
+    assert completed(stack) == [] and failed(stack) == []
+    assert (
+        metric_sum(
+            forwarder.url,
+            "radflow_forwarder_retries_total",
+            destination="orthanc",
+            cause="HTTP 503",
+        )
+        >= 2
+    )
+    proxy.restore()
+    wait_for("10 deliveries", lambda: len(completed(stack)) == 10, timeout_s=60)
+    assert orthanc.count() == 10
+    assert failed(stack) == []
+    proxy.close()
+
+
+def test_a_destination_that_takes_requests_and_never_answers_is_timed_out_and_retried(
+    stack: Stack,
+    pipeline,
+    start_forwarder,
+    start_orthanc_server: Callable[..., ManagedProcess],
+    tmp_path: Path,
+) -> None:
+    server = start_orthanc_server()
+    assert server.port is not None
+    proxy = FaultProxy(server.port)
+    proxy.stall()
+    orthanc = OrthancView(server)
+    url = f"http://127.0.0.1:{proxy.port}/dicom-web"
+    rules = write_rules(tmp_path / "rules.yaml", {"orthanc": f"url: {url}"}, ["orthanc"])
+    ingest = pipeline(rules)
+    forwarder = start_forwarder(
+        rules_file=str(rules), request_timeout_s="1", retry_initial_s="0.2", retry_max_s="0.5"
+    )
+    send(ingest, series(tmp_path, 5))
+    wait_for(
+        "a timed-out request retried",
+        lambda: (
+            metric_sum(
+                forwarder.url,
+                "radflow_forwarder_retries_total",
+                destination="orthanc",
+                cause="no answer",
+            )
+            >= 1
+        ),
+        timeout_s=60,
+    )
+    assert proxy.stalled >= 1 and completed(stack) == []
+    proxy.restore()
+    wait_for("5 deliveries", lambda: len(completed(stack)) == 5, timeout_s=60)
+    assert orthanc.count() == 5 and failed(stack) == []
+    proxy.close()

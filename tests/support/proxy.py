@@ -2,7 +2,9 @@
 
 Put in front of the broker or the S3 server, it lets a test take a dependency away
 while a sender is sending, without killing the server (so what was stored before the
-outage can still be checked afterwards).
+outage can still be checked afterwards). In front of an HTTP server it can also play
+an overloaded one: answer every request with a status (503 with Retry-After), or
+take requests and never answer (a hung server, for the client's timeouts).
 
 Sockets are only ever closed by the two pump threads of their connection, after both
 have finished; ``cut()`` shuts them down, which wakes the pumps. Closing a socket
@@ -51,6 +53,12 @@ class FaultProxy:
         self._closed = threading.Event()
         self._lock = threading.Lock()
         self._conns: set[_Connection] = set()
+        self._http_answer: bytes | None = None
+        self._stall = False
+        self.answered = 0
+        """Requests answered by the proxy itself (``answer_http``)."""
+        self.stalled = 0
+        """Connections held without an answer (``stall``)."""
         self._thread = threading.Thread(target=self._accept_loop, daemon=True)
         self._thread.start()
 
@@ -63,8 +71,25 @@ class FaultProxy:
             conn.shutdown()
 
     def restore(self) -> None:
+        """Pass connections through to the target again."""
         with self._lock:
             self._open = True
+            self._http_answer = None
+            self._stall = False
+
+    def answer_http(self, status: int, reason: str, retry_after_s: int | None = None) -> None:
+        """From now on, answer each HTTP request on a new connection with ``status``
+        (after reading it whole, so the client sees the answer, not a reset)."""
+        headers = [f"HTTP/1.1 {status} {reason}", "Content-Length: 0", "Connection: close"]
+        if retry_after_s is not None:
+            headers.append(f"Retry-After: {retry_after_s}")
+        with self._lock:
+            self._http_answer = ("\r\n".join(headers) + "\r\n\r\n").encode("ascii")
+
+    def stall(self) -> None:
+        """From now on, take new connections' requests and never answer them."""
+        with self._lock:
+            self._stall = True
 
     def close(self) -> None:
         self._closed.set()
@@ -86,6 +111,13 @@ class FaultProxy:
                     client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
                     client.close()
                     continue
+                if self._http_answer is not None or self._stall:
+                    self.answered += self._http_answer is not None
+                    self.stalled += self._stall
+                    threading.Thread(
+                        target=self._answer, args=(client, self._http_answer), daemon=True
+                    ).start()
+                    continue
                 try:
                     upstream = socket.create_connection(self._target, timeout=2)
                 except OSError:
@@ -98,6 +130,34 @@ class FaultProxy:
                 self._conns.add(conn)
             for src, dst in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(conn, src, dst), daemon=True).start()
+
+    def _answer(self, client: socket.socket, answer: bytes | None) -> None:
+        """Read one request (head and Content-Length body); answer it, or hold it."""
+        client.settimeout(30)
+        data = b""
+        try:
+            while b"\r\n\r\n" not in data:
+                if not (chunk := client.recv(65536)):
+                    return
+                data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value.strip())
+            while len(body) < length:
+                if not (chunk := client.recv(min(65536, length - len(body)))):
+                    return
+                body += chunk
+            if answer is None:
+                self._closed.wait(30)
+                return
+            client.sendall(answer)
+        except OSError:
+            pass
+        finally:
+            client.close()
 
     @staticmethod
     def _pump(conn: _Connection, src: socket.socket, dst: socket.socket) -> None:
