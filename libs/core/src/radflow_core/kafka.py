@@ -15,6 +15,7 @@ again later: never dropped, never retried forever without a trace.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -29,7 +30,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import BrokerResponseError, KafkaError
 from aiokafka.helpers import create_ssl_context
 from aiokafka.structs import RecordMetadata
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from radflow_core.errors import (
     BrokerUnavailable,
@@ -57,6 +58,12 @@ DEAD_LETTERS = Counter(
     "radflow_dead_letters_total",
     "Records sent to a dead-letter topic, by reason.",
     ["source_topic", "reason"],
+)
+LAG = Gauge(
+    "radflow_consumer_lag",
+    "Records not yet handled and committed, per assigned partition: log end offset minus "
+    "the group's committed offset (the consumer-group lag, as seen by the consumer).",
+    ["group", "topic", "partition"],
 )
 
 
@@ -200,14 +207,21 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
     ``ready`` holds records back until it has (and stays clear if the hook failed).
     """
 
-    def __init__(self, assigned: PartitionsHook | None, revoked: PartitionsHook | None) -> None:
+    def __init__(
+        self,
+        assigned: PartitionsHook | None,
+        revoked: PartitionsHook | None,
+        forget: Callable[[set[TopicPartition]], None],
+    ) -> None:
         self._assigned = assigned
         self._revoked = revoked
+        self._forget = forget
         self.ready = asyncio.Event()
         if assigned is None:
             self.ready.set()
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        self._forget(set(revoked))
         if self._assigned is not None:
             self.ready.clear()
         if self._revoked is not None:
@@ -243,6 +257,7 @@ class EventConsumer(Generic[PayloadT]):
         backoff_max_s: float = 30.0,
         on_assigned: PartitionsHook | None = None,
         on_revoked: PartitionsHook | None = None,
+        lag_interval_s: float = 5.0,
     ) -> None:
         """Exactly one of ``handler`` (one record at a time, retried and dead-lettered
         here) or ``batch_handler`` (every decodable record of a partition's fetch at
@@ -251,7 +266,11 @@ class EventConsumer(Generic[PayloadT]):
 
         ``on_assigned``/``on_revoked`` run inside a rebalance, before records of the
         new assignment are handed out: where a stateful consumer restores (or drops) the
-        state of the partitions it now owns."""
+        state of the partitions it now owns.
+
+        Every ``lag_interval_s`` seconds the consumer asks the broker for the end offsets
+        of its partitions (one request) and sets ``radflow_consumer_lag``; the gauge keeps
+        moving while a handler is busy for a long time (a destination that is down)."""
         if (handler is None) == (batch_handler is None):
             raise ValueError("give exactly one of handler and batch_handler")
         self._batch_handler = batch_handler
@@ -265,11 +284,15 @@ class EventConsumer(Generic[PayloadT]):
         self._max_attempts = max_attempts
         self._backoff_initial_s = backoff_initial_s
         self._backoff_max_s = backoff_max_s
-        self._listener = _Rebalance(on_assigned, on_revoked)
+        self._listener = _Rebalance(on_assigned, on_revoked, self._forget_lag)
+        self._group = settings.group(group_id)
+        self._lag_interval_s = lag_interval_s
+        self._committed: dict[TopicPartition, int] = {}
+        """Per assigned partition, the offset the group has committed (as far as we know)."""
         self._consumer = AIOKafkaConsumer(
             **connection_options(settings),
             client_id=f"radflow-{service}",
-            group_id=settings.group(group_id),
+            group_id=self._group,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
         )
@@ -283,15 +306,59 @@ class EventConsumer(Generic[PayloadT]):
         """Consume until :meth:`stop`; commits after each partition's batch is handled."""
         await self._consumer.start()
         self._consumer.subscribe(self._topics, listener=self._listener)
+        lag_task = asyncio.create_task(self._report_lag())
         try:
             while not self._stopping.is_set():
                 batches = await self._consumer.getmany(timeout_ms=500, max_records=100)
                 if not self._listener.ready.is_set():
                     await _first_of(self._listener.ready, self._stopping)
                 for tp, records in batches.items():
+                    # The first record handed out after an assignment is where the
+                    # group's committed offset was.
+                    self._committed.setdefault(tp, records[0].offset)
                     await self._handle_partition(tp, records)
         finally:
+            lag_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await lag_task
+            self._forget_lag(set(self._committed) | self._consumer.assignment())
             await self._consumer.stop()
+
+    async def _commit(self, tp: TopicPartition, offset: int) -> None:
+        await self._consumer.commit({tp: offset})
+        if tp in self._consumer.assignment():
+            self._committed[tp] = offset
+
+    async def _report_lag(self) -> None:
+        """Set ``radflow_consumer_lag`` for the assigned partitions, periodically.
+
+        A partition with nothing handed out since its assignment is at its committed
+        offset, which is then the consumer's position. Errors only skip a round."""
+        while True:
+            await asyncio.sleep(self._lag_interval_s)
+            assigned = self._consumer.assignment()
+            if not assigned:
+                continue
+            try:
+                async with asyncio.timeout(self._lag_interval_s):
+                    ends = await self._consumer.end_offsets(list(assigned))
+                    for tp, end in ends.items():
+                        done = self._committed.get(tp)
+                        if done is None:
+                            done = await self._consumer.position(tp)
+                        if tp in self._consumer.assignment():  # not revoked meanwhile
+                            LAG.labels(self._group, tp.topic, str(tp.partition)).set(
+                                max(0, end - done)
+                            )
+            except (KafkaError, TimeoutError) as exc:
+                log.debug("consumer lag not measured", extra={"reason": type(exc).__name__})
+
+    def _forget_lag(self, partitions: set[TopicPartition]) -> None:
+        """Drop the lag of partitions this consumer no longer owns (another reports it)."""
+        for tp in partitions:
+            self._committed.pop(tp, None)
+            with contextlib.suppress(KeyError):
+                LAG.remove(self._group, tp.topic, str(tp.partition))
 
     async def _handle_partition(
         self, tp: TopicPartition, records: list[ConsumerRecord[bytes, bytes]]
@@ -315,7 +382,7 @@ class EventConsumer(Generic[PayloadT]):
             self._consumer.seek(tp, failed)
             await asyncio.sleep(self.backoff(self._max_attempts))
         if done is not None:
-            await self._consumer.commit({tp: done + 1})
+            await self._commit(tp, done + 1)
 
     async def _handle_batch(
         self,
@@ -345,7 +412,7 @@ class EventConsumer(Generic[PayloadT]):
                 await asyncio.sleep(self.backoff(2))
             return
         CONSUMED.labels(tp.topic, "ok").inc(len(items))
-        await self._consumer.commit({tp: records[-1].offset + 1})
+        await self._commit(tp, records[-1].offset + 1)
 
     async def _handle_record(self, record: ConsumerRecord[bytes, bytes]) -> None:
         attempt = 0
