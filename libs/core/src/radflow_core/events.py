@@ -305,6 +305,154 @@ class InstanceHeld(InstanceIdentity):
     """When the router decided (UTC)."""
 
 
+SiteName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+"""A RIS site's name, as in report-return's sites file."""
+ReportId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")]
+"""The reporting platform's identifier of a report (opaque; never a patient identifier)."""
+
+
+class ReportStatus(StrEnum):
+    """What the radiologist's signature means for this version (OBR-25 / OBX-11)."""
+
+    PRELIMINARY = "preliminary"
+    """Not yet final (HL7 P)."""
+    FINAL = "final"
+    """Signed final (HL7 F)."""
+    CORRECTED = "corrected"
+    """Replaces a final report (HL7 C)."""
+
+
+class ReportSource(StrEnum):
+    """Where report-return got the report from."""
+
+    REPORTS_FINALIZED = "reports.finalized"
+    """A reports.finalized event and its report document."""
+    STRUCTURED_REPORT = "structured_report"
+    """A DICOM Structured Report routed to report-return by a rule."""
+
+
+class ReportFinalized(EventModel):
+    """``reports.finalized`` v1: a radiologist signed a version of a report; return it to
+    the ordering site's RIS.
+
+    The report itself (patient and order identifiers, text, radiologist) is a JSON
+    document in the blob store following ``radflow:radflow.report:v1``, named by
+    ``document``: patient data stays in the blob store, as for images.
+    """
+
+    type_name: ClassVar[str] = "reports.finalized"
+    version: ClassVar[int] = 1
+    topic: ClassVar[Topic | None] = Topic.REPORTS_FINALIZED
+
+    report_id: ReportId
+    """The reporting platform's identifier of the report, the same for all its versions."""
+    report_version: int = Field(ge=1)
+    """Version of the report, counting from 1; a correction is a higher version."""
+    status: ReportStatus
+    """preliminary, final, or corrected (a final sent again after changes)."""
+    site: SiteName
+    """The RIS to return it to: a site name in report-return's sites file."""
+    study_instance_uid: Uid
+    """(0020,000D) of the reported study; also the record key."""
+    document: BlobRef
+    """The report document (JSON, ``radflow:radflow.report:v1``) and its sha256."""
+    signed_at: AwareDatetime
+    """When the radiologist signed this version (UTC)."""
+
+    @property
+    def key(self) -> bytes:
+        """The record key: the Study Instance UID."""
+        return self.study_instance_uid.encode("ascii")
+
+
+class ReportDelivery(EventModel):
+    """What every report-return outcome says about the report it answers."""
+
+    site: SiteName
+    """The RIS site the report was for."""
+    source: ReportSource
+    """Which input the report came from."""
+    report_id: str
+    """The platform's report id; for a Structured Report, its SOP Instance UID."""
+    report_version: int | None = None
+    """The report's version (reports.finalized only)."""
+    study_instance_uid: Uid
+    """(0020,000D) of the reported study; also the record key."""
+    sop_instance_uid: Uid | None = None
+    """The Structured Report's SOP Instance UID (structured_report only)."""
+    destination: str | None = None
+    """The rule file's destination that routed the Structured Report here."""
+    attempts: int = Field(ge=0)
+    """Messages sent to the RIS for this report (0 when it was never sent)."""
+
+    @property
+    def key(self) -> bytes:
+        """The record key: the Study Instance UID."""
+        return self.study_instance_uid.encode("ascii")
+
+
+class ReportReturned(ReportDelivery):
+    """``report.returned`` v1: the site's RIS acknowledged the report's ORU^R01 with AA."""
+
+    type_name: ClassVar[str] = "report.returned"
+    version: ClassVar[int] = 1
+    topic: ClassVar[Topic | None] = Topic.REPORT_RETURNED
+
+    status: ReportStatus
+    """The result status sent (OBR-25): a final after an acknowledged final is sent as
+    corrected."""
+    message_control_id: str
+    """MSH-10 of the message, the same on every retry and replay of this version."""
+    ack_code: Literal["AA"] = "AA"
+    """MSA-1 of the RIS's acknowledgement."""
+    acked_at: AwareDatetime
+    """When the acknowledgement arrived (UTC)."""
+    ack_latency_s: float = Field(ge=0)
+    """From writing the message to reading its acknowledgement (last attempt)."""
+    already_returned: bool = False
+    """True when a replayed report was recognised as acknowledged and not sent again."""
+
+
+class ReportFailed(ReportDelivery):
+    """``report.failed`` v1: report-return gave up on a report, with the reason and, when
+    the RIS answered, its acknowledgement."""
+
+    type_name: ClassVar[str] = "report.failed"
+    version: ClassVar[int] = 1
+    topic: ClassVar[Topic | None] = Topic.REPORT_FAILED
+
+    reason: str
+    """Machine-readable: ``rejected`` (AR), ``application_error`` (AE, after its
+    retries), ``invalid_ack``, ``retries_exhausted``, ``unknown_site``,
+    ``missing_accession_number``, ``missing_patient_identifier``, ``invalid_report``,
+    ``empty_report``, ``not_verified``, ``not_complete``, ``unreadable_report``,
+    ``unencodable_text``, ``report_too_large``, ``blob_not_found``,
+    ``blob_integrity_error``."""
+    message: str
+    """Human-readable detail written by the pipeline (never copied from patient data)."""
+    retriable: bool
+    """Whether the last failure was of a retriable kind (its retries ran out)."""
+    status: ReportStatus | None = None
+    """The result status that was (or would have been) sent."""
+    message_control_id: str | None = None
+    """MSH-10 of the message, if one was built."""
+    ack_code: Literal["AE", "AR"] | None = None
+    """MSA-1 of the RIS's last acknowledgement, if it sent a readable one."""
+    ack_text: str | None = None
+    """What the RIS said: MSA-3 and each ERR segment's code and message (unescaped)."""
+    ack: str | None = None
+    """The RIS's last acknowledgement as received (segments on lines; first 4 KiB),
+    for AE, AR and unreadable answers."""
+    source_topic: str
+    """Topic of the input record."""
+    source_partition: int
+    """Its partition."""
+    source_offset: int
+    """Its offset: reset the consumer group there to replay after fixing the cause."""
+    failed_at: AwareDatetime
+    """When report-return gave up (UTC)."""
+
+
 class DeadLetter(EventModel):
     """A record a consumer could not process and will not retry, with the reason."""
 

@@ -68,6 +68,12 @@ SAFE_FIELDS = frozenset(
         "problems",
         "instances",
         "pending",
+        "site",
+        "report_id",
+        "report_version",
+        "control_id",
+        "ack_code",
+        "sites",
     }
 )
 """Keys that may appear in a log line; patient demographics are never among them."""

@@ -21,8 +21,12 @@ from radflow_core.events import (
     InstanceHeld,
     InstanceNormalized,
     InstanceReceived,
+    ReportFailed,
+    ReportFinalized,
+    ReportReturned,
     schema_name,
 )
+from radflow_core.report_document import ReportDocument
 
 PUBLISHED: tuple[type[EventModel], ...] = (
     InstanceReceived,
@@ -32,7 +36,14 @@ PUBLISHED: tuple[type[EventModel], ...] = (
     ForwardFailed,
     InstanceHeld,
     DeadLetter,
+    ReportFinalized,
+    ReportReturned,
+    ReportFailed,
 )
+
+DOCUMENTS: tuple[type[EventModel], ...] = (ReportDocument,)
+"""Documents kept in the blob store that events point at (they hold PHI, so they are
+never event payloads); their schema is published beside the events'."""
 
 
 def event_schema(model: type[EventModel]) -> dict[str, Any]:
@@ -48,8 +59,18 @@ def event_schema(model: type[EventModel]) -> dict[str, Any]:
     return schema
 
 
+def document_schema(model: type[EventModel]) -> dict[str, Any]:
+    """The JSON Schema of a blob-store document (no envelope)."""
+    schema = model.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = schema_name(model)
+    schema["title"] = f"{model.type_name} v{model.version}"
+    return schema
+
+
 def render(model: type[EventModel]) -> str:
-    return json.dumps(event_schema(model), indent=2, sort_keys=True) + "\n"
+    schema = document_schema(model) if model in DOCUMENTS else event_schema(model)
+    return json.dumps(schema, indent=2, sort_keys=True) + "\n"
 
 
 def file_name(model: type[EventModel]) -> str:
@@ -62,7 +83,7 @@ def main(argv: list[str]) -> int:
         return 2
     out = Path(argv[0])
     out.mkdir(parents=True, exist_ok=True)
-    for model in PUBLISHED:
+    for model in (*PUBLISHED, *DOCUMENTS):
         (out / file_name(model)).write_text(render(model), encoding="utf-8")
         print(out / file_name(model))
     return 0

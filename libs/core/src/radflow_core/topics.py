@@ -24,6 +24,14 @@ class Topic(StrEnum):
     """Dead letters of delivery: what a destination refused or what ran out of retries."""
     INSTANCE_HELD = "dicom.instance.held"
     """Instances no rule routed and whose default is a hold, with the reason (router)."""
+    REPORTS_FINALIZED = "reports.finalized"
+    """One event per signed report version to return to the ordering site's RIS (from
+    the reporting platform); the report itself is a document in the blob store."""
+    REPORT_RETURNED = "report.returned"
+    """One event per report the site's RIS acknowledged with AA (report-return)."""
+    REPORT_FAILED = "report.failed"
+    """Dead letters of report-return: reports not returned, with the reason and the
+    RIS's acknowledgement text when it answered."""
     ROUTER_PENDING = "radflow.router.pending"
     """Internal changelog of the router's studies waiting to be complete (compacted;
     partitioned like dicom.instance.normalized). Not a feed for downstream use."""
