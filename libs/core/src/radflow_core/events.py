@@ -368,8 +368,8 @@ class ReportFinalized(EventModel):
 class ReportDelivery(EventModel):
     """What every report-return outcome says about the report it answers."""
 
-    site: SiteName
-    """The RIS site the report was for."""
+    site: str = Field(max_length=128)
+    """The RIS site the report was for (as the report or the rule file named it)."""
     source: ReportSource
     """Which input the report came from."""
     report_id: str

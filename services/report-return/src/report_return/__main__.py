@@ -1,0 +1,97 @@
+"""``python -m report_return`` runs the service; ``python -m report_return check SITES``
+validates a sites file, and ``python -m report_return preview SITES SITE FILE`` prints
+the ORU^R01 a report document (JSON) or a Structured Report (DICOM) would become for
+that site, without sending it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+from radflow_core.events import ReportStatus
+from radflow_core.runtime import run_main
+from report_return.hl7 import build_oru, control_id
+from report_return.report import ReportError, document_from
+from report_return.service import ReportReturnService
+from report_return.settings import ReportReturnConfig
+from report_return.sites import SitesFileError, load_sites
+from report_return.sr import document_from_sr
+
+TOOLS = ("check", "preview")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] in TOOLS:
+        return tools(args)
+    return run_main(
+        name="report_return",
+        description=(
+            "radflow report-return: reads reports.finalized (and, with a rule file, the "
+            "Structured Reports the router sends to destinations of kind report-return), "
+            "builds an HL7 ORU^R01 per report as each site's settings say, sends it over "
+            "MLLP and waits for the ACK; AA → report.returned, AE (after its retries), AR, "
+            "an unreadable answer or retries run out → report.failed. Tools: 'python -m "
+            "report_return check SITES', 'python -m report_return preview SITES SITE FILE'."
+        ),
+        sections=ReportReturnConfig.SECTIONS,
+        load=ReportReturnConfig.from_env,
+        build=ReportReturnService,
+        argv=args,
+    )
+
+
+def tools(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m report_return", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    check = commands.add_parser("check", help="validate a sites file (exit 0 if usable)")
+    check.add_argument("sites", type=Path)
+    preview = commands.add_parser("preview", help="print the ORU^R01 a report would become")
+    preview.add_argument("sites", type=Path)
+    preview.add_argument("site", help="the site's name in the sites file")
+    preview.add_argument("report", type=Path, help="a report document (.json) or an SR")
+    preview.add_argument(
+        "--status", choices=[s.value for s in ReportStatus], default=ReportStatus.FINAL.value
+    )
+    args = parser.parse_args(argv)
+    try:
+        sites = load_sites(args.sites)
+    except SitesFileError as exc:
+        print(exc, file=sys.stderr)
+        print(f"{len(exc.problems)} problem(s); the sites file cannot be used", file=sys.stderr)
+        return 1
+    if args.command == "check":
+        for site in sites.values():
+            print(f"{site.name}: {site} HL7 {site.hl7_version} {site.encoding} {site.text.value}")
+        print(f"{args.sites}: {len(sites)} site(s): OK")
+        return 0
+    if args.site not in sites:
+        print(f"no site {args.site!r} in {args.sites} (known: {', '.join(sorted(sites))})")
+        return 1
+    data = args.report.read_bytes()
+    try:
+        if args.report.suffix.lower() == ".json":
+            document = document_from(json.loads(data))
+        else:
+            document = document_from_sr(data)
+        oru = build_oru(
+            document,
+            ReportStatus(args.status),
+            sites[args.site],
+            control_id(args.site, f"preview\n{args.report.name}"),
+            datetime.now(UTC),
+        )
+    except (ReportError, ValueError) as exc:
+        reason = exc.reason if isinstance(exc, ReportError) else "invalid_report"
+        print(f"{args.report}: {reason}: {exc}", file=sys.stderr)
+        return 1
+    print(oru.er7.replace("\r", "\n"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,442 @@
+"""Returning reports to one site's RIS: read the report, build its ORU^R01, send it over
+MLLP until the RIS answers, and say what happened.
+
+Order of effects for each report: message sent → RIS answers AA → marker in the bucket
+(``returned/<site hash>/<delivery hash>``) → ``report.returned`` → offset committed. A
+replayed report finds its marker and is not sent again; a crash between the AA and the
+marker sends it once more with the same MSH-10, which the RIS can recognise.
+
+Answers: AA returns the report; AR (rejected) and an unreadable answer are final;
+AE (application error) is retried ``application_error_retries`` times, then final;
+no connection, no answer in time, or a connection closed early are retried with
+backoff for ``RADFLOW_REPORT_RETURN_RETRY_BUDGET_S``, then ``retries_exhausted``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from aiokafka import ConsumerRecord
+
+from radflow_core.blobstore import BlobStore
+from radflow_core.errors import BlobStoreUnavailable, BrokerUnavailable, PipelineError
+from radflow_core.events import (
+    BlobRef,
+    Envelope,
+    ForwardRequested,
+    ReportFailed,
+    ReportFinalized,
+    ReportReturned,
+    ReportSource,
+    ReportStatus,
+)
+from radflow_core.kafka import EventProducer, backoff_delay
+from radflow_core.report_document import ReportDocument
+from report_return.hl7 import Ack, Oru, build_oru, control_id, parse_ack
+from report_return.metrics import (
+    ACK_LATENCY,
+    ACKS,
+    ALREADY_RETURNED,
+    FAILED,
+    RETRIES,
+    SENT,
+)
+from report_return.mllp import MllpClient, MllpError
+from report_return.report import ReportTooLarge, UnknownSite, UnreadableReport, document_from
+from report_return.settings import ReportReturnSettings
+from report_return.sites import Site
+from report_return.sr import document_from_sr
+from router.destinations import DestinationKind
+from router.rules import RuleSet
+
+log = logging.getLogger(__name__)
+
+RETURNED_MARKER = "returned"
+ACK_KEEP = 4096
+"""Characters of an acknowledgement kept in report.failed."""
+
+Item = tuple[Envelope[Any], ConsumerRecord[bytes, bytes]]
+
+
+class Abandoned(PipelineError):
+    """Shutting down during a retry: nothing of the batch is committed; it is read again."""
+
+    reason = "abandoned"
+    retriable = True
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class Origin:
+    """One report to return, and where it came from."""
+
+    site: str
+    source: ReportSource
+    report_id: str
+    report_version: int | None
+    study_instance_uid: str
+    sop_instance_uid: str | None
+    destination: str | None
+    delivery_key: str
+    """What the control ID and marker derive from: the same report version (or SR
+    delivery) always has the same key."""
+    requested: ReportStatus
+    blob: BlobRef
+    record: ConsumerRecord[bytes, bytes]
+
+    @classmethod
+    def of_report(cls, event: ReportFinalized, record: ConsumerRecord[bytes, bytes]) -> Origin:
+        return cls(
+            site=event.site,
+            source=ReportSource.REPORTS_FINALIZED,
+            report_id=event.report_id,
+            report_version=event.report_version,
+            study_instance_uid=event.study_instance_uid,
+            sop_instance_uid=None,
+            destination=None,
+            delivery_key=f"report\n{event.report_id}\n{event.report_version}",
+            requested=event.status,
+            blob=event.document,
+            record=record,
+        )
+
+    @classmethod
+    def of_request(
+        cls, request: ForwardRequested, site: str, record: ConsumerRecord[bytes, bytes]
+    ) -> Origin:
+        return cls(
+            site=site,
+            source=ReportSource.STRUCTURED_REPORT,
+            report_id=request.sop_instance_uid,
+            report_version=None,
+            study_instance_uid=request.study_instance_uid,
+            sop_instance_uid=request.sop_instance_uid,
+            destination=request.destination,
+            delivery_key=f"sr\n{request.idempotency_key}",
+            requested=ReportStatus.FINAL,
+            blob=request.blob,
+            record=record,
+        )
+
+    @property
+    def control_id(self) -> str:
+        return control_id(self.site, self.delivery_key)
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            "site": self.site,
+            "source": self.source,
+            "report_id": self.report_id,
+            "report_version": self.report_version,
+            "study_instance_uid": self.study_instance_uid,
+            "sop_instance_uid": self.sop_instance_uid,
+            "destination": self.destination,
+        }
+
+    def log_fields(self) -> dict[str, Any]:
+        return {
+            "site": self.site,
+            "report_id": self.report_id,
+            "report_version": self.report_version,
+            "study_instance_uid": self.study_instance_uid,
+            "control_id": self.control_id,
+        }
+
+
+def site_of(envelope: Envelope[Any], rules: RuleSet | None) -> tuple[str, bool] | None:
+    """(site, is a structured report) of an input record, or None if it is not a report
+    for report-return (a forward request to another kind of destination)."""
+    data = envelope.data
+    if isinstance(data, ReportFinalized):
+        return data.site, False
+    if isinstance(data, ForwardRequested) and rules is not None:
+        destination = rules.destinations.get(data.destination)
+        if destination is not None and destination.kind is DestinationKind.REPORT_RETURN:
+            return destination.site or "", True
+    return None
+
+
+def origin_of(envelope: Envelope[Any], site: str, record: ConsumerRecord[bytes, bytes]) -> Origin:
+    data = envelope.data
+    if isinstance(data, ReportFinalized):
+        return Origin.of_report(data, record)
+    return Origin.of_request(data, site, record)
+
+
+class Outcomes:
+    """Publishes what became of each report, and counts it."""
+
+    def __init__(self, producer: EventProducer) -> None:
+        self._producer = producer
+
+    async def returned(
+        self,
+        origin: Origin,
+        status: ReportStatus,
+        attempts: int,
+        latency_s: float,
+        *,
+        replay: bool = False,
+    ) -> None:
+        event = ReportReturned(
+            **origin.identity(),
+            attempts=attempts,
+            status=status,
+            message_control_id=origin.control_id,
+            acked_at=datetime.now(UTC),
+            ack_latency_s=latency_s,
+            already_returned=replay,
+        )
+        await self._producer.publish(event, event.key)
+        if replay:
+            ALREADY_RETURNED.labels(origin.site).inc()
+        log.info(
+            "already returned; not sent again" if replay else "returned",
+            extra={**origin.log_fields(), "attempt": attempts, "ack_code": "AA"},
+        )
+
+    async def failed(
+        self,
+        origin: Origin,
+        reason: str,
+        message: str,
+        *,
+        retriable: bool,
+        attempts: int = 0,
+        status: ReportStatus | None = None,
+        ack: Ack | None = None,
+        sent: bool = False,
+    ) -> None:
+        record = origin.record
+        event = ReportFailed(
+            **origin.identity(),
+            attempts=attempts,
+            reason=reason,
+            message=message,
+            retriable=retriable,
+            status=status or origin.requested,
+            message_control_id=origin.control_id if sent else None,
+            ack_code=ack.code if ack is not None and ack.code != "AA" else None,
+            ack_text=(ack.text or None) if ack is not None else None,
+            ack=ack.raw[:ACK_KEEP] if ack is not None else None,
+            source_topic=record.topic,
+            source_partition=record.partition,
+            source_offset=record.offset,
+            failed_at=datetime.now(UTC),
+        )
+        await self._producer.publish(event, event.key)
+        FAILED.labels(origin.site, reason).inc()
+        log.warning("report not returned", extra={**origin.log_fields(), "reason": reason})
+
+
+class Returner:
+    """Everything returned to one site goes through one of these (one message at a time)."""
+
+    def __init__(
+        self,
+        site: Site,
+        client: MllpClient,
+        blobs: BlobStore,
+        outcomes: Outcomes,
+        settings: ReportReturnSettings,
+        rules: RuleSet | None,
+        stopping: asyncio.Event,
+    ) -> None:
+        self.site = site
+        self._client = client
+        self._blobs = blobs
+        self._outcomes = outcomes
+        self._settings = settings
+        self._rules = rules
+        self._stopping = stopping
+        self._turn = asyncio.Lock()
+        self._scope = _digest(site.name)[:16]
+
+    async def handle_batch(self, items: list[Item]) -> None:
+        """A partition's fetch: return the reports for this site, in order."""
+        for envelope, record in items:
+            found = site_of(envelope, self._rules)
+            if found is None or found[0] != self.site.name:
+                continue
+            origin = origin_of(envelope, self.site.name, record)
+            async with self._turn:
+                await self.handle(origin, structured=found[1])
+
+    async def handle(self, origin: Origin, *, structured: bool) -> None:
+        """Return one report; every outcome but an outage is published here."""
+        try:
+            if await self._blobs.exists(self._marker(origin)):
+                await self._outcomes.returned(
+                    origin, await self._returned_status(origin), 0, 0.0, replay=True
+                )
+                return
+            document = await self._read(origin, structured)
+            await self._deliver(origin, document)
+        except (BrokerUnavailable, BlobStoreUnavailable, Abandoned):
+            raise
+        except PipelineError as exc:
+            await self._outcomes.failed(origin, exc.reason, str(exc), retriable=exc.retriable)
+        except Exception as exc:
+            log.exception("unexpected error returning a report", extra=origin.log_fields())
+            await self._outcomes.failed(
+                origin, "unexpected_error", type(exc).__name__, retriable=False
+            )
+
+    def _marker(self, origin: Origin) -> str:
+        return f"{RETURNED_MARKER}/{self._scope}/{_digest(origin.delivery_key)}"
+
+    def _order_marker(self, document: ReportDocument) -> str:
+        """Exists once a final (or corrected) report of this order was acknowledged."""
+        return f"{RETURNED_MARKER}/{self._scope}/orders/{_digest(document.accession_number)}"
+
+    async def _returned_status(self, origin: Origin) -> ReportStatus:
+        """The status a replayed report was returned with (kept in its marker)."""
+        key = self._marker(origin)
+        size = await self._blobs.size_of(key)
+        if not size:
+            return origin.requested
+        ref = BlobRef(bucket=self._blobs.bucket, key=key, size=size, sha256="0" * 64)
+        raw = await self._blobs.read_partially(ref, lambda f: f.read(), size + 1)
+        try:
+            return ReportStatus(json.loads(raw)["status"])
+        except (ValueError, KeyError, TypeError):
+            return origin.requested
+
+    async def _read(self, origin: Origin, structured: bool) -> ReportDocument:
+        if origin.blob.size > self._settings.max_report_bytes:
+            raise ReportTooLarge(
+                f"{origin.blob.size} bytes, more than RADFLOW_REPORT_RETURN_MAX_REPORT_BYTES"
+            )
+        data = await self._blobs.read(origin.blob)
+        if structured:
+            return await asyncio.to_thread(document_from_sr, data)
+        try:
+            parsed = json.loads(data)
+        except ValueError:
+            raise UnreadableReport("the report document is not JSON") from None
+        return document_from(parsed)
+
+    async def _deliver(self, origin: Origin, document: ReportDocument) -> None:
+        status = origin.requested
+        order_marker = self._order_marker(document)
+        if status is ReportStatus.FINAL and await self._blobs.exists(order_marker):
+            status = ReportStatus.CORRECTED
+        oru = build_oru(document, status, self.site, origin.control_id, datetime.now(UTC))
+        sent = await self._send(origin, oru)
+        if sent is None:
+            return
+        attempts, latency = sent
+        marker = json.dumps({"status": status.value, "control_id": oru.control_id}).encode()
+        await self._blobs.put_bytes(
+            self._marker(origin), marker, kind=RETURNED_MARKER, check_existing=False
+        )
+        if status is not ReportStatus.PRELIMINARY:
+            await self._blobs.put_bytes(
+                order_marker, oru.control_id.encode(), kind=RETURNED_MARKER, check_existing=False
+            )
+        await self._outcomes.returned(origin, status, attempts, latency)
+
+    async def _send(self, origin: Origin, oru: Oru) -> tuple[int, float] | None:
+        """Send until AA; returns (attempts, ack latency), or None when the report went
+        to report.failed instead."""
+        site = self.site.name
+        first = time.monotonic()
+        attempts = errors = 0
+        while True:
+            if self._stopping.is_set():
+                raise Abandoned("stopping before the report was acknowledged")
+            attempts += 1
+            try:
+                answer = await self._client.exchange(oru.payload)
+            except MllpError as exc:
+                if exc.written:
+                    SENT.labels(site).inc()
+                if time.monotonic() - first >= self._settings.retry_budget_s:
+                    await self._outcomes.failed(
+                        origin,
+                        "retries_exhausted",
+                        f"retry budget of {self._settings.retry_budget_s:g}s used up; last: {exc}",
+                        retriable=True,
+                        attempts=attempts,
+                        status=oru.status,
+                        sent=True,
+                    )
+                    return None
+                log.warning(
+                    "RIS not reached; will retry",
+                    extra={**origin.log_fields(), "reason": exc.reason, "attempt": attempts},
+                )
+                await self._backoff(attempts)
+                continue
+            SENT.labels(site).inc()
+            ack = parse_ack(answer.data, self.site.codec, oru.control_id)
+            ACKS.labels(site, ack.code or "invalid").inc()
+            ACK_LATENCY.labels(site).observe(answer.latency_s)
+            if ack.code == "AA":
+                return attempts, answer.latency_s
+            if ack.code == "AE" and errors < self.site.application_error_retries:
+                errors += 1
+                log.warning(
+                    "RIS answered AE; will retry",
+                    extra={**origin.log_fields(), "ack_code": "AE", "attempt": attempts},
+                )
+                await self._backoff(attempts)
+                continue
+            reason, message = {
+                "AE": ("application_error", "the RIS answered AE (application error)"),
+                "AR": ("rejected", "the RIS answered AR (rejected)"),
+            }.get(ack.code or "", ("invalid_ack", "the RIS's answer is not a valid ACK"))
+            await self._outcomes.failed(
+                origin,
+                reason,
+                f"{message}: {ack.text}" if ack.text else message,
+                retriable=ack.code == "AE",
+                attempts=attempts,
+                status=oru.status,
+                ack=ack,
+                sent=True,
+            )
+            return None
+
+    async def _backoff(self, attempt: int) -> None:
+        RETRIES.labels(self.site.name).inc()
+        delay = backoff_delay(attempt, self._settings.retry_initial_s, self._settings.retry_max_s)
+        try:
+            await asyncio.wait_for(self._stopping.wait(), timeout=delay)
+        except TimeoutError:
+            return
+        raise Abandoned("stopping during a retry backoff")
+
+
+class UnknownSites:
+    """Dead-letters reports for sites that are not in the sites file."""
+
+    def __init__(
+        self, sites: Mapping[str, Site], rules: RuleSet | None, outcomes: Outcomes
+    ) -> None:
+        self._sites = sites
+        self._rules = rules
+        self._outcomes = outcomes
+
+    async def handle_batch(self, items: list[Item]) -> None:
+        for envelope, record in items:
+            found = site_of(envelope, self._rules)
+            if found is None or found[0] in self._sites:
+                continue
+            origin = origin_of(envelope, found[0] or "unnamed", record)
+            error = UnknownSite(
+                f"site {found[0]!r} is not in the sites file (known: "
+                f"{', '.join(sorted(self._sites))})"
+            )
+            await self._outcomes.failed(origin, error.reason, str(error), retriable=False)

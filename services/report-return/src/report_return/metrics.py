@@ -1,0 +1,38 @@
+"""Report-return metrics (Prometheus). The names are what the Grafana dashboard reads."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+SENT = Counter(
+    "radflow_report_return_sent_total",
+    "ORU^R01 messages written to a site's RIS (every attempt, retries included).",
+    ["site"],
+)
+ACKS = Counter(
+    "radflow_report_return_acks_total",
+    "Answers from a site's RIS by code: AA, AE, AR, or invalid (unreadable, or not for "
+    "the message sent).",
+    ["site", "code"],
+)
+RETRIES = Counter(
+    "radflow_report_return_retries_total",
+    "Messages sent again after a timeout, a connection failure or an AE.",
+    ["site"],
+)
+FAILED = Counter(
+    "radflow_report_return_failed_total",
+    "Reports put on report.failed, by site and reason.",
+    ["site", "reason"],
+)
+ACK_LATENCY = Histogram(
+    "radflow_report_return_ack_latency_seconds",
+    "From writing a message to reading its acknowledgement.",
+    ["site"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+ALREADY_RETURNED = Counter(
+    "radflow_report_return_already_returned_total",
+    "Replayed reports recognised as acknowledged and not sent again.",
+    ["site"],
+)
