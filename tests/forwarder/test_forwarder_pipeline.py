@@ -21,9 +21,11 @@ from radflow_devstack.processes import ManagedProcess, free_port
 from support.dicom import make_instance, storescu
 from support.dimse_peer import DimsePeer
 from support.metrics import metric, metric_sum
+from support.oauth import OAuthGateway
 from support.orthanc import OrthancView
 from support.proxy import FaultProxy
 from support.stack import IngestProcess, Stack
+from support.tls import Authority
 from support.waiting import wait_for
 
 pytestmark = pytest.mark.pipeline
@@ -539,3 +541,114 @@ def test_a_destination_that_takes_requests_and_never_answers_is_timed_out_and_re
     wait_for("5 deliveries", lambda: len(completed(stack)) == 5, timeout_s=60)
     assert orthanc.count() == 5 and failed(stack) == []
     proxy.close()
+
+
+def test_tls_with_a_private_ca_and_a_client_certificate_delivers_and_wrong_trust_is_refused(
+    stack: Stack,
+    pipeline,
+    start_forwarder,
+    start_orthanc_server: Callable[..., ManagedProcess],
+    tmp_path: Path,
+) -> None:
+    ca = Authority(tmp_path / "pki")
+    client = ca.issue("radflow-forwarder", server=False)
+    server = start_orthanc_server()
+    assert server.port is not None
+    orthanc = OrthancView(server)
+    # Orthanc's own HTTPS (civetweb on OpenSSL 3, Debian) crashes on the first
+    # handshake: TLS is terminated in front of it, as a reverse proxy would.
+    tls = ca.server_context(ca.issue("pacs", server=True), require_client_cert=True)
+    proxy = FaultProxy(server.port, tls=tls)
+    url = f"https://127.0.0.1:{proxy.port}/dicom-web"
+    rules = write_rules(
+        tmp_path / "rules.yaml",
+        {
+            "mtls": f"url: {url}\n"
+            f"tls: {{ca_file: {ca.ca_file}, cert_file: {client.cert}, key_file: {client.key}}}",
+            "no-client-cert": f"url: {url}\ntls: {{ca_file: {ca.ca_file}}}",
+            "system-trust": f"url: {url}",
+        },
+        ["mtls", "no-client-cert", "system-trust"],
+    )
+    ingest = pipeline(rules)
+    start_forwarder(
+        rules_file=str(rules), retry_initial_s="0.2", retry_max_s="0.5", retry_budget_s="3"
+    )
+    send(ingest, series(tmp_path, 3))
+    wait_for(
+        "3 delivered over mutual TLS, 6 dead-lettered",
+        lambda: len(completed(stack)) == 3 and len(failed(stack)) == 6,
+        timeout_s=120,
+    )
+    assert {d["destination"] for d in completed(stack)} == {"mtls"}
+    assert orthanc.count() == 3
+    reasons = {(f["destination"], f["reason"]) for f in failed(stack)}
+    assert reasons == {
+        ("no-client-cert", "retries_exhausted"),
+        ("system-trust", "retries_exhausted"),
+    }
+    (untrusted,) = {f["message"] for f in failed(stack) if f["destination"] == "system-trust"}
+    assert "TLS: certificate verify failed" in untrusted, untrusted
+    # Without a client certificate the server ends the handshake; the client only sees
+    # the connection reset (TLS 1.3 finishes the client's side first).
+    assert "PEER_DID_NOT_RETURN_A_CERTIFICATE" in proxy.handshake_failures
+    proxy.close()
+
+
+def test_oauth2_tokens_are_fetched_refreshed_before_expiry_and_renewed_after_revocation(
+    stack: Stack,
+    pipeline,
+    start_forwarder,
+    start_orthanc_server: Callable[..., ManagedProcess],
+    tmp_path: Path,
+) -> None:
+    server = start_orthanc_server()
+    assert server.port is not None
+    orthanc = OrthancView(server)
+    gateway = OAuthGateway(server.port, {"radflow": "client-s3cret"}, lifetime_s=4)
+    oauth = (
+        "auth: {{type: oauth2, token_url: '{url}/token', client_id: radflow, "
+        "client_secret_env: {env}, scope: dicom}}"
+    )
+    rules = write_rules(
+        tmp_path / "rules.yaml",
+        {
+            "cloud": f"url: {gateway.url}/dicom-web\n"
+            + oauth.format(url=gateway.url, env="CLOUD_SECRET"),
+            "wrong-secret": f"url: {gateway.url}/dicom-web\n"
+            + oauth.format(url=gateway.url, env="WRONG_SECRET"),
+        },
+        ["cloud", "wrong-secret"],
+    )
+    ingest = pipeline(rules)
+    forwarder = start_forwarder(
+        rules_file=str(rules),
+        retry_initial_s="0.2",
+        retry_max_s="0.5",
+        retry_budget_s="3",
+        env={"CLOUD_SECRET": "client-s3cret", "WRONG_SECRET": "guess"},
+    )
+
+    def cloud() -> int:
+        return sum(d["destination"] == "cloud" for d in completed(stack))
+
+    send(ingest, series(tmp_path, 3))
+    wait_for("the first wave", lambda: cloud() == 3, timeout_s=60)
+    assert gateway.issued == 1
+    time.sleep(3)  # past half the token's 4 s life: the next request needs a new one
+    send(ingest, series(tmp_path, 3))
+    wait_for("the second wave", lambda: cloud() == 6, timeout_s=60)
+    assert gateway.issued == 2
+    assert gateway.refused_tokens == 0, "a request left with an expired token"
+    gateway.revoke_all()  # e.g. the identity provider restarted
+    send(ingest, series(tmp_path, 3))
+    wait_for("the third wave", lambda: cloud() == 9, timeout_s=60)
+    assert gateway.refused_tokens >= 1 and gateway.issued == 3
+    assert orthanc.count() == 9
+    wait_for("the wrong secret's dead letters", lambda: len(failed(stack)) == 9, timeout_s=60)
+    (message,) = {f["message"] for f in failed(stack)}
+    assert "token endpoint answered 401" in message
+    assert {f["destination"] for f in failed(stack)} == {"wrong-secret"}
+    log = forwarder.log()
+    assert "client-s3cret" not in log and "guess" not in log
+    gateway.close()

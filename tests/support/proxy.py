@@ -4,7 +4,9 @@ Put in front of the broker or the S3 server, it lets a test take a dependency aw
 while a sender is sending, without killing the server (so what was stored before the
 outage can still be checked afterwards). In front of an HTTP server it can also play
 an overloaded one: answer every request with a status (503 with Retry-After), or
-take requests and never answer (a hung server, for the client's timeouts).
+take requests and never answer (a hung server, for the client's timeouts). Given a
+server ``ssl.SSLContext`` it terminates TLS, as the reverse proxy in front of a PACS
+does: a real handshake by OpenSSL, client certificates checked if the context asks.
 
 Sockets are only ever closed by the two pump threads of their connection, after both
 have finished; ``cut()`` shuts them down, which wakes the pumps. Closing a socket
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 import struct
 import threading
 
@@ -44,8 +47,13 @@ class _Connection:
 
 
 class FaultProxy:
-    def __init__(self, target_port: int, listen_port: int = 0) -> None:
+    def __init__(
+        self, target_port: int, listen_port: int = 0, tls: ssl.SSLContext | None = None
+    ) -> None:
         self._target = ("127.0.0.1", target_port)
+        self._tls = tls
+        self.handshake_failures: list[str] = []
+        """Why each TLS handshake that failed failed (OpenSSL's reason)."""
         self._listener = socket.create_server(("127.0.0.1", listen_port))
         self._listener.settimeout(0.2)
         self.port: int = self._listener.getsockname()[1]
@@ -105,7 +113,8 @@ class FaultProxy:
                 continue
             except OSError:
                 return
-            # Registered under the lock, so a cut() racing with this accept resets it too.
+            # _bridge registers the connection under the lock and checks again, so a
+            # cut() racing with this accept resets it too.
             with self._lock:
                 if not self._open or self._closed.is_set():
                     client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
@@ -118,18 +127,40 @@ class FaultProxy:
                         target=self._answer, args=(client, self._http_answer), daemon=True
                     ).start()
                     continue
-                try:
-                    upstream = socket.create_connection(self._target, timeout=2)
-                except OSError:
-                    client.close()
-                    continue
-                for sock in (client, upstream):
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    sock.settimeout(None)
-                conn = _Connection(client, upstream)
-                self._conns.add(conn)
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(conn, src, dst), daemon=True).start()
+            if self._tls is None:
+                self._bridge(client)
+            else:
+                threading.Thread(target=self._handshake, args=(client,), daemon=True).start()
+
+    def _handshake(self, client: socket.socket) -> None:
+        assert self._tls is not None
+        client.settimeout(10)
+        try:
+            secure = self._tls.wrap_socket(client, server_side=True)
+        except (ssl.SSLError, OSError) as exc:
+            self.handshake_failures.append(getattr(exc, "reason", None) or type(exc).__name__)
+            client.close()
+            return
+        self._bridge(secure)
+
+    def _bridge(self, client: socket.socket) -> None:
+        """Connect ``client`` to the target and pump both ways until either side ends."""
+        with self._lock:
+            if not self._open or self._closed.is_set():
+                client.close()
+                return
+            try:
+                upstream = socket.create_connection(self._target, timeout=2)
+            except OSError:
+                client.close()
+                return
+            for sock in (client, upstream):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.settimeout(None)
+            conn = _Connection(client, upstream)
+            self._conns.add(conn)
+        for src, dst in ((client, upstream), (upstream, client)):
+            threading.Thread(target=self._pump, args=(conn, src, dst), daemon=True).start()
 
     def _answer(self, client: socket.socket, answer: bytes | None) -> None:
         """Read one request (head and Content-Length body); answer it, or hold it."""

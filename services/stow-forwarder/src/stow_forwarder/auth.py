@@ -1,8 +1,9 @@
 """Authentication to a destination, built from the rule file's references.
 
 OAuth2 client credentials: the token is fetched on first use, cached, refreshed a
-minute before it expires, and fetched anew once if the destination answers 401 (it
-may have been revoked). Secrets are resolved at start-up and never logged.
+minute before it expires (halfway, for tokens shorter-lived than two minutes), and
+fetched anew once if the destination answers 401 (it may have been revoked). Secrets
+are resolved at start-up and never logged.
 """
 
 from __future__ import annotations
@@ -54,14 +55,14 @@ class ClientCredentials(httpx.Auth):
         self._credentials = (client_id, client_secret)
         self._client = client
         self._token: str | None = None
-        self._expires = 0.0
+        self._refresh_at = 0.0
         self._lock = asyncio.Lock()
         self.fetched = 0
         """How many tokens were fetched (for tests and metrics)."""
 
     async def _fetch(self, force: bool) -> str:
         async with self._lock:
-            if not force and self._token and time.monotonic() < self._expires - 60:
+            if not force and self._token and time.monotonic() < self._refresh_at:
                 return self._token
             try:
                 response = await self._client.post(
@@ -77,7 +78,10 @@ class ClientCredentials(httpx.Auth):
                 lifetime = float(body.get("expires_in", 300))
             except (ValueError, KeyError, TypeError):
                 raise TokenUnavailable("token endpoint answer has no access_token") from None
-            self._token, self._expires = token, time.monotonic() + lifetime
+            # A minute early, or halfway for short-lived tokens, so a request never
+            # leaves with a token that expires on the way.
+            self._token = token
+            self._refresh_at = time.monotonic() + lifetime - min(60.0, lifetime / 2)
             self.fetched += 1
             return token
 

@@ -90,7 +90,7 @@ class StowClient:
         try:
             response = await self._client.post(
                 self.url,
-                content=body.stream(),
+                content=body,
                 headers={
                     "Content-Type": body.content_type,
                     "Content-Length": str(body.length()),
@@ -98,11 +98,7 @@ class StowClient:
             )
             status_label = f"{response.status_code // 100}xx"
         except (httpx.TimeoutException, httpx.TransportError) as exc:
-            return Answer(
-                None,
-                retry=dict.fromkeys(uids, f"no answer ({type(exc).__name__})"),
-                peer_unavailable=True,
-            )
+            return Answer(None, retry=dict.fromkeys(uids, no_answer(exc)), peer_unavailable=True)
         except TokenUnavailable as exc:
             return Answer(None, retry=dict.fromkeys(uids, str(exc)), peer_unavailable=True)
         finally:
@@ -110,6 +106,19 @@ class StowClient:
                 time.perf_counter() - started
             )
         return classify(response, uids)
+
+
+def no_answer(exc: httpx.HTTPError) -> str:
+    """Why a request got no answer, naming a TLS failure (an untrusted certificate, a
+    missing client certificate) so the dead letter says what to fix."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return f"TLS: certificate verify failed ({cause.verify_message})"
+        if isinstance(cause, ssl.SSLError):
+            return f"TLS handshake failed ({cause.reason or type(cause).__name__})"
+        cause = cause.__cause__ or cause.__context__
+    return f"no answer ({type(exc).__name__})"
 
 
 def classify(response: httpx.Response, uids: Sequence[str]) -> Answer:

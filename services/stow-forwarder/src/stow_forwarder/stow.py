@@ -26,8 +26,18 @@ FAILURE_REASON = "00081197"
 
 @dataclass(frozen=True)
 class MultipartBody:
+    """A STOW-RS request body streamed from spool files.
+
+    It is an async iterable rather than a generator so that httpx can send it again:
+    an OAuth2 destination that answers 401 gets the same request once more with a
+    fresh token, and a generator body could not be replayed.
+    """
+
     files: Sequence[Path]
     boundary: str
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self.stream()
 
     @classmethod
     def of(cls, files: Sequence[Path]) -> MultipartBody:
