@@ -1,0 +1,173 @@
+"""Rendering the kustomize overlays and reading what the deployment ships: objects,
+CRD schemas, the Grafana dashboard, and the PromQL in dashboards, alerts and KEDA."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S = ROOT / "deploy" / "k8s"
+OVERLAYS = ("dev", "prod")
+DASHBOARDS = K8S / "base" / "monitoring" / "dashboards"
+CRD_SCHEMAS = Path(__file__).resolve().parent / "crd_schemas"
+
+Obj = dict[str, Any]
+
+
+def kubectl() -> str:
+    """Path of kubectl, or skip: rendering needs its built-in kustomize."""
+    path = shutil.which("kubectl")
+    if path is None:
+        pytest.skip("kubectl (with built-in kustomize) is not installed: overlays not rendered")
+    return path
+
+
+@functools.cache
+def _render(directory: str) -> tuple[Obj, ...]:
+    done = subprocess.run(
+        [kubectl(), "kustomize", directory], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, f"kubectl kustomize {directory} failed:\n{done.stderr}"
+    return tuple(d for d in yaml.safe_load_all(done.stdout) if d)
+
+
+def render(overlay: str) -> list[Obj]:
+    """Every object ``kubectl kustomize deploy/k8s/overlays/<overlay>`` prints (copies)."""
+    return copy.deepcopy(list(_render(str(K8S / "overlays" / overlay))))
+
+
+def of_kind(objects: list[Obj], kind: str) -> list[Obj]:
+    return [o for o in objects if o["kind"] == kind]
+
+
+def named(objects: list[Obj], kind: str, name: str) -> Obj:
+    found = [o for o in of_kind(objects, kind) if o["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind} {name}, found {len(found)}"
+    return found[0]
+
+
+def is_builtin(obj: Obj) -> bool:
+    """Kubernetes' own kinds: core (``v1``) and groups named ``*.k8s.io`` or without dots."""
+    api_version: str = obj["apiVersion"]
+    if "/" not in api_version:
+        return True
+    group = api_version.split("/", 1)[0]
+    return "." not in group or group.endswith(".k8s.io")
+
+
+# --- CRD schemas -------------------------------------------------------------------
+
+
+def crd_schemas() -> dict[tuple[str, str], Obj]:
+    """(apiVersion, kind) → the vendored openAPIV3Schema, made strict (see README)."""
+    schemas = {}
+    for path in sorted(CRD_SCHEMAS.glob("*.json")):
+        schema = json.loads(path.read_text())
+        source = schema.pop("x-source")
+        schemas[(source["apiVersion"], source["kind"])] = strict_openapi(schema)
+    return schemas
+
+
+def strict_openapi(schema: Any) -> Any:
+    """An OpenAPI v3 (Kubernetes structural) schema as a JSON Schema that rejects what
+    the API server would prune or refuse with strict field validation."""
+    if isinstance(schema, list):
+        return [strict_openapi(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: strict_openapi(v) for k, v in schema.items()}
+    if out.get("x-kubernetes-int-or-string"):
+        out.pop("type", None)
+        out.setdefault("anyOf", [{"type": "integer"}, {"type": "string"}])
+    if out.pop("nullable", False) and "type" in out:
+        out["type"] = [out["type"], "null"]
+    if (
+        "properties" in out
+        and "additionalProperties" not in out
+        and not out.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        out["additionalProperties"] = False
+    return out
+
+
+# --- dashboards and PromQL -----------------------------------------------------------
+
+
+def dashboards() -> dict[str, Obj]:
+    """Every dashboard JSON shipped in deploy/ (file name → model)."""
+    return {p.name: json.loads(p.read_text()) for p in sorted(DASHBOARDS.glob("*.json"))}
+
+
+def walk_panels(panels: list[Obj]) -> Iterator[Obj]:
+    """Panels, including those nested in collapsed rows."""
+    for panel in panels:
+        yield panel
+        yield from walk_panels(panel.get("panels", []))
+
+
+def dashboard_queries(dashboard: Obj) -> dict[str, str]:
+    """'<panel title> / <refId>' → PromQL, for every panel target and query variable."""
+    queries = {}
+    for panel in walk_panels(dashboard["panels"]):
+        for target in panel.get("targets", []):
+            queries[f"{panel['title']} / {target['refId']}"] = target["expr"]
+    for variable in dashboard.get("templating", {}).get("list", []):
+        if variable["type"] == "query":
+            query = variable["query"]
+            queries[f"variable {variable['name']}"] = (
+                query["query"] if isinstance(query, dict) else query
+            )
+    return queries
+
+
+def alert_queries(objects: list[Obj]) -> dict[str, str]:
+    """'<rule name>' → PromQL, for every PrometheusRule rule."""
+    queries = {}
+    for rule_set in of_kind(objects, "PrometheusRule"):
+        for group in rule_set["spec"]["groups"]:
+            for rule in group["rules"]:
+                queries[rule.get("alert") or rule["record"]] = rule["expr"]
+    return queries
+
+
+def scaler_queries(objects: list[Obj]) -> dict[str, str]:
+    """'<ScaledObject> / <n>' → PromQL, for every KEDA prometheus trigger."""
+    queries = {}
+    for scaled in of_kind(objects, "ScaledObject"):
+        for i, trigger in enumerate(scaled["spec"]["triggers"]):
+            if trigger["type"] == "prometheus":
+                queries[f"{scaled['metadata']['name']} / {i}"] = trigger["metadata"]["query"]
+    return queries
+
+
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_METRIC = re.compile(r"\b(radflow_[a-z0-9_]+)\b")
+
+
+def metric_names(promql: str) -> set[str]:
+    """The radflow_* series names a PromQL expression reads (names in quoted strings,
+    such as label values and regexes, are not metrics)."""
+    return set(_METRIC.findall(_STRING.sub('""', promql)))
+
+
+def selector_labels(promql: str) -> dict[str, set[str]]:
+    """Metric name → label names its selectors ({...}) use."""
+    found: dict[str, set[str]] = {}
+    for match in re.finditer(r"\b(radflow_[a-z0-9_]+)\{([^}]*)\}", promql):
+        body = _STRING.sub('""', match.group(2))
+        labels = {
+            m.group(1) for m in re.finditer(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)", body)
+        }
+        found.setdefault(match.group(1), set()).update(labels)
+    return found
