@@ -652,3 +652,68 @@ def test_oauth2_tokens_are_fetched_refreshed_before_expiry_and_renewed_after_rev
     log = forwarder.log()
     assert "client-s3cret" not in log and "guess" not in log
     gateway.close()
+
+
+def test_destinations_added_and_removed_in_the_rule_file_start_and_stop_without_a_restart(
+    stack: Stack,
+    start_ingest,
+    start_transcode,
+    start_router,
+    start_forwarder,
+    start_orthanc_server: Callable[..., ManagedProcess],
+    tmp_path: Path,
+) -> None:
+    first, second = OrthancView(start_orthanc_server()), OrthancView(start_orthanc_server())
+    rules = tmp_path / "rules.yaml"
+
+    def swap(destinations: dict[str, str], route: list[str]) -> None:
+        """Replace the file whole, as a ConfigMap update does."""
+        write_rules(tmp_path / "next.yaml", destinations, route).replace(rules)
+
+    swap({"first": f"url: {first.dicomweb}"}, ["first"])
+    ingest = start_ingest()
+    start_transcode()
+    router = start_router(rules_file=str(rules), reload_interval_s="0.5")
+    forwarder = start_forwarder(rules_file=str(rules), reload_interval_s="0.5")
+
+    def applied(generation: int) -> bool:
+        return (
+            metric(router.url, "radflow_router_rules_generation") == generation
+            and metric(forwarder.url, "radflow_forwarder_rules_generation") == generation
+        )
+
+    send(ingest, series(tmp_path, 3))
+    wait_for("3 delivered to the first", lambda: first.count() == 3, timeout_s=60)
+
+    both = {"first": f"url: {first.dicomweb}", "second": f"url: {second.dicomweb}"}
+    swap(both, ["first", "second"])
+    wait_for(
+        "the second destination applied",
+        lambda: applied(2) and metric(forwarder.url, "radflow_forwarder_destinations") == 2,
+        timeout_s=30,
+    )
+    send(ingest, series(tmp_path, 3))
+    wait_for("3 more to each", lambda: first.count() == 6 and second.count() == 3, timeout_s=60)
+
+    (tmp_path / "broken.yaml").write_text("version: 1\ndestinations: {second: {url: ftp://x}}\n")
+    (tmp_path / "broken.yaml").replace(rules)
+    wait_for(
+        "the broken change rejected",
+        lambda: metric(forwarder.url, "radflow_forwarder_rules_valid") == 0,
+        timeout_s=30,
+    )
+    assert "rule file change rejected" in forwarder.log()
+
+    swap(both, ["second"])  # 'first' stays defined but unrouted: it keeps its consumers
+    wait_for("routing to the second only", lambda: applied(3), timeout_s=30)
+    swap({"second": f"url: {second.dicomweb}"}, ["second"])
+    wait_for(
+        "the first destination removed",
+        lambda: applied(4) and metric(forwarder.url, "radflow_forwarder_destinations") == 1,
+        timeout_s=30,
+    )
+    send(ingest, series(tmp_path, 3))
+    wait_for("3 more to the second", lambda: second.count() == 6, timeout_s=60)
+    assert first.count() == 6
+    assert failed(stack) == []
+    assert "destination removed" in forwarder.log() and "destination added" in forwarder.log()

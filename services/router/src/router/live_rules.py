@@ -2,7 +2,8 @@
 an invalid change is rejected, logged with its lines, and the last valid rules stay.
 
 Changes are detected by content (sha256), not mtime, so the symlink swap Kubernetes
-does when a ConfigMap changes is seen like any edit.
+does when a ConfigMap changes is seen like any edit. The forwarder watches the same
+file for its destinations, with its own metrics.
 """
 
 from __future__ import annotations
@@ -10,7 +11,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
+
+from prometheus_client import Counter, Gauge
 
 from router.loader import RuleFileError, load_text, read_text
 from router.metrics import RULES_GENERATION, RULES_RELOADS, RULES_VALID
@@ -19,9 +24,21 @@ from router.rules import RuleSet
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class RulesMetrics:
+    generation: Gauge
+    valid: Gauge
+    reloads: Counter
+    """By outcome: applied, rejected."""
+
+
+ROUTER_METRICS = RulesMetrics(RULES_GENERATION, RULES_VALID, RULES_RELOADS)
+
+
 class LiveRules:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, metrics: RulesMetrics = ROUTER_METRICS) -> None:
         self.path = path
+        self._metrics = metrics
         self._digest: str | None = None
         self._rules: RuleSet | None = None
         self._rejected: str | None = None
@@ -56,13 +73,18 @@ class LiveRules:
         except RuleFileError as exc:
             return self._reject(exc, digest)
         self._apply(rules, digest)
-        RULES_RELOADS.labels("applied").inc()
+        self._metrics.reloads.labels("applied").inc()
         return True
 
-    async def watch(self, interval_s: float) -> None:
+    async def watch(
+        self,
+        interval_s: float,
+        on_change: Callable[[RuleSet], Awaitable[None]] | None = None,
+    ) -> None:
         while True:
             await asyncio.sleep(interval_s)
-            self.reload()
+            if self.reload() and on_change is not None:
+                await on_change(self.current)
 
     def _read(self) -> tuple[str, str]:
         text = read_text(self.path)
@@ -71,8 +93,8 @@ class LiveRules:
     def _apply(self, rules: RuleSet, digest: str) -> None:
         self._rules, self._digest = rules, digest
         self.generation += 1
-        RULES_GENERATION.set(self.generation)
-        RULES_VALID.set(1)
+        self._metrics.generation.set(self.generation)
+        self._metrics.valid.set(1)
         log.info(
             "rules in force",
             extra={
@@ -97,6 +119,6 @@ class LiveRules:
                 "rules_digest": self.current.digest,
             },
         )
-        RULES_VALID.set(0)
-        RULES_RELOADS.labels("rejected").inc()
+        self._metrics.valid.set(0)
+        self._metrics.reloads.labels("rejected").inc()
         return False

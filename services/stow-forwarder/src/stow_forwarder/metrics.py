@@ -50,3 +50,19 @@ BATCH_SIZE = Histogram(
     ["destination"],
     buckets=(1, 2, 5, 10, 20, 50, 100, 200),
 )
+DESTINATIONS = Gauge(
+    "radflow_forwarder_destinations", "Destinations being delivered to (from the rule file)."
+)
+RULES_GENERATION = Gauge(
+    "radflow_forwarder_rules_generation",
+    "How many valid rule files were applied since start (1 after start).",
+)
+RULES_VALID = Gauge(
+    "radflow_forwarder_rules_valid",
+    "1 if the rule file on disk is the one in use; 0 if its last change was rejected.",
+)
+RULES_RELOADS = Counter(
+    "radflow_forwarder_rules_reloads_total",
+    "Rule file changes seen, by outcome (applied, rejected).",
+    ["outcome"],
+)

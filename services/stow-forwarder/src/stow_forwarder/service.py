@@ -6,6 +6,10 @@ Each destination has its own consumer groups (``<prefix>.<destination>.stat`` an
 its lag is its backlog. The STAT consumer runs beside the routine one and takes the
 destination first. On SIGTERM every consumer stops after the request on the wire;
 what was not acknowledged is not committed and is read again.
+
+The rule file is watched like the router watches it: a destination added, changed or
+removed starts, restarts or stops on its own, without touching the others. Requests
+routed to a new destination before the change was seen wait in the topic for it.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
@@ -24,7 +29,10 @@ from radflow_core.ops import Health, ops_routes
 from radflow_core.runtime import connect_producer, start_http
 from radflow_core.topics import Topic
 from router.destinations import DestinationKind
-from router.loader import RuleFileError, load_file
+from router.live_rules import LiveRules, RulesMetrics
+from router.loader import RuleFileError
+from router.rules import Destination, RuleSet
+from stow_forwarder import metrics
 from stow_forwarder.answer import DestinationClient
 from stow_forwarder.client import StowClient
 from stow_forwarder.delivery import Deliverer
@@ -35,6 +43,26 @@ log = logging.getLogger(__name__)
 
 SERVICE = "stow-forwarder"
 LANE_TOPICS = {Lane.STAT: Topic.FORWARD_REQUESTED_STAT, Lane.ROUTINE: Topic.FORWARD_REQUESTED}
+RULES_METRICS = RulesMetrics(metrics.RULES_GENERATION, metrics.RULES_VALID, metrics.RULES_RELOADS)
+
+
+def delivered_here(rules: RuleSet) -> dict[str, Destination]:
+    return {
+        name: d
+        for name, d in rules.destinations.items()
+        if d.kind is not DestinationKind.REPORT_RETURN
+    }
+
+
+@dataclass
+class Running:
+    """One destination being delivered to: its client, deliverer and two consumers."""
+
+    destination: Destination
+    client: DestinationClient
+    deliverer: Deliverer
+    consumers: list[EventConsumer[ForwardRequested]]
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
 
 class ForwarderService:
@@ -43,9 +71,8 @@ class ForwarderService:
         self._blobs = BlobStore(config.s3)
         self._producer = EventProducer(config.kafka, SERVICE)
         self._stopping = asyncio.Event()
-        self._clients: list[DestinationClient] = []
-        self._consumers: list[EventConsumer[ForwardRequested]] = []
-        self.deliverers: dict[str, Deliverer] = {}
+        self._rules = LiveRules(config.forwarder.rules_file, RULES_METRICS)
+        self.running: dict[str, Running] = {}
         self.health = Health(
             {"broker": self._producer.ping, "blob_store": self._blobs.ping},
             cache_s=config.ops.readiness_cache_s,
@@ -54,46 +81,44 @@ class ForwarderService:
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = False
+        self._consuming = False
 
-    def _build(self) -> None:
+    @property
+    def deliverers(self) -> dict[str, Deliverer]:
+        return {name: r.deliverer for name, r in self.running.items()}
+
+    def _build(self, destination: Destination) -> Running:
+        """Raises ConfigurationError (e.g. a referenced secret is missing)."""
         settings = self._config.forwarder
         kafka = self._config.kafka
-        rules = load_file(settings.rules_file)
-        for destination in rules.destinations.values():
-            if destination.kind is DestinationKind.REPORT_RETURN:
-                continue  # report-return's, not ours
-            client: DestinationClient = (
-                DimseClient(destination, settings)
-                if destination.kind is DestinationKind.DIMSE
-                else StowClient(destination, settings)
-            )
-            self._clients.append(client)
-            deliverer = Deliverer(
-                destination, client, self._blobs, self._producer, settings, self._stopping
-            )
-            self.deliverers[destination.name] = deliverer
-            for lane, topic in LANE_TOPICS.items():
-                self._consumers.append(
-                    EventConsumer(
-                        kafka,
-                        service=SERVICE,
-                        group_id=f"{settings.group_prefix}.{destination.name}.{lane.value}",
-                        topics=[kafka.topic(topic)],
-                        model=ForwardRequested,
-                        batch_handler=deliverer.handle_batch,
-                        producer=self._producer,
-                        dead_letter_topic=kafka.topic(Topic.INSTANCE_FAILED),
-                    )
-                )
-        log.info(
-            "destinations loaded",
-            extra={"destinations": sorted(self.deliverers), "rules_digest": rules.digest},
+        client: DestinationClient = (
+            DimseClient(destination, settings)
+            if destination.kind is DestinationKind.DIMSE
+            else StowClient(destination, settings)
         )
+        deliverer = Deliverer(
+            destination, client, self._blobs, self._producer, settings, self._stopping
+        )
+        consumers = [
+            EventConsumer(
+                kafka,
+                service=SERVICE,
+                group_id=f"{settings.group_prefix}.{destination.name}.{lane.value}",
+                topics=[kafka.topic(topic)],
+                model=ForwardRequested,
+                batch_handler=deliverer.handle_batch,
+                producer=self._producer,
+                dead_letter_topic=kafka.topic(Topic.INSTANCE_FAILED),
+            )
+            for lane, topic in LANE_TOPICS.items()
+        ]
+        return Running(destination, client, deliverer, consumers)
 
     async def start(self) -> None:
         settings = self._config.forwarder
         try:
-            self._build()
+            rules = self._rules.load()
+            self.running = {name: self._build(d) for name, d in delivered_here(rules).items()}
         except (RuleFileError, ConfigurationError) as exc:
             log.critical(
                 "cannot deliver with this configuration; not starting",
@@ -101,6 +126,11 @@ class ForwarderService:
             )
             self.failed.set()
             return
+        metrics.DESTINATIONS.set(len(self.running))
+        log.info(
+            "destinations loaded",
+            extra={"destinations": sorted(self.running), "rules_digest": rules.digest},
+        )
         self._runner = await start_http(
             ops_routes(self.health), settings.http_host, settings.http_port
         )
@@ -109,17 +139,65 @@ class ForwarderService:
     async def _run(self) -> None:
         if not await connect_producer(self._producer, self.failed):
             return
-        runs = [asyncio.create_task(c.run()) for c in self._consumers]
-        log.info("consuming", extra={"count": len(runs)})
+        self._consuming = True
+        for running in self.running.values():
+            self._launch(running)
+        log.info("consuming", extra={"count": 2 * len(self.running)})
+        await self._rules.watch(self._config.forwarder.reload_interval_s, self._apply)
+
+    def _launch(self, running: Running) -> None:
+        running.tasks = [asyncio.create_task(self._consume(running, c)) for c in running.consumers]
+
+    async def _consume(self, running: Running, consumer: EventConsumer[ForwardRequested]) -> None:
         try:
-            for finished in asyncio.as_completed(runs):
-                await finished
+            await consumer.run()
         except Exception:
-            log.exception("a consumer stopped unexpectedly")
+            log.exception(
+                "a consumer stopped unexpectedly",
+                extra={"destination": running.destination.name},
+            )
             self.failed.set()
-            for consumer in self._consumers:
-                consumer.stop()
-            await asyncio.gather(*runs, return_exceptions=True)
+
+    async def _apply(self, rules: RuleSet) -> None:
+        """Start, restart or stop destinations so that the running ones match ``rules``."""
+        wanted = delivered_here(rules)
+        for name in sorted(set(self.running) | set(wanted)):
+            old, new = self.running.get(name), wanted.get(name)
+            if old is not None and old.destination == new:
+                continue
+            if old is not None:
+                await self._retire(self.running.pop(name))
+            if new is None:
+                log.info("destination removed", extra={"destination": name})
+                continue
+            try:
+                running = self._build(new)
+            except ConfigurationError as exc:
+                log.error(  # noqa: TRY400 - the problem is the message, no traceback wanted
+                    "destination not started; fix its configuration",
+                    extra={"destination": name, "problems": str(exc).splitlines()},
+                )
+                continue
+            self.running[name] = running
+            self._launch(running)
+            log.info(
+                "destination changed" if old is not None else "destination added",
+                extra={"destination": name},
+            )
+        metrics.DESTINATIONS.set(len(self.running))
+
+    async def _retire(self, running: Running) -> None:
+        """Stop one destination's consumers after the request in hand, then its client."""
+        for consumer in running.consumers:
+            consumer.stop()
+        for task in running.tasks:
+            try:
+                await asyncio.wait_for(task, timeout=60)
+            except TimeoutError:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await running.client.close()
 
     async def stop(self) -> None:
         if self._stopped:
@@ -127,17 +205,11 @@ class ForwarderService:
         self._stopped = True
         self.health.stopping = True
         self._stopping.set()
-        for consumer in self._consumers:
-            consumer.stop()
         for task in self._tasks:
-            try:
-                await asyncio.wait_for(task, timeout=60)
-            except TimeoutError:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        for client in self._clients:
-            await client.close()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await asyncio.gather(*(self._retire(r) for r in self.running.values()))
         await self._producer.stop()
         if self._runner is not None:
             await self._runner.cleanup()

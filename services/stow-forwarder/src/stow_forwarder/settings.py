@@ -22,8 +22,11 @@ class ForwarderSettings(Section):
     prefix = "FORWARDER_"
 
     rules_file: Path = Path("rules.yaml")
-    """The rule file whose ``destinations`` are delivered to (the router's file). Read
-    at start; secrets it references must be set then."""
+    """The rule file whose ``destinations`` are delivered to (the router's file).
+    Secrets it references must be set at start; a destination added later whose
+    secret is missing is skipped and logged, the others keep going."""
+    reload_interval_s: float = Field(default=2.0, gt=0, le=3600)
+    """How often the rule file is checked for changed destinations (by content)."""
     http_host: str = "127.0.0.1"
     """Address of the operations endpoint (/metrics, /healthz, /readyz)."""
     http_port: int = Field(default=8083, ge=0, le=65535)
