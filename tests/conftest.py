@@ -137,6 +137,15 @@ def start_forwarder(stack: Stack, tmp_path: Path) -> Iterator[ServiceFactory]:
 
 
 @pytest.fixture
+def start_report_return(stack: Stack, tmp_path: Path) -> Iterator[ServiceFactory]:
+    """Start ``python -m report_return`` against ``stack`` (pass sites_file=..., and
+    rules_file=... for Structured Reports)."""
+    started: list[IngestProcess] = []
+    yield _service_factory("report_return", stack, tmp_path, started)
+    _stop_all(started)
+
+
+@pytest.fixture
 def start_orthanc_server(tmp_path: Path) -> Iterator[Callable[..., ManagedProcess]]:
     """Start Orthanc with its DICOMweb plugin on free ports (``users=`` for basic auth)."""
     started: list[ManagedProcess] = []
