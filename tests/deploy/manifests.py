@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import promql_parser
 import pytest
 import yaml
 
@@ -125,9 +126,10 @@ def dashboard_queries(dashboard: Obj) -> dict[str, str]:
     for variable in dashboard.get("templating", {}).get("list", []):
         if variable["type"] == "query":
             query = variable["query"]
-            queries[f"variable {variable['name']}"] = (
-                query["query"] if isinstance(query, dict) else query
-            )
+            text = query["query"] if isinstance(query, dict) else query
+            # Grafana's label_values(selector, label) reads the series of its selector.
+            values = re.fullmatch(r"label_values\((.+),\s*[A-Za-z_][A-Za-z0-9_]*\)", text)
+            queries[f"variable {variable['name']}"] = values.group(1) if values else text
     return queries
 
 
@@ -151,23 +153,26 @@ def scaler_queries(objects: list[Obj]) -> dict[str, str]:
     return queries
 
 
-_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
-_METRIC = re.compile(r"\b(radflow_[a-z0-9_]+)\b")
+_GRAFANA_INTERVALS = re.compile(r"\$(__rate_interval|__interval|__range)\b")
+_GRAFANA_VARIABLES = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?")
 
 
-def metric_names(promql: str) -> set[str]:
-    """The radflow_* series names a PromQL expression reads (names in quoted strings,
-    such as label values and regexes, are not metrics)."""
-    return set(_METRIC.findall(_STRING.sub('""', promql)))
+def parse_promql(expr: str) -> promql_parser.Expr:
+    """Parse PromQL as Prometheus does (Grafana's variables replaced by sample values);
+    raises ValueError on a syntax error."""
+    expr = _GRAFANA_INTERVALS.sub("5m", expr)
+    expr = _GRAFANA_VARIABLES.sub(".*", expr)
+    return promql_parser.parse(expr)
 
 
-def selector_labels(promql: str) -> dict[str, set[str]]:
-    """Metric name → label names its selectors ({...}) use."""
+def selectors(expr: str) -> dict[str, set[str]]:
+    """Every series a PromQL expression reads: metric name → label names it matches on."""
     found: dict[str, set[str]] = {}
-    for match in re.finditer(r"\b(radflow_[a-z0-9_]+)\{([^}]*)\}", promql):
-        body = _STRING.sub('""', match.group(2))
-        labels = {
-            m.group(1) for m in re.finditer(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)", body)
-        }
-        found.setdefault(match.group(1), set()).update(labels)
+
+    def visit(node: Any) -> None:
+        if isinstance(node, promql_parser.VectorSelector) and node.name:
+            labels = {m.name for m in node.matchers.matchers} - {"__name__"}
+            found.setdefault(node.name, set()).update(labels)
+
+    promql_parser.walk(parse_promql(expr), visit)
     return found
