@@ -1,0 +1,212 @@
+"""DIMSE ingest rate: our ingest next to a bare pynetdicom SCP, Orthanc and DCMTK
+storescp, receiving the same files from DCMTK storescu, in one run. Prints a table and
+writes bench/results/ingest_rate.json.
+
+    python bench/ingest_rate.py [--ct 300] [--small 500] [--repeat 3] [--quick]
+
+Method. Two sets of instances, generated once (Explicit VR Little Endian): a CT series
+of 512x512 16-bit slices (0.5 MB each) and a mix of small instances (64² and 128² CT,
+256² MR, header-only SRs). Each set is sent by ``storescu -R`` (TCP_NODELAY=1) over 1
+association, and split over 4 concurrent storescu processes (4 associations). The
+time is the wall time from starting the first storescu to the exit of the last: when
+storescu exits, every instance has been answered with success. Receivers:
+
+- ours: ``python -m ingest`` — success only after the blob is in S3 (moto server) and
+  the dicom.instance.received event is acknowledged by the broker (Tansu, acks=all).
+  Afterwards the received events are counted.
+- pynetdicom floor: ``bench/bare_scp.py``, writes each dataset to disk and nothing else.
+- Orthanc (DCMTK inside; SQLite index and files on disk), counted by its REST API.
+- DCMTK ``storescp --fork`` writing files (the near-limit).
+
+Every receiver is fresh for every run (new bucket and topics, new Orthanc, new
+folders), so none of them sees a duplicate. Runs are interleaved receiver by
+receiver and repeated; the table shows the median, and the ratios are ours over
+each reference from those medians. All of it shares the machine's 2 cores with the
+sender (and, for ours, with the broker and the S3 server).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from harness import (
+    NODELAY,
+    RESULTS,
+    Parts,
+    TopicFollower,
+    ct_series,
+    fmt,
+    machine,
+    median,
+    orthanc_count,
+    python,
+    run_dir,
+    small_mix,
+    storescu_parallel,
+    total_bytes,
+    wait_until,
+    write_result,
+)
+
+from radflow_core.topics import Topic
+from radflow_devstack.processes import ManagedProcess, free_port
+
+BENCH = Path(__file__).resolve().parent
+RECEIVERS = ("ours", "pynetdicom", "orthanc", "storescp")
+
+
+def _send_to_ours(parts: Parts, files: list[Path], associations: int) -> float:
+    st = parts.slice()
+    ingest = parts.service("ingest", st)
+    assert ingest.dimse_port is not None
+    with TopicFollower(st.kafka, st.topic(Topic.INSTANCE_RECEIVED)) as received:
+        elapsed = storescu_parallel(ingest.dimse_port, files, associations, "RADFLOW")
+        received.wait(len(files), 60)
+        assert received.count == len(files), f"{received.count} events for {len(files)} sent"
+    parts.stop(ingest)
+    return elapsed
+
+
+def _send_to_process(
+    parts: Parts,
+    argv: Callable[[int, Path], list[str]],
+    name: str,
+    files: list[Path],
+    aet: str,
+    associations: int,
+) -> float:
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as out:
+        proc = ManagedProcess(name, argv(port, Path(out)), parts.run_dir / f"{name}.log", NODELAY)
+        proc.start()
+        try:
+            proc.wait_for_port(port)
+            elapsed = storescu_parallel(port, files, associations, aet)
+            wait_until(
+                f"{len(files)} files from {name}",
+                lambda: len(os.listdir(out)) >= len(files),
+                30,
+            )
+        finally:
+            proc.stop()
+    return elapsed
+
+
+def _send_to_pynetdicom(parts: Parts, files: list[Path], associations: int) -> float:
+    return _send_to_process(
+        parts,
+        lambda port, out: [python(), str(BENCH / "bare_scp.py"), str(port), str(out)],
+        "bare-scp",
+        files,
+        "BARESCP",
+        associations,
+    )
+
+
+def _send_to_storescp(parts: Parts, files: list[Path], associations: int) -> float:
+    return _send_to_process(
+        parts,
+        lambda port, out: ["storescp", "--fork", "-aet", "STORESCP", "-od", str(out), str(port)],
+        "storescp",
+        files,
+        "STORESCP",
+        associations,
+    )
+
+
+def _send_to_orthanc(parts: Parts, files: list[Path], associations: int) -> float:
+    orthanc = parts.orthanc()
+    assert orthanc.dicom_port is not None
+    elapsed = storescu_parallel(orthanc.dicom_port, files, associations, "ORTHANC")
+    count = orthanc_count(orthanc)
+    assert count == len(files), f"Orthanc holds {count} of {len(files)}"
+    parts.stop(orthanc)
+    return elapsed
+
+
+SENDERS: dict[str, Callable[[Parts, list[Path], int], float]] = {
+    "ours": _send_to_ours,
+    "pynetdicom": _send_to_pynetdicom,
+    "orthanc": _send_to_orthanc,
+    "storescp": _send_to_storescp,
+}
+
+
+def run(ct: int, small: int, repeat: int) -> dict[str, Any]:
+    rows: list[dict[str, Any]] = []
+    with run_dir() as tmp, Parts(tmp) as parts:
+        sets = {"ct-512": ct_series(tmp / "ct", ct), "small-mix": small_mix(tmp / "small", small)}
+        for set_name, files in sets.items():
+            size = total_bytes(files)
+            for associations in (1, 4):
+                times: dict[str, list[float]] = {r: [] for r in RECEIVERS}
+                for _ in range(repeat):
+                    for receiver in RECEIVERS:
+                        times[receiver].append(SENDERS[receiver](parts, files, associations))
+                row: dict[str, Any] = {
+                    "set": set_name,
+                    "instances": len(files),
+                    "mb": round(size / 1e6, 1),
+                    "associations": associations,
+                }
+                for receiver in RECEIVERS:
+                    elapsed = median(times[receiver])
+                    row[receiver] = {
+                        "seconds": [round(t, 3) for t in times[receiver]],
+                        "instances_per_s": round(len(files) / elapsed, 1),
+                        "mb_per_s": round(size / 1e6 / elapsed, 1),
+                    }
+                for ref in RECEIVERS[1:]:
+                    row[f"ours_vs_{ref}"] = round(
+                        row["ours"]["instances_per_s"] / row[ref]["instances_per_s"], 2
+                    )
+                row["target_orthanc_met"] = row["ours_vs_orthanc"] >= 1.0
+                row["target_pynetdicom_met"] = row["ours_vs_pynetdicom"] >= 0.9
+                rows.append(row)
+    return {**machine(), "repeat": repeat, "rows": rows}
+
+
+def table(result: dict[str, Any]) -> str:
+    head = (
+        "| set | assoc | ours inst/s (MB/s) | pynetdicom floor | Orthanc | storescp "
+        "| ours/pynetdicom (≥0.9) | ours/Orthanc (≥1.0) | ours/storescp |"
+    )
+    lines = [head, "|" + "---|" * 9]
+    for r in result["rows"]:
+
+        def cell(name: str, row: dict[str, Any] = r) -> str:
+            return f"{fmt(row[name]['instances_per_s'])} ({fmt(row[name]['mb_per_s'])})"
+
+        ok_p = "met" if r["target_pynetdicom_met"] else "**missed**"
+        ok_o = "met" if r["target_orthanc_met"] else "**missed**"
+        lines.append(
+            f"| {r['set']} ({r['instances']}, {r['mb']} MB) | {r['associations']} "
+            f"| {cell('ours')} | {cell('pynetdicom')} | {cell('orthanc')} | {cell('storescp')} "
+            f"| {r['ours_vs_pynetdicom']:.2f} {ok_p} | {r['ours_vs_orthanc']:.2f} {ok_o} "
+            f"| {r['ours_vs_storescp']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--ct", type=int, default=300, help="CT slices (512x512)")
+    parser.add_argument("--small", type=int, default=500, help="small instances")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="a few instances, once")
+    parser.add_argument("--out", type=Path, default=RESULTS / "ingest_rate.json")
+    args = parser.parse_args()
+    if args.quick:
+        args.ct, args.small, args.repeat = 12, 20, 1
+    result = run(args.ct, args.small, args.repeat)
+    write_result(args.out, result)
+    print(table(result))
+
+
+if __name__ == "__main__":
+    main()
