@@ -53,7 +53,16 @@ def of_kind(objects: list[Obj], kind: str) -> list[Obj]:
 
 
 def named(objects: list[Obj], kind: str, name: str) -> Obj:
-    found = [o for o in of_kind(objects, kind) if o["metadata"]["name"] == name]
+    """The one object of ``kind`` called ``name`` (or, for generated ConfigMaps and
+    Secrets, ``name`` with kustomize's content hash appended)."""
+    hashed = (
+        re.compile(re.escape(name) + r"-[a-z0-9]{10}") if kind in ("ConfigMap", "Secret") else None
+    )
+    found = [
+        o
+        for o in of_kind(objects, kind)
+        if o["metadata"]["name"] == name or (hashed and hashed.fullmatch(o["metadata"]["name"]))
+    ]
     assert len(found) == 1, f"expected one {kind} {name}, found {len(found)}"
     return found[0]
 
