@@ -5,8 +5,10 @@ original's pixels, through outages, refusals and a forwarder crash."""
 from __future__ import annotations
 
 import io
+import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +97,38 @@ def pipeline(stack: Stack, start_ingest, start_transcode, start_router) -> Calla
     return with_rules
 
 
+@dataclass
+class Guarded:
+    """An Orthanc behind a fault proxy: what the forwarder is pointed at is the proxy."""
+
+    orthanc: OrthancView
+    proxy: FaultProxy
+    url: str
+    """The DICOMweb root, through the proxy."""
+
+    def rules(self, path: Path) -> Path:
+        return write_rules(path, {"orthanc": f"url: {self.url}"}, ["orthanc"])
+
+
+@pytest.fixture
+def orthanc_behind_proxy(
+    start_orthanc_server: Callable[..., ManagedProcess],
+) -> Iterator[Callable[..., Guarded]]:
+    proxies: list[FaultProxy] = []
+
+    def start(tls: ssl.SSLContext | None = None) -> Guarded:
+        server = start_orthanc_server()
+        assert server.port is not None
+        proxy = FaultProxy(server.port, tls=tls)
+        proxies.append(proxy)
+        scheme = "https" if tls else "http"
+        return Guarded(OrthancView(server), proxy, f"{scheme}://127.0.0.1:{proxy.port}/dicom-web")
+
+    yield start
+    for proxy in proxies:
+        proxy.close()
+
+
 def test_a_few_hundred_instances_across_syntaxes_arrive_once_with_their_pixels(
     stack: Stack,
     pipeline,
@@ -177,15 +211,12 @@ def test_an_outage_of_the_destination_delays_but_delivers_everything_once(
     stack: Stack,
     pipeline,
     start_forwarder,
-    start_orthanc_server: Callable[..., ManagedProcess],
+    orthanc_behind_proxy: Callable[..., Guarded],
     tmp_path: Path,
 ) -> None:
-    server = start_orthanc_server()
-    assert server.port is not None
-    proxy = FaultProxy(server.port)
-    orthanc = OrthancView(server)
-    url = f"http://127.0.0.1:{proxy.port}/dicom-web"
-    rules = write_rules(tmp_path / "rules.yaml", {"orthanc": f"url: {url}"}, ["orthanc"])
+    guarded = orthanc_behind_proxy()
+    proxy, orthanc = guarded.proxy, guarded.orthanc
+    rules = guarded.rules(tmp_path / "rules.yaml")
     ingest = pipeline(rules)
     forwarder = start_forwarder(
         rules_file=str(rules),
@@ -211,7 +242,6 @@ def test_an_outage_of_the_destination_delays_but_delivers_everything_once(
     assert failed(stack) == []
     assert max(d["attempts"] for d in completed(stack)) > 1
     assert metric(forwarder.url, "radflow_forwarder_circuit_state", destination="orthanc") == 0
-    proxy.close()
 
 
 def test_a_refusing_destination_dead_letters_while_another_keeps_receiving(
@@ -467,16 +497,13 @@ def test_a_destination_answering_503_is_retried_after_its_retry_after_then_deliv
     stack: Stack,
     pipeline,
     start_forwarder,
-    start_orthanc_server: Callable[..., ManagedProcess],
+    orthanc_behind_proxy: Callable[..., Guarded],
     tmp_path: Path,
 ) -> None:
-    server = start_orthanc_server()
-    assert server.port is not None
-    proxy = FaultProxy(server.port)
+    guarded = orthanc_behind_proxy()
+    proxy, orthanc = guarded.proxy, guarded.orthanc
     proxy.answer_http(503, "Service Unavailable", retry_after_s=2)
-    orthanc = OrthancView(server)
-    url = f"http://127.0.0.1:{proxy.port}/dicom-web"
-    rules = write_rules(tmp_path / "rules.yaml", {"orthanc": f"url: {url}"}, ["orthanc"])
+    rules = guarded.rules(tmp_path / "rules.yaml")
     ingest = pipeline(rules)
     forwarder = start_forwarder(
         rules_file=str(rules), retry_initial_s="0.05", retry_max_s="0.2", breaker_failures="1000"
@@ -501,23 +528,19 @@ def test_a_destination_answering_503_is_retried_after_its_retry_after_then_deliv
     wait_for("10 deliveries", lambda: len(completed(stack)) == 10, timeout_s=60)
     assert orthanc.count() == 10
     assert failed(stack) == []
-    proxy.close()
 
 
 def test_a_destination_that_takes_requests_and_never_answers_is_timed_out_and_retried(
     stack: Stack,
     pipeline,
     start_forwarder,
-    start_orthanc_server: Callable[..., ManagedProcess],
+    orthanc_behind_proxy: Callable[..., Guarded],
     tmp_path: Path,
 ) -> None:
-    server = start_orthanc_server()
-    assert server.port is not None
-    proxy = FaultProxy(server.port)
+    guarded = orthanc_behind_proxy()
+    proxy, orthanc = guarded.proxy, guarded.orthanc
     proxy.stall()
-    orthanc = OrthancView(server)
-    url = f"http://127.0.0.1:{proxy.port}/dicom-web"
-    rules = write_rules(tmp_path / "rules.yaml", {"orthanc": f"url: {url}"}, ["orthanc"])
+    rules = guarded.rules(tmp_path / "rules.yaml")
     ingest = pipeline(rules)
     forwarder = start_forwarder(
         rules_file=str(rules), request_timeout_s="1", retry_initial_s="0.2", retry_max_s="0.5"
@@ -540,26 +563,22 @@ def test_a_destination_that_takes_requests_and_never_answers_is_timed_out_and_re
     proxy.restore()
     wait_for("5 deliveries", lambda: len(completed(stack)) == 5, timeout_s=60)
     assert orthanc.count() == 5 and failed(stack) == []
-    proxy.close()
 
 
 def test_tls_with_a_private_ca_and_a_client_certificate_delivers_and_wrong_trust_is_refused(
     stack: Stack,
     pipeline,
     start_forwarder,
-    start_orthanc_server: Callable[..., ManagedProcess],
+    orthanc_behind_proxy: Callable[..., Guarded],
     tmp_path: Path,
 ) -> None:
     ca = Authority(tmp_path / "pki")
     client = ca.issue("radflow-forwarder", server=False)
-    server = start_orthanc_server()
-    assert server.port is not None
-    orthanc = OrthancView(server)
     # Orthanc's own HTTPS (civetweb on OpenSSL 3, Debian) crashes on the first
     # handshake: TLS is terminated in front of it, as a reverse proxy would.
     tls = ca.server_context(ca.issue("pacs", server=True), require_client_cert=True)
-    proxy = FaultProxy(server.port, tls=tls)
-    url = f"https://127.0.0.1:{proxy.port}/dicom-web"
+    guarded = orthanc_behind_proxy(tls)
+    proxy, orthanc, url = guarded.proxy, guarded.orthanc, guarded.url
     rules = write_rules(
         tmp_path / "rules.yaml",
         {
@@ -592,7 +611,6 @@ def test_tls_with_a_private_ca_and_a_client_certificate_delivers_and_wrong_trust
     # Without a client certificate the server ends the handshake; the client only sees
     # the connection reset (TLS 1.3 finishes the client's side first).
     assert "PEER_DID_NOT_RETURN_A_CERTIFICATE" in proxy.handshake_failures
-    proxy.close()
 
 
 def test_oauth2_tokens_are_fetched_refreshed_before_expiry_and_renewed_after_revocation(
