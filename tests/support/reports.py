@@ -11,12 +11,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pydicom.uid import generate_uid
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from radflow_core.blobstore import BlobStore, HashedFile, content_key
 from radflow_core.events import ReportFinalized, ReportStatus
 from radflow_core.kafka import EventProducer
 from support.stack import Stack
+
+BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
 
 
 def write_sites(path: Path, sites: dict[str, dict[str, Any]]) -> Path:
@@ -98,3 +101,82 @@ def publisher(stack: Stack) -> Publish:
         return asyncio.run(run())
 
     return publish
+
+
+def _code(value: str, scheme: str, meaning: str) -> Dataset:
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = value, scheme, meaning
+    return code
+
+
+def _text_item(text: str) -> Dataset:
+    item = Dataset()
+    item.RelationshipType, item.ValueType = "CONTAINS", "TEXT"
+    item.ConceptNameCodeSequence = [_code("121071", "DCM", "Finding")]
+    item.TextValue = text
+    return item
+
+
+def _container(meaning: str, code: str, texts: list[str]) -> Dataset:
+    item = Dataset()
+    item.RelationshipType, item.ValueType = "CONTAINS", "CONTAINER"
+    item.ContinuityOfContent = "SEPARATE"
+    item.ConceptNameCodeSequence = [_code(code, "DCM", meaning)]
+    item.ContentSequence = [_text_item(t) for t in texts]
+    return item
+
+
+def make_sr(
+    path: Path,
+    *,
+    findings: list[str],
+    impression: list[str],
+    study: str | None = None,
+    accession: str = "ACC-SR-1",
+    patient_id: str = "MRN-4711",
+    completion: str = "COMPLETE",
+    verification: str = "VERIFIED",
+) -> Path:
+    """A Basic Text SR shaped like TID 2000 (Findings and Impression containers) with a
+    verifying observer, the order it answers, and sentinel demographics."""
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.SOPClassUID = BASIC_TEXT_SR
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = study or generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "SR"
+    ds.PatientName, ds.PatientID, ds.IssuerOfPatientID = "SENTINEL^PHINAME", patient_id, "NORTH"
+    ds.PatientBirthDate, ds.PatientSex = "19700101", "F"
+    ds.AccessionNumber = accession
+    ds.StudyDate, ds.StudyTime = "20261123", "101500"
+    ds.ContentDate, ds.ContentTime = "20261123", "120000"
+    ds.StudyDescription = "CT Chest"
+    request = Dataset()
+    request.StudyInstanceUID = ds.StudyInstanceUID
+    request.AccessionNumber = accession
+    request.PlacerOrderNumberImagingServiceRequest = "PL-SR-9"
+    request.FillerOrderNumberImagingServiceRequest = "FI-SR-9"
+    request.RequestedProcedureDescription = "CT Chest w/o contrast"
+    request.RequestedProcedureCodeSequence = [_code("CTCHEST", "L", "CT Chest w/o contrast")]
+    ds.ReferencedRequestSequence = [request]
+    observer = Dataset()
+    observer.VerifyingObserverName = "Reader^Rita"
+    observer.VerifyingOrganization = "Teleradiology"
+    observer.VerificationDateTime = "20261123121500+0100"
+    observer.VerifyingObserverIdentificationCodeSequence = [_code("R-17", "L", "Rita Reader")]
+    ds.VerifyingObserverSequence = [observer]
+    ds.CompletionFlag, ds.VerificationFlag = completion, verification
+    ds.ValueType, ds.ContinuityOfContent = "CONTAINER", "SEPARATE"
+    ds.ConceptNameCodeSequence = [_code("18748-4", "LN", "Diagnostic imaging report")]
+    ds.ContentSequence = [
+        _container("Findings", "121070", findings),
+        _container("Impressions", "121072", impression),
+    ]
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = BASIC_TEXT_SR
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = meta
+    ds.save_as(path, enforce_file_format=True)
+    return path

@@ -7,8 +7,9 @@ COMPLETE and Verification Flag VERIFIED. The content tree becomes sections:
 - the root container's concept name heads the first section; each named container
   inside starts a new section headed by its concept name (its code goes to OBX-3);
 - TEXT items give their text, CODE items ``Name: Meaning``, NUM items ``Name: value unit``,
-  each on its own line; in a CONTINUOUS container the items form one paragraph (words
-  joined by spaces, CODE and NUM without their concept names);
+  each on its own line, followed by what their children say (modifiers, inferred-from
+  text, also under IMAGE items); in a CONTINUOUS container the items form one paragraph
+  (joined by spaces, CODE and NUM without their concept names, children left out);
 - items that only give context (HAS OBS CONTEXT, HAS ACQ CONTEXT) and references
   (IMAGE, COMPOSITE, WAVEFORM, SCOORD, TCOORD, UIDREF) are left out.
 """
@@ -109,13 +110,13 @@ class _Walker:
                     self.walk(item, inner)
                 continue
             text = _value(item, continuous)
-            if text is None:
-                continue
             if continuous:
-                words.append(text)
-            else:
+                if text is not None:
+                    words.append(text)
+                continue
+            if text is not None:
                 self.sections[-1].lines.append(text)
-                self.walk(item, continuous=False)
+            self.walk(item, continuous=False)
         self.flush(words)
 
     def flush(self, words: list[str]) -> None:
