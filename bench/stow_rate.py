@@ -143,7 +143,10 @@ def run(ct: int, small: int, repeat: int) -> dict[str, Any]:
 
 
 def table(result: dict[str, Any]) -> str:
-    head = "| set | per request | clients | ours inst/s (MB/s) | Orthanc inst/s (MB/s) | ours/Orthanc |"
+    head = (
+        "| set | per request | clients | ours inst/s (MB/s) | Orthanc inst/s (MB/s) "
+        "| ours/Orthanc |"
+    )
     lines = [head, "|" + "---|" * 6]
     for r in result["rows"]:
         o, t = r["ours"], r["orthanc"]
