@@ -11,7 +11,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PACKAGES := -e libs/core -e libs/devstack -e services/ingest -e services/transcode -e services/router -e services/stow-forwarder -e services/report-return
 SRC := libs/core/src libs/devstack/src services/ingest/src services/transcode/src services/router/src services/stow-forwarder/src services/report-return/src
 
-.PHONY: install system-deps run test lint bench schemas clean
+.PHONY: install system-deps run test lint bench schemas images constraints clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,33 @@ bench: install system-deps
 # Regenerate docs/events/*.schema.json from the event models.
 schemas: install
 	$(PY) -m radflow_core.schema docs/events
+
+# Container images, one per services/*/Dockerfile, tagged $(IMAGE_PREFIX)/<service>:$(IMAGE_TAG),
+# built from a clean copy of the sources (no venv or caches in the build context).
+# deploy/k8s expects them; see docs/deploy.md. CONTAINER_TOOL=podman works too.
+CONTAINER_TOOL ?= docker
+IMAGE_PREFIX   ?= radflow
+IMAGE_TAG      ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+PYTHON_IMAGE   ?= python:3.11-slim-bookworm
+IMAGE_CONTEXT  := .run/image-context
+
+images:
+	@command -v $(CONTAINER_TOOL) >/dev/null 2>&1 || { \
+	  echo "make images: '$(CONTAINER_TOOL)' not found. Install Docker, or set CONTAINER_TOOL" \
+	       "to a compatible builder (e.g. make images CONTAINER_TOOL=podman)." >&2; exit 1; }
+	rm -rf $(IMAGE_CONTEXT) && mkdir -p $(IMAGE_CONTEXT)
+	tar --exclude=__pycache__ --exclude='*.egg-info' -cf - libs services deploy/images \
+	  | tar -xf - -C $(IMAGE_CONTEXT)
+	@set -e; for dockerfile in services/*/Dockerfile; do \
+	  name=$$(basename $$(dirname $$dockerfile)); \
+	  echo "building $(IMAGE_PREFIX)/$$name:$(IMAGE_TAG)"; \
+	  $(CONTAINER_TOOL) build --build-arg PYTHON_IMAGE=$(PYTHON_IMAGE) \
+	    -f $(IMAGE_CONTEXT)/$$dockerfile -t $(IMAGE_PREFIX)/$$name:$(IMAGE_TAG) $(IMAGE_CONTEXT); \
+	done
+
+# Re-pin the images' third-party versions to those installed here (after a dependency change).
+constraints: install
+	$(PY) deploy/images/lock.py > deploy/images/constraints.txt
 
 clean:
 	rm -rf $(VENV) .run .pytest_cache .mypy_cache .ruff_cache
