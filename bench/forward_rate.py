@@ -132,7 +132,7 @@ class CountPoller:
         while not self._stop.wait(0.2):
             try:
                 self.points.append((time.time(), orthanc_count(self._orthanc)))
-            except Exception:  # noqa: BLE001 - a missed sample is harmless
+            except Exception:  # noqa: BLE001, S112 - a missed sample is harmless
                 continue
 
 
