@@ -22,6 +22,7 @@ from radflow_devstack.parts import (
     LOCAL_S3_SECRET_KEY,
     prepare,
     start_broker,
+    start_mllp_peer,
     start_orthanc,
     start_s3,
     start_service,
@@ -30,6 +31,7 @@ from radflow_devstack.peek import blobs_command, events_command
 from radflow_devstack.processes import ManagedProcess, StartupFailed
 
 LOCAL_RULES = Path(__file__).with_name("rules.yaml")
+LOCAL_SITES = Path(__file__).with_name("sites.yaml")
 
 
 def local_env(broker_port: int, s3_port: int) -> dict[str, str]:
@@ -61,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--transcode-port", type=int, default=8081)
         p.add_argument("--router-port", type=int, default=8082)
         p.add_argument("--forwarder-port", type=int, default=8083)
+        p.add_argument("--report-return-port", type=int, default=8084)
+        p.add_argument("--mllp-port", type=int, default=2575, help="the stand-in RIS's port")
         p.add_argument("--orthanc-port", type=int, default=8042, help="Orthanc's HTTP port")
         p.add_argument("--orthanc-dicom-port", type=int, default=4242)
         p.add_argument(
@@ -155,6 +159,27 @@ def run_stack(args: argparse.Namespace) -> int:
             )
         )
         print(f"forwarder metrics {forwarder_http}/metrics")
+        started.append(start_mllp_peer(args.mllp_port, args.log_dir))
+        print(f"ris      stand-in RIS (HL7 MLLP) 127.0.0.1:{args.mllp_port}")
+        sites = args.log_dir.parent / "sites.yaml"
+        sites.write_text(LOCAL_SITES.read_text().replace("port: 2575", f"port: {args.mllp_port}"))
+        report_http = f"http://127.0.0.1:{args.report_return_port}"
+        report_env = {
+            **env,
+            "RADFLOW_REPORT_RETURN_HTTP_PORT": str(args.report_return_port),
+            "RADFLOW_REPORT_RETURN_SITES_FILE": str(sites),
+            "RADFLOW_REPORT_RETURN_RULES_FILE": str(rules),
+        }
+        started.append(
+            start_service(
+                "report-return",
+                "report_return",
+                report_env,
+                args.log_dir,
+                f"{report_http}/readyz",
+            )
+        )
+        print(f"reports  sites {sites}  metrics {report_http}/metrics")
         print(f"logs     {args.log_dir}/")
         print(f"try      TCP_NODELAY=1 storescu -aec RADFLOW 127.0.0.1 {args.dimse_port} FILE.dcm")
         print("see      .venv/bin/python -m radflow_devstack events   (and: ... blobs)")

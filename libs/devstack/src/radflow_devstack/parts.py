@@ -124,6 +124,18 @@ def start_orthanc(
     return proc
 
 
+def start_mllp_peer(port: int, log_dir: Path) -> ManagedProcess:
+    """The stand-in RIS (:mod:`radflow_devstack.mllp_peer`) on 127.0.0.1:port."""
+    proc = ManagedProcess(
+        "mllp-peer",
+        [sys.executable, "-m", "radflow_devstack.mllp_peer", "--port", str(port)],
+        log_dir / "mllp-peer.log",
+    ).start()
+    proc.port = port
+    proc.wait_for_port(port)
+    return proc
+
+
 def http_status(url: str) -> int | None:
     """The HTTP status of a GET to ``url``, or None if nothing answered."""
     try:
