@@ -4,9 +4,13 @@ satisfy what each package asks for."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import tomllib
+from collections.abc import Iterator
+from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -32,14 +36,21 @@ def test_make_images_without_a_container_tool_fails_and_says_why() -> None:
     assert "CONTAINER_TOOL" in done.stderr
 
 
-def test_make_images_builds_every_service_the_manifests_run() -> None:
+@pytest.fixture
+def image_context() -> Iterator[Path]:
+    context = ROOT / ".run" / "image-context"
+    yield context
+    shutil.rmtree(context, ignore_errors=True)  # a copy of the sources: not left behind
+
+
+def test_make_images_builds_every_service_the_manifests_run(image_context: Path) -> None:
     # `echo` stands in for docker: the commands it would run are printed.
     done = _make("images", "CONTAINER_TOOL=echo", "IMAGE_TAG=t1", "IMAGE_PREFIX=reg/radflow")
     assert done.returncode == 0, done.stderr
     builds = [line for line in done.stdout.splitlines() if line.startswith("build ")]
     tags = {line.split(" -t ")[1].split()[0] for line in builds}
     assert tags == {f"reg/radflow/{p.parent.name}:t1" for p in DOCKERFILES}
-    context = ROOT / ".run" / "image-context"
+    context = image_context
     for line in builds:
         dockerfile = ROOT / line.split(" -f ")[1].split()[0]
         assert dockerfile.is_file() and dockerfile.is_relative_to(context)
