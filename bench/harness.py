@@ -492,11 +492,28 @@ def process_name(pid: int) -> str:
     text = " ".join(a.decode(errors="replace") for a in argv if a)
     if "-m " in text:
         return text.split("-m ", 1)[1].split()[0]
+    if "resource_tracker" in text:
+        return "resource_tracker"
     if "forkserver" in text:
-        return "forkserver"
-    if "multiprocessing" in text or "spawn_main" in text:
-        return "worker"
+        # The forkserver's children inherit its command line: they are the workers.
+        parent = _parent(pid)
+        return "codec_worker" if parent and "forkserver" in _cmdline(parent) else "forkserver"
     return Path(argv[0].decode(errors="replace")).name
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])
 
 
 class RssSampler:
