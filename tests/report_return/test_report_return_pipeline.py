@@ -341,3 +341,29 @@ def test_an_invalid_sites_file_stops_the_service_with_its_lines(
     log = service.log()
     assert f"{path}:5: port must be a whole number from 1 to 65535" in log
     assert f"{path}:6: unknown key 'txt'" in log
+
+
+def test_sigterm_while_retrying_loses_nothing_and_a_restart_returns_the_report_once(
+    stack: Stack, start_report_return, publish_report: Publish, tmp_path: Path
+) -> None:
+    port = free_port()
+    first = start(start_report_return, tmp_path, {"north": site(port)})
+    event = publish_report(document())
+    wait_for(
+        "a retry while the RIS is down",
+        lambda: (metric(first.url, "radflow_report_return_retries_total", site="north") or 0) >= 1,
+        timeout_s=60,
+    )
+    started = time.monotonic()
+    assert first.proc.stop() == 0
+    assert time.monotonic() - started < 10
+    assert failed(stack) == [] and returned(stack) == []
+    peer = MllpPeer(port).start()
+    try:
+        start(start_report_return, tmp_path, {"north": site(port)})
+        wait_for("the report returned after the restart", lambda: returned(stack), timeout_s=60)
+        time.sleep(1)
+        assert [m.control_id for m in peer.received] == [returned(stack)[0]["message_control_id"]]
+        assert returned(stack)[0]["report_id"] == event.report_id
+    finally:
+        peer.stop()
