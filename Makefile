@@ -43,9 +43,12 @@ lint: install
 	$(VENV)/bin/ruff check $(SRC) tests bench
 	$(VENV)/bin/mypy $(SRC)
 
-# Side-by-side benchmarks (see bench/README.md); needs DCMTK like the tests.
+# Side-by-side benchmarks (see bench/README.md); needs DCMTK and Orthanc like the
+# tests. About 30 minutes on 2 cores; run it on a quiet machine. Results in
+# bench/results/*.json, plots in bench/plots/.
+BENCHMARKS := codecs ingest_rate stow_rate forward_rate latency memory
 bench: install system-deps
-	$(PY) bench/codecs.py
+	@for b in $(BENCHMARKS); do echo "== bench/$$b.py"; $(PY) bench/$$b.py || exit 1; done
 
 # Regenerate docs/events/*.schema.json from the event models.
 schemas: install

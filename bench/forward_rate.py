@@ -207,7 +207,9 @@ def run(ct: int, small: int, repeat: int, max_batch: int) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     curves: dict[str, Any] = {}
     with run_dir() as tmp, Parts(tmp) as parts:
-        sets = {"ct-512": ct_series(tmp / "ct", ct), "small-mix": small_mix(tmp / "small", small)}
+        sets = {"ct-512": ct_series(tmp / "ct", ct)}
+        if small:
+            sets["small-mix"] = small_mix(tmp / "small", small)
         for set_name, files in sets.items():
             runs: dict[str, list[dict[str, Any]]] = {k: [] for k in ("storescu", *KINDS)}
             for _ in range(repeat):
@@ -300,7 +302,7 @@ def table(result: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ct", type=int, default=500, help="CT slices (512x512)")
-    parser.add_argument("--small", type=int, default=500, help="small instances")
+    parser.add_argument("--small", type=int, default=500, help="small instances (0: none)")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--max-batch", type=int, default=50, help="the destinations' max_batch")
     parser.add_argument("--quick", action="store_true", help="a few instances, once")
@@ -308,7 +310,7 @@ def main() -> None:
     parser.add_argument("--plots", type=Path, default=PLOTS)
     args = parser.parse_args()
     if args.quick:
-        args.ct, args.small, args.repeat, args.max_batch = 12, 20, 1, 5
+        args.ct, args.small, args.repeat, args.max_batch = 12, 0, 1, 5
     result = run(args.ct, args.small, args.repeat, args.max_batch)
     write_result(args.out, result)
     plot(result, args.plots)

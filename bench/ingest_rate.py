@@ -140,7 +140,9 @@ SENDERS: dict[str, Callable[[Parts, list[Path], int], float]] = {
 def run(ct: int, small: int, repeat: int) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     with run_dir() as tmp, Parts(tmp) as parts:
-        sets = {"ct-512": ct_series(tmp / "ct", ct), "small-mix": small_mix(tmp / "small", small)}
+        sets = {"ct-512": ct_series(tmp / "ct", ct)}
+        if small:
+            sets["small-mix"] = small_mix(tmp / "small", small)
         for set_name, files in sets.items():
             size = total_bytes(files)
             for associations in (1, 4):
@@ -196,13 +198,13 @@ def table(result: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ct", type=int, default=300, help="CT slices (512x512)")
-    parser.add_argument("--small", type=int, default=500, help="small instances")
+    parser.add_argument("--small", type=int, default=500, help="small instances (0: none)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="a few instances, once")
     parser.add_argument("--out", type=Path, default=RESULTS / "ingest_rate.json")
     args = parser.parse_args()
     if args.quick:
-        args.ct, args.small, args.repeat = 12, 20, 1
+        args.ct, args.small, args.repeat = 12, 0, 1
     result = run(args.ct, args.small, args.repeat)
     write_result(args.out, result)
     print(table(result))

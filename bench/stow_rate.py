@@ -108,15 +108,17 @@ def _orthanc(parts: Parts, requests: list[tuple[bytes, str]], count: int, client
     return elapsed
 
 
-def run(ct: int, small: int, repeat: int) -> dict[str, Any]:
+def run(ct: int, small: int, repeat: int, clients_list: list[int]) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     with run_dir() as tmp, Parts(tmp) as parts:
-        sets = {"ct-512": ct_series(tmp / "ct", ct), "small-mix": small_mix(tmp / "small", small)}
+        sets = {"ct-512": ct_series(tmp / "ct", ct)}
+        if small:
+            sets["small-mix"] = small_mix(tmp / "small", small)
         for set_name, files in sets.items():
             size = total_bytes(files)
             for per_request in (1, 50):
                 requests = bodies(files, per_request)
-                for clients in (1, 4):
+                for clients in clients_list:
                     times: dict[str, list[float]] = {r: [] for r in RECEIVERS}
                     for _ in range(repeat):
                         times["ours"].append(_ours(parts, requests, len(files), clients))
@@ -161,14 +163,15 @@ def table(result: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ct", type=int, default=300, help="CT slices (512x512)")
-    parser.add_argument("--small", type=int, default=500, help="small instances")
+    parser.add_argument("--small", type=int, default=500, help="small instances (0: none)")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--quick", action="store_true", help="a few instances, once")
     parser.add_argument("--out", type=Path, default=RESULTS / "stow_rate.json")
     args = parser.parse_args()
     if args.quick:
-        args.ct, args.small, args.repeat = 12, 20, 1
-    result = run(args.ct, args.small, args.repeat)
+        args.ct, args.small, args.repeat, args.clients = 12, 0, 1, [1]
+    result = run(args.ct, args.small, args.repeat, args.clients)
     write_result(args.out, result)
     print(table(result))
 
