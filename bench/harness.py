@@ -290,6 +290,10 @@ class Parts:
         for proc in reversed(self.started):
             proc.stop()
 
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds used so far by the broker and the S3 server."""
+        return {p.name: cpu_seconds(p.proc.pid) for p in self.started[:2] if p.proc is not None}
+
     def slice(self) -> Slice:
         """A fresh topic prefix and bucket, with every topic created."""
         tag = uuid.uuid4().hex[:10]
@@ -514,6 +518,20 @@ def _parent(pid: int) -> int | None:
     except OSError:
         return None
     return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid``, its living descendants and its reaped children
+    (storescp's forked ones), seconds."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for p in descendants(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
+    return total / ticks
 
 
 class RssSampler:

@@ -39,6 +39,7 @@ from harness import (
     RESULTS,
     Parts,
     TopicFollower,
+    cpu_seconds,
     ct_series,
     fmt,
     machine,
@@ -58,18 +59,22 @@ from radflow_devstack.processes import ManagedProcess, free_port
 
 BENCH = Path(__file__).resolve().parent
 RECEIVERS = ("ours", "pynetdicom", "orthanc", "storescp")
+Timed = tuple[float, dict[str, float]]
+"""Wall seconds, and CPU milliseconds per instance by process (ours only)."""
 
 
-def _send_to_ours(parts: Parts, files: list[Path], associations: int) -> float:
+def _send_to_ours(parts: Parts, files: list[Path], associations: int) -> Timed:
     st = parts.slice()
     ingest = parts.service("ingest", st)
     assert ingest.dimse_port is not None
     with TopicFollower(st.kafka, st.topic(Topic.INSTANCE_RECEIVED)) as received:
+        before = {**parts.cpu(), "ingest": cpu_seconds(ingest.pid)}
         elapsed = storescu_parallel(ingest.dimse_port, files, associations, "RADFLOW")
+        after = {**parts.cpu(), "ingest": cpu_seconds(ingest.pid)}
         received.wait(len(files), 60)
         assert received.count == len(files), f"{received.count} events for {len(files)} sent"
     parts.stop(ingest)
-    return elapsed
+    return elapsed, {k: 1000 * (after[k] - before[k]) / len(files) for k in after}
 
 
 def _send_to_process(
@@ -79,14 +84,17 @@ def _send_to_process(
     files: list[Path],
     aet: str,
     associations: int,
-) -> float:
+) -> Timed:
     port = free_port()
     with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as out:
         proc = ManagedProcess(name, argv(port, Path(out)), parts.run_dir / f"{name}.log", NODELAY)
         proc.start()
         try:
             proc.wait_for_port(port)
+            assert proc.proc is not None
+            before = cpu_seconds(proc.proc.pid)
             elapsed = storescu_parallel(port, files, associations, aet)
+            used = 1000 * (cpu_seconds(proc.proc.pid) - before) / len(files)
             wait_until(
                 f"{len(files)} files from {name}",
                 lambda: len(os.listdir(out)) >= len(files),
@@ -94,10 +102,10 @@ def _send_to_process(
             )
         finally:
             proc.stop()
-    return elapsed
+    return elapsed, {name: used}
 
 
-def _send_to_pynetdicom(parts: Parts, files: list[Path], associations: int) -> float:
+def _send_to_pynetdicom(parts: Parts, files: list[Path], associations: int) -> Timed:
     return _send_to_process(
         parts,
         lambda port, out: [python(), str(BENCH / "bare_scp.py"), str(port), str(out)],
@@ -108,7 +116,7 @@ def _send_to_pynetdicom(parts: Parts, files: list[Path], associations: int) -> f
     )
 
 
-def _send_to_storescp(parts: Parts, files: list[Path], associations: int) -> float:
+def _send_to_storescp(parts: Parts, files: list[Path], associations: int) -> Timed:
     return _send_to_process(
         parts,
         lambda port, out: ["storescp", "--fork", "-aet", "STORESCP", "-od", str(out), str(port)],
@@ -119,17 +127,17 @@ def _send_to_storescp(parts: Parts, files: list[Path], associations: int) -> flo
     )
 
 
-def _send_to_orthanc(parts: Parts, files: list[Path], associations: int) -> float:
+def _send_to_orthanc(parts: Parts, files: list[Path], associations: int) -> Timed:
     orthanc = parts.orthanc()
     assert orthanc.dicom_port is not None
     elapsed = storescu_parallel(orthanc.dicom_port, files, associations, "ORTHANC")
     count = orthanc_count(orthanc)
     assert count == len(files), f"Orthanc holds {count} of {len(files)}"
     parts.stop(orthanc)
-    return elapsed
+    return elapsed, {}
 
 
-SENDERS: dict[str, Callable[[Parts, list[Path], int], float]] = {
+SENDERS: dict[str, Callable[[Parts, list[Path], int], Timed]] = {
     "ours": _send_to_ours,
     "pynetdicom": _send_to_pynetdicom,
     "orthanc": _send_to_orthanc,
@@ -147,14 +155,21 @@ def run(ct: int, small: int, repeat: int) -> dict[str, Any]:
             size = total_bytes(files)
             for associations in (1, 4):
                 times: dict[str, list[float]] = {r: [] for r in RECEIVERS}
+                cpu: list[dict[str, float]] = []
                 for _ in range(repeat):
                     for receiver in RECEIVERS:
-                        times[receiver].append(SENDERS[receiver](parts, files, associations))
+                        elapsed, used = SENDERS[receiver](parts, files, associations)
+                        times[receiver].append(elapsed)
+                        cpu.append(used)
                 row: dict[str, Any] = {
                     "set": set_name,
                     "instances": len(files),
                     "mb": round(size / 1e6, 1),
                     "associations": associations,
+                }
+                row["cpu_ms_per_instance"] = {
+                    k: round(median([c[k] for c in cpu if k in c]), 2)
+                    for k in {k for c in cpu for k in c}
                 }
                 for receiver in RECEIVERS:
                     elapsed = median(times[receiver])
@@ -176,21 +191,25 @@ def run(ct: int, small: int, repeat: int) -> dict[str, Any]:
 def table(result: dict[str, Any]) -> str:
     head = (
         "| set | assoc | ours inst/s (MB/s) | pynetdicom floor | Orthanc | storescp "
-        "| ours/pynetdicom (≥0.9) | ours/Orthanc (≥1.0) | ours/storescp |"
+        "| ours/pynetdicom (≥0.9) | ours/Orthanc (≥1.0) | ours/storescp "
+        "| CPU ms/instance: ingest, S3, broker; floor, storescp |"
     )
-    lines = [head, "|" + "---|" * 9]
+    lines = [head, "|" + "---|" * 10]
     for r in result["rows"]:
 
         def cell(name: str, row: dict[str, Any] = r) -> str:
             return f"{fmt(row[name]['instances_per_s'])} ({fmt(row[name]['mb_per_s'])})"
 
+        cpu = r["cpu_ms_per_instance"]
         ok_p = "met" if r["target_pynetdicom_met"] else "**missed**"
         ok_o = "met" if r["target_orthanc_met"] else "**missed**"
         lines.append(
             f"| {r['set']} ({r['instances']}, {r['mb']} MB) | {r['associations']} "
             f"| {cell('ours')} | {cell('pynetdicom')} | {cell('orthanc')} | {cell('storescp')} "
             f"| {r['ours_vs_pynetdicom']:.2f} {ok_p} | {r['ours_vs_orthanc']:.2f} {ok_o} "
-            f"| {r['ours_vs_storescp']:.2f} |"
+            f"| {r['ours_vs_storescp']:.2f} "
+            f"| {cpu['ingest']:.1f}, {cpu['s3']:.1f}, {cpu['tansu']:.1f}; "
+            f"{cpu['bare-scp']:.1f}, {cpu['storescp']:.1f} |"
         )
     return "\n".join(lines)
 
