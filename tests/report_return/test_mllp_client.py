@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +22,7 @@ from report_return.mllp import (
 )
 from report_return.sites import Site
 from router.destinations import Tls
+from support.tls import Authority
 
 MESSAGE = b"MSH|^~\\&|A|B|C|D|20261123||ORU^R01^ORU_R01|CID|P|2.5.1\rPID|1||X"
 
@@ -118,3 +120,36 @@ async def test_tls_to_a_plain_listener_is_peer_unreachable_not_an_ssl_error() ->
         with pytest.raises(PeerUnreachable) as info:
             await MllpClient(site(port, tls=Tls())).exchange(MESSAGE)
     assert isinstance(info.value.__cause__, ssl.SSLError | OSError | TimeoutError)
+
+
+async def test_mutual_tls_with_the_sites_ca_and_client_certificate(tmp_path: Path) -> None:
+    authority = Authority(tmp_path / "ca")
+    server_cert = authority.issue("ris", server=True)
+    client_cert = authority.issue("radflow", server=False)
+    peer = MllpPeer().start()  # its answer() is used behind the TLS listener below
+    done = asyncio.Event()
+
+    async def ris(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            framed = await reader.readuntil(END_BLOCK)
+            writer.write(peer.answer(framed[1:-2].decode()).encode())
+            await writer.drain()
+        except (OSError, asyncio.IncompleteReadError):
+            pass  # the client that had no certificate
+        finally:
+            writer.close()
+            done.set()
+
+    context = authority.server_context(server_cert, require_client_cert=True)
+    server = await asyncio.start_server(ris, "127.0.0.1", 0, ssl=context)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        tls = Tls(authority.ca_file, client_cert.cert, client_cert.key)
+        got = await MllpClient(site(port, tls=tls)).exchange(MESSAGE)
+        assert b"|CID|" in got.data and peer.received[0].control_id == "CID"
+        await done.wait()
+        with pytest.raises(MllpError):  # no client certificate: the RIS refuses
+            await MllpClient(site(port, tls=Tls(authority.ca_file))).exchange(MESSAGE)
+        with pytest.raises(PeerUnreachable):  # a RIS certificate from another CA
+            await MllpClient(site(port, tls=Tls())).exchange(MESSAGE)
+    peer.stop()
