@@ -20,7 +20,18 @@ pytestmark = pytest.mark.pipeline
 
 
 def test_run_starts_the_stack_and_a_sent_instance_becomes_event_and_blob(tmp_path: Path) -> None:
-    names = ("broker", "s3", "dimse", "http", "transcode", "router", "forwarder", "orthanc")
+    names = (
+        "broker",
+        "s3",
+        "dimse",
+        "http",
+        "transcode",
+        "router",
+        "forwarder",
+        "report_return",
+        "mllp",
+        "orthanc",
+    )
     ports = {name: free_port() for name in (*names, "orthanc_dicom")}
     stack = ManagedProcess(
         "devstack",
@@ -42,6 +53,10 @@ def test_run_starts_the_stack_and_a_sent_instance_becomes_event_and_blob(tmp_pat
             str(ports["router"]),
             "--forwarder-port",
             str(ports["forwarder"]),
+            "--report-return-port",
+            str(ports["report_return"]),
+            "--mllp-port",
+            str(ports["mllp"]),
             "--orthanc-port",
             str(ports["orthanc"]),
             "--orthanc-dicom-port",
