@@ -309,6 +309,33 @@ class BlobStore:
             lambda: parse(_RangedBlob(self._client, ref, limit)),  # type: ignore[arg-type]
         )
 
+    async def read_marker(self, key: str, limit: int = 64 * 1024) -> bytes | None:
+        """A small bookkeeping object a service wrote for itself (e.g. a delivery
+        marker with the status it recorded), or None if there is none.
+
+        Markers carry no announced sha256, so nothing read here is verified; never use
+        it for instance bytes.
+
+        Raises:
+            BlobStoreUnavailable, ReadLimitExceeded
+        """
+
+        def fetch() -> bytes:
+            response = self._client.get_object(self.bucket, key)
+            try:
+                data = response.read(limit + 1)
+            finally:
+                response.close()
+                response.release_conn()
+            if len(data) > limit:
+                raise ReadLimitExceeded(f"marker larger than {limit} bytes")
+            return bytes(data)
+
+        try:
+            return await self._call("get_marker", fetch)
+        except BlobNotFound:
+            return None
+
     async def download(self, ref: BlobRef, file: BinaryIO) -> None:
         """Stream a blob into ``file`` (1 MiB at a time), verifying size and sha256.
 

@@ -302,12 +302,9 @@ class Returner:
 
     async def _returned_status(self, origin: Origin) -> ReportStatus:
         """The status a replayed report was returned with (kept in its marker)."""
-        key = self._marker(origin)
-        size = await self._blobs.size_of(key)
-        if not size:
+        raw = await self._blobs.read_marker(self._marker(origin))
+        if not raw:
             return origin.requested
-        ref = BlobRef(bucket=self._blobs.bucket, key=key, size=size, sha256="0" * 64)
-        raw = await self._blobs.read_partially(ref, lambda f: f.read(), size + 1)
         try:
             return ReportStatus(json.loads(raw)["status"])
         except (ValueError, KeyError, TypeError):
