@@ -49,6 +49,7 @@ from harness import (
     TopicFollower,
     ct_series,
     fmt,
+    loadavg,
     machine,
     median,
     orthanc_count,
@@ -204,6 +205,7 @@ def _forwarder(
 
 
 def run(ct: int, small: int, repeat: int, max_batch: int) -> dict[str, Any]:
+    info = machine()
     rows: list[dict[str, Any]] = []
     curves: dict[str, Any] = {}
     with run_dir() as tmp, Parts(tmp) as parts:
@@ -240,7 +242,7 @@ def run(ct: int, small: int, repeat: int, max_batch: int) -> dict[str, Any]:
                 row[f"{kind}_total_vs_storescu"] = round(total, 2)
                 row[f"{kind}_target_met"] = rate >= 1.0
             rows.append(row)
-    return {**machine(), "repeat": repeat, "rows": rows, "curves": curves}
+    return {**info, "load_at_end": loadavg(), "repeat": repeat, "rows": rows, "curves": curves}
 
 
 def plot(result: dict[str, Any], folder: Path) -> Path:

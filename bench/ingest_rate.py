@@ -42,6 +42,7 @@ from harness import (
     cpu_seconds,
     ct_series,
     fmt,
+    loadavg,
     machine,
     median,
     orthanc_count,
@@ -146,6 +147,7 @@ SENDERS: dict[str, Callable[[Parts, list[Path], int], Timed]] = {
 
 
 def run(ct: int, small: int, repeat: int) -> dict[str, Any]:
+    info = machine()
     rows: list[dict[str, Any]] = []
     with run_dir() as tmp, Parts(tmp) as parts:
         sets = {"ct-512": ct_series(tmp / "ct", ct)}
@@ -185,7 +187,7 @@ def run(ct: int, small: int, repeat: int) -> dict[str, Any]:
                 row["target_orthanc_met"] = row["ours_vs_orthanc"] >= 1.0
                 row["target_pynetdicom_met"] = row["ours_vs_pynetdicom"] >= 0.9
                 rows.append(row)
-    return {**machine(), "repeat": repeat, "rows": rows}
+    return {**info, "load_at_end": loadavg(), "repeat": repeat, "rows": rows}
 
 
 def table(result: dict[str, Any]) -> str:

@@ -49,6 +49,7 @@ from harness import (
     TopicFollower,
     ct_series,
     fmt,
+    loadavg,
     machine,
     percentile,
     run_dir,
@@ -145,6 +146,7 @@ def _stats(values: list[float]) -> dict[str, float]:
 
 
 def run(rate: float, seconds: float, backlog: int) -> dict[str, Any]:
+    info = machine()
     _config.STORE_SEND_CHUNKED_DATASET = True
     with run_dir() as tmp, Parts(tmp) as parts:
         routine_files = ct_series(tmp / "routine", int(rate * seconds) + 1, seed=1)
@@ -273,7 +275,8 @@ def run(rate: float, seconds: float, backlog: int) -> dict[str, Any]:
     steady_sent = [x for x in samples if x["phase"] == "steady" and x["lane"] == "routine"]
     achieved = (len(steady_sent) - 1) / (steady_sent[-1]["sent_at"] - steady_sent[0]["sent_at"])
     return {
-        **machine(),
+        **info,
+        "load_at_end": loadavg(),
         "rate": rate,
         "achieved_rate": round(achieved, 2),
         "seconds": seconds,

@@ -35,6 +35,7 @@ from harness import (
     RssSampler,
     Service,
     TopicFollower,
+    loadavg,
     machine,
     multiframe,
     run_dir,
@@ -161,10 +162,11 @@ def large(parts: Parts, tmp: Path, frames: int) -> dict[str, Any]:
 
 
 def run(instances: int, frames: int) -> dict[str, Any]:
+    info = machine()
     with run_dir() as tmp, Parts(tmp) as parts:
         result_many = many(parts, tmp, instances)
         result_large = large(parts, tmp, frames)
-    return {**machine(), "many": result_many, "large": result_large}
+    return {**info, "load_at_end": loadavg(), "many": result_many, "large": result_large}
 
 
 def plot(result: dict[str, Any], folder: Path) -> Path:

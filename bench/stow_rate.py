@@ -34,6 +34,7 @@ from harness import (
     TopicFollower,
     ct_series,
     fmt,
+    loadavg,
     machine,
     median,
     orthanc_count,
@@ -109,6 +110,7 @@ def _orthanc(parts: Parts, requests: list[tuple[bytes, str]], count: int, client
 
 
 def run(ct: int, small: int, repeat: int, clients_list: list[int]) -> dict[str, Any]:
+    info = machine()
     rows: list[dict[str, Any]] = []
     with run_dir() as tmp, Parts(tmp) as parts:
         sets = {"ct-512": ct_series(tmp / "ct", ct)}
@@ -141,7 +143,7 @@ def run(ct: int, small: int, repeat: int, clients_list: list[int]) -> dict[str, 
                         row["ours"]["instances_per_s"] / row["orthanc"]["instances_per_s"], 2
                     )
                     rows.append(row)
-    return {**machine(), "repeat": repeat, "rows": rows}
+    return {**info, "load_at_end": loadavg(), "repeat": repeat, "rows": rows}
 
 
 def table(result: dict[str, Any]) -> str:
