@@ -152,6 +152,7 @@ def run(rate: float, seconds: float, backlog: int, rows: int) -> dict[str, Any]:
         routine_files = ct_series(tmp / "routine", int(rate * seconds) + 1, rows, seed=1)
         stat_files = ct_series(tmp / "stat", int(seconds) + max(30, backlog // 3), rows, seed=2)
         backlog_files = ct_series(tmp / "backlog", backlog, rows, seed=3)
+        instance_kb = round(routine_files[0].stat().st_size / 1024, 1)
         st = parts.slice()
         orthanc = parts.orthanc()
         rules = write_rules(
@@ -281,7 +282,7 @@ def run(rate: float, seconds: float, backlog: int, rows: int) -> dict[str, Any]:
         **info,
         "load_at_end": loadavg(),
         "rows": rows,
-        "instance_kb": round(routine_files[0].stat().st_size / 1024, 1),
+        "instance_kb": instance_kb,
         "saturated": saturated,
         "rate": rate,
         "achieved_rate": round(achieved, 2),
