@@ -35,6 +35,7 @@ from harness import (
     RssSampler,
     Service,
     TopicFollower,
+    fmt,
     loadavg,
     machine,
     multiframe,
@@ -203,8 +204,8 @@ def table(result: dict[str, Any]) -> str:
     ]
     for name, r in m["processes"].items():
         lines.append(
-            f"| {name} | {r['idle_mb']} | {r['after_warmup_mb']} | {r['end_mb']} "
-            f"| {r['growth_mb']} | {r['peak_mb']} | {'yes' if r['flat'] else '**no**'} |"
+            f"| {name} | {fmt(r['idle_mb'])} | {fmt(r['after_warmup_mb'])} | {fmt(r['end_mb'])} "
+            f"| {fmt(r['growth_mb'])} | {fmt(r['peak_mb'])} | {'yes' if r['flat'] else '**no**'} |"
         )
     lines += [
         "",
@@ -217,8 +218,8 @@ def table(result: dict[str, Any]) -> str:
     for name, r in lg["processes"].items():
         verdict = "met" if r["target_met"] else "**missed**"
         lines.append(
-            f"| {name} | {r['idle_mb']} | {r['peak_mb']} | {r['peak_over_size']} {verdict} "
-            f"| {r['growth_over_size']} |"
+            f"| {name} | {fmt(r['idle_mb'])} | {fmt(r['peak_mb'])} | {r['peak_over_size']} "
+            f"{verdict} | {r['growth_over_size']} |"
         )
     return "\n".join(lines)
 
