@@ -19,7 +19,7 @@ start + i/rate, or at once if the previous answer came later than that.
    ``--seconds``, and STAT at 1 per second from ER_CT1 beside it.
 3. Backlog: ``--backlog`` routine slices sent as fast as ingest takes them (storescu,
    4 associations) while STAT continues at 1 per second until the backlog is
-   delivered.
+   delivered (and at least 3 STAT instances were sent).
 
 Latency of an instance = the ``delivered_at`` of its ``dicom.forward.completed``
 event (stamped by the forwarder when Orthanc's STOW-RS answer has arrived) minus
@@ -207,7 +207,8 @@ def run(rate: float, seconds: float, backlog: int, rows: int) -> dict[str, Any]:
             routine_total = 1 + len(routine.sent) + backlog
             while True:  # STAT keeps coming until the routine backlog is delivered
                 done = [d for d in completed.events() if d["lane"] == "routine"]
-                if len(done) >= routine_total or time.time() - burst_sent > 900:
+                finished = len(done) >= routine_total and len(stat_b.sent) >= 3
+                if finished or time.time() - burst_sent > 900:
                     break
                 time.sleep(0.2)
             stat_b.stop.set()
@@ -398,7 +399,7 @@ def main() -> None:
     parser.add_argument("--plots", type=Path, default=PLOTS)
     args = parser.parse_args()
     if args.quick:
-        args.rate, args.seconds, args.backlog = 5.0, 4.0, 20
+        args.rate, args.seconds, args.backlog = 5.0, 3.0, 12
     result = run(args.rate, args.seconds, args.backlog, args.rows)
     write_result(args.out or RESULTS / f"{args.name}.json", result)
     plot(result, args.plots, args.name)
