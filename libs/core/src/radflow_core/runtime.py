@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -141,3 +142,14 @@ async def connect_producer(producer: EventProducer, failed: asyncio.Event) -> bo
             continue
         log.info("connected to the broker")
         return True
+
+
+async def finish(task: asyncio.Task[Any], timeout_s: float = 60.0) -> None:
+    """Let ``task`` end on its own (a consumer finishing the record in hand) for up to
+    ``timeout_s``, then cancel it; either way it has ended when this returns."""
+    try:
+        await asyncio.wait_for(task, timeout=timeout_s)
+    except TimeoutError:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

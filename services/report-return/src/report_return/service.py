@@ -12,7 +12,6 @@ wire; what was not acknowledged is not committed and is read again.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Any
 
@@ -23,7 +22,7 @@ from radflow_core.errors import ConfigurationError
 from radflow_core.events import EventModel, ForwardRequested, ReportFinalized
 from radflow_core.kafka import BatchHandler, EventConsumer, EventProducer
 from radflow_core.ops import Health, ops_routes
-from radflow_core.runtime import connect_producer, start_http
+from radflow_core.runtime import connect_producer, finish, start_http
 from radflow_core.topics import Topic
 from report_return.delivery import Outcomes, Returner, UnknownSites
 from report_return.mllp import MllpClient
@@ -171,12 +170,7 @@ class ReportReturnService:
         for consumer in self._consumers:
             consumer.stop()
         for task in self._tasks:
-            try:
-                await asyncio.wait_for(task, timeout=60)
-            except TimeoutError:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await finish(task)
         await self._producer.stop()
         if self._runner is not None:
             await self._runner.cleanup()

@@ -20,7 +20,7 @@ from radflow_core.blobstore import BlobStore
 from radflow_core.events import ForwardRequested, InstanceNormalized
 from radflow_core.kafka import EventConsumer, EventProducer
 from radflow_core.ops import Health, ops_routes
-from radflow_core.runtime import connect_producer, start_http
+from radflow_core.runtime import connect_producer, finish, start_http
 from radflow_core.topics import Topic
 from router.live_rules import LiveRules
 from router.loader import RuleFileError
@@ -134,14 +134,10 @@ class RouterService:
         self.health.stopping = True
         self._consumer.stop()
         self._stopping.set()
-        for task in self._tasks:
-            if task is self._tasks[0]:
-                try:
-                    await asyncio.wait_for(task, timeout=60)
-                except TimeoutError:
-                    task.cancel()
-            else:
-                task.cancel()
+        if self._tasks:  # the consumer first, after the record in hand; then the helpers
+            await finish(self._tasks[0])
+        for task in self._tasks[1:]:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self._producer.stop()

@@ -26,7 +26,7 @@ from radflow_core.errors import ConfigurationError
 from radflow_core.events import ForwardRequested, Lane
 from radflow_core.kafka import EventConsumer, EventProducer
 from radflow_core.ops import Health, ops_routes
-from radflow_core.runtime import connect_producer, start_http
+from radflow_core.runtime import connect_producer, finish, start_http
 from radflow_core.topics import Topic
 from router.destinations import DestinationKind
 from router.live_rules import LiveRules, RulesMetrics
@@ -191,12 +191,7 @@ class ForwarderService:
         for consumer in running.consumers:
             consumer.stop()
         for task in running.tasks:
-            try:
-                await asyncio.wait_for(task, timeout=60)
-            except TimeoutError:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await finish(task)
         await running.client.close()
 
     async def stop(self) -> None:
