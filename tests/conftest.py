@@ -52,6 +52,23 @@ def stack(broker: ManagedProcess, s3_server: ManagedProcess, tmp_path: Path) -> 
     return st
 
 
+LOG_TAIL_LINES = 30
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    """A failed pipeline test carries the tail of every process log it started: CI
+    keeps no temporary directories, so this is all there is to diagnose it with."""
+    report = yield
+    tmp_path = getattr(item, "funcargs", {}).get("tmp_path")
+    if report.failed and isinstance(tmp_path, Path):
+        for log in sorted(tmp_path.glob("*.log")):
+            lines = log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+            body = "\n".join(line[:400] for line in lines)
+            report.sections.append((f"log {log.name} (last {len(lines)} lines)", body))
+    return report
+
+
 ServiceFactory = Callable[..., IngestProcess]
 ENV_SECTION = {"stow_forwarder": "forwarder"}
 """Module → its settings prefix, where they differ."""

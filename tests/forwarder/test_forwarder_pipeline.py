@@ -644,6 +644,9 @@ def test_oauth2_tokens_are_fetched_refreshed_before_expiry_and_renewed_after_rev
         retry_initial_s="0.2",
         retry_max_s="0.5",
         retry_budget_s="3",
+        # The wrong secret opens its destination's circuit; with the default 15 s
+        # cooldown, nine instances arriving in separate batches could outlast the wait.
+        breaker_cooldown_s="1",
         env={"CLOUD_SECRET": "client-s3cret", "WRONG_SECRET": "guess"},
     )
 
