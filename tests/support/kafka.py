@@ -32,6 +32,7 @@ async def read_records(
         **connection_options(kafka),
         group_id=None,
         enable_auto_commit=False,
+        fetch_max_wait_ms=kafka.fetch_max_wait_ms,
     )
     await consumer.start()
     records: list[dict[str, Any]] = []

@@ -9,6 +9,7 @@ store). JSON Schema files for downstream consumers are generated from these mode
 
 from __future__ import annotations
 
+import functools
 import socket
 import uuid
 from datetime import UTC, datetime
@@ -513,10 +514,22 @@ def schema_name(model: type[EventModel]) -> str:
     return f"radflow:{model.type_name}:v{model.version}"
 
 
+@functools.cache
+def envelope_type(model: type[PayloadT]) -> type[Envelope[PayloadT]]:
+    """``Envelope[model]``, built once per process.
+
+    pydantic keeps parametrized generics only weakly, so after a garbage collection
+    ``Envelope[model]`` is built again, which re-reads this module's source for the
+    field docstrings (~2.5 ms; 8 % of ingest's CPU in the benchmark). Holding the class
+    here makes that a one-time cost.
+    """
+    return Envelope[model]  # type: ignore[valid-type]
+
+
 def wrap(payload: PayloadT, service: str) -> Envelope[PayloadT]:
     """Put ``payload`` in a fresh envelope emitted by ``service`` on this host."""
     model = type(payload)
-    return Envelope[model](  # type: ignore[valid-type]
+    return envelope_type(model)(
         id=str(uuid.uuid4()),
         type=model.type_name,
         source=f"/radflow/{service}/{socket.gethostname()}",
@@ -537,7 +550,7 @@ def decode(raw: bytes, model: type[PayloadT]) -> Envelope[PayloadT]:
         EventDecodeError: not JSON, wrong type or version, or a field out of contract.
     """
     try:
-        envelope = Envelope[model].model_validate_json(raw)  # type: ignore[valid-type]
+        envelope = envelope_type(model).model_validate_json(raw)
     except ValidationError as exc:
         fields = sorted({".".join(str(p) for p in e["loc"]) for e in exc.errors()})
         raise EventDecodeError(f"not a valid {model.__name__} event: {fields}") from None

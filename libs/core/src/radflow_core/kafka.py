@@ -295,6 +295,7 @@ class EventConsumer(Generic[PayloadT]):
             group_id=self._group,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
+            fetch_max_wait_ms=settings.fetch_max_wait_ms,
         )
         self._stopping = asyncio.Event()
 

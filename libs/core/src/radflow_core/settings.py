@@ -85,6 +85,12 @@ class KafkaSettings(Section):
     InitProducerId support (Tansu, used in development). Consumers are idempotent anyway."""
     ack_timeout_s: float = Field(default=10.0, gt=0)
     """Seconds to wait for acks=all on one event before the send counts as failed."""
+    fetch_max_wait_ms: int = Field(default=100, ge=1, le=30_000)
+    """Longest a consumer's fetch waits for new records. Kafka answers a waiting fetch
+    as soon as records arrive, so this only paces idle polling there; Tansu (the
+    development broker) answers only when it runs out, so each pipeline hop costs up
+    to this much (aiokafka's own default of 500 ms made three hops take most of a
+    0.5 s latency budget)."""
     topic_prefix: str = ""
     """Prepended to every topic name and consumer group id (e.g. 'site1.'), so that
     several pipelines can share one cluster; empty in production."""

@@ -155,7 +155,10 @@ class PendingStudies:
         if not wanted:
             return
         consumer = AIOKafkaConsumer(
-            **connection_options(self._kafka), group_id=None, enable_auto_commit=False
+            **connection_options(self._kafka),
+            group_id=None,
+            enable_auto_commit=False,
+            fetch_max_wait_ms=self._kafka.fetch_max_wait_ms,
         )
         await consumer.start()
         try:
