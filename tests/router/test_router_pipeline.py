@@ -152,9 +152,9 @@ default:
 def test_a_delayed_study_is_released_once_after_its_quiet_period_across_a_restart(
     stack: Stack, pipeline: IngestProcess, start_router, tmp_path: Path, crash: bool
 ) -> None:
-    # Long enough to cover a restart, including the broker's session timeout (10 s)
-    # that keeps a killed router's partitions assigned to it.
-    quiet = 20
+    # Long enough to cover a restart, including the broker's session timeout (3 s in
+    # the test stack) that keeps a killed router's partitions assigned to it.
+    quiet = 12
     rules = write_rules(tmp_path / "rules.yaml", WAIT_RULES % quiet)
     router = start_router(rules_file=str(rules), release_interval_s="0.2")
     study = generate_uid()

@@ -296,6 +296,8 @@ class EventConsumer(Generic[PayloadT]):
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             fetch_max_wait_ms=settings.fetch_max_wait_ms,
+            session_timeout_ms=settings.session_timeout_ms,
+            heartbeat_interval_ms=settings.heartbeat_interval_ms,
         )
         self._stopping = asyncio.Event()
 

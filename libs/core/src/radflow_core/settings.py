@@ -14,7 +14,15 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from radflow_core.errors import ConfigurationError
 from radflow_core.topics import Topic
@@ -91,6 +99,13 @@ class KafkaSettings(Section):
     development broker) answers only when it runs out, so each pipeline hop costs up
     to this much (aiokafka's own default of 500 ms made three hops take most of a
     0.5 s latency budget)."""
+    session_timeout_ms: int = Field(default=10_000, ge=1_000, le=300_000)
+    """A consumer that sends no heartbeat for this long is dropped from its group and
+    its partitions go to another replica (how long a crashed replica's partitions
+    wait). Tansu also holds every group join for half of it."""
+    heartbeat_interval_ms: int = Field(default=3_000, ge=100)
+    """How often a consumer tells its group it is alive; well under the session
+    timeout (a third or less)."""
     topic_prefix: str = ""
     """Prepended to every topic name and consumer group id (e.g. 'site1.'), so that
     several pipelines can share one cluster; empty in production."""
@@ -104,6 +119,14 @@ class KafkaSettings(Section):
     """SASL password (never logged)."""
     ssl_cafile: Path | None = None
     """CA bundle to verify the brokers' certificates (SSL and SASL_SSL)."""
+
+    @field_validator("heartbeat_interval_ms")
+    @classmethod
+    def _heartbeat_within_session(cls, value: int, info: ValidationInfo) -> int:
+        session = info.data.get("session_timeout_ms")
+        if session is not None and value * 2 > session:
+            raise ValueError(f"must be at most half of the session timeout ({session} ms)")
+        return value
 
     def topic(self, topic: Topic) -> str:
         """The real topic name, with the deployment's prefix."""

@@ -39,6 +39,10 @@ def local_env(broker_port: int, s3_port: int) -> dict[str, str]:
     return {
         "RADFLOW_KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{broker_port}",
         "RADFLOW_KAFKA_IDEMPOTENCE": "false",  # Tansu has no InitProducerId
+        # Tansu holds each consumer-group join for half the session timeout: 1.5 s
+        # instead of 5 s for every service start and every rebalance.
+        "RADFLOW_KAFKA_SESSION_TIMEOUT_MS": "3000",
+        "RADFLOW_KAFKA_HEARTBEAT_INTERVAL_MS": "500",
         "RADFLOW_S3_ENDPOINT": f"http://127.0.0.1:{s3_port}",
         "RADFLOW_S3_ACCESS_KEY": LOCAL_S3_ACCESS_KEY,
         "RADFLOW_S3_SECRET_KEY": LOCAL_S3_SECRET_KEY,

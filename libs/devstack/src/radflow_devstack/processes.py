@@ -49,10 +49,12 @@ class ManagedProcess:
         """The main port the process listens on, when the starter knows it."""
         self.dicom_port: int | None = None
         """Its DIMSE port, for a process that is a DICOM peer too (Orthanc)."""
+        self._terminated = False
 
     def start(self) -> ManagedProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
+        self._terminated = False
         self.proc = subprocess.Popen(
             self.argv,
             stdout=log,
@@ -90,12 +92,19 @@ class ManagedProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
 
+    def terminate(self) -> None:
+        """SIGTERM without waiting, so that several processes stop at the same time;
+        ``stop()`` then waits (and does not signal again)."""
+        if self.proc is not None and self.proc.poll() is None and not self._terminated:
+            self.proc.send_signal(signal.SIGTERM)
+            self._terminated = True
+
     def stop(self, timeout_s: float = 15.0) -> int | None:
         """SIGTERM, wait, then SIGKILL; returns the exit code. Safe to call twice."""
         if self.proc is None:
             return None
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.terminate()
             try:
                 self.proc.wait(timeout_s)
             except subprocess.TimeoutExpired:
