@@ -87,8 +87,9 @@ def same_pixels(received: bytes, original: Path) -> bool:
 @pytest.fixture
 def pipeline(stack: Stack, start_ingest, start_transcode, start_router) -> Callable[..., Any]:
     """Start ingest and transcode now; returns a starter for the router (with rules)."""
-    ingest: IngestProcess = start_ingest()
-    start_transcode()
+    ingest: IngestProcess = start_ingest(wait_ready=False, wait_port=False)
+    start_transcode(wait_ready=False, wait_port=False).wait_ready()
+    ingest.wait_ready()
 
     def with_rules(rules: Path) -> IngestProcess:
         start_router(rules_file=str(rules))

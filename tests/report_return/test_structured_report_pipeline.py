@@ -73,11 +73,16 @@ def pipeline(
         tmp_path / "sites.yaml",
         {"north": {"host": "127.0.0.1", "port": mllp_peer.port, "ack_timeout_s": 5}},
     )
-    ingest: IngestProcess = start_ingest()
-    start_transcode()
-    start_router(rules_file=str(rules))
-    start_report_return(sites_file=str(sites), rules_file=str(rules))
-    return ingest
+    later = {"wait_ready": False, "wait_port": False}
+    started = [
+        start_ingest(**later),
+        start_transcode(**later),
+        start_router(rules_file=str(rules), **later),
+        start_report_return(sites_file=str(sites), rules_file=str(rules), **later),
+    ]
+    for service in started:
+        service.wait_ready()
+    return started[0]
 
 
 def test_verified_structured_reports_reach_the_ris_with_their_text(

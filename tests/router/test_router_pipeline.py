@@ -80,9 +80,9 @@ def send_series(
 @pytest.fixture
 def pipeline(stack: Stack, start_ingest, start_transcode) -> IngestProcess:
     """Ingest and transcode running; the router is started by each test."""
-    ingest: IngestProcess = start_ingest()
-    start_transcode()
-    return ingest
+    ingest: IngestProcess = start_ingest(wait_ready=False, wait_port=False)
+    start_transcode(wait_ready=False, wait_port=False).wait_ready()
+    return ingest.wait_ready()
 
 
 def test_a_study_of_several_series_becomes_one_request_per_instance_and_destination(

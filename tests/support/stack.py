@@ -107,3 +107,9 @@ class IngestProcess:
 
     def ready(self) -> bool:
         return http_status(f"{self.url}/readyz") == 200
+
+    def wait_ready(self, timeout_s: float = 60.0) -> IngestProcess:
+        """For a service started with ``wait_ready=False, wait_port=False`` so that
+        several start at once (each takes a second or two to import and connect)."""
+        self.proc.wait_until(self.ready, timeout_s)
+        return self
