@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import httpx
@@ -10,11 +11,15 @@ import pytest
 
 from radflow_core.dicom_status import StoreStatus
 from support.dicom import bundled_file, make_instance
+from support.metrics import metric
 from support.nesting import deeply_nested
 from support.stack import IngestProcess, Stack
 from support.stow import failed_reasons, multipart, referenced, stow
 
 pytestmark = pytest.mark.pipeline
+
+STORED = {"protocol": "stow-rs", "outcome": "stored"}
+DUPLICATE = {"protocol": "stow-rs", "outcome": "duplicate"}
 
 
 def test_all_instances_stored_answers_200_with_referenced_sequence(
@@ -163,3 +168,63 @@ def test_large_instance_spools_to_disk_and_is_stored_intact(
     assert response.status_code == 200, response.text
     (event,) = stack.events()
     assert stack.assert_event_matches_blob(event) == path.read_bytes()
+
+
+@pytest.mark.parametrize("concurrency", ["1", "8"])
+def test_many_parts_with_bad_ones_store_the_rest_and_answer_in_part_order(
+    stack: Stack, start_ingest, tmp_path: Path, concurrency: str
+) -> None:
+    ingest: IngestProcess = start_ingest(stow_concurrency=concurrency)
+    study = pydicom.uid.generate_uid()
+    good = [
+        make_instance(tmp_path / f"{i}.dcm", study_instance_uid=study, rows=64, columns=64)
+        for i in range(24)
+    ]
+    foreign = make_instance(tmp_path / "foreign.dcm")
+    parts = [p.read_bytes() for p in good]
+    parts.insert(5, foreign.read_bytes())
+    parts.insert(17, b"not dicom at all")
+    response = stow(f"{ingest.stow_url}/{study}", parts)
+    assert response.status_code == 202, response.text
+    body = response.json()
+    good_uids = [pydicom.dcmread(p).SOPInstanceUID for p in good]
+    assert referenced(body) == good_uids
+    assert failed_reasons(body) == [
+        (pydicom.dcmread(foreign).SOPInstanceUID, StoreStatus.STUDY_MISMATCH),
+        (None, StoreStatus.CANNOT_UNDERSTAND),
+    ]
+    events = stack.events()
+    assert sorted(e["data"]["sop_instance_uid"] for e in events) == sorted(good_uids)
+    sent = {p.read_bytes() for p in good}
+    for event in events:
+        assert stack.assert_event_matches_blob(event) in sent
+
+
+def test_an_instance_twice_in_one_request_is_announced_once(
+    stack: Stack, start_ingest, tmp_path: Path
+) -> None:
+    ingest: IngestProcess = start_ingest()
+    a, b = (make_instance(tmp_path / f"{n}.dcm").read_bytes() for n in "ab")
+    response = stow(ingest.stow_url, [a, b, a, a])
+    assert response.status_code == 200, response.text
+    uid_a, uid_b = (pydicom.dcmread(io.BytesIO(x)).SOPInstanceUID for x in (a, b))
+    assert referenced(response.json()) == [uid_a, uid_b, uid_a, uid_a]
+    assert sorted(e["data"]["sop_instance_uid"] for e in stack.events()) == sorted([uid_a, uid_b])
+    assert metric(ingest.url, "radflow_ingest_instances_total", **STORED) == 2
+    assert metric(ingest.url, "radflow_ingest_instances_total", **DUPLICATE) == 2
+
+
+def test_an_original_above_the_part_size_is_not_uploaded_twice(
+    stack: Stack, start_ingest, tmp_path: Path
+) -> None:
+    part_size = 5 * 1024 * 1024
+    ingest: IngestProcess = start_ingest(env={"RADFLOW_S3_PART_SIZE": str(part_size)})
+    data = make_instance(tmp_path / "big.dcm", rows=1700, columns=1700).read_bytes()
+    assert len(data) > part_size
+    for _ in range(2):
+        assert stow(ingest.stow_url, [data]).status_code == 200
+    (event,) = stack.events()
+    assert stack.assert_event_matches_blob(event) == data
+    uploaded = metric(ingest.url, "radflow_blob_uploaded_bytes_total", kind="original")
+    assert uploaded == len(data)
+    assert metric(ingest.url, "radflow_ingest_instances_total", **DUPLICATE) == 1

@@ -8,9 +8,17 @@ event, so an event never points at a missing blob; a blob without an event (brok
 down) is harmless and is announced when the sender retries.
 
 Duplicates: after the event is acknowledged a small marker object is written under
-``announced/``. The same bytes again find the marker and succeed without a new blob
-or event. Without the marker (first announce failed) the event is sent again:
-at-least-once, and consumers are idempotent on sha256.
+``announced/``. The same bytes again find the marker and succeed without a new event.
+Without the marker (first announce failed) the event is sent again: at-least-once,
+and consumers are idempotent on sha256. Claim checks of the same bytes that overlap
+in this process (one STOW-RS request carrying an instance twice, two associations)
+wait for the first one instead of announcing it twice.
+
+Round trips: an original up to the S3 part size is PUT without asking first (writing
+the same bytes to their content-addressed key again costs less than a HEAD), while
+the marker HEAD runs beside the PUT; a larger one is looked up first, so it is never
+uploaded twice. The acknowledgement waits for the PUT (or lookup), the marker HEAD
+and the event; the marker PUT runs in the background.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from ingest import metrics
 from radflow_core.blobstore import BlobStore, HashedFile, content_key
 from radflow_core.dicom_status import StoreStatus
 from radflow_core.errors import PipelineError
-from radflow_core.events import InstanceReceived, Priority, Sender
+from radflow_core.events import BlobRef, InstanceReceived, Priority, Sender
 from radflow_core.instance_header import InstanceHeader, InvalidInstance, read_header
 from radflow_core.kafka import EventProducer
 
@@ -111,11 +119,24 @@ def inspect(file: BinaryIO, max_bytes: int) -> tuple[HashedFile, InstanceHeader]
 
 
 class ClaimCheck:
-    def __init__(self, blobs: BlobStore, producer: EventProducer, max_instance_bytes: int) -> None:
+    def __init__(
+        self,
+        blobs: BlobStore,
+        producer: EventProducer,
+        max_instance_bytes: int,
+        lookup_above_bytes: int,
+    ) -> None:
+        """``lookup_above_bytes``: originals larger than this (the S3 part size, above
+        which an upload is a multipart one) are looked up before they are uploaded;
+        smaller ones are PUT without asking."""
         self._blobs = blobs
         self._producer = producer
         self._max_instance_bytes = max_instance_bytes
+        self._lookup_above_bytes = lookup_above_bytes
         self._markers: set[asyncio.Task[None]] = set()
+        self._announcing: dict[str, asyncio.Future[bool]] = {}
+        """Marker key → resolved True once announced, False if that claim check failed;
+        held from the start of a claim check until its marker is written."""
 
     async def store(self, file: BinaryIO, origin: Origin) -> Stored:
         """Store and announce one received Part 10 file.
@@ -188,7 +209,7 @@ class ClaimCheck:
     ) -> Stored:
         key = content_key(ORIGINAL, header.study_instance_uid, hashed.sha256)
         marker = content_key(ANNOUNCED, header.study_instance_uid, hashed.sha256)
-        stored = await self._blobs.put_file(key, hashed, ORIGINAL)
+        ref = BlobRef(bucket=self._blobs.bucket, key=key, size=hashed.size, sha256=hashed.sha256)
         event = InstanceReceived(
             sop_instance_uid=header.sop_instance_uid,
             sop_class_uid=header.sop_class_uid,
@@ -200,15 +221,56 @@ class ClaimCheck:
             priority=origin.priority,
             sender=origin.sender,
             received_at=datetime.now(UTC),
-            blob=stored.ref,
+            blob=ref,
         )
-        if not stored.created and await self._blobs.exists(marker):
-            return Stored(header, event, duplicate=True)
+        while (earlier := self._announcing.get(marker)) is not None:
+            if await asyncio.shield(earlier):
+                return Stored(header, event, duplicate=True)
+        announced = asyncio.get_running_loop().create_future()
+        self._announcing[marker] = announced
+        try:
+            duplicate = await self._store_and_announce(hashed, key, marker, event)
+        except BaseException:
+            announced.set_result(False)
+            del self._announcing[marker]
+            raise
+        announced.set_result(True)
+        if duplicate:
+            del self._announcing[marker]
+        else:
+            task = asyncio.create_task(self._mark_announced(marker))
+            self._markers.add(task)
+            task.add_done_callback(self._markers.discard)
+            task.add_done_callback(lambda _: self._announcing.pop(marker, None))
+        return Stored(header, event, duplicate=duplicate)
+
+    async def _store_and_announce(
+        self, hashed: HashedFile, key: str, marker: str, event: InstanceReceived
+    ) -> bool:
+        """Store the original and, unless its marker says it was announced before,
+        publish ``event``. Returns True for a duplicate (nothing published).
+
+        The blob and the marker are asked for at once; the event waits for the blob.
+        """
+        stored, seen = await asyncio.gather(
+            self._blobs.put_file(
+                key, hashed, ORIGINAL, check_existing=hashed.size > self._lookup_above_bytes
+            ),
+            self._blobs.exists(marker),
+            return_exceptions=True,
+        )
+        if isinstance(stored, BaseException):
+            raise stored
+        if isinstance(seen, PipelineError):
+            # Announcing again is harmless (consumers are idempotent on sha256).
+            log.warning("announce marker not read", extra={"reason": seen.reason})
+            seen = False
+        elif isinstance(seen, BaseException):
+            raise seen
+        if seen:
+            return True
         await self._producer.publish(event, key=event.key)
-        task = asyncio.create_task(self._mark_announced(marker))
-        self._markers.add(task)
-        task.add_done_callback(self._markers.discard)
-        return Stored(header, event, duplicate=False)
+        return False
 
     async def _mark_announced(self, marker: str) -> None:
         try:

@@ -45,7 +45,10 @@ class IngestService:
         self._blobs = BlobStore(config.s3)
         self._producer = EventProducer(config.kafka, SERVICE)
         self._claim_check = ClaimCheck(
-            self._blobs, self._producer, config.ingest.max_instance_bytes
+            self._blobs,
+            self._producer,
+            max_instance_bytes=config.ingest.max_instance_bytes,
+            lookup_above_bytes=config.s3.part_size,
         )
         self.health = Health(
             {"broker": self._producer.ping, "blob_store": self._blobs.ping},
@@ -72,9 +75,10 @@ class IngestService:
         await site.start()
         log.info("HTTP listening", extra={"host": settings.http_host, "port": settings.http_port})
         loop = asyncio.get_running_loop()
-        # Blob I/O runs in the loop's default executor; size it for every association.
+        # Blob I/O runs in the loop's default executor; size it for every association,
+        # each claim check making two blob calls at once.
         loop.set_default_executor(
-            ThreadPoolExecutor(settings.max_associations + 8, thread_name_prefix="blob-io")
+            ThreadPoolExecutor(2 * settings.max_associations + 8, thread_name_prefix="blob-io")
         )
         self._dimse = DimseReceiver(settings, self._claim_check, loop)
         self._dimse.start()

@@ -85,6 +85,10 @@ class IngestSettings(Section):
     """Largest STOW-RS request body, in bytes (larger: HTTP 413)."""
     spool_memory_bytes: int = Field(default=8 * 1024 * 1024, ge=0)
     """STOW-RS parts up to this size are held in memory; larger ones spool to TMPDIR."""
+    stow_concurrency: int = Field(default=8, ge=1, le=256)
+    """Parts of one STOW-RS request whose claim checks run at once (1: one after the
+    other); the next part is spooled while earlier ones are stored. A request holds at
+    most this many parts, each in memory up to spool_memory_bytes, on disk beyond."""
     store_timeout_s: float = Field(default=45.0, gt=0)
     """Upper bound on one instance's claim check (blob + event) before answering 0xA700."""
     retry_after_s: int = Field(default=30, ge=1)

@@ -2,6 +2,8 @@
 
 The body is read part by part; each part is spooled (memory up to a threshold, then
 TMPDIR) and handed to the claim check, so request size is bounded by disk, not RAM.
+Up to ``stow_concurrency`` parts are claim-checked at once while the next one is
+spooled; the answer is sent when every part's claim check has settled.
 The answer is the standard Store Instances Response Module as DICOM JSON:
 
 - 200: every instance stored (ReferencedSOPSequence).
@@ -15,6 +17,7 @@ The answer is the standard Store Instances Response Module as DICOM JSON:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -174,50 +177,92 @@ class StowReceiver:
         )
 
     async def _read_parts(self, reader: MultipartReader, origin: Origin) -> list[PartResult]:
-        results: list[PartResult] = []
-        total = 0
-        while True:
-            part = await reader.next()
-            if part is None:
-                return results
-            if not isinstance(part, BodyPartReader):
-                results.append(PartResult(StoreStatus.CANNOT_UNDERSTAND, None, None))
-                continue
-            ctype = part.headers.get("Content-Type", "application/dicom").split(";")[0]
-            if ctype.strip().lower() != "application/dicom":
-                await part.release()
-                results.append(PartResult(StoreStatus.CANNOT_UNDERSTAND, None, None))
-                continue
-            result, size = await self._store_part(part, origin, total)
-            total += size
-            results.append(result)
+        """Spool the parts one after the other, claim-check up to ``stow_concurrency``
+        of them at once, and return their results in part order.
 
-    async def _store_part(
-        self, part: BodyPartReader, origin: Origin, total: int
-    ) -> tuple[PartResult, int]:
+        Returns (or raises) only once every started claim check has settled.
+
+        Raises:
+            BodyTooLarge: the body passed ``max_request_bytes``.
+            ValueError: malformed multipart framing.
+        """
+        slots = asyncio.Semaphore(self._settings.stow_concurrency)
+        results: list[PartResult | asyncio.Task[PartResult]] = []
+        try:
+            total = 0
+            while (part := await reader.next()) is not None:
+                if not isinstance(part, BodyPartReader):
+                    results.append(PartResult(StoreStatus.CANNOT_UNDERSTAND, None, None))
+                    continue
+                ctype = part.headers.get("Content-Type", "application/dicom").split(";")[0]
+                if ctype.strip().lower() != "application/dicom":
+                    await part.release()
+                    results.append(PartResult(StoreStatus.CANNOT_UNDERSTAND, None, None))
+                    continue
+                await slots.acquire()
+                try:
+                    spooled, size = await self._spool(part, total)
+                except BaseException:
+                    slots.release()
+                    raise
+                total += size
+                if isinstance(spooled, PartResult):
+                    slots.release()
+                    results.append(spooled)
+                else:
+                    results.append(asyncio.create_task(self._store_part(spooled, origin, slots)))
+        finally:
+            started = [r for r in results if isinstance(r, asyncio.Task)]
+            if started:
+                await asyncio.wait(started)
+        return [r if isinstance(r, PartResult) else r.result() for r in results]
+
+    async def _spool(
+        self, part: BodyPartReader, total: int
+    ) -> tuple[tempfile.SpooledTemporaryFile[bytes] | PartResult, int]:
+        """Read one part into a spool file; a part over the instance limit is read to
+        its end (the body goes on) but not kept. ``total``: body bytes before it."""
         limit = self._settings.max_instance_bytes
         size = 0
-        with tempfile.SpooledTemporaryFile(max_size=self._settings.spool_memory_bytes) as spool:
+        # Closed here on failure, else by _store_part once its claim check settled.
+        spool = tempfile.SpooledTemporaryFile(max_size=self._settings.spool_memory_bytes)  # noqa: SIM115
+        try:
             while chunk := await part.read_chunk(_CHUNK):
                 size += len(chunk)
                 if total + size > self._settings.max_request_bytes:
                     raise BodyTooLarge
                 if size <= limit:
                     spool.write(chunk)
-            if size > limit:
-                return PartResult(StoreStatus.INSTANCE_TOO_LARGE, None, None), size
-            try:
-                stored = await self._claim_check.store(spool, origin)  # type: ignore[arg-type]
-            except NotStored as exc:
-                header = exc.header
-                return PartResult(
-                    exc.status,
-                    header.sop_class_uid if header else None,
-                    header.sop_instance_uid if header else None,
-                ), size
-            except Exception:
-                # A bug must cost this part, not the request or the service.
-                log.exception("unexpected error storing a STOW-RS part")
-                return PartResult(StoreStatus.PROCESSING_FAILURE, None, None), size
+        except BaseException:
+            spool.close()
+            raise
+        if size > limit:
+            spool.close()
+            return PartResult(StoreStatus.INSTANCE_TOO_LARGE, None, None), size
+        return spool, size
+
+    async def _store_part(
+        self,
+        spool: tempfile.SpooledTemporaryFile[bytes],
+        origin: Origin,
+        slots: asyncio.Semaphore,
+    ) -> PartResult:
+        """Claim-check one spooled part (never raises); then free its spool and slot."""
+        try:
+            stored = await self._claim_check.store(spool, origin)  # type: ignore[arg-type]
+        except NotStored as exc:
+            header = exc.header
+            return PartResult(
+                exc.status,
+                header.sop_class_uid if header else None,
+                header.sop_instance_uid if header else None,
+            )
+        except Exception:
+            # A bug must cost this part, not the request or the service.
+            log.exception("unexpected error storing a STOW-RS part")
+            return PartResult(StoreStatus.PROCESSING_FAILURE, None, None)
+        finally:
+            spool.close()
+            slots.release()
         header = stored.header
-        return PartResult(StoreStatus.SUCCESS, header.sop_class_uid, header.sop_instance_uid), size
+        return PartResult(StoreStatus.SUCCESS, header.sop_class_uid, header.sop_instance_uid)
