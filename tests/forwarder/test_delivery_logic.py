@@ -1,5 +1,6 @@
 """The forwarder's pure logic: reading STOW-RS answers, what is retried, how batches
-are cut, the circuit breaker, STAT precedence, and OAuth2 token caching."""
+are cut, bounded concurrency, the circuit breaker, STAT precedence, OAuth2 token
+caching, and its settings."""
 
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ import httpx
 import pytest
 from pydicom.uid import generate_uid
 
+from radflow_core.errors import ConfigurationError
 from radflow_core.events import BlobRef, ForwardRequested, Lane, Protocol, Sender
 from stow_forwarder.auth import ClientCredentials
 from stow_forwarder.client import classify
-from stow_forwarder.delivery import chunks
+from stow_forwarder.delivery import bounded, chunks
 from stow_forwarder.flow import Circuit, CircuitBreaker, StatFirst
+from stow_forwarder.settings import ForwarderSettings
 from stow_forwarder.stow import MultipartBody, parse_response
 
 
@@ -131,6 +134,68 @@ def test_batches_hold_one_study_within_count_and_size_and_no_repeated_uid() -> N
     ]
     cut = [len(c) for c in chunks(requests, max_count=3, max_bytes=5_000)]
     assert cut == [3, 2, 1, 1, 1]
+
+
+def test_interleaved_studies_are_grouped_per_study_keeping_each_studys_order() -> None:
+    a, b, c = generate_uid(), generate_uid(), generate_uid()
+    requests = [_request(study) for _ in range(7) for study in (a, b, c)]
+    cut = list(chunks(requests, max_count=5, max_bytes=1_000_000))
+    assert [(c[0].study_instance_uid, len(c)) for c in cut] == [
+        (a, 5),
+        (a, 2),
+        (b, 5),
+        (b, 2),
+        (c, 5),
+        (c, 2),
+    ]
+    for study in (a, b, c):
+        mine = [r for r in requests if r.study_instance_uid == study]
+        assert [r for chunk in cut if chunk[0].study_instance_uid == study for r in chunk] == mine
+
+
+def test_a_repeated_uid_of_a_study_waits_for_a_later_batch_of_that_study() -> None:
+    a, b = generate_uid(), generate_uid()
+    same = generate_uid()
+    first, other, again = _request(a, same), _request(b), _request(a, same)
+    cut = list(chunks([first, other, again], max_count=50, max_bytes=1_000_000))
+    assert cut == [[first], [again], [other]]
+
+
+def test_bounded_work_keeps_the_order_and_never_runs_more_than_the_limit() -> None:
+    running = 0
+    most = 0
+
+    async def work(item: int) -> int:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        await asyncio.sleep(0.01 * (item % 3))
+        running -= 1
+        return item * 2
+
+    assert asyncio.run(bounded(list(range(20)), work, 4)) == [i * 2 for i in range(20)]
+    assert most == 4
+
+
+def test_bounded_work_finishes_every_item_before_raising_the_first_failure() -> None:
+    finished: list[int] = []
+
+    async def work(item: int) -> None:
+        await asyncio.sleep(0.02 if item else 0)
+        if item == 0:
+            raise TimeoutError("the first one failed at once")
+        finished.append(item)
+
+    with pytest.raises(TimeoutError):
+        asyncio.run(bounded([0, 1, 2, 3], work, 2))
+    assert sorted(finished) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("value", ["0", "65", "many"])
+def test_an_io_concurrency_out_of_range_fails_at_start_naming_the_variable(value: str) -> None:
+    with pytest.raises(ConfigurationError, match="RADFLOW_FORWARDER_IO_CONCURRENCY"):
+        ForwarderSettings.from_env({"RADFLOW_FORWARDER_IO_CONCURRENCY": value})
+    assert ForwarderSettings.from_env({}).io_concurrency == 8
 
 
 def test_the_circuit_opens_after_repeated_failures_and_closes_after_a_probe() -> None:

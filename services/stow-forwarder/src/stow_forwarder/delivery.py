@@ -6,19 +6,27 @@ Order of effects for each instance: send → destination acknowledges → delive
 marker in the bucket → ``dicom.forward.completed`` → offset committed. A replayed
 request finds the marker and is not sent again; a crash before the marker sends the
 instance once more, which a DICOMweb server stores once (same SOP Instance UID).
+
+The per-instance bucket and broker work is what keeps a destination waiting, so it
+runs concurrently (``io_concurrency`` at a time) and beside the request on the wire:
+while one batch is sent, the next is checked against the markers and downloaded, and
+the previous one's markers and outcome events are written. A partition's fetch is
+finished, and its offset committed, only when every outcome of it is acknowledged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, TypeVar
 
 from aiokafka import ConsumerRecord
 
@@ -51,6 +59,9 @@ log = logging.getLogger(__name__)
 
 DELIVERED_MARKER = "delivered"
 
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
 
 class Abandoned(PipelineError):
     """Shutting down mid-batch: nothing of it is committed; it is read again."""
@@ -76,9 +87,66 @@ class Prepared:
 
 
 @dataclass
-class Outcome:
-    request: ForwardRequested
-    attempts: int
+class Staged:
+    """One chunk ready to send: its instances on disk in their spool directory."""
+
+    prepared: list[Prepared]
+    spool: tempfile.TemporaryDirectory[str]
+
+    def close(self) -> None:
+        self.spool.cleanup()
+
+
+@dataclass
+class Fetch:
+    """What one partition's fetch has under way besides the request on the wire: the
+    markers and outcome events being written, and which requests a destination has
+    accepted so far (a request repeated later in the fetch is not sent again)."""
+
+    limit: int
+    accepted: set[str] = field(default_factory=set)
+    """Idempotency keys the destination acknowledged during this fetch."""
+    settling: list[asyncio.Task[object]] = field(default_factory=list)
+
+    def settle(self, work: Coroutine[Any, Any, object]) -> None:
+        self.settling.append(asyncio.create_task(work))
+
+    def check(self) -> None:
+        """Raise the failure of any settlement already finished (e.g. the bucket or
+        the broker went away), so no further batch goes out on a fetch that will be
+        read again anyway."""
+        for task in self.settling:
+            failure = task.exception() if task.done() and not task.cancelled() else None
+            if failure is not None:
+                raise failure
+
+    async def drain(self) -> None:
+        """Wait for every settlement; raise the first failure."""
+        results = await asyncio.gather(*self.settling, return_exceptions=True)
+        self.settling.clear()
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+
+async def bounded(items: Sequence[_T], work: Callable[[_T], Awaitable[_R]], limit: int) -> list[_R]:
+    """``work`` on every item, at most ``limit`` at once, results in the items' order.
+
+    Every item is finished before the first failure is raised, so nothing is left
+    writing behind a caller that gives up."""
+    gate = asyncio.Semaphore(limit)
+
+    async def one(item: _T) -> _R:
+        async with gate:
+            return await work(item)
+
+    results = await asyncio.gather(*(one(item) for item in items), return_exceptions=True)
+    done: list[_R] = []
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+        done.append(result)
+    return done
 
 
 def marker_key(destination: str, idempotency_key: str) -> str:
@@ -89,29 +157,39 @@ def marker_key(destination: str, idempotency_key: str) -> str:
 def chunks(
     requests: Sequence[ForwardRequested], max_count: int, max_bytes: int
 ) -> Iterator[list[ForwardRequested]]:
-    """Consecutive requests of one study, at most ``max_count`` and about ``max_bytes``
-    per chunk, never two with the same SOP Instance UID (the response could not tell
-    them apart)."""
-    chunk: list[ForwardRequested] = []
-    size = 0
+    """Requests grouped by study, at most ``max_count`` and about ``max_bytes`` per
+    chunk, never two with the same SOP Instance UID (the response could not tell them
+    apart).
+
+    Studies come in the order of their first request and each study's requests in
+    their own order, so studies interleaved in a fetch (one partition carries many)
+    still go ``max_count`` per request rather than one."""
+    studies: dict[str, list[ForwardRequested]] = {}
     for request in requests:
-        full = chunk and (
-            len(chunk) >= max_count
-            or size + request.blob.size > max_bytes
-            or request.study_instance_uid != chunk[0].study_instance_uid
-            or any(r.sop_instance_uid == request.sop_instance_uid for r in chunk)
-        )
-        if full:
+        studies.setdefault(request.study_instance_uid, []).append(request)
+    for study in studies.values():
+        chunk: list[ForwardRequested] = []
+        uids: set[str] = set()
+        size = 0
+        for request in study:
+            full = chunk and (
+                len(chunk) >= max_count
+                or size + request.blob.size > max_bytes
+                or request.sop_instance_uid in uids
+            )
+            if full:
+                yield chunk
+                chunk, uids, size = [], set(), 0
+            chunk.append(request)
+            uids.add(request.sop_instance_uid)
+            size += request.blob.size
+        if chunk:
             yield chunk
-            chunk, size = [], 0
-        chunk.append(request)
-        size += request.blob.size
-    if chunk:
-        yield chunk
 
 
 class Deliverer:
-    """Everything sent to one destination goes through one of these."""
+    """Everything sent to one destination goes through one of these (its STAT and its
+    routine consumer share it, so the STAT-first gate and the breaker are one)."""
 
     def __init__(
         self,
@@ -137,36 +215,63 @@ class Deliverer:
     async def handle_batch(
         self, items: list[tuple[Envelope[ForwardRequested], ConsumerRecord[bytes, bytes]]]
     ) -> None:
-        """A partition's fetch: deliver the requests for this destination, in order."""
+        """A partition's fetch: deliver the requests for this destination, each study's
+        in order. Returns when every outcome is acknowledged; raises (nothing of the
+        fetch is committed, it is read again) if any could not be."""
         mine = [envelope.data for envelope, _ in items if envelope.data.destination == self.name]
-        for chunk in chunks(mine, self.destination.max_batch, self._settings.max_batch_bytes):
-            await self.deliver(chunk)
+        batches = list(chunks(mine, self.destination.max_batch, self._settings.max_batch_bytes))
+        fetch = Fetch(self._settings.io_concurrency)
+        try:
+            await self._pipeline(batches, fetch)
+        except BaseException:
+            with contextlib.suppress(Exception):  # the first failure is the one to report
+                await fetch.drain()
+            raise
+        await fetch.drain()
 
-    async def deliver(self, chunk: list[ForwardRequested]) -> None:
-        todo = []
-        for request in chunk:
-            if await self._blobs.exists(marker_key(self.name, request.idempotency_key)):
-                SKIPPED.labels(self.name).inc()
-                await self._completed(request, request.transfer_syntax_uid, 0, 1, replay=True)
-            else:
-                todo.append(request)
-        if not todo:
+    async def _pipeline(self, batches: list[list[ForwardRequested]], fetch: Fetch) -> None:
+        """Send the batches one after the other, staging the next while one is sent."""
+        if not batches:
             return
-        with tempfile.TemporaryDirectory(prefix="radflow-forward-") as spool:
-            prepared = []
-            for request in todo:
-                ready = await self._prepare(request, Path(spool))
-                if ready is not None:
-                    prepared.append(ready)
-            if prepared:
-                await self._send(prepared)
+        staging = asyncio.create_task(self._stage(batches[0], fetch))
+        for index in range(len(batches)):
+            staged = await staging
+            following = index + 1 < len(batches)
+            if following:
+                staging = asyncio.create_task(self._stage(batches[index + 1], fetch))
+            try:
+                fetch.check()
+                await self._send(staged.prepared, fetch)
+            except BaseException:
+                if following:
+                    await _discard(staging)
+                raise
+            finally:
+                await asyncio.to_thread(staged.close)
+
+    async def _stage(self, chunk: list[ForwardRequested], fetch: Fetch) -> Staged:
+        """Markers checked and bytes downloaded (and converted), ``io_concurrency`` at a
+        time; requests already delivered or unsendable get their outcome here."""
+        spool = tempfile.TemporaryDirectory(prefix="radflow-forward-")
+        try:
+            ready = await bounded(
+                chunk, lambda request: self._prepare(request, Path(spool.name)), fetch.limit
+            )
+        except BaseException:
+            spool.cleanup()
+            raise
+        return Staged([p for p in ready if p is not None], spool)
 
     async def _prepare(self, request: ForwardRequested, spool: Path) -> Prepared | None:
-        """The bytes to send, verified, in the requested syntax; None if dead-lettered."""
+        """The bytes to send, verified, in the requested syntax; None if already
+        delivered or dead-lettered."""
+        if await self._blobs.exists(marker_key(self.name, request.idempotency_key)):
+            SKIPPED.labels(self.name).inc()
+            await self._completed(request, request.transfer_syntax_uid, 0, 1, replay=True)
+            return None
         path = spool / f"{request.idempotency_key}.dcm"
         try:
-            with path.open("wb") as file:
-                await self._blobs.download(request.blob, file)
+            await self._download(request, path)
         except (BlobIntegrityError, BlobNotFound) as exc:
             await self._failed(request, exc.reason, str(exc), 0, retriable=False)
             return None
@@ -190,9 +295,28 @@ class Deliverer:
             return None
         return Prepared(request, converted, wanted, converted.stat().st_size)
 
-    async def _send(self, prepared: list[Prepared]) -> None:
-        lane = prepared[0].request.lane
-        pending = {p.request.sop_instance_uid: p for p in prepared}
+    async def _download(self, request: ForwardRequested, path: Path) -> None:
+        """The blob into ``path``, verified. The file is opened and closed in a worker
+        thread too: on a busy disk that takes milliseconds the event loop cannot spare."""
+        file = await asyncio.to_thread(path.open, "wb")
+        try:
+            await self._blobs.download(request.blob, file)
+        finally:
+            await asyncio.to_thread(file.close)
+
+    async def _send(self, prepared: list[Prepared], fetch: Fetch) -> None:
+        repeated = [p for p in prepared if p.request.idempotency_key in fetch.accepted]
+        if repeated:
+            SKIPPED.labels(self.name).inc(len(repeated))
+            fetch.settle(bounded(repeated, self._replayed, fetch.limit))
+        pending = {
+            p.request.sop_instance_uid: p
+            for p in prepared
+            if p.request.idempotency_key not in fetch.accepted
+        }
+        if not pending:
+            return
+        lane = next(iter(pending.values())).request.lane
         first = time.monotonic()
         attempt = 0
         while pending:
@@ -216,21 +340,15 @@ class Deliverer:
                 self.breaker.failed()
             else:
                 self.breaker.succeeded()
-            await self._settle(pending, answer, attempt)
+            self._settle(pending, answer, attempt, fetch)
             if not pending:
                 return
             cause = next(iter(answer.retry.values()))
             if time.monotonic() - first >= self._settings.retry_budget_s:
-                for p in list(pending.values()):
-                    await self._failed(
-                        p.request,
-                        "retries_exhausted",
-                        f"retry budget of {self._settings.retry_budget_s:g}s used up; last: "
-                        f"{cause}",
-                        attempt,
-                        retriable=True,
-                        http_status=answer.http_status,
-                    )
+                message = (
+                    f"retry budget of {self._settings.retry_budget_s:g}s used up; last: {cause}"
+                )
+                self._give_up(list(pending.values()), message, attempt, answer, fetch)
                 return
             RETRIED.labels(self.name, cause.split(" (")[0][:40]).inc()
             log.warning(
@@ -245,9 +363,16 @@ class Deliverer:
             )
             await self._backoff(attempt, answer.retry_after_s)
 
-    async def _settle(self, pending: dict[str, Prepared], answer: Answer, attempt: int) -> None:
-        for uid in answer.delivered:
-            p = pending.pop(uid)
+    def _settle(
+        self, pending: dict[str, Prepared], answer: Answer, attempt: int, fetch: Fetch
+    ) -> None:
+        """Take what the destination accepted or refused out of ``pending``; their
+        markers and outcome events are written beside the next request."""
+        accepted = [pending.pop(uid) for uid in answer.delivered]
+        fetch.accepted.update(p.request.idempotency_key for p in accepted)
+        refused = [(pending.pop(uid), reason) for uid, reason in answer.refused.items()]
+
+        async def deliver(p: Prepared) -> None:
             await self._blobs.put_bytes(
                 marker_key(self.name, p.request.idempotency_key),
                 b"",
@@ -255,8 +380,9 @@ class Deliverer:
                 check_existing=False,
             )
             await self._completed(p.request, p.transfer_syntax_uid, p.size, attempt)
-        for uid, (reason, message) in answer.refused.items():
-            p = pending.pop(uid)
+
+        async def refuse(item: tuple[Prepared, tuple[int | None, str]]) -> None:
+            p, (status, message) = item
             await self._failed(
                 p.request,
                 "rejected",
@@ -264,8 +390,31 @@ class Deliverer:
                 attempt,
                 retriable=False,
                 http_status=answer.http_status,
-                dicom_status=reason,
+                dicom_status=status,
             )
+
+        if accepted:
+            fetch.settle(bounded(accepted, deliver, fetch.limit))
+        if refused:
+            fetch.settle(bounded(refused, refuse, fetch.limit))
+
+    def _give_up(
+        self, left: list[Prepared], message: str, attempt: int, answer: Answer, fetch: Fetch
+    ) -> None:
+        async def exhausted(p: Prepared) -> None:
+            await self._failed(
+                p.request,
+                "retries_exhausted",
+                message,
+                attempt,
+                retriable=True,
+                http_status=answer.http_status,
+            )
+
+        fetch.settle(bounded(left, exhausted, fetch.limit))
+
+    async def _replayed(self, p: Prepared) -> None:
+        await self._completed(p.request, p.transfer_syntax_uid, 0, 1, replay=True)
 
     async def _backoff(self, attempt: int, retry_after_s: float | None) -> None:
         delay = backoff_delay(attempt, self._settings.retry_initial_s, self._settings.retry_max_s)
@@ -352,3 +501,10 @@ class Deliverer:
                 "status": dicom_status,
             },
         )
+
+
+async def _discard(staging: asyncio.Task[Staged]) -> None:
+    """Stop staging a batch that will not be sent now, and drop its spool."""
+    staging.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        (await staging).close()

@@ -19,7 +19,9 @@ peer:
   breaker. An association rejected *permanently* (e.g. called AE title not
   recognised) is a configuration error at the destination: refused.
 
-pynetdicom is synchronous, so each association runs in a worker thread.
+pynetdicom is synchronous, so each association runs in a worker thread of the
+client's own (one per lane): it never waits behind the bucket requests that fill the
+event loop's default executor while the next batch is staged.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from enum import Enum
 from pathlib import Path
 
@@ -96,13 +99,17 @@ class DimseClient:
         self.destination = destination
         self.peer: DimsePeer = destination.dimse
         self._settings = settings
+        self._threads = ThreadPoolExecutor(max_workers=len(Lane), thread_name_prefix="dimse")
 
     async def close(self) -> None:
-        return None
+        """Called when no batch is on the wire any more; safe to call twice."""
+        self._threads.shutdown(wait=False)
 
     async def store(self, items: Sequence[Outgoing], lane: Lane) -> Answer:
         started = time.perf_counter()
-        answer = await asyncio.to_thread(self._store, items, HIGH if lane is Lane.STAT else MEDIUM)
+        priority = HIGH if lane is Lane.STAT else MEDIUM
+        loop = asyncio.get_running_loop()
+        answer = await loop.run_in_executor(self._threads, self._store, items, priority)
         label = "error" if answer.peer_unavailable else "dimse"
         REQUEST_SECONDS.labels(self.destination.name, label).observe(time.perf_counter() - started)
         return answer

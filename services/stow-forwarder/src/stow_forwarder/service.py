@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -116,6 +117,12 @@ class ForwarderService:
 
     async def start(self) -> None:
         settings = self._config.forwarder
+        # The bucket client blocks, so its calls run in the loop's default executor,
+        # which Python sizes by CPU count (6 threads on 2 cores): fewer than the requests
+        # a deliverer keeps in flight while it stages one batch and settles another.
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(max_workers=4 * settings.io_concurrency, thread_name_prefix="io")
+        )
         try:
             rules = self._rules.load()
             self.running = {name: self._build(d) for name, d in delivered_here(rules).items()}

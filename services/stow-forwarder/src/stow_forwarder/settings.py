@@ -37,6 +37,10 @@ class ForwarderSettings(Section):
     max_batch_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     """Most bytes of instances in one STOW-RS request (besides the destination's
     max_batch count)."""
+    io_concurrency: int = Field(default=8, ge=1, le=64)
+    """Bucket requests (delivery-marker checks and writes, downloads) and outcome events
+    in flight at once for one batch. While a request is on the wire the next batch is
+    staged and the previous one settled, each with up to this many."""
     connect_timeout_s: float = Field(default=5.0, gt=0)
     """TCP/TLS connect timeout to a destination."""
     request_timeout_s: float = Field(default=120.0, gt=0)
