@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 INSTANCES = Counter(
     "radflow_transcode_instances_total",
@@ -22,4 +22,8 @@ CODEC_SECONDS = Histogram(
     "Codec time per instance, by stage (decode, encode, verify).",
     ["stage"],
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+IN_FLIGHT = Gauge(
+    "radflow_transcode_in_flight",
+    "Instances being normalized now (at most RADFLOW_TRANSCODE_CONCURRENCY).",
 )

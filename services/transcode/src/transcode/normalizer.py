@@ -1,14 +1,18 @@
 """One received instance in, one canonical variant and normalized event out.
 
 The original is streamed from S3 to a spool file (sha256 verified on the way), the
-codec work runs frame by frame from file to file in a process pool (bounded by
-``workers``) so the consumer's event loop keeps heartbeating, and the canonical file is
-uploaded in parts: no process holds a whole large instance in memory.
+codec work runs frame by frame from file to file in the codec worker processes so the
+consumer's event loop keeps heartbeating, and the canonical file is uploaded in parts:
+no process holds a whole large instance in memory.
 
 Idempotent: after the normalized event is acknowledged a marker is written; a
 replayed received event that finds it does no work. Without the marker the work is
 redone, and since the encoders are deterministic the canonical bytes, and so their
 content-addressed key, are the same.
+
+S3 requests per instance: the marker HEAD and the GET of the original (at the same
+time, for originals up to :data:`SMALL_BYTES`), the PUT of the canonical, the marker
+PUT after the event is acknowledged.
 """
 
 from __future__ import annotations
@@ -16,11 +20,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from radflow_core.blobstore import BlobStore, HashedFile, content_key
 from radflow_core.codecs import Normalized, Outcome, Target
@@ -28,7 +29,6 @@ from radflow_core.errors import PipelineError
 from radflow_core.events import (
     BlobRef,
     DecodeStatus,
-    Envelope,
     InstanceNormalized,
     InstanceReceived,
     PixelInfo,
@@ -36,11 +36,17 @@ from radflow_core.events import (
 from radflow_core.kafka import EventProducer
 from radflow_core.streaming_codecs import normalize_file
 from transcode import metrics
+from transcode.pool import CodecPool
 
 log = logging.getLogger(__name__)
 
 CANONICAL = "canonical"
 NORMALIZED_MARKER = "normalized"
+SMALL_BYTES = 16 * 1024 * 1024
+"""Up to this size a transfer that may be wasted costs less than waiting for a round
+trip that would avoid it: the original is fetched while the marker is asked for (a
+replay throws it away), and the canonical is written without asking first whether
+the same bytes are already stored under its content-addressed key."""
 _STATUS = {
     Outcome.ENCODED: DecodeStatus.VERIFIED,
     Outcome.ALREADY_CANONICAL: DecodeStatus.ALREADY_CANONICAL,
@@ -49,50 +55,34 @@ _STATUS = {
 }
 
 
-class CodecCrashed(PipelineError):
-    """A codec worker process died on this instance (crash or out of memory).
-
-    Not retriable: the same bytes would kill the next worker too."""
-
-    reason = "codec_crashed"
-
-
 class Normalizer:
     def __init__(
-        self, blobs: BlobStore, producer: EventProducer, target: Target, workers: int
+        self, blobs: BlobStore, producer: EventProducer, target: Target, codecs: CodecPool
     ) -> None:
         self._blobs = blobs
         self._producer = producer
         self._target = target
-        self._workers = workers
-        self._pool = self._new_pool()
+        self._codecs = codecs
 
-    def _new_pool(self) -> ProcessPoolExecutor:
-        import multiprocessing
+    async def normalize(self, received: InstanceReceived) -> None:
+        """Store the canonical variant, publish its event, then mark the instance done.
 
-        return ProcessPoolExecutor(
-            self._workers, mp_context=multiprocessing.get_context("forkserver")
-        )
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-    async def handle(self, envelope: Envelope[InstanceReceived], _: Any) -> None:
-        received = envelope.data
+        Raises:
+            PipelineError: retriable (S3 or broker unreachable) or not (the reason
+            the instance cannot be normalized, already counted and logged here).
+        """
         marker = content_key(
             NORMALIZED_MARKER,
             received.study_instance_uid,
             f"{received.blob.sha256}.{self._target.value}",
         )
-        if await self._blobs.exists(marker):
-            metrics.INSTANCES.labels("replay_skipped", self._target.name).inc()
-            return
         with tempfile.TemporaryDirectory(prefix="transcode-") as tmp:
             src, dst = Path(tmp) / "original.dcm", Path(tmp) / "canonical.dcm"
             try:
-                with src.open("wb") as file:
-                    await self._blobs.download(received.blob, file)
-                result = await self._normalize(src, dst)
+                if await self._fetch(received.blob, marker, src):
+                    metrics.INSTANCES.labels("replay_skipped", self._target.name).inc()
+                    return
+                result = await self._codecs.run(normalize_file, src, dst, self._target)
             except PipelineError as exc:
                 if not exc.retriable:
                     metrics.INSTANCES.labels(exc.reason, self._target.name).inc()
@@ -111,13 +101,31 @@ class Normalizer:
         await self._blobs.put_bytes(marker, b"", NORMALIZED_MARKER, check_existing=False)
         self._count(received, result, canonical)
 
-    async def _normalize(self, src: Path, dst: Path) -> Normalized:
-        loop = asyncio.get_running_loop()
+    async def _fetch(self, original: BlobRef, marker: str, src: Path) -> bool:
+        """True if the instance was done before (its marker exists); otherwise its
+        original is now in ``src``. A small original is fetched while the marker is
+        asked for; a large one only once the marker is known to be absent."""
+        if original.size > SMALL_BYTES:
+            if await self._blobs.exists(marker):
+                return True
+            await self._download(original, src)
+            return False
+        done = asyncio.create_task(self._blobs.exists(marker))
         try:
-            return await loop.run_in_executor(self._pool, normalize_file, src, dst, self._target)
-        except BrokenProcessPool:
-            self._pool = self._new_pool()
-            raise CodecCrashed("codec worker died on this instance") from None
+            await self._download(original, src)
+        except asyncio.CancelledError:
+            done.cancel()
+            raise
+        except Exception:
+            await asyncio.wait([done])
+            if not done.exception() and done.result():
+                return True  # done before: the original's state no longer matters
+            raise
+        return await done
+
+    async def _download(self, original: BlobRef, src: Path) -> None:
+        with src.open("wb") as file:
+            await self._blobs.download(original, file)
 
     async def _store(self, received: InstanceReceived, result: Normalized, dst: Path) -> BlobRef:
         if result.outcome in (Outcome.ALREADY_CANONICAL, Outcome.NON_IMAGE):
@@ -125,7 +133,9 @@ class Normalizer:
         with dst.open("rb") as file:
             hashed = await asyncio.to_thread(HashedFile.from_file, file)
             key = content_key(CANONICAL, received.study_instance_uid, hashed.sha256)
-            stored = await self._blobs.put_file(key, hashed, CANONICAL)
+            stored = await self._blobs.put_file(
+                key, hashed, CANONICAL, check_existing=hashed.size > SMALL_BYTES
+            )
         return stored.ref
 
     @staticmethod

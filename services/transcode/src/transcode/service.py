@@ -1,7 +1,10 @@
 """The transcode service's lifecycle: ops endpoint, producer, consumer, codec pool.
 
-On SIGTERM the consumer finishes the instance in hand and commits what is done; the
-codec pool is shut down after it, then the producer flushes.
+The consumer hands each partition's fetch to :class:`~transcode.inflight.InFlight`,
+which keeps up to ``RADFLOW_TRANSCODE_CONCURRENCY`` instances in flight. On SIGTERM
+nothing new is started, the instances in hand are finished, and a fetch not finished
+is left uncommitted (read again; what was finished finds its marker); the codec pool
+is shut down after it, then the producer flushes.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 
@@ -18,7 +22,9 @@ from radflow_core.kafka import EventConsumer, EventProducer
 from radflow_core.ops import Health, ops_routes
 from radflow_core.runtime import connect_producer, start_http
 from radflow_core.topics import Topic
+from transcode.inflight import InFlight
 from transcode.normalizer import Normalizer
+from transcode.pool import CodecPool
 from transcode.settings import TranscodeConfig
 
 log = logging.getLogger(__name__)
@@ -32,8 +38,17 @@ class TranscodeService:
         settings = config.transcode
         self._blobs = BlobStore(config.s3)
         self._producer = EventProducer(config.kafka, SERVICE)
-        self._normalizer = Normalizer(
-            self._blobs, self._producer, settings.target, settings.workers
+        self._codecs = CodecPool(settings.workers)
+        normalizer = Normalizer(self._blobs, self._producer, settings.target, self._codecs)
+        dead_letter_topic = config.kafka.topic(Topic.INSTANCE_FAILED)
+        self._inflight = InFlight(
+            normalizer.normalize,
+            self._producer,
+            service=SERVICE,
+            dead_letter_topic=dead_letter_topic,
+            concurrency=settings.concurrency,
+            max_bytes=settings.max_inflight_bytes,
+            max_attempts=settings.max_attempts,
         )
         self._consumer = EventConsumer(
             config.kafka,
@@ -41,10 +56,9 @@ class TranscodeService:
             group_id=settings.group_id,
             topics=[config.kafka.topic(Topic.INSTANCE_RECEIVED)],
             model=InstanceReceived,
-            handler=self._normalizer.handle,
+            batch_handler=self._inflight.handle_batch,
             producer=self._producer,
-            dead_letter_topic=config.kafka.topic(Topic.INSTANCE_FAILED),
-            max_attempts=settings.max_attempts,
+            dead_letter_topic=dead_letter_topic,
         )
         self.health = Health(
             {"broker": self._producer.ping, "blob_store": self._blobs.ping},
@@ -57,6 +71,10 @@ class TranscodeService:
 
     async def start(self) -> None:
         settings = self._config.transcode
+        # Blob store calls run in threads: two per instance in flight, and some to spare.
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(2 * settings.concurrency + 4, thread_name_prefix="transcode-io")
+        )
         self._runner = await start_http(
             ops_routes(self.health), settings.http_host, settings.http_port
         )
@@ -77,6 +95,7 @@ class TranscodeService:
             return
         self._stopped = True
         self.health.stopping = True
+        self._inflight.stop()
         self._consumer.stop()
         if self._task is not None:
             try:
@@ -85,7 +104,7 @@ class TranscodeService:
                 self._task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._task
-        await asyncio.to_thread(self._normalizer.close)
+        await asyncio.to_thread(self._codecs.close)
         await self._producer.stop()
         if self._runner is not None:
             await self._runner.cleanup()

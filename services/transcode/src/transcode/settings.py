@@ -27,6 +27,12 @@ class TranscodeSettings(Section):
     1.2.840.10008.1.2.4.80 JPEG-LS Lossless. The default is chosen from bench/ numbers."""
     workers: int = Field(default=1, ge=1, le=64)
     """Codec worker processes; CPU-bound work never runs on the consumer's event loop."""
+    concurrency: int = Field(default=8, ge=1, le=256)
+    """Instances in flight at once (default 8): while some wait on S3 or the broker,
+    another is in the codec workers. Each holds a spool directory under TMPDIR."""
+    max_inflight_bytes: int = Field(default=256 * 1024 * 1024, ge=1024 * 1024)
+    """Bytes of originals in flight at once (default 256 MiB). Bounds spool space (about
+    twice this) and upload buffers; an instance larger than this is handled alone."""
     http_host: str = "127.0.0.1"
     """Address of the operations endpoint (/metrics, /healthz, /readyz)."""
     http_port: int = Field(default=8081, ge=0, le=65535)

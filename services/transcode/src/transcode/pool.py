@@ -1,0 +1,76 @@
+"""The codec worker processes, and who is blamed when one dies.
+
+A worker that dies (a codec crash, an out-of-memory kill) breaks its whole pool: every
+instance queued in it fails at once, not only the one that killed it. Each of those is
+run again alone, in a one-worker pool of its own, one at a time; only an instance
+that kills a worker by itself is reported as :class:`CodecCrashed`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, TypeVar
+
+from radflow_core.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+
+class CodecCrashed(PipelineError):
+    """A codec worker process died on this instance (crash or out of memory).
+
+    Not retriable: the same bytes would kill the next worker too."""
+
+    reason = "codec_crashed"
+
+
+def _new_pool(workers: int) -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"))
+
+
+class CodecPool:
+    """``workers`` processes shared by every instance in flight."""
+
+    def __init__(self, workers: int) -> None:
+        self._workers = workers
+        self._pool = _new_pool(workers)
+        self._alone = asyncio.Lock()
+
+    async def run(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """``fn(*args)`` in a worker process.
+
+        Raises:
+            CodecCrashed: the worker died, and died again with this call alone.
+        """
+        loop = asyncio.get_running_loop()
+        pool = self._pool
+        try:
+            return await loop.run_in_executor(pool, fn, *args)
+        except BrokenProcessPool:
+            self._replace(pool)
+        log.warning("codec worker died; running the instance again alone")
+        async with self._alone:
+            solo = _new_pool(1)
+            try:
+                return await loop.run_in_executor(solo, fn, *args)
+            except BrokenProcessPool:
+                raise CodecCrashed("codec worker died on this instance") from None
+            finally:
+                await asyncio.to_thread(solo.shutdown, wait=True)
+
+    def _replace(self, broken: ProcessPoolExecutor) -> None:
+        """Start a fresh pool, once per broken one (every call that was in it gets here)."""
+        if self._pool is broken:
+            self._pool = _new_pool(self._workers)
+            broken.shutdown(wait=False, cancel_futures=True)
+
+    def close(self) -> None:
+        """Wait for the workers to finish their calls and exit; safe to call twice."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
