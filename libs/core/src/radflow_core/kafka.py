@@ -258,6 +258,7 @@ class EventConsumer(Generic[PayloadT]):
         on_assigned: PartitionsHook | None = None,
         on_revoked: PartitionsHook | None = None,
         lag_interval_s: float = 5.0,
+        max_records: int = 100,
     ) -> None:
         """Exactly one of ``handler`` (one record at a time, retried and dead-lettered
         here) or ``batch_handler`` (every decodable record of a partition's fetch at
@@ -287,6 +288,7 @@ class EventConsumer(Generic[PayloadT]):
         self._listener = _Rebalance(on_assigned, on_revoked, self._forget_lag)
         self._group = settings.group(group_id)
         self._lag_interval_s = lag_interval_s
+        self._max_records = max_records
         self._committed: dict[TopicPartition, int] = {}
         """Per assigned partition, the offset the group has committed (as far as we know)."""
         self._consumer = AIOKafkaConsumer(
@@ -312,7 +314,9 @@ class EventConsumer(Generic[PayloadT]):
         lag_task = asyncio.create_task(self._report_lag())
         try:
             while not self._stopping.is_set():
-                batches = await self._consumer.getmany(timeout_ms=500, max_records=100)
+                batches = await self._consumer.getmany(
+                    timeout_ms=500, max_records=self._max_records
+                )
                 if not self._listener.ready.is_set():
                     await _first_of(self._listener.ready, self._stopping)
                 for tp, records in batches.items():

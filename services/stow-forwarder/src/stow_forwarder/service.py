@@ -110,6 +110,9 @@ class ForwarderService:
                 batch_handler=deliverer.handle_batch,
                 producer=self._producer,
                 dead_letter_topic=kafka.topic(Topic.INSTANCE_FAILED),
+                # Several batches per fetch, so the next is staged while one is on
+                # the wire instead of waiting for the commit and the next fetch.
+                max_records=max(100, 4 * destination.max_batch),
             )
             for lane, topic in LANE_TOPICS.items()
         ]
