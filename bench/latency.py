@@ -57,6 +57,7 @@ from harness import (
     split,
     storescu_cmd,
     timestamp,
+    wait_until,
     write_result,
     write_rules,
 )
@@ -216,6 +217,18 @@ def run(rate: float, seconds: float, backlog: int, rows: int) -> dict[str, Any]:
             expected = routine_total + len(stat.sent) + len(stat_b.sent)
             completed.wait(expected, 300)
             drained = time.time()
+            # Each topic is read by its own thread: the earlier stages' events can be
+            # read after the completed ones.
+            uids = {s.sop_instance_uid for s in sent}
+            wait_until(
+                "every instance's normalized and routed events",
+                lambda: (
+                    uids <= {d["sop_instance_uid"] for d in normalized.events()}
+                    and uids
+                    <= {d["sop_instance_uid"] for d in [*routed.events(), *routed_stat.events()]}
+                ),
+                60,
+            )
             events = completed.timed()
             normalized_at = {
                 d["sop_instance_uid"]: timestamp(d["normalized_at"]) for d in normalized.events()

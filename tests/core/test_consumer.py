@@ -169,3 +169,34 @@ async def test_a_record_that_is_not_an_event_is_dead_lettered_not_retried(
     (letter,) = await _dead_letters(stack)
     assert letter["reason"] == EventDecodeError.reason
     assert letter["original_value"] == "{not json"
+
+
+async def test_a_retriable_failure_while_stopping_is_left_for_the_next_reader_not_dead_lettered(
+    stack: Stack, topics: None
+) -> None:
+    async with EventProducer(stack.kafka, "test") as producer:
+        uids = await _publish(producer, 3)
+        handled: list[str] = []
+        failing = asyncio.Event()
+
+        async def s3_down_for_the_second(envelope: Envelope[InstanceReceived], _: Any) -> None:
+            if envelope.data.sop_instance_uid == "1.2.3.2":
+                failing.set()
+                raise BlobStoreUnavailable("S3 unreachable")
+            handled.append(envelope.data.sop_instance_uid)
+
+        consumer = _consumer(stack, producer, s3_down_for_the_second, "g-stop")
+        task = asyncio.create_task(consumer.run())
+        async with asyncio.timeout(30):
+            await failing.wait()
+        consumer.stop()  # mid-retry, as on SIGTERM during an S3 outage
+        await task
+        assert handled == uids[:1]
+        assert await _dead_letters(stack) == []
+
+        async def healthy(envelope: Envelope[InstanceReceived], _: Any) -> None:
+            handled.append(envelope.data.sop_instance_uid)
+
+        handled.clear()
+        await _run_until(_consumer(stack, producer, healthy, "g-stop"), count_is(handled, 2))
+        assert handled == uids[1:]

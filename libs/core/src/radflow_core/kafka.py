@@ -233,6 +233,10 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
             self.ready.set()
 
 
+class _Unfinished(Exception):
+    """A retriable failure while stopping: the record stays uncommitted."""
+
+
 class EventConsumer(Generic[PayloadT]):
     """Reads one event type from ``topics`` and hands each envelope to ``handler``.
 
@@ -380,6 +384,11 @@ class EventConsumer(Generic[PayloadT]):
                     break
                 await self._handle_record(record)
                 done = record.offset
+        except _Unfinished:
+            log.info(
+                "stopping with a record not handled; it is read again after the restart",
+                extra={"topic": tp.topic, "partition": tp.partition},
+            )
         except BrokerUnavailable:
             log.warning(
                 "dead-letter topic unreachable; will read the record again",
@@ -432,7 +441,11 @@ class EventConsumer(Generic[PayloadT]):
                 assert self._handler is not None
                 await self._handler(envelope, record)
             except PipelineError as exc:
-                if exc.retriable and attempt < self._max_attempts and not self._stopping.is_set():
+                if exc.retriable and self._stopping.is_set():
+                    # Not this record's fault: leave it uncommitted for whoever reads
+                    # the partition next rather than dead-letter it on the way out.
+                    raise _Unfinished from exc
+                if exc.retriable and attempt < self._max_attempts:
                     CONSUMED.labels(record.topic, "retried").inc()
                     await asyncio.sleep(self.backoff(attempt))
                     continue
