@@ -233,6 +233,46 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
             self.ready.set()
 
 
+async def dead_letter(
+    producer: EventProducer,
+    topic: str,
+    service: str,
+    record: ConsumerRecord[bytes, bytes],
+    *,
+    reason: str,
+    message: str,
+    retriable: bool,
+    attempts: int,
+) -> None:
+    """Publish ``record`` to the dead-letter ``topic`` with its reason, and count it.
+    For consumers that settle records themselves (batch handlers), so that every dead
+    letter has the same shape and metrics whoever writes it.
+
+    Raises:
+        BrokerUnavailable: the dead letter was not acknowledged.
+    """
+    letter = DeadLetter(
+        reason=reason,
+        message=message,
+        retriable=retriable,
+        attempts=attempts,
+        service=service,
+        source_topic=record.topic,
+        source_partition=record.partition,
+        source_offset=record.offset,
+        original_key=record.key.decode("utf-8", "replace") if record.key else None,
+        original_value=(record.value or b"").decode("utf-8", "replace"),
+        failed_at=datetime.now(UTC),
+    )
+    await producer.publish(letter, record.key, topic=topic)
+    DEAD_LETTERS.labels(record.topic, reason).inc()
+    CONSUMED.labels(record.topic, "dead_lettered").inc()
+    log.warning(
+        "record dead-lettered",
+        extra={"topic": record.topic, "offset": record.offset, "reason": reason},
+    )
+
+
 class _Unfinished(Exception):
     """A retriable failure while stopping: the record stays uncommitted."""
 
@@ -468,25 +508,15 @@ class EventConsumer(Generic[PayloadT]):
         retriable: bool,
         attempts: int,
     ) -> None:
-        letter = DeadLetter(
+        await dead_letter(
+            self._producer,
+            self._dead_letter_topic,
+            self._service,
+            record,
             reason=reason,
             message=message,
             retriable=retriable,
             attempts=attempts,
-            service=self._service,
-            source_topic=record.topic,
-            source_partition=record.partition,
-            source_offset=record.offset,
-            original_key=record.key.decode("utf-8", "replace") if record.key else None,
-            original_value=(record.value or b"").decode("utf-8", "replace"),
-            failed_at=datetime.now(UTC),
-        )
-        await self._producer.publish(letter, record.key, topic=self._dead_letter_topic)
-        DEAD_LETTERS.labels(record.topic, reason).inc()
-        CONSUMED.labels(record.topic, "dead_lettered").inc()
-        log.warning(
-            "record dead-lettered",
-            extra={"topic": record.topic, "offset": record.offset, "reason": reason},
         )
 
     def stop(self) -> None:

@@ -24,13 +24,12 @@ import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 
 from aiokafka import ConsumerRecord
 
 from radflow_core.errors import PipelineError
-from radflow_core.events import DeadLetter, Envelope, InstanceReceived
-from radflow_core.kafka import CONSUMED, DEAD_LETTERS, EventProducer, backoff_delay
+from radflow_core.events import Envelope, InstanceReceived
+from radflow_core.kafka import CONSUMED, EventProducer, backoff_delay, dead_letter
 from transcode import metrics
 from transcode.window import Window
 
@@ -172,25 +171,15 @@ class InFlight:
         retriable: bool,
         attempts: int,
     ) -> None:
-        letter = DeadLetter(
+        await dead_letter(
+            self._producer,
+            self._dead_letter_topic,
+            self._service,
+            record,
             reason=reason,
             message=message,
             retriable=retriable,
             attempts=attempts,
-            service=self._service,
-            source_topic=record.topic,
-            source_partition=record.partition,
-            source_offset=record.offset,
-            original_key=record.key.decode("utf-8", "replace") if record.key else None,
-            original_value=(record.value or b"").decode("utf-8", "replace"),
-            failed_at=datetime.now(UTC),
-        )
-        await self._producer.publish(letter, record.key, topic=self._dead_letter_topic)
-        DEAD_LETTERS.labels(record.topic, reason).inc()
-        CONSUMED.labels(record.topic, "dead_lettered").inc()
-        log.warning(
-            "record dead-lettered",
-            extra={"topic": record.topic, "offset": record.offset, "reason": reason},
         )
 
 
