@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import time
@@ -238,7 +239,6 @@ async def dead_letter(
     topic: str,
     service: str,
     record: ConsumerRecord[bytes, bytes],
-    *,
     reason: str,
     message: str,
     retriable: bool,
@@ -326,6 +326,7 @@ class EventConsumer(Generic[PayloadT]):
         self._handler = handler
         self._producer = producer
         self._dead_letter_topic = dead_letter_topic
+        self._dead_letter = functools.partial(dead_letter, producer, dead_letter_topic, service)
         self._max_attempts = max_attempts
         self._backoff_initial_s = backoff_initial_s
         self._backoff_max_s = backoff_max_s
@@ -499,25 +500,6 @@ class EventConsumer(Generic[PayloadT]):
                 return
             CONSUMED.labels(record.topic, "ok").inc()
             return
-
-    async def _dead_letter(
-        self,
-        record: ConsumerRecord[bytes, bytes],
-        reason: str,
-        message: str,
-        retriable: bool,
-        attempts: int,
-    ) -> None:
-        await dead_letter(
-            self._producer,
-            self._dead_letter_topic,
-            self._service,
-            record,
-            reason=reason,
-            message=message,
-            retriable=retriable,
-            attempts=attempts,
-        )
 
     def stop(self) -> None:
         """Ask :meth:`run` to return after the record in hand; safe to call twice."""

@@ -67,6 +67,7 @@ class InFlight:
         self._producer = producer
         self._service = service
         self._dead_letter_topic = dead_letter_topic
+        self._dead_letter = functools.partial(dead_letter, producer, dead_letter_topic, service)
         self._window = Window(concurrency, max_bytes)
         self._max_attempts = max_attempts
         self._backoff_initial_s = backoff_initial_s
@@ -162,25 +163,6 @@ class InFlight:
         except TimeoutError:
             return
         raise Abandoned("stopping during a retry backoff")
-
-    async def _dead_letter(
-        self,
-        record: ConsumerRecord[bytes, bytes],
-        reason: str,
-        message: str,
-        retriable: bool,
-        attempts: int,
-    ) -> None:
-        await dead_letter(
-            self._producer,
-            self._dead_letter_topic,
-            self._service,
-            record,
-            reason=reason,
-            message=message,
-            retriable=retriable,
-            attempts=attempts,
-        )
 
 
 def _failed(task: asyncio.Task[None]) -> bool:
