@@ -6,7 +6,7 @@ import io
 from pathlib import Path
 
 import pytest
-from pydicom.dataset import FileMetaDataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
 
 from radflow_core.dicom_status import StoreStatus
@@ -66,3 +66,29 @@ def test_unaccepted_transfer_syntax_is_refused(tmp_path: Path) -> None:
     with pytest.raises(InvalidInstance) as info:
         _read(data)
     assert info.value.status is StoreStatus.TRANSFER_SYNTAX_NOT_SUPPORTED
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ({"RequestedProcedurePriority": "STAT"}, "STAT"),
+        ({"RequestedProcedurePriority": "ROUTINE "}, "ROUTINE"),
+        ({}, None),
+    ],
+    ids=["stat", "routine-padded", "absent"],
+)
+def test_requested_procedure_priority_is_read_from_the_top_level(
+    tmp_path: Path, extra: dict[str, str], expected: str | None
+) -> None:
+    path = make_instance(tmp_path / "a.dcm", extra=extra)
+    assert _read(path.read_bytes()).requested_procedure_priority == expected
+
+
+def test_requested_procedure_priority_is_found_in_the_request_attributes_sequence(
+    tmp_path: Path,
+) -> None:
+    item = Dataset()
+    item.RequestedProcedureID = "RP1"
+    item.RequestedProcedurePriority = "STAT"
+    path = make_instance(tmp_path / "a.dcm", extra={"RequestAttributesSequence": [item]})
+    assert _read(path.read_bytes()).requested_procedure_priority == "STAT"

@@ -23,6 +23,7 @@ from deploy.manifests import (
     render,
 )
 from ingest.settings import IngestConfig
+from radflow_core.events import Lane
 from radflow_core.settings import Section
 from radflow_core.topics import Topic
 from router.loader import load_text
@@ -120,10 +121,13 @@ def test_every_topic_has_a_kafka_topic_and_pending_is_compacted_like_its_input(
     for name, spec in topics.items():
         assert spec["config"]["min.insync.replicas"] <= spec["replicas"], name
         policy = spec["config"]["cleanup.policy"]
-        assert policy == ("compact" if name == Topic.ROUTER_PENDING else "delete"), name
-    pending, normalized = topics[Topic.ROUTER_PENDING], topics[Topic.INSTANCE_NORMALIZED]
-    assert pending["partitions"] == normalized["partitions"]
-    assert "retention.ms" not in pending["config"], "held studies must not expire by age"
+        changelogs = (Topic.ROUTER_PENDING, Topic.ROUTER_PENDING_STAT)
+        assert policy == ("compact" if name in changelogs else "delete"), name
+    for lane in Lane:
+        pending = topics[lane.topic(Topic.ROUTER_PENDING)]
+        normalized = topics[lane.topic(Topic.INSTANCE_NORMALIZED)]
+        assert pending["partitions"] == normalized["partitions"], lane
+        assert "retention.ms" not in pending["config"], "held studies must not expire by age"
     labels = {t["metadata"]["labels"]["strimzi.io/cluster"] for t in of_kind(objects, "KafkaTopic")}
     assert labels == {named(objects, "Kafka", "radflow")["metadata"]["name"]}
 

@@ -161,7 +161,7 @@ def test_a_delayed_study_is_released_once_after_its_quiet_period_across_a_restar
     sent = send_series(pipeline, tmp_path, study, 4)
     wait_for(
         "4 pending instances",
-        lambda: metric(router.url, "radflow_router_pending_instances") == 4,
+        lambda: metric(router.url, "radflow_router_pending_instances", lane="routine") == 4,
         timeout_s=60,
     )
     if crash:
@@ -174,7 +174,7 @@ def test_a_delayed_study_is_released_once_after_its_quiet_period_across_a_restar
     restarted = start_router(rules_file=str(rules), release_interval_s="0.2")
     wait_for(
         "the pending study restored",
-        lambda: metric(restarted.url, "radflow_router_pending_instances") == 4,
+        lambda: metric(restarted.url, "radflow_router_pending_instances", lane="routine") == 4,
         timeout_s=60,
     )
     wait_for("the study released", lambda: len(requests(stack)) == 4, timeout_s=quiet + 30)
@@ -188,7 +188,7 @@ def test_a_delayed_study_is_released_once_after_its_quiet_period_across_a_restar
     )
     released_at = min(datetime.fromisoformat(r["routed_at"]) for r in released)
     assert (released_at - last_arrival).total_seconds() >= quiet
-    assert metric(restarted.url, "radflow_router_pending_instances") == 0
+    assert metric(restarted.url, "radflow_router_pending_instances", lane="routine") == 0
 
 
 def test_instances_arriving_during_the_quiet_period_extend_it_and_leave_together(
@@ -198,10 +198,16 @@ def test_instances_arriving_during_the_quiet_period_extend_it_and_leave_together
     router = start_router(rules_file=str(rules), release_interval_s="0.2")
     study = generate_uid()
     first = send_series(pipeline, tmp_path, study, 2)
-    wait_for("2 pending", lambda: metric(router.url, "radflow_router_pending_instances") == 2)
+    wait_for(
+        "2 pending",
+        lambda: metric(router.url, "radflow_router_pending_instances", lane="routine") == 2,
+    )
     time.sleep(2)
     second = send_series(pipeline, tmp_path, study, 2)
-    wait_for("4 pending", lambda: metric(router.url, "radflow_router_pending_instances") == 4)
+    wait_for(
+        "4 pending",
+        lambda: metric(router.url, "radflow_router_pending_instances", lane="routine") == 4,
+    )
     wait_for("the study released", lambda: len(requests(stack)) == 4, timeout_s=30)
     released = requests(stack)
     assert sorted(r["sop_instance_uid"] for r in released) == sorted(first + second)

@@ -19,7 +19,7 @@ from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
 from radflow_core.errors import EventDecodeError
-from radflow_core.topics import Topic
+from radflow_core.topics import STAT_LANE, Topic
 from radflow_core.uids import Uid
 
 Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
@@ -114,7 +114,12 @@ class InstanceIdentity(EventModel):
 
 
 class InstanceReceived(InstanceIdentity):
-    """``dicom.instance.received`` v1: one instance is durably stored as received."""
+    """``dicom.instance.received`` v1 (and ``.stat``): one instance is durably stored
+    as received.
+
+    Published on ``dicom.instance.received`` for the routine lane and on
+    ``dicom.instance.received.stat`` for the STAT lane; the payload is the same.
+    """
 
     type_name: ClassVar[str] = "dicom.instance.received"
     version: ClassVar[int] = 1
@@ -160,7 +165,8 @@ class DecodeStatus(StrEnum):
 
 
 class InstanceNormalized(InstanceIdentity):
-    """``dicom.instance.normalized`` v1: the canonical lossless variant is stored."""
+    """``dicom.instance.normalized`` v1 (and ``.stat``): the canonical lossless variant
+    is stored. Published on the lane's topic the received event came from."""
 
     type_name: ClassVar[str] = "dicom.instance.normalized"
     version: ClassVar[int] = 1
@@ -183,10 +189,20 @@ class InstanceNormalized(InstanceIdentity):
 
 
 class Lane(StrEnum):
-    """Delivery lane: STAT requests travel on their own topic and are read first."""
+    """STAT instances travel on topics of their own at every stage (received,
+    normalized, forward requested) and are read first."""
 
     ROUTINE = "routine"
     STAT = "stat"
+
+    def topic(self, routine: Topic) -> Topic:
+        """This lane's topic for the stage whose routine-lane topic is ``routine``."""
+        return STAT_LANE[routine] if self is Lane.STAT else routine
+
+    def group(self, routine: str) -> str:
+        """This lane's consumer group for a stage whose routine lane's group is
+        ``routine`` (``<routine>.stat``): each lane has its own offsets and lag."""
+        return f"{routine}.stat" if self is Lane.STAT else routine
 
 
 class ForwardRequested(InstanceIdentity):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from pydicom import dcmread
-from pydicom.dataset import FileDataset
+from pydicom.dataset import Dataset, FileDataset
 from pydicom.errors import InvalidDicomError
 
 from radflow_core.dicom_status import StoreStatus
@@ -45,6 +45,9 @@ class InstanceHeader:
     transfer_syntax_uid: str
     modality: str | None
     body_part_examined: str | None
+    requested_procedure_priority: str | None = None
+    """(0040,1003), top level or in the Request Attributes Sequence: STAT, HIGH,
+    ROUTINE, MEDIUM or LOW. Ingest picks the instance's lane by it."""
 
 
 def _text(ds: FileDataset, keyword: str) -> str | None:
@@ -52,6 +55,23 @@ def _text(ds: FileDataset, keyword: str) -> str | None:
     if value is None or value == "":
         return None
     return str(value).strip()[:64] or None
+
+
+def requested_procedure_priority(ds: Dataset) -> str | None:
+    """(0040,1003) at the top level, else in the first Request Attributes Sequence item
+    that has it; None when absent or undecodable (a priority never rejects an instance)."""
+    try:
+        value = ds.get("RequestedProcedurePriority")
+        if not value:
+            for item in ds.get("RequestAttributesSequence") or ():
+                value = item.get("RequestedProcedurePriority")
+                if value:
+                    break
+    except Exception:  # noqa: BLE001 - one undecodable value does not stop ingest
+        return None
+    if not value:
+        return None
+    return str(value).strip()[:16] or None
 
 
 def read_header(file: BinaryIO, size: int) -> InstanceHeader:
@@ -111,4 +131,5 @@ def read_header(file: BinaryIO, size: int) -> InstanceHeader:
         transfer_syntax_uid=str(ts),
         modality=_text(ds, "Modality"),
         body_part_examined=_text(ds, "BodyPartExamined"),
+        requested_procedure_priority=requested_procedure_priority(ds),
     )

@@ -39,7 +39,7 @@ from radflow_core.errors import (
     EventDecodeError,
     PipelineError,
 )
-from radflow_core.events import DeadLetter, EventModel, PayloadT, decode, encode, wrap
+from radflow_core.events import DeadLetter, EventModel, Lane, PayloadT, decode, encode, wrap
 from radflow_core.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
@@ -142,13 +142,18 @@ class EventProducer:
         await self.stop()
 
     async def publish(
-        self, payload: EventModel, key: bytes | None, topic: str | None = None
+        self,
+        payload: EventModel,
+        key: bytes | None,
+        topic: str | None = None,
+        lane: Lane = Lane.ROUTINE,
     ) -> RecordMetadata:
-        """Wrap ``payload`` in an envelope and send it to its topic (or ``topic``)."""
+        """Wrap ``payload`` in an envelope and send it to its topic in ``lane`` (or to
+        ``topic``)."""
         if topic is None:
             if payload.topic is None:
                 raise ValueError(f"{type(payload).__name__} has no default topic")
-            topic = self._settings.topic(payload.topic)
+            topic = self._settings.topic(lane.topic(payload.topic))
         return await self.send(topic, key, encode(wrap(payload, self._service)))
 
     async def send(
@@ -347,6 +352,11 @@ class EventConsumer(Generic[PayloadT]):
             heartbeat_interval_ms=settings.heartbeat_interval_ms,
         )
         self._stopping = asyncio.Event()
+
+    @property
+    def topics(self) -> list[str]:
+        """The topics this consumer reads."""
+        return list(self._topics)
 
     def backoff(self, attempt: int) -> float:
         """Backoff before retry number ``attempt`` (1-based)."""

@@ -9,9 +9,15 @@ class Topic(StrEnum):
     """Every Kafka topic of the pipeline, in flow order (see docs/events/README.md)."""
 
     INSTANCE_RECEIVED = "dicom.instance.received"
-    """One event per instance stored by ingest (the claim check)."""
+    """One event per instance stored by ingest (the claim check), routine lane."""
+    INSTANCE_RECEIVED_STAT = "dicom.instance.received.stat"
+    """The same for instances ingest puts in the STAT lane (the rule file's ``stat:``
+    policy); transcode reads it ahead of the routine lane."""
     INSTANCE_NORMALIZED = "dicom.instance.normalized"
-    """One event per instance whose canonical lossless variant is stored (transcode)."""
+    """One event per instance whose canonical lossless variant is stored (transcode),
+    routine lane."""
+    INSTANCE_NORMALIZED_STAT = "dicom.instance.normalized.stat"
+    """The same for the STAT lane; the router reads it ahead of the routine lane."""
     INSTANCE_FAILED = "dicom.instance.failed"
     """Dead letters of transcode: instances that cannot be decoded or normalized."""
     FORWARD_REQUESTED = "dicom.forward.requested"
@@ -35,3 +41,15 @@ class Topic(StrEnum):
     ROUTER_PENDING = "radflow.router.pending"
     """Internal changelog of the router's studies waiting to be complete (compacted;
     partitioned like dicom.instance.normalized). Not a feed for downstream use."""
+    ROUTER_PENDING_STAT = "radflow.router.pending.stat"
+    """The same for the STAT lane (partitioned like dicom.instance.normalized.stat)."""
+
+
+STAT_LANE: dict[Topic, Topic] = {
+    Topic.INSTANCE_RECEIVED: Topic.INSTANCE_RECEIVED_STAT,
+    Topic.INSTANCE_NORMALIZED: Topic.INSTANCE_NORMALIZED_STAT,
+    Topic.FORWARD_REQUESTED: Topic.FORWARD_REQUESTED_STAT,
+    Topic.ROUTER_PENDING: Topic.ROUTER_PENDING_STAT,
+}
+"""Routine topic → its STAT-lane twin. Each stage on the instance path reads the STAT
+twin with a consumer of its own, so STAT work never queues behind a routine backlog."""

@@ -104,10 +104,17 @@ def run_stack(args: argparse.Namespace) -> int:
         env = local_env(args.broker_port, args.s3_port)
         prepare(KafkaSettings.from_env(env), S3Settings.from_env(env), [t.value for t in Topic])
         print(f"topics   {', '.join(t.value for t in Topic)}")
+        rules = args.rules.resolve()
+        if args.rules == LOCAL_RULES:  # the example, pointed at this run's Orthanc
+            rules = args.log_dir.parent / "rules.yaml"
+            rules.write_text(
+                LOCAL_RULES.read_text().replace("127.0.0.1:8042", f"127.0.0.1:{args.orthanc_port}")
+            )
         ingest_env = {
             **env,
             "RADFLOW_INGEST_DIMSE_PORT": str(args.dimse_port),
             "RADFLOW_INGEST_HTTP_PORT": str(args.http_port),
+            "RADFLOW_INGEST_RULES_FILE": str(rules),  # its stat: policy picks the lane
         }
         http = f"http://127.0.0.1:{args.http_port}"
         started.append(
@@ -126,12 +133,6 @@ def run_stack(args: argparse.Namespace) -> int:
             )
         )
         print(f"transcode metrics {transcode_http}/metrics")
-        rules = args.rules.resolve()
-        if args.rules == LOCAL_RULES:  # the example, pointed at this run's Orthanc
-            rules = args.log_dir.parent / "rules.yaml"
-            rules.write_text(
-                LOCAL_RULES.read_text().replace("127.0.0.1:8042", f"127.0.0.1:{args.orthanc_port}")
-            )
         router_http = f"http://127.0.0.1:{args.router_port}"
         router_env = {
             **env,

@@ -31,10 +31,11 @@ from datetime import UTC, datetime
 from typing import BinaryIO
 
 from ingest import metrics
+from ingest.lanes import Lanes
 from radflow_core.blobstore import BlobStore, HashedFile, content_key
 from radflow_core.dicom_status import StoreStatus
 from radflow_core.errors import PipelineError
-from radflow_core.events import BlobRef, InstanceReceived, Priority, Sender
+from radflow_core.events import BlobRef, InstanceReceived, Lane, Priority, Sender
 from radflow_core.instance_header import InstanceHeader, InvalidInstance, read_header
 from radflow_core.kafka import EventProducer
 
@@ -88,6 +89,8 @@ class Stored:
     event: InstanceReceived
     duplicate: bool
     """True when these exact bytes had already been stored and announced."""
+    lane: Lane = Lane.ROUTINE
+    """The lane the event was published in (routine for a duplicate: none was)."""
 
 
 def check_expected(header: InstanceHeader, expected: Expected) -> None:
@@ -125,10 +128,13 @@ class ClaimCheck:
         producer: EventProducer,
         max_instance_bytes: int,
         lookup_above_bytes: int,
+        lanes: Lanes | None = None,
     ) -> None:
         """``lookup_above_bytes``: originals larger than this (the S3 part size, above
         which an upload is a multipart one) are looked up before they are uploaded;
-        smaller ones are PUT without asking."""
+        smaller ones are PUT without asking. ``lanes`` picks each event's lane
+        (routine for every instance without it)."""
+        self._lanes = lanes or Lanes(None)
         self._blobs = blobs
         self._producer = producer
         self._max_instance_bytes = max_instance_bytes
@@ -174,6 +180,7 @@ class ClaimCheck:
                 "sha256": hashed.sha256,
                 "size": hashed.size,
                 "duplicate": stored.duplicate,
+                "lane": stored.lane.value,
                 "protocol": protocol,
                 "calling_ae": origin.sender.calling_ae,
                 "peer_address": origin.sender.peer_address,
@@ -229,7 +236,8 @@ class ClaimCheck:
         announced = asyncio.get_running_loop().create_future()
         self._announcing[marker] = announced
         try:
-            duplicate = await self._store_and_announce(hashed, key, marker, event)
+            lane = self._lanes.lane(header, origin.sender, origin.priority.value)
+            duplicate = await self._store_and_announce(hashed, key, marker, event, lane)
         except BaseException:
             announced.set_result(False)
             del self._announcing[marker]
@@ -237,18 +245,18 @@ class ClaimCheck:
         announced.set_result(True)
         if duplicate:
             del self._announcing[marker]
-        else:
-            task = asyncio.create_task(self._mark_announced(marker))
-            self._markers.add(task)
-            task.add_done_callback(self._markers.discard)
-            task.add_done_callback(lambda _: self._announcing.pop(marker, None))
-        return Stored(header, event, duplicate=duplicate)
+            return Stored(header, event, duplicate=True)
+        task = asyncio.create_task(self._mark_announced(marker))
+        self._markers.add(task)
+        task.add_done_callback(self._markers.discard)
+        task.add_done_callback(lambda _: self._announcing.pop(marker, None))
+        return Stored(header, event, duplicate=False, lane=lane)
 
     async def _store_and_announce(
-        self, hashed: HashedFile, key: str, marker: str, event: InstanceReceived
+        self, hashed: HashedFile, key: str, marker: str, event: InstanceReceived, lane: Lane
     ) -> bool:
         """Store the original and, unless its marker says it was announced before,
-        publish ``event``. Returns True for a duplicate (nothing published).
+        publish ``event`` in ``lane``. Returns True for a duplicate (nothing published).
 
         The blob and the marker are asked for at once; the event waits for the blob.
         """
@@ -269,7 +277,8 @@ class ClaimCheck:
             raise seen
         if seen:
             return True
-        await self._producer.publish(event, key=event.key)
+        await self._producer.publish(event, key=event.key, lane=lane)
+        metrics.LANES.labels(lane.value).inc()
         return False
 
     async def _mark_announced(self, marker: str) -> None:

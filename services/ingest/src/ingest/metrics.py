@@ -16,6 +16,24 @@ STORE_SECONDS = Histogram(
     ["protocol"],
     buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30),
 )
+LANES = Counter(
+    "radflow_ingest_lane_total",
+    "Instances announced, by the lane their event was published in (stat, routine).",
+    ["lane"],
+)
+RULES_GENERATION = Gauge(
+    "radflow_ingest_rules_generation",
+    "Rule-file versions applied since start (ingest reads its STAT policy).",
+)
+RULES_VALID = Gauge(
+    "radflow_ingest_rules_valid",
+    "1 while the rule file in force is the file on disk (or none is configured); 0 "
+    "after a rejected change, or while no valid file was seen (every instance then "
+    "takes the routine lane).",
+)
+RULES_RELOADS = Counter(
+    "radflow_ingest_rules_reloads_total", "Rule-file changes, by outcome.", ["outcome"]
+)
 ASSOCIATIONS = Gauge("radflow_ingest_associations_active", "Open DIMSE associations.")
 ASSOCIATIONS_REJECTED = Counter(
     "radflow_ingest_associations_rejected_total",

@@ -18,6 +18,7 @@ from aiohttp import web
 
 from ingest.claimcheck import ClaimCheck
 from ingest.dimse import DimseReceiver
+from ingest.lanes import Lanes
 from ingest.settings import IngestConfig
 from ingest.stowrs import StowReceiver
 from radflow_core.blobstore import BlobStore
@@ -44,11 +45,13 @@ class IngestService:
         self.state = State.CREATED
         self._blobs = BlobStore(config.s3)
         self._producer = EventProducer(config.kafka, SERVICE)
+        self._lanes = Lanes(config.ingest.rules_file)
         self._claim_check = ClaimCheck(
             self._blobs,
             self._producer,
             max_instance_bytes=config.ingest.max_instance_bytes,
             lookup_above_bytes=config.s3.part_size,
+            lanes=self._lanes,
         )
         self.health = Health(
             {"broker": self._producer.ping, "blob_store": self._blobs.ping},
@@ -57,6 +60,7 @@ class IngestService:
         self._dimse: DimseReceiver | None = None
         self._runner: web.AppRunner | None = None
         self._connect_task: asyncio.Task[bool] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
         self.failed = asyncio.Event()
         """Set when the service cannot run as configured; ``main`` then exits non-zero."""
 
@@ -64,6 +68,8 @@ class IngestService:
         """Open the listeners; the broker connection is retried in the background."""
         self.state = State.STARTING
         settings = self._config.ingest
+        self._lanes.load()
+        self._watch_task = asyncio.create_task(self._lanes.watch(settings.reload_interval_s))
         app = web.Application()
         app.add_routes(StowReceiver(settings, self._claim_check).routes())
         app.add_routes(ops_routes(self.health))
@@ -95,10 +101,11 @@ class IngestService:
             await self._dimse.stop(grace)
         if self._runner is not None:
             await self._runner.cleanup()
-        if self._connect_task is not None:
-            self._connect_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._connect_task
+        for task in (self._connect_task, self._watch_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self._claim_check.drain(timeout_s=5.0)
         await self._producer.stop()
         self._blobs.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 from pydantic import Field, field_validator
@@ -95,6 +96,13 @@ class IngestSettings(Section):
     """Retry-After seconds sent with HTTP 503."""
     shutdown_grace_s: float = Field(default=20.0, ge=0)
     """On SIGTERM, seconds open associations get to finish before they are aborted."""
+    rules_file: Path | None = None
+    """The router's rule file; ingest applies its 'stat:' policy to put STAT instances
+    on dicom.instance.received.stat, read first by every later stage. Unset: every
+    instance takes the routine lane. Missing or invalid: logged, routine lane, and
+    watched until it is valid (ingest never stops receiving for it)."""
+    reload_interval_s: float = Field(default=2.0, gt=0, le=3600)
+    """How often the rule file is checked for changes (by content)."""
 
     _csv = field_validator("allowed_peers", "extra_sop_classes", mode="before")(csv_tuple)
 

@@ -15,6 +15,7 @@ from pydicom.dataset import Dataset
 
 from radflow_core.errors import PipelineError
 from radflow_core.events import InstanceIdentity
+from radflow_core.instance_header import requested_procedure_priority
 from router.rules import Instance, RuleSet
 
 EVENT_FIELDS = frozenset(
@@ -74,11 +75,7 @@ def header_attributes(ds: Dataset) -> dict[str, str | None]:
             value = None
         values[elem.keyword] = None if value is None else str(value)[:_MAX_VALUE]
     if not values.get("RequestedProcedurePriority"):
-        for item in ds.get("RequestAttributesSequence") or ():
-            priority = item.get("RequestedProcedurePriority")
-            if priority:
-                values["RequestedProcedurePriority"] = str(priority)
-                break
+        values["RequestedProcedurePriority"] = requested_procedure_priority(ds)
     return values
 
 

@@ -91,7 +91,7 @@ class LiveRules:
         return text, hashlib.sha256(text.encode("utf-8")).hexdigest()
 
     def _apply(self, rules: RuleSet, digest: str) -> None:
-        self._rules, self._digest = rules, digest
+        self._rules, self._digest, self._rejected = rules, digest, None
         self.generation += 1
         self._metrics.generation.set(self.generation)
         self._metrics.valid.set(1)
@@ -108,15 +108,16 @@ class LiveRules:
             log.warning("rule file warning", extra={"problem": warning})
 
     def _reject(self, exc: RuleFileError, digest: str | None) -> bool:
-        if digest is not None and digest == self._rejected:
-            return False  # already reported this version of the file
-        self._rejected = digest
+        seen = digest or "unreadable"
+        if seen == self._rejected:
+            return False  # already reported this version of the file (or its absence)
+        self._rejected = seen
         # Log first: whoever sees the metric move must find the reason already logged.
         log.error(
             "rule file change rejected; the last valid rules stay in force",
             extra={
                 "problems": exc.lines,
-                "rules_digest": self.current.digest,
+                "rules_digest": self._rules.digest if self._rules else None,
             },
         )
         self._metrics.valid.set(0)

@@ -15,10 +15,14 @@ REQUESTS = Counter(
 HELD = Counter("radflow_router_held_total", "Instances held by the default action.")
 PENDING_GROUPS = Gauge(
     "radflow_router_pending_studies",
-    "Studies (or series) waiting for their quiet period, per destination group.",
+    "Studies (or series) waiting for their quiet period, per destination group, by the "
+    "lane they arrived in.",
+    ["lane"],
 )
 PENDING_INSTANCES = Gauge(
-    "radflow_router_pending_instances", "Forward requests held until their study is complete."
+    "radflow_router_pending_instances",
+    "Forward requests held until their study is complete, by the lane they arrived in.",
+    ["lane"],
 )
 RELEASED = Counter(
     "radflow_router_released_total", "Studies (or series) released after their quiet period."

@@ -4,7 +4,9 @@ twice.
 
 The state of input partition *p* lives in partition *p* of a compacted changelog
 topic (``radflow.router.pending``), one record per held forward request, keyed
-``<group>|<idempotency key>``. A group is one study (or series) on its way to one
+``<group>|<idempotency key>``. The STAT lane's input (``dicom.instance.normalized.stat``)
+has a changelog of its own (``radflow.router.pending.stat``), so the two lanes'
+consumers never share a changelog partition. A group is one study (or series) on its way to one
 destination. A request is written to the changelog, and acknowledged, before the
 input record's offset is committed; a release publishes the group's requests and
 then writes a tombstone for each. Whoever owns partition *p* rebuilds its groups by
@@ -31,7 +33,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from pydantic import AwareDatetime, BaseModel, ConfigDict
 
 from radflow_core.errors import ConfigurationError, PipelineError
-from radflow_core.events import ForwardRequested
+from radflow_core.events import ForwardRequested, Lane
 from radflow_core.kafka import EventProducer, connection_options
 from radflow_core.settings import KafkaSettings
 from router.metrics import PENDING_GROUPS, PENDING_INSTANCES, RELEASED
@@ -89,8 +91,16 @@ def _record_key(group: str, idempotency_key: str) -> bytes:
 
 class PendingStudies:
     def __init__(
-        self, kafka: KafkaSettings, producer: EventProducer, changelog: str, emit: Emit
+        self,
+        kafka: KafkaSettings,
+        producer: EventProducer,
+        changelog: str,
+        emit: Emit,
+        lane: Lane = Lane.ROUTINE,
     ) -> None:
+        """``lane``: the input lane whose partitions this instance holds state for (each
+        lane has its own changelog; the gauges are labelled with it)."""
+        self._lane = lane
         self._kafka = kafka
         self._producer = producer
         self._changelog = changelog
@@ -274,5 +284,5 @@ class PendingStudies:
 
     def _update_gauges(self) -> None:
         groups = self.groups()
-        PENDING_GROUPS.set(len(groups))
-        PENDING_INSTANCES.set(sum(len(g.members) for g in groups))
+        PENDING_GROUPS.labels(self._lane.value).set(len(groups))
+        PENDING_INSTANCES.labels(self._lane.value).set(sum(len(g.members) for g in groups))

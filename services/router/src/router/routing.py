@@ -23,7 +23,6 @@ from radflow_core.events import (
     ForwardRequested,
     InstanceHeld,
     InstanceNormalized,
-    Lane,
 )
 from radflow_core.kafka import EventProducer
 from radflow_core.settings import KafkaSettings
@@ -100,10 +99,8 @@ class Router:
 
     async def emit(self, request: ForwardRequested) -> None:
         """Publish one request on its lane's topic (acks=all)."""
-        topic = (
-            Topic.FORWARD_REQUESTED_STAT if request.lane is Lane.STAT else Topic.FORWARD_REQUESTED
-        )
-        await self._producer.publish(request, request.key, topic=self._kafka.topic(topic))
+        topic = self._kafka.topic(request.lane.topic(Topic.FORWARD_REQUESTED))
+        await self._producer.publish(request, request.key, topic=topic)
         REQUESTS.labels(
             request.destination, request.lane.value, "yes" if request.waited_for else "no"
         ).inc()

@@ -36,7 +36,7 @@ class RouterSettings(Section):
     http_port: int = Field(default=8082, ge=0, le=65535)
     """Port of the operations endpoint."""
     group_id: str = "radflow-router"
-    """Kafka consumer group."""
+    """Kafka consumer group of the routine lane; the STAT lane's is '<group_id>.stat'."""
     max_attempts: int = Field(default=5, ge=1, le=100)
     """Attempts for a retriable failure (S3 or broker down) before it is dead-lettered."""
 

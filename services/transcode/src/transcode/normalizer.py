@@ -31,6 +31,7 @@ from radflow_core.events import (
     DecodeStatus,
     InstanceNormalized,
     InstanceReceived,
+    Lane,
     PixelInfo,
 )
 from radflow_core.kafka import EventProducer
@@ -57,12 +58,20 @@ _STATUS = {
 
 class Normalizer:
     def __init__(
-        self, blobs: BlobStore, producer: EventProducer, target: Target, codecs: CodecPool
+        self,
+        blobs: BlobStore,
+        producer: EventProducer,
+        target: Target,
+        codecs: CodecPool,
+        lane: Lane = Lane.ROUTINE,
     ) -> None:
+        """``lane``: the lane of the received events this normalizer is given; their
+        normalized events go to the same lane, and STAT ones go first in the codecs."""
         self._blobs = blobs
         self._producer = producer
         self._target = target
         self._codecs = codecs
+        self._lane = lane
 
     async def normalize(self, received: InstanceReceived) -> None:
         """Store the canonical variant, publish its event, then mark the instance done.
@@ -82,7 +91,9 @@ class Normalizer:
                 if await self._fetch(received.blob, marker, src):
                     metrics.INSTANCES.labels("replay_skipped", self._target.name).inc()
                     return
-                result = await self._codecs.run(normalize_file, src, dst, self._target)
+                result = await self._codecs.run(
+                    normalize_file, src, dst, self._target, urgent=self._lane is Lane.STAT
+                )
             except PipelineError as exc:
                 if not exc.retriable:
                     metrics.INSTANCES.labels(exc.reason, self._target.name).inc()
@@ -97,7 +108,7 @@ class Normalizer:
                 raise
             canonical = await self._store(received, result, dst)
         event = self._event(received, result, canonical)
-        await self._producer.publish(event, key=event.key)
+        await self._producer.publish(event, key=event.key, lane=self._lane)
         await self._blobs.put_bytes(marker, b"", NORMALIZED_MARKER, check_existing=False)
         self._count(received, result, canonical)
 
@@ -176,6 +187,7 @@ class Normalizer:
                 "sop_instance_uid": received.sop_instance_uid,
                 "study_instance_uid": received.study_instance_uid,
                 "state": _STATUS[result.outcome].value,
+                "lane": self._lane.value,
                 "transfer_syntax_uid": result.transfer_syntax_uid,
                 "size": canonical.size,
             },

@@ -4,6 +4,11 @@ A worker that dies (a codec crash, an out-of-memory kill) breaks its whole pool:
 instance queued in it fails at once, not only the one that killed it. Each of those is
 run again alone, in a one-worker pool of its own, one at a time; only an instance
 that kills a worker by itself is reported as :class:`CodecCrashed`.
+
+No more calls are handed to the pool than it has workers, so nothing queues inside it
+where it could not be overtaken: a STAT instance's call (``urgent``) takes the next
+free worker, ahead of every routine call waiting, and so waits at most for the calls
+already running.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -35,6 +41,38 @@ def _new_pool(workers: int) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"))
 
 
+class Turns:
+    """At most ``count`` holders at once; an urgent waiter gets the next free turn
+    before any other waiter, and waiters of one kind are served in arrival order."""
+
+    def __init__(self, count: int) -> None:
+        self._free = count
+        self._waiting: dict[bool, deque[asyncio.Future[None]]] = {True: deque(), False: deque()}
+
+    async def acquire(self, urgent: bool) -> None:
+        if self._free and not self._waiting[True] and (urgent or not self._waiting[False]):
+            self._free -= 1
+            return
+        turn = asyncio.get_running_loop().create_future()
+        self._waiting[urgent].append(turn)
+        try:
+            await turn
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():
+                self.release()  # handed a turn as we were cancelled: pass it on
+            raise
+
+    def release(self) -> None:
+        for urgent in (True, False):
+            waiting = self._waiting[urgent]
+            while waiting:
+                turn = waiting.popleft()
+                if not turn.done():  # a cancelled waiter is skipped
+                    turn.set_result(None)
+                    return
+        self._free += 1
+
+
 class CodecPool:
     """``workers`` processes shared by every instance in flight."""
 
@@ -42,19 +80,23 @@ class CodecPool:
         self._workers = workers
         self._pool = _new_pool(workers)
         self._alone = asyncio.Lock()
+        self._turns = Turns(workers)
 
-    async def run(self, fn: Callable[..., _T], *args: Any) -> _T:
-        """``fn(*args)`` in a worker process.
+    async def run(self, fn: Callable[..., _T], *args: Any, urgent: bool = False) -> _T:
+        """``fn(*args)`` in a worker process, ahead of non-urgent calls if ``urgent``.
 
         Raises:
             CodecCrashed: the worker died, and died again with this call alone.
         """
         loop = asyncio.get_running_loop()
+        await self._turns.acquire(urgent)
         pool = self._pool
         try:
             return await loop.run_in_executor(pool, fn, *args)
         except BrokenProcessPool:
             self._replace(pool)
+        finally:
+            self._turns.release()
         log.warning("codec worker died; running the instance again alone")
         async with self._alone:
             solo = _new_pool(1)

@@ -28,17 +28,19 @@ class TranscodeSettings(Section):
     workers: int = Field(default=1, ge=1, le=64)
     """Codec worker processes; CPU-bound work never runs on the consumer's event loop."""
     concurrency: int = Field(default=8, ge=1, le=256)
-    """Instances in flight at once (default 8): while some wait on S3 or the broker,
-    another is in the codec workers. Each holds a spool directory under TMPDIR."""
+    """Instances in flight at once in each lane (default 8): while some wait on S3 or
+    the broker, another is in the codec workers. Each holds a spool directory under
+    TMPDIR."""
     max_inflight_bytes: int = Field(default=256 * 1024 * 1024, ge=1024 * 1024)
-    """Bytes of originals in flight at once (default 256 MiB). Bounds spool space (about
-    twice this) and upload buffers; an instance larger than this is handled alone."""
+    """Bytes of originals in flight at once in each lane (default 256 MiB). Bounds
+    spool space (about twice this per lane) and upload buffers; an instance larger
+    than this is handled alone in its lane."""
     http_host: str = "127.0.0.1"
     """Address of the operations endpoint (/metrics, /healthz, /readyz)."""
     http_port: int = Field(default=8081, ge=0, le=65535)
     """Port of the operations endpoint."""
     group_id: str = "radflow-transcode"
-    """Kafka consumer group."""
+    """Kafka consumer group of the routine lane; the STAT lane's is '<group_id>.stat'."""
     max_attempts: int = Field(default=5, ge=1, le=100)
     """Attempts for a retriable failure (S3 or broker down) before it is dead-lettered."""
 

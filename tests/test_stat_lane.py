@@ -1,0 +1,139 @@
+"""The STAT lane starts at the front door: ingest applies the rule file's ``stat:``
+policy, and transcode and router read the STAT topics ahead of a routine backlog."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from pydicom.uid import generate_uid
+
+from radflow_core.topics import Topic
+from support.dicom import make_instance, pynetdicom_store, storescu
+from support.metrics import metric
+from support.stack import IngestProcess, Stack
+from support.waiting import wait_for
+
+pytestmark = pytest.mark.pipeline
+
+RULES = """version: 1
+destinations:
+  pacs: {url: "http://127.0.0.1:9/dicom-web"}
+stat:
+  calling_aes: [ER_CT1]
+rules:
+  - name: everything
+    route: [pacs]
+default: {hold: unrouted}
+"""
+
+
+def uids(stack: Stack, topic: Topic) -> list[str]:
+    return [e["data"]["sop_instance_uid"] for e in stack.events(topic)]
+
+
+def instance(tmp_path: Path, study: str | None = None, **extra: str) -> tuple[str, Path]:
+    uid = generate_uid()
+    path = make_instance(
+        tmp_path / f"{uid}.dcm",
+        sop_instance_uid=uid,
+        study_instance_uid=study or generate_uid(),
+        extra=extra or None,
+    )
+    return uid, path
+
+
+def store_from(ingest: IngestProcess, path: Path, calling_ae: str) -> None:
+    done = storescu(ingest.dimse_port, path, calling_ae=calling_ae)
+    assert done.returncode == 0, done.stderr
+
+
+def test_ingest_announces_stat_instances_on_the_stat_topic_by_the_rule_file_s_policy(
+    stack: Stack, start_ingest, tmp_path: Path
+) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES)
+    ingest = start_ingest(rules_file=str(rules))
+    by_ae, path = instance(tmp_path)
+    store_from(ingest, path, "ER_CT1")
+    by_priority, path = instance(tmp_path)
+    assert pynetdicom_store(ingest.dimse_port, path, priority="high").status == 0
+    by_tag, path = instance(tmp_path, RequestedProcedurePriority="STAT")
+    store_from(ingest, path, "CT2")
+    routine = []
+    for _ in range(2):
+        uid, path = instance(tmp_path, RequestedProcedurePriority="ROUTINE")
+        store_from(ingest, path, "CT2")
+        routine.append(uid)
+    # The same STAT bytes again: recognised as a duplicate, announced once.
+    store_from(ingest, tmp_path / f"{by_ae}.dcm", "ER_CT1")
+
+    assert sorted(uids(stack, Topic.INSTANCE_RECEIVED_STAT)) == sorted([by_ae, by_priority, by_tag])
+    assert sorted(uids(stack, Topic.INSTANCE_RECEIVED)) == sorted(routine)
+    assert metric(ingest.url, "radflow_ingest_lane_total", lane="stat") == 3
+    assert metric(ingest.url, "radflow_ingest_lane_total", lane="routine") == 2
+
+
+def test_ingest_keeps_receiving_without_a_valid_rule_file_and_takes_up_a_fixed_one(
+    stack: Stack, start_ingest, tmp_path: Path
+) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES.replace("route: [pacs]", "route: [nowhere]"))
+    ingest = start_ingest(rules_file=str(rules), reload_interval_s="0.2")
+    assert metric(ingest.url, "radflow_ingest_rules_valid") == 0
+    before, path = instance(tmp_path)
+    store_from(ingest, path, "ER_CT1")
+    assert uids(stack, Topic.INSTANCE_RECEIVED) == [before], "routine lane until it is fixed"
+    assert "nowhere" in ingest.proc.log_tail(), "the problem is logged"
+
+    rules.write_text(RULES)
+    wait_for(
+        "the fixed file applied", lambda: metric(ingest.url, "radflow_ingest_rules_valid") == 1
+    )
+    after, path = instance(tmp_path)
+    store_from(ingest, path, "ER_CT1")
+    assert uids(stack, Topic.INSTANCE_RECEIVED_STAT) == [after]
+
+
+def test_a_stat_instance_passes_a_routine_backlog_in_transcode_and_router(
+    stack: Stack, start_ingest, start_transcode, start_router, tmp_path: Path
+) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES)
+    ingest = start_ingest(rules_file=str(rules))
+    # The backlog waits in dicom.instance.received before transcode runs, spread over
+    # studies so that every partition has its share, as a busy site's would.
+    backlog: list[Path] = []
+    for _ in range(10):
+        study = generate_uid()
+        backlog += [instance(tmp_path, study)[1] for _ in range(15)]
+    for start in range(0, len(backlog), 75):
+        done = storescu(ingest.dimse_port, *backlog[start : start + 75], calling_ae="CT2")
+        assert done.returncode == 0, done.stderr
+    stat_uid, stat_path = instance(tmp_path)
+    store_from(ingest, stat_path, "ER_CT1")
+    assert len(stack.events(Topic.INSTANCE_RECEIVED)) == len(backlog)
+
+    later = {"wait_ready": False, "wait_port": False}
+    for service in (start_transcode(**later), start_router(rules_file=str(rules), **later)):
+        service.wait_ready()
+    wait_for(
+        "the backlog and the STAT instance routed",
+        lambda: (
+            len(stack.events(Topic.FORWARD_REQUESTED)) == len(backlog)
+            and len(stack.events(Topic.FORWARD_REQUESTED_STAT)) == 1
+        ),
+        timeout_s=180,
+    )
+    assert uids(stack, Topic.INSTANCE_NORMALIZED_STAT) == [stat_uid]
+    (stat,) = [e["data"] for e in stack.events(Topic.FORWARD_REQUESTED_STAT)]
+    assert stat["sop_instance_uid"] == stat_uid
+    routed_at = datetime.fromisoformat(stat["routed_at"])
+    ahead = [
+        e
+        for e in stack.events(Topic.FORWARD_REQUESTED)
+        if datetime.fromisoformat(e["data"]["routed_at"]) < routed_at
+    ]
+    # Without its own lane it waits for its partition's backlog: a third of it or more.
+    assert len(ahead) < len(backlog) // 5, f"{len(ahead)} routine instances routed first"
