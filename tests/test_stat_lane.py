@@ -137,3 +137,57 @@ def test_a_stat_instance_passes_a_routine_backlog_in_transcode_and_router(
     ]
     # Without its own lane it waits for its partition's backlog: a third of it or more.
     assert len(ahead) < len(backlog) // 5, f"{len(ahead)} routine instances routed first"
+
+
+def test_each_lane_keeps_its_waiting_studies_in_its_own_changelog_across_a_restart(
+    stack: Stack, start_ingest, start_transcode, start_router, tmp_path: Path
+) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        RULES.replace(
+            "route: [pacs]",
+            "route: [pacs]\n    wait_for_study_complete: {quiet_seconds: 10, level: study}",
+        )
+    )
+    later = {"wait_ready": False, "wait_port": False}
+    ingest = start_ingest(rules_file=str(rules), **later)
+    started = [ingest, start_transcode(**later)]
+    router = start_router(rules_file=str(rules), release_interval_s="0.2", **later)
+    for service in (*started, router):
+        service.wait_ready()
+    study = generate_uid()
+    stat = [instance(tmp_path, study) for _ in range(3)]
+    routine = [instance(tmp_path, study) for _ in range(2)]
+    for _, path in stat:
+        store_from(ingest, path, "ER_CT1")
+    for _, path in routine:
+        store_from(ingest, path, "CT2")
+
+    def pending(r: IngestProcess, lane: str) -> float | None:
+        return metric(r.url, "radflow_router_pending_instances", lane=lane)
+
+    wait_for(
+        "3 STAT and 2 routine pending",
+        lambda: pending(router, "stat") == 3 and pending(router, "routine") == 2,
+        timeout_s=60,
+    )
+    assert router.proc.stop() == 0
+    restarted = start_router(rules_file=str(rules), release_interval_s="0.2")
+    wait_for(
+        "both lanes restored",
+        lambda: pending(restarted, "stat") == 3 and pending(restarted, "routine") == 2,
+        timeout_s=60,
+    )
+    wait_for(
+        "both groups released",
+        lambda: (
+            len(stack.events(Topic.FORWARD_REQUESTED_STAT)) == 3
+            and len(stack.events(Topic.FORWARD_REQUESTED)) == 2
+        ),
+        timeout_s=60,
+    )
+    assert sorted(uids(stack, Topic.FORWARD_REQUESTED_STAT)) == sorted(u for u, _ in stat)
+    assert sorted(uids(stack, Topic.FORWARD_REQUESTED)) == sorted(u for u, _ in routine)
+    assert {e["data"]["waited_for"] for e in stack.events(Topic.FORWARD_REQUESTED_STAT)} == {
+        "study"
+    }

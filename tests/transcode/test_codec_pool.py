@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from transcode.pool import CodecCrashed, CodecPool
+from transcode.pool import CodecCrashed, CodecPool, Turns
 
 
 async def test_only_the_call_that_kills_a_worker_is_blamed() -> None:
@@ -38,3 +38,34 @@ async def test_the_pool_works_again_after_a_worker_died() -> None:
     finally:
         await asyncio.to_thread(pool.close)
     pool.close()  # safe twice
+
+
+async def test_a_stat_call_takes_the_next_free_worker_ahead_of_waiting_routine_calls() -> None:
+    pool = CodecPool(workers=1)
+    try:
+        busy = asyncio.create_task(pool.run(time.sleep, 0.3))
+        await asyncio.sleep(0.05)
+        routine = [asyncio.create_task(pool.run(time.time)) for _ in range(4)]
+        await asyncio.sleep(0.05)
+        stat = asyncio.create_task(pool.run(time.time, urgent=True))
+        async with asyncio.timeout(120):
+            await asyncio.gather(busy, stat, *routine)
+    finally:
+        await asyncio.to_thread(pool.close)
+    # Each call records when it ran in the worker: the STAT one right after the busy one.
+    assert stat.result() < min(t.result() for t in routine)
+    assert [t.result() for t in routine] == sorted(t.result() for t in routine), "in order"
+
+
+async def test_a_waiter_cancelled_while_handed_a_turn_passes_it_on() -> None:
+    turns = Turns(1)
+    await turns.acquire(urgent=False)
+    cancelled = asyncio.create_task(turns.acquire(urgent=True))
+    second = asyncio.create_task(turns.acquire(urgent=False))
+    await asyncio.sleep(0)
+    turns.release()  # hands the turn to the urgent waiter ...
+    cancelled.cancel()  # ... which is cancelled before it runs
+    async with asyncio.timeout(5):
+        await second  # the turn went on to the next waiter, not lost
+    turns.release()
+    await asyncio.wait_for(turns.acquire(urgent=False), timeout=1)  # and is free again
