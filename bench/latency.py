@@ -9,7 +9,8 @@ bench/plots/latency_throughput.png).
 Method. Every service runs as ``make run`` starts it (default settings, one transcode
 worker, JPEG-LS canonical), on one broker and S3 server, into a fresh Orthanc. The
 rule file routes everything to Orthanc by STOW-RS and makes calling AE ER_CT1 STAT
-(``stat: {calling_aes: [ER_CT1]}``). Instances are 512x512 16-bit CT slices
+(``stat: {calling_aes: [ER_CT1]}``); ingest is given the same file, so STAT instances
+travel on the ``.stat`` topics from ingest on. Instances are 512x512 16-bit CT slices
 (0.5 MB). The sender is pynetdicom in this process (chunked send from the files,
 TCP_NODELAY on), one association per lane, paced open-loop: instance i is sent at
 start + i/rate, or at once if the previous answer came later than that.
@@ -164,10 +165,11 @@ def run(rate: float, seconds: float, backlog: int, rows: int) -> dict[str, Any]:
         with (
             TopicFollower(st.kafka, st.topic(Topic.FORWARD_COMPLETED)) as completed,
             TopicFollower(st.kafka, st.topic(Topic.INSTANCE_NORMALIZED)) as normalized,
+            TopicFollower(st.kafka, st.topic(Topic.INSTANCE_NORMALIZED_STAT)) as normalized_stat,
             TopicFollower(st.kafka, st.topic(Topic.FORWARD_REQUESTED)) as routed,
             TopicFollower(st.kafka, st.topic(Topic.FORWARD_REQUESTED_STAT)) as routed_stat,
         ):
-            ingest = parts.service("ingest", st)
+            ingest = parts.service("ingest", st, rules_file=str(rules))
             parts.service("transcode", st)
             parts.service("router", st, rules_file=str(rules))
             parts.service("stow_forwarder", st, rules_file=str(rules))
@@ -223,7 +225,11 @@ def run(rate: float, seconds: float, backlog: int, rows: int) -> dict[str, Any]:
             wait_until(
                 "every instance's normalized and routed events",
                 lambda: (
-                    uids <= {d["sop_instance_uid"] for d in normalized.events()}
+                    uids
+                    <= {
+                        d["sop_instance_uid"]
+                        for d in [*normalized.events(), *normalized_stat.events()]
+                    }
                     and uids
                     <= {d["sop_instance_uid"] for d in [*routed.events(), *routed_stat.events()]}
                 ),
@@ -231,7 +237,8 @@ def run(rate: float, seconds: float, backlog: int, rows: int) -> dict[str, Any]:
             )
             events = completed.timed()
             normalized_at = {
-                d["sop_instance_uid"]: timestamp(d["normalized_at"]) for d in normalized.events()
+                d["sop_instance_uid"]: timestamp(d["normalized_at"])
+                for d in [*normalized.events(), *normalized_stat.events()]
             }
             routed_at = {
                 d["sop_instance_uid"]: timestamp(d["routed_at"])

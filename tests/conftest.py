@@ -53,19 +53,26 @@ def stack(broker: ManagedProcess, s3_server: ManagedProcess, tmp_path: Path) -> 
 
 
 LOG_TAIL_LINES = 30
+QUIET = ('"level":"info"', '"level":"debug"')
+"""How a JSON log line at info or debug level starts (after its timestamp)."""
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
-    """A failed pipeline test carries the tail of every process log it started: CI
-    keeps no temporary directories, so this is all there is to diagnose it with."""
+    """A failed pipeline test carries, for every process log it started, its last
+    warnings and errors and its tail: CI keeps no temporary directories, so this is
+    all there is to diagnose it with (and a busy service's tail is all info lines)."""
     report = yield
     tmp_path = getattr(item, "funcargs", {}).get("tmp_path")
     if report.failed and isinstance(tmp_path, Path):
         for log in sorted(tmp_path.glob("*.log")):
-            lines = log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
-            body = "\n".join(line[:400] for line in lines)
-            report.sections.append((f"log {log.name} (last {len(lines)} lines)", body))
+            lines = log.read_text(errors="replace").splitlines()
+            loud = [line for line in lines if not any(q in line[:70] for q in QUIET)]
+            loud = loud[-LOG_TAIL_LINES:]
+            tail = lines[-LOG_TAIL_LINES:]
+            for what, picked in (("warnings and errors", loud), ("tail", tail)):
+                body = "\n".join(line[:400] for line in picked)
+                report.sections.append((f"log {log.name}: {what} ({len(picked)} lines)", body))
     return report
 
 
