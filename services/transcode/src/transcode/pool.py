@@ -5,10 +5,10 @@ instance queued in it fails at once, not only the one that killed it. Each of th
 run again alone, in a one-worker pool of its own, one at a time; only an instance
 that kills a worker by itself is reported as :class:`CodecCrashed`.
 
-No more calls are handed to the pool than it has workers, so nothing queues inside it
-where it could not be overtaken: a STAT instance's call (``urgent``) takes the next
-free worker, ahead of every routine call waiting, and so waits at most for the calls
-already running.
+No more calls are handed to the pool than it has workers, plus one queued to keep a
+worker fed between calls, so almost nothing queues inside it where it could not be
+overtaken: a STAT instance's call (``urgent``) goes ahead of every routine call
+waiting, and so waits at most for the calls already running and the one queued.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ class CodecPool:
         self._workers = workers
         self._pool = _new_pool(workers)
         self._alone = asyncio.Lock()
-        self._turns = Turns(workers)
+        self._turns = Turns(workers + 1)
 
     async def run(self, fn: Callable[..., _T], *args: Any, urgent: bool = False) -> _T:
         """``fn(*args)`` in a worker process, ahead of non-urgent calls if ``urgent``.
