@@ -120,10 +120,7 @@ def test_a_stat_instance_passes_a_routine_backlog_in_transcode_and_router(
         service.wait_ready()
     wait_for(
         "the backlog and the STAT instance routed",
-        lambda: (
-            len(stack.events(Topic.FORWARD_REQUESTED)) == len(backlog)
-            and len(stack.events(Topic.FORWARD_REQUESTED_STAT)) == 1
-        ),
+        lambda: stack.routed(routine=len(backlog), stat=1),
         timeout_s=180,
     )
     assert uids(stack, Topic.INSTANCE_NORMALIZED_STAT) == [stat_uid]
@@ -178,14 +175,7 @@ def test_each_lane_keeps_its_waiting_studies_in_its_own_changelog_across_a_resta
         lambda: pending(restarted, "stat") == 3 and pending(restarted, "routine") == 2,
         timeout_s=60,
     )
-    wait_for(
-        "both groups released",
-        lambda: (
-            len(stack.events(Topic.FORWARD_REQUESTED_STAT)) == 3
-            and len(stack.events(Topic.FORWARD_REQUESTED)) == 2
-        ),
-        timeout_s=60,
-    )
+    wait_for("both groups released", lambda: stack.routed(routine=2, stat=3), timeout_s=60)
     assert sorted(uids(stack, Topic.FORWARD_REQUESTED_STAT)) == sorted(u for u, _ in stat)
     assert sorted(uids(stack, Topic.FORWARD_REQUESTED)) == sorted(u for u, _ in routine)
     assert {e["data"]["waited_for"] for e in stack.events(Topic.FORWARD_REQUESTED_STAT)} == {

@@ -332,10 +332,7 @@ def test_a_stat_instance_is_delivered_ahead_of_a_routine_backlog(
     assert done.returncode == 0, done.stderr
     wait_for(
         "the backlog and the STAT request routed",
-        lambda: (
-            len(stack.events(Topic.FORWARD_REQUESTED)) == 300
-            and len(stack.events(Topic.FORWARD_REQUESTED_STAT)) == 1
-        ),
+        lambda: stack.routed(routine=300, stat=1),
         timeout_s=180,
     )
     start_forwarder(rules_file=str(rules))

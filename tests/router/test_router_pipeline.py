@@ -239,9 +239,7 @@ default:
     )
     wait_for(
         "routine backlog and 3 STAT requests",
-        lambda: (
-            len(requests(stack)) == 20 and len(requests(stack, Topic.FORWARD_REQUESTED_STAT)) == 3
-        ),
+        lambda: stack.routed(routine=20, stat=3),
         timeout_s=90,
     )
     # The STAT lane holds only the STAT instances: a forwarder that reads it first

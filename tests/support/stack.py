@@ -33,6 +33,13 @@ class Stack:
     def events(self, topic: Topic = Topic.INSTANCE_RECEIVED) -> list[dict[str, Any]]:
         return [r["value"] for r in read_topic(self.kafka, self.topic(topic))]
 
+    def routed(self, routine: int, stat: int) -> bool:
+        """True when exactly this many forward requests are in each lane's topic."""
+        return (
+            len(self.events(Topic.FORWARD_REQUESTED)) == routine
+            and len(self.events(Topic.FORWARD_REQUESTED_STAT)) == stat
+        )
+
     def make_bucket(self) -> None:
         if not self.minio().bucket_exists(self.s3.bucket):
             self.minio().make_bucket(self.s3.bucket)
