@@ -33,14 +33,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import threading
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import pydicom
 from harness import (
     PLOTS,
     RESULTS,
@@ -62,11 +59,11 @@ from harness import (
     write_rules,
 )
 
-from radflow_core.blobstore import BlobStore, HashedFile, content_key
-from radflow_core.events import BlobRef, ForwardRequested, Lane, Protocol, Sender
+from radflow_core.blobstore import BlobStore
 from radflow_core.kafka import EventProducer
 from radflow_core.topics import Topic
 from radflow_devstack.processes import ManagedProcess
+from radflow_devstack.seed import stored_request
 
 KINDS = ("stow-rs", "dimse")
 
@@ -79,33 +76,7 @@ async def _publish_backlog(st: Slice, files: list[Path]) -> None:
     await producer.start()
     try:
         for path in files:
-            data = path.read_bytes()
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-            hashed = HashedFile.from_bytes(data)
-            key = content_key("canonical", ds.StudyInstanceUID, hashed.sha256)
-            stored = await blobs.put_file(key, hashed, "canonical", check_existing=False)
-            ref: BlobRef = stored.ref
-            now = datetime.now(UTC)
-            identity = f"{ds.SOPInstanceUID}|{hashed.sha256}|dest".encode()
-            request = ForwardRequested(
-                sop_instance_uid=ds.SOPInstanceUID,
-                sop_class_uid=ds.SOPClassUID,
-                study_instance_uid=ds.StudyInstanceUID,
-                series_instance_uid=ds.SeriesInstanceUID,
-                modality=ds.Modality,
-                sender=Sender(protocol=Protocol.DIMSE, calling_ae="BENCH"),
-                received_at=now,
-                destination="dest",
-                lane=Lane.ROUTINE,
-                blob=ref,
-                transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
-                requested_transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
-                original_sha256=hashed.sha256,
-                rules=("everything",),
-                rules_digest="bench",
-                idempotency_key=hashlib.sha256(identity).hexdigest(),
-                routed_at=now,
-            )
+            request = await stored_request(blobs, path, "dest", "bench")
             await producer.publish(request, request.key, st.topic(Topic.FORWARD_REQUESTED))
     finally:
         await producer.stop()

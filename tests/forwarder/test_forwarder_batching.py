@@ -5,9 +5,7 @@ router would), pinned to one partition so that they arrive in one fetch."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +13,12 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from radflow_core.blobstore import BlobStore, HashedFile, content_key
-from radflow_core.events import ForwardRequested, Lane, Protocol, Sender, encode, wrap
+from radflow_core.blobstore import BlobStore
+from radflow_core.events import ForwardRequested, encode, wrap
 from radflow_core.kafka import EventProducer
 from radflow_core.topics import Topic
 from radflow_devstack.processes import ManagedProcess
+from radflow_devstack.seed import stored_request
 from stow_forwarder.delivery import DELIVERED_MARKER
 from support.dicom import make_instance
 from support.metrics import metric, metric_sum
@@ -41,31 +40,7 @@ def routed(stack: Stack, files: list[Path], destination: str) -> list[ForwardReq
         requests = []
         try:
             for path in files:
-                ds = pydicom.dcmread(path, stop_before_pixels=True)
-                hashed = HashedFile.from_bytes(path.read_bytes())
-                key = content_key("canonical", ds.StudyInstanceUID, hashed.sha256)
-                stored = await blobs.put_file(key, hashed, "canonical")
-                now = datetime.now(UTC)
-                identity = f"{ds.SOPInstanceUID}|{hashed.sha256}|{destination}"
-                request = ForwardRequested(
-                    sop_instance_uid=ds.SOPInstanceUID,
-                    sop_class_uid=ds.SOPClassUID,
-                    study_instance_uid=ds.StudyInstanceUID,
-                    series_instance_uid=ds.SeriesInstanceUID,
-                    modality=ds.Modality,
-                    sender=Sender(protocol=Protocol.DIMSE, calling_ae="TEST"),
-                    received_at=now,
-                    destination=destination,
-                    lane=Lane.ROUTINE,
-                    blob=stored.ref,
-                    transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
-                    requested_transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
-                    original_sha256=hashed.sha256,
-                    rules=("everything",),
-                    rules_digest="test",
-                    idempotency_key=hashlib.sha256(identity.encode()).hexdigest(),
-                    routed_at=now,
-                )
+                request = await stored_request(blobs, path, destination, "test")
                 await producer.send(
                     stack.topic(Topic.FORWARD_REQUESTED),
                     request.key,
