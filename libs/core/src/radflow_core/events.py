@@ -205,6 +205,10 @@ class Lane(StrEnum):
         return f"{routine}.stat" if self is Lane.STAT else routine
 
 
+LANES = (Lane.STAT, Lane.ROUTINE)
+"""Every lane, STAT first: the order in which a stage sets up its consumer per lane."""
+
+
 class ForwardRequested(InstanceIdentity):
     """``dicom.forward.requested`` v1 (and ``.stat``): deliver one instance to one
     destination.

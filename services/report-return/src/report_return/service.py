@@ -19,7 +19,7 @@ from aiohttp import web
 
 from radflow_core.blobstore import BlobStore
 from radflow_core.errors import ConfigurationError
-from radflow_core.events import EventModel, ForwardRequested, ReportFinalized
+from radflow_core.events import LANES, EventModel, ForwardRequested, ReportFinalized
 from radflow_core.kafka import BatchHandler, EventConsumer, EventProducer
 from radflow_core.ops import Health, ops_routes
 from radflow_core.runtime import connect_producer, finish, start_http
@@ -35,7 +35,6 @@ from router.rules import RuleSet
 log = logging.getLogger(__name__)
 
 SERVICE = "report-return"
-SR_TOPICS = {"stat": Topic.FORWARD_REQUESTED_STAT, "routine": Topic.FORWARD_REQUESTED}
 
 
 class ReportReturnService:
@@ -103,9 +102,12 @@ class ReportReturnService:
                 returner.handle_batch,
             )
             if site.name in routed:
-                for lane, topic in SR_TOPICS.items():
+                for lane in LANES:
                     self._consumer(
-                        f"{site.name}.{lane}", topic, ForwardRequested, returner.handle_batch
+                        f"{site.name}.{lane.value}",
+                        lane.topic(Topic.FORWARD_REQUESTED),
+                        ForwardRequested,
+                        returner.handle_batch,
                     )
         unknown = UnknownSites(sites, rules, outcomes)
         self._consumer(
@@ -117,9 +119,12 @@ class ReportReturnService:
                 "file; they go to report.failed (unknown_site)",
                 extra={"sites": sorted(routed - set(sites))},
             )
-            for lane, topic in SR_TOPICS.items():
+            for lane in LANES:
                 self._consumer(
-                    f"unknown-sites.{lane}", topic, ForwardRequested, unknown.handle_batch
+                    f"unknown-sites.{lane.value}",
+                    lane.topic(Topic.FORWARD_REQUESTED),
+                    ForwardRequested,
+                    unknown.handle_batch,
                 )
         log.info(
             "sites loaded",

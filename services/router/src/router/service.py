@@ -25,7 +25,7 @@ from aiohttp import web
 from aiokafka import TopicPartition
 
 from radflow_core.blobstore import BlobStore
-from radflow_core.events import ForwardRequested, InstanceNormalized, Lane
+from radflow_core.events import LANES, ForwardRequested, InstanceNormalized, Lane
 from radflow_core.kafka import EventConsumer, EventProducer
 from radflow_core.ops import Health, ops_routes
 from radflow_core.runtime import connect_producer, finish, start_http
@@ -59,7 +59,7 @@ class RouterService:
         self._blobs = BlobStore(config.s3)
         self._producer = EventProducer(kafka, SERVICE)
         self._lanes: list[LaneConsumer] = []
-        for lane in (Lane.STAT, Lane.ROUTINE):
+        for lane in LANES:
             pending = PendingStudies(
                 kafka,
                 self._producer,

@@ -24,7 +24,7 @@ from aiohttp import web
 
 from radflow_core.blobstore import BlobStore
 from radflow_core.errors import ConfigurationError
-from radflow_core.events import ForwardRequested, Lane
+from radflow_core.events import LANES, ForwardRequested
 from radflow_core.kafka import EventConsumer, EventProducer
 from radflow_core.ops import Health, ops_routes
 from radflow_core.runtime import connect_producer, finish, start_http
@@ -43,7 +43,6 @@ from stow_forwarder.settings import ForwarderConfig
 log = logging.getLogger(__name__)
 
 SERVICE = "stow-forwarder"
-LANE_TOPICS = {Lane.STAT: Topic.FORWARD_REQUESTED_STAT, Lane.ROUTINE: Topic.FORWARD_REQUESTED}
 RULES_METRICS = RulesMetrics(metrics.RULES_GENERATION, metrics.RULES_VALID, metrics.RULES_RELOADS)
 
 
@@ -105,7 +104,7 @@ class ForwarderService:
                 kafka,
                 service=SERVICE,
                 group_id=f"{settings.group_prefix}.{destination.name}.{lane.value}",
-                topics=[kafka.topic(topic)],
+                topics=[kafka.topic(lane.topic(Topic.FORWARD_REQUESTED))],
                 model=ForwardRequested,
                 batch_handler=deliverer.handle_batch,
                 producer=self._producer,
@@ -114,7 +113,7 @@ class ForwarderService:
                 # the wire instead of waiting for the commit and the next fetch.
                 max_records=max(100, 4 * destination.max_batch),
             )
-            for lane, topic in LANE_TOPICS.items()
+            for lane in LANES
         ]
         return Running(destination, client, deliverer, consumers)
 

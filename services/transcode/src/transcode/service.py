@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 
 from radflow_core.blobstore import BlobStore
-from radflow_core.events import InstanceReceived, Lane
+from radflow_core.events import LANES, InstanceReceived
 from radflow_core.kafka import EventConsumer, EventProducer
 from radflow_core.ops import Health, ops_routes
 from radflow_core.runtime import connect_producer, start_http
@@ -46,7 +46,7 @@ class TranscodeService:
         dead_letter_topic = config.kafka.topic(Topic.INSTANCE_FAILED)
         self._inflight: list[InFlight] = []
         self._consumers: list[EventConsumer[InstanceReceived]] = []
-        for lane in (Lane.STAT, Lane.ROUTINE):
+        for lane in LANES:
             normalizer = Normalizer(
                 self._blobs, self._producer, settings.target, self._codecs, lane
             )
