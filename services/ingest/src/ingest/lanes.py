@@ -34,7 +34,6 @@ class Lanes:
 
     def __init__(self, rules_file: Path | None) -> None:
         self._rules = LiveRules(rules_file, RULES_METRICS) if rules_file is not None else None
-        self._loaded = False
 
     def load(self) -> None:
         """Read the rule file at start; a problem is logged, never raised."""
@@ -44,7 +43,6 @@ class Lanes:
             return
         try:
             self._rules.load()
-            self._loaded = True
         except RuleFileError as exc:
             metrics.RULES_VALID.set(0)
             log.error(  # noqa: TRY400 - its problems are the message, not a traceback
@@ -56,13 +54,10 @@ class Lanes:
     async def watch(self, interval_s: float) -> None:
         """Apply valid changes of the rule file (forever; cancel to stop)."""
         if self._rules is not None:
-            await self._rules.watch(interval_s, self._changed)
-
-    async def _changed(self, _: object) -> None:
-        self._loaded = True
+            await self._rules.watch(interval_s)
 
     def lane(self, header: InstanceHeader, sender: Sender, dimse_priority: str) -> Lane:
-        if not self._loaded or self._rules is None:
+        if self._rules is None or not self._rules.loaded:
             return Lane.ROUTINE
         attributes = {
             "RequestedProcedurePriority": header.requested_procedure_priority,

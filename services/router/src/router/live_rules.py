@@ -45,6 +45,11 @@ class LiveRules:
         self.generation = 0
 
     @property
+    def loaded(self) -> bool:
+        """True once a valid file was applied (at start or by a later reload)."""
+        return self._rules is not None
+
+    @property
     def current(self) -> RuleSet:
         if self._rules is None:
             raise RuntimeError("rules not loaded yet")
