@@ -1,5 +1,6 @@
 """The consumer loop against the real broker: commit after acknowledged output,
-bounded retries, dead letters with reasons, and resumption after a restart."""
+retries for as long as a failure lasts without leaving the group, dead letters with
+reasons, hand-back on stop and on rebalance, and resumption after a restart."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ import pytest
 from aiokafka import ConsumerRecord
 
 from core.test_events import received
+from radflow_core.consumer import EventConsumer
 from radflow_core.errors import BlobStoreUnavailable, EventDecodeError, PipelineError
-from radflow_core.events import Envelope, InstanceReceived
-from radflow_core.kafka import EventConsumer, EventProducer, ensure_topics
+from radflow_core.events import Envelope, InstanceReceived, encode, wrap
+from radflow_core.kafka import EventProducer, ensure_topics
 from radflow_core.topics import Topic
 from support.kafka import read_records
 from support.stack import Stack
@@ -66,7 +68,6 @@ def _consumer(
         handler=handler,
         producer=producer,
         dead_letter_topic=f"{stack.kafka.topic_prefix}dlq",
-        max_attempts=3,
         backoff_initial_s=0.01,
         backoff_max_s=0.05,
     )
@@ -128,26 +129,26 @@ async def test_unfixable_failure_goes_to_the_dead_letter_topic_with_its_reason(
     assert letter["source_topic"] == stack.topic(Topic.INSTANCE_RECEIVED)
 
 
-async def test_retriable_failure_is_retried_a_bounded_number_of_times(
+async def test_a_retriable_failure_is_retried_until_it_passes_and_never_dead_lettered(
     stack: Stack, topics: None
 ) -> None:
     attempts = 0
     async with EventProducer(stack.kafka, "test") as producer:
         await _publish(producer, 1)
+        handled: list[str] = []
 
-        async def flaky(_: Any, __: Any) -> None:
+        async def down_for_twenty_attempts(envelope: Envelope[InstanceReceived], _: Any) -> None:
             nonlocal attempts
             attempts += 1
-            raise BlobStoreUnavailable("down")
+            if attempts <= 20:
+                raise BlobStoreUnavailable("down")
+            handled.append(envelope.data.sop_instance_uid)
 
-        async def dead_lettered() -> bool:
-            return bool(await _dead_letters(stack))
-
-        await _run_until(_consumer(stack, producer, flaky, "g3"), dead_lettered)
-    assert attempts == 3
-    (letter,) = await _dead_letters(stack)
-    assert letter["reason"] == "blob_store_unavailable"
-    assert letter["retriable"] is True and letter["attempts"] == 3
+        await _run_until(
+            _consumer(stack, producer, down_for_twenty_attempts, "g3"), count_is(handled, 1)
+        )
+    assert attempts == 21
+    assert await _dead_letters(stack) == []
 
 
 async def test_a_record_that_is_not_an_event_is_dead_lettered_not_retried(
@@ -200,3 +201,103 @@ async def test_a_retriable_failure_while_stopping_is_left_for_the_next_reader_no
         handled.clear()
         await _run_until(_consumer(stack, producer, healthy, "g-stop"), count_is(handled, 2))
         assert handled == uids[1:]
+
+
+async def _send_to(producer: EventProducer, topic: str, uid: str, partition: int) -> None:
+    value = encode(wrap(received(sop_instance_uid=uid), "test"))
+    await producer.send(topic, b"1.2.3", value, partition=partition)
+
+
+async def test_a_wait_longer_than_the_poll_interval_keeps_the_group_and_the_other_partitions(
+    stack: Stack, topics: None
+) -> None:
+    """The forwarder used to be dropped from its group after aiokafka's poll interval
+    while a destination was down, and then died on CommitFailedError."""
+    kafka = stack.kafka.model_copy(update={"max_poll_interval_ms": 1_500})
+    topic = stack.topic(Topic.INSTANCE_RECEIVED)
+    async with EventProducer(stack.kafka, "test") as producer:
+        await _send_to(producer, topic, "1.2.3.1", partition=0)
+        await _send_to(producer, topic, "1.2.3.2", partition=1)
+        handled: list[str] = []
+        down_until = asyncio.get_running_loop().time() + 5.0  # > 3 poll intervals
+
+        async def first_waits_for_s3(envelope: Envelope[InstanceReceived], _: Any) -> None:
+            uid = envelope.data.sop_instance_uid
+            if uid == "1.2.3.1" and asyncio.get_running_loop().time() < down_until:
+                raise BlobStoreUnavailable("S3 unreachable")
+            handled.append(uid)
+
+        consumer = EventConsumer(
+            kafka,
+            service="test",
+            group_id="g-long",
+            topics=[topic],
+            model=InstanceReceived,
+            handler=first_waits_for_s3,
+            producer=producer,
+            dead_letter_topic=f"{stack.kafka.topic_prefix}dlq",
+            backoff_initial_s=0.2,
+            backoff_max_s=0.5,
+        )
+        task = asyncio.create_task(consumer.run())
+        async with asyncio.timeout(30):
+            while "1.2.3.2" not in handled:
+                await asyncio.sleep(0.05)
+            # The other partition went through while the first one waits.
+            assert "1.2.3.1" not in handled
+            await asyncio.sleep(1.0)
+            assert consumer.waiting_reasons() == {"blob_store_unavailable"}
+            while "1.2.3.1" not in handled:
+                assert not task.done(), "the consumer died while waiting"
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+        assert consumer.waiting_reasons() == set()
+        consumer.stop()
+        await task  # raises if a commit failed for leaving the group
+        assert sorted(handled) == ["1.2.3.1", "1.2.3.2"]
+        assert await _dead_letters(stack) == []
+
+        # Both offsets were committed: a restart of the group sees only new records.
+        handled.clear()
+        await _send_to(producer, topic, "1.2.3.3", partition=2)
+        await _run_until(
+            _consumer(stack, producer, first_waits_for_s3, "g-long"), count_is(handled, 1)
+        )
+        await asyncio.sleep(0.5)
+        assert handled == ["1.2.3.3"]
+
+
+async def test_a_member_joining_while_a_record_waits_takes_it_over_without_loss_or_dead_letter(
+    stack: Stack, topics: None
+) -> None:
+    topic = stack.topic(Topic.INSTANCE_RECEIVED)
+    async with EventProducer(stack.kafka, "test") as producer:
+        for i in range(9):
+            await _send_to(producer, topic, f"1.2.3.{i + 1}", partition=i % 3)
+        handled: list[str] = []
+        s3_back = asyncio.Event()
+
+        async def partition_0_waits(envelope: Envelope[InstanceReceived], record: Any) -> None:
+            if record.partition == 0 and not s3_back.is_set():
+                raise BlobStoreUnavailable("S3 unreachable")
+            handled.append(envelope.data.sop_instance_uid)
+
+        first = _consumer(stack, producer, partition_0_waits, "g-join")
+        second = _consumer(stack, producer, partition_0_waits, "g-join")
+        tasks = [asyncio.create_task(first.run())]
+        async with asyncio.timeout(60):
+            while len(handled) < 6:
+                await asyncio.sleep(0.05)
+            tasks.append(asyncio.create_task(second.run()))  # a rebalance while one waits
+            await asyncio.sleep(4.0)
+            assert not any(t.done() for t in tasks), "a consumer died in the rebalance"
+            s3_back.set()
+            while len(set(handled)) < 9:
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(1.0)
+        first.stop()
+        second.stop()
+        await asyncio.gather(*tasks)
+    assert sorted(set(handled)) == sorted(f"1.2.3.{i + 1}" for i in range(9))
+    assert len(handled) == 9, "a settled record was handled twice"
+    assert await _dead_letters(stack) == []

@@ -10,8 +10,9 @@ import pytest
 from prometheus_client import REGISTRY
 
 from core.test_events import received
+from radflow_core.consumer import EventConsumer
 from radflow_core.events import InstanceReceived
-from radflow_core.kafka import EventConsumer, EventProducer, ensure_topics
+from radflow_core.kafka import EventProducer, ensure_topics
 from radflow_core.topics import Topic
 from support.stack import Stack
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -17,8 +16,6 @@ import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
-
-from aiohttp import web
 
 from radflow_core.errors import BrokerUnavailable, ConfigurationError
 from radflow_core.kafka import EventProducer
@@ -108,19 +105,6 @@ def run_main(
     return asyncio.run(serve(lambda: build(config)))
 
 
-async def start_http(
-    routes: Sequence[web.RouteDef], host: str, port: int, shutdown_timeout_s: float = 10.0
-) -> web.AppRunner:
-    """Serve ``routes`` (operations endpoints and, for ingest, STOW-RS) on host:port."""
-    app = web.Application()
-    app.add_routes(routes)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout_s)
-    await runner.setup()
-    await web.TCPSite(runner, host, port).start()
-    log.info("HTTP listening", extra={"host": host, "port": port})
-    return runner
-
-
 async def connect_producer(producer: EventProducer, failed: asyncio.Event) -> bool:
     """Start ``producer``, retrying with backoff while the broker is unreachable.
 
@@ -142,14 +126,3 @@ async def connect_producer(producer: EventProducer, failed: asyncio.Event) -> bo
             continue
         log.info("connected to the broker")
         return True
-
-
-async def finish(task: asyncio.Task[Any], timeout_s: float = 60.0) -> None:
-    """Let ``task`` end on its own (a consumer finishing the record in hand) for up to
-    ``timeout_s``, then cancel it; either way it has ended when this returns."""
-    try:
-        await asyncio.wait_for(task, timeout=timeout_s)
-    except TimeoutError:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task

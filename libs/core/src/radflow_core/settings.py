@@ -106,6 +106,11 @@ class KafkaSettings(Section):
     heartbeat_interval_ms: int = Field(default=3_000, ge=100)
     """How often a consumer tells its group it is alive; well under the session
     timeout (a third or less)."""
+    max_poll_interval_ms: int = Field(default=300_000, ge=1_000)
+    """A consumer that does not poll for this long leaves its group. Records waiting
+    for a retry never hold the poll loop (their partition is paused while the
+    consumer keeps polling), so an outage of any length stays within it; lower it
+    only to prove that (the fault suite does)."""
     topic_prefix: str = ""
     """Prepended to every topic name and consumer group id (e.g. 'site1.'), so that
     several pipelines can share one cluster; empty in production."""

@@ -1,20 +1,18 @@
-"""The ingest service's lifecycle: wire receivers to the claim check, start, stop.
+"""The ingest service's lifecycle: receivers wired to the claim check, on the shared
+shell.
 
-States: created → starting → running → stopping → stopped. ``stop()`` is safe to call
-twice. On stop, readiness turns false first (Kubernetes stops sending), the DIMSE
-listener closes and open associations get a grace period, in-flight STOW-RS requests
-finish, pending work is drained, and only then the producer flushes and closes.
+On stop, readiness turns false first (Kubernetes stops sending), the DIMSE listener
+closes and open associations get a grace period, in-flight STOW-RS requests finish,
+pending work is drained, and only then the producer flushes and closes. The broker
+connection is retried in the background; until it is up, senders get 0xA7xx / 503.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from enum import StrEnum
-
-from aiohttp import web
 
 from ingest.claimcheck import ClaimCheck
 from ingest.dimse import DimseReceiver
@@ -23,63 +21,55 @@ from ingest.settings import IngestConfig
 from ingest.stowrs import StowReceiver
 from radflow_core.blobstore import BlobStore
 from radflow_core.kafka import EventProducer
-from radflow_core.ops import Health, ops_routes
-from radflow_core.runtime import connect_producer
+from radflow_core.shell import Shell, State
 
 log = logging.getLogger(__name__)
 
 SERVICE = "ingest"
 
 
-class State(StrEnum):
-    CREATED = "created"
-    STARTING = "starting"
-    RUNNING = "running"
-    STOPPING = "stopping"
-    STOPPED = "stopped"
-
-
 class IngestService:
     def __init__(self, config: IngestConfig) -> None:
         self._config = config
-        self.state = State.CREATED
+        settings = config.ingest
         self._blobs = BlobStore(config.s3)
         self._producer = EventProducer(config.kafka, SERVICE)
-        self._lanes = Lanes(config.ingest.rules_file)
+        self._lanes = Lanes(settings.rules_file)
         self._claim_check = ClaimCheck(
             self._blobs,
             self._producer,
-            max_instance_bytes=config.ingest.max_instance_bytes,
+            max_instance_bytes=settings.max_instance_bytes,
             lookup_above_bytes=config.s3.part_size,
             lanes=self._lanes,
         )
-        self.health = Health(
-            {"broker": self._producer.ping, "blob_store": self._blobs.ping},
-            cache_s=config.ops.readiness_cache_s,
+        self.shell = Shell(
+            SERVICE,
+            producer=self._producer,
+            blobs=self._blobs,
+            ops=config.ops,
+            http_host=settings.http_host,
+            http_port=settings.http_port,
+            routes=StowReceiver(settings, self._claim_check).routes(),
+            http_shutdown_s=settings.shutdown_grace_s,
         )
+        self.health = self.shell.health
+        self.failed = self.shell.failed
+        self.shell.loop(
+            "rule file watcher", functools.partial(self._lanes.watch, settings.reload_interval_s)
+        )
+        self.shell.on_drain(self._close_dimse)
+        self.shell.on_close(self._drain_claim_checks)
         self._dimse: DimseReceiver | None = None
-        self._runner: web.AppRunner | None = None
-        self._connect_task: asyncio.Task[bool] | None = None
-        self._watch_task: asyncio.Task[None] | None = None
-        self.failed = asyncio.Event()
-        """Set when the service cannot run as configured; ``main`` then exits non-zero."""
+
+    @property
+    def state(self) -> State:
+        return self.shell.state
 
     async def start(self) -> None:
         """Open the listeners; the broker connection is retried in the background."""
-        self.state = State.STARTING
         settings = self._config.ingest
         self._lanes.load()
-        self._watch_task = asyncio.create_task(self._lanes.watch(settings.reload_interval_s))
-        app = web.Application()
-        app.add_routes(StowReceiver(settings, self._claim_check).routes())
-        app.add_routes(ops_routes(self.health))
-        self._runner = web.AppRunner(
-            app, access_log=None, shutdown_timeout=settings.shutdown_grace_s
-        )
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, settings.http_host, settings.http_port)
-        await site.start()
-        log.info("HTTP listening", extra={"host": settings.http_host, "port": settings.http_port})
+        await self.shell.start()
         loop = asyncio.get_running_loop()
         # Blob I/O runs in the loop's default executor; size it for every association,
         # each claim check making two blob calls at once.
@@ -88,29 +78,16 @@ class IngestService:
         )
         self._dimse = DimseReceiver(settings, self._claim_check, loop)
         self._dimse.start()
-        self._connect_task = asyncio.create_task(connect_producer(self._producer, self.failed))
-        self.state = State.RUNNING
+
+    async def _close_dimse(self) -> None:
+        if self._dimse is not None:
+            await self._dimse.stop(self._config.ingest.shutdown_grace_s)
+
+    async def _drain_claim_checks(self) -> None:
+        await self._claim_check.drain(timeout_s=5.0)
 
     async def stop(self) -> None:
-        if self.state in (State.STOPPING, State.STOPPED):
-            return
-        self.state = State.STOPPING
-        self.health.stopping = True
-        grace = self._config.ingest.shutdown_grace_s
-        if self._dimse is not None:
-            await self._dimse.stop(grace)
-        if self._runner is not None:
-            await self._runner.cleanup()
-        for task in (self._connect_task, self._watch_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        await self._claim_check.drain(timeout_s=5.0)
-        await self._producer.stop()
-        self._blobs.close()
-        self.state = State.STOPPED
-        log.info("stopped")
+        await self.shell.stop()
 
     @property
     def dimse_port(self) -> int:

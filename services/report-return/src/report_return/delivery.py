@@ -19,7 +19,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -38,8 +38,9 @@ from radflow_core.events import (
     ReportSource,
     ReportStatus,
 )
-from radflow_core.kafka import EventProducer, backoff_delay
+from radflow_core.kafka import EventProducer
 from radflow_core.report_document import ReportDocument
+from radflow_core.retry import HandedBack, current_turn
 from report_return.hl7 import Ack, Oru, build_oru, control_id, parse_ack
 from report_return.metrics import (
     ACK_LATENCY,
@@ -64,13 +65,6 @@ ACK_KEEP = 4096
 """Characters of an acknowledgement kept in report.failed."""
 
 Item = tuple[Envelope[Any], ConsumerRecord[bytes, bytes]]
-
-
-class Abandoned(PipelineError):
-    """Shutting down during a retry: nothing of the batch is committed; it is read again."""
-
-    reason = "abandoned"
-    retriable = True
 
 
 def _digest(text: str) -> str:
@@ -152,6 +146,10 @@ class Origin:
             "study_instance_uid": self.study_instance_uid,
             "control_id": self.control_id,
         }
+
+
+Rules = Callable[[], RuleSet | None]
+"""The rule file in force now (it is reloaded live), or None without one."""
 
 
 def site_of(envelope: Envelope[Any], rules: RuleSet | None) -> tuple[str, bool] | None:
@@ -250,8 +248,7 @@ class Returner:
         blobs: BlobStore,
         outcomes: Outcomes,
         settings: ReportReturnSettings,
-        rules: RuleSet | None,
-        stopping: asyncio.Event,
+        rules: Rules,
     ) -> None:
         self.site = site
         self._client = client
@@ -259,14 +256,13 @@ class Returner:
         self._outcomes = outcomes
         self._settings = settings
         self._rules = rules
-        self._stopping = stopping
         self._turn = asyncio.Lock()
         self._scope = _digest(site.name)[:16]
 
     async def handle_batch(self, items: list[Item]) -> None:
         """A partition's fetch: return the reports for this site, in order."""
         for envelope, record in items:
-            found = site_of(envelope, self._rules)
+            found = site_of(envelope, self._rules())
             if found is None or found[0] != self.site.name:
                 continue
             origin = origin_of(envelope, self.site.name, record)
@@ -283,7 +279,7 @@ class Returner:
                 return
             document = await self._read(origin, structured)
             await self._deliver(origin, document)
-        except (BrokerUnavailable, BlobStoreUnavailable, Abandoned):
+        except (BrokerUnavailable, BlobStoreUnavailable, HandedBack):
             raise
         except PipelineError as exc:
             await self._outcomes.failed(origin, exc.reason, str(exc), retriable=exc.retriable)
@@ -351,8 +347,7 @@ class Returner:
         first = time.monotonic()
         attempts = errors = 0
         while True:
-            if self._stopping.is_set():
-                raise Abandoned("stopping before the report was acknowledged")
+            current_turn().check()
             attempts += 1
             try:
                 answer = await self._client.exchange(oru.payload)
@@ -374,7 +369,7 @@ class Returner:
                     "RIS not reached; will retry",
                     extra={**origin.log_fields(), "reason": exc.reason, "attempt": attempts},
                 )
-                await self._backoff(attempts)
+                await self._backoff(attempts, "ris_unavailable")
                 continue
             SENT.labels(site).inc()
             ack = parse_ack(answer.data, self.site.codec, oru.control_id)
@@ -388,7 +383,7 @@ class Returner:
                     "RIS answered AE; will retry",
                     extra={**origin.log_fields(), "ack_code": "AE", "attempt": attempts},
                 )
-                await self._backoff(attempts)
+                await self._backoff(attempts, "ris_application_error")
                 continue
             reason, message = {
                 "AE": ("application_error", "the RIS answered AE (application error)"),
@@ -406,29 +401,32 @@ class Returner:
             )
             return None
 
-    async def _backoff(self, attempt: int) -> None:
+    async def _backoff(self, attempt: int, reason: str) -> None:
+        """Wait before the next attempt, shown as the group waiting on its RIS.
+
+        Raises:
+            HandedBack: the turn is handed back meanwhile (stop, or revocation).
+        """
         RETRIES.labels(self.site.name).inc()
-        delay = backoff_delay(attempt, self._settings.retry_initial_s, self._settings.retry_max_s)
-        try:
-            await asyncio.wait_for(self._stopping.wait(), timeout=delay)
-        except TimeoutError:
-            return
-        raise Abandoned("stopping during a retry backoff")
+        await current_turn().pause(
+            attempt,
+            reason,
+            initial_s=self._settings.retry_initial_s,
+            max_s=self._settings.retry_max_s,
+        )
 
 
 class UnknownSites:
     """Dead-letters reports for sites that are not in the sites file."""
 
-    def __init__(
-        self, sites: Mapping[str, Site], rules: RuleSet | None, outcomes: Outcomes
-    ) -> None:
+    def __init__(self, sites: Mapping[str, Site], rules: Rules, outcomes: Outcomes) -> None:
         self._sites = sites
         self._rules = rules
         self._outcomes = outcomes
 
     async def handle_batch(self, items: list[Item]) -> None:
         for envelope, record in items:
-            found = site_of(envelope, self._rules)
+            found = site_of(envelope, self._rules())
             if found is None or found[0] in self._sites:
                 continue
             origin = origin_of(envelope, found[0] or "unnamed", record)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 SENT = Counter(
     "radflow_report_return_sent_total",
@@ -35,4 +35,17 @@ ALREADY_RETURNED = Counter(
     "radflow_report_return_already_returned_total",
     "Replayed reports recognised as acknowledged and not sent again.",
     ["site"],
+)
+RULES_GENERATION = Gauge(
+    "radflow_report_return_rules_generation",
+    "How many valid rule files were applied since start (1 after start; 0 without one).",
+)
+RULES_VALID = Gauge(
+    "radflow_report_return_rules_valid",
+    "1 if the rule file on disk is the one in use; 0 if its last change was rejected.",
+)
+RULES_RELOADS = Counter(
+    "radflow_report_return_rules_reloads_total",
+    "Rule file changes seen, by outcome (applied, rejected).",
+    ["outcome"],
 )

@@ -1,183 +1,197 @@
-"""Report-return's lifecycle: sites (and the router's rule file, for Structured Reports),
-one set of consumers per site, the ops endpoint.
+"""Report-return's lifecycle on the shared shell: sites, the router's rule file (for
+Structured Reports, watched live), one set of consumers per site, the ops endpoint.
 
 Each site has its own consumer groups, ``<prefix>.<site>.reports`` on reports.finalized
-and, when the rule file routes Structured Reports to it, ``.stat`` and ``.routine`` on
+and, while the rule file routes Structured Reports to it, ``.stat`` and ``.routine`` on
 the forward-request topics: a RIS that is down holds back only its own reports, and its
 groups' lag is its backlog. ``<prefix>.unknown-sites`` dead-letters reports naming a
-site that is not configured. On SIGTERM each consumer stops after the message on the
-wire; what was not acknowledged is not committed and is read again.
+site that is not configured. A change of the rule file starts or stops a site's
+Structured Report consumers without touching the others. On SIGTERM each consumer
+stops after the message on the wire; what was not acknowledged is not committed and is
+read again.
 """
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import logging
 from typing import Any
 
-from aiohttp import web
-
 from radflow_core.blobstore import BlobStore
+from radflow_core.consumer import BatchHandler, EventConsumer
 from radflow_core.errors import ConfigurationError
 from radflow_core.events import LANES, EventModel, ForwardRequested, ReportFinalized
-from radflow_core.kafka import BatchHandler, EventConsumer, EventProducer
-from radflow_core.ops import Health, ops_routes
-from radflow_core.runtime import connect_producer, finish, start_http
+from radflow_core.kafka import EventProducer
+from radflow_core.shell import Shell
 from radflow_core.topics import Topic
+from report_return import metrics
 from report_return.delivery import Outcomes, Returner, UnknownSites
 from report_return.mllp import MllpClient
 from report_return.settings import ReportReturnConfig
-from report_return.sites import SitesFileError, load_sites
+from report_return.sites import Site, SitesFileError, load_sites
 from router.destinations import DestinationKind
-from router.loader import RuleFileError, load_file
+from router.live_rules import LiveRules, RulesMetrics
+from router.loader import RuleFileError
 from router.rules import RuleSet
 
 log = logging.getLogger(__name__)
 
 SERVICE = "report-return"
+RULES_METRICS = RulesMetrics(metrics.RULES_GENERATION, metrics.RULES_VALID, metrics.RULES_RELOADS)
+UNKNOWN = "unknown-sites"
+"""The pseudo-site whose consumers fail reports for sites not in the sites file."""
+
+
+def routed_sites(rules: RuleSet | None) -> set[str]:
+    """The sites the rule file sends Structured Reports to."""
+    if rules is None:
+        return set()
+    return {
+        d.site or "" for d in rules.destinations.values() if d.kind is DestinationKind.REPORT_RETURN
+    }
 
 
 class ReportReturnService:
     def __init__(self, config: ReportReturnConfig) -> None:
         self._config = config
+        settings = config.report_return
         self._blobs = BlobStore(config.s3)
         self._producer = EventProducer(config.kafka, SERVICE)
-        self._stopping = asyncio.Event()
-        self._consumers: list[EventConsumer[Any]] = []
+        self._rules = LiveRules(settings.rules_file, RULES_METRICS) if settings.rules_file else None
         self.returners: dict[str, Returner] = {}
-        self.health = Health(
-            {"broker": self._producer.ping, "blob_store": self._blobs.ping},
-            cache_s=config.ops.readiness_cache_s,
+        self._sites: dict[str, Site] = {}
+        self._sr_consumers: dict[str, list[EventConsumer[Any]]] = {}
+        """Per site (or UNKNOWN), its consumers of routed Structured Reports."""
+        self._outcomes = Outcomes(self._producer)
+        self._unknown: UnknownSites | None = None
+        self.shell = Shell(
+            SERVICE,
+            producer=self._producer,
+            blobs=self._blobs,
+            ops=config.ops,
+            http_host=settings.http_host,
+            http_port=settings.http_port,
         )
-        self.failed = asyncio.Event()
-        self._runner: web.AppRunner | None = None
-        self._tasks: list[asyncio.Task[None]] = []
-        self._stopped = False
+        self.health = self.shell.health
+        self.failed = self.shell.failed
+        if self._rules is not None:
+            self.shell.loop(
+                "rule file watcher",
+                functools.partial(self._rules.watch, settings.reload_interval_s, self._apply),
+            )
+
+    def _current_rules(self) -> RuleSet | None:
+        return self._rules.current if self._rules is not None and self._rules.loaded else None
 
     def _consumer(
         self, group: str, topic: Topic, model: type[EventModel], handler: BatchHandler
-    ) -> None:
+    ) -> EventConsumer[Any]:
         settings, kafka = self._config.report_return, self._config.kafka
-        self._consumers.append(
-            EventConsumer(
-                kafka,
-                service=SERVICE,
-                group_id=f"{settings.group_prefix}.{group}",
-                topics=[kafka.topic(topic)],
-                model=model,
-                batch_handler=handler,
-                producer=self._producer,
-                dead_letter_topic=kafka.topic(Topic.REPORT_FAILED),
-            )
+        return EventConsumer(
+            kafka,
+            service=SERVICE,
+            group_id=f"{settings.group_prefix}.{group}",
+            topics=[kafka.topic(topic)],
+            model=model,
+            batch_handler=handler,
+            producer=self._producer,
+            dead_letter_topic=kafka.topic(Topic.REPORT_FAILED),
         )
 
     def _build(self) -> None:
         settings = self._config.report_return
-        sites = load_sites(settings.sites_file)
-        rules: RuleSet | None = None
-        routed: set[str] = set()
-        if settings.rules_file is not None:
-            rules = load_file(settings.rules_file)
-            routed = {
-                d.site or ""
-                for d in rules.destinations.values()
-                if d.kind is DestinationKind.REPORT_RETURN
-            }
-        outcomes = Outcomes(self._producer)
-        for site in sites.values():
+        self._sites = dict(load_sites(settings.sites_file))
+        if self._rules is not None:
+            self._rules.load()
+        for site in self._sites.values():
             returner = Returner(
                 site,
                 MllpClient(site),
                 self._blobs,
-                outcomes,
+                self._outcomes,
                 settings,
-                rules,
-                self._stopping,
+                self._current_rules,
             )
             self.returners[site.name] = returner
+            self.shell.consume(
+                self._consumer(
+                    f"{site.name}.reports",
+                    Topic.REPORTS_FINALIZED,
+                    ReportFinalized,
+                    returner.handle_batch,
+                )
+            )
+        self._unknown = UnknownSites(self._sites, self._current_rules, self._outcomes)
+        self.shell.consume(
             self._consumer(
-                f"{site.name}.reports",
+                f"{UNKNOWN}.reports",
                 Topic.REPORTS_FINALIZED,
                 ReportFinalized,
-                returner.handle_batch,
+                self._unknown.handle_batch,
             )
-            if site.name in routed:
-                for lane in LANES:
-                    self._consumer(
-                        f"{site.name}.{lane.value}",
-                        lane.topic(Topic.FORWARD_REQUESTED),
-                        ForwardRequested,
-                        returner.handle_batch,
-                    )
-        unknown = UnknownSites(sites, rules, outcomes)
-        self._consumer(
-            "unknown-sites.reports", Topic.REPORTS_FINALIZED, ReportFinalized, unknown.handle_batch
         )
-        if routed - set(sites):
-            log.warning(
-                "the rule file routes Structured Reports to sites that are not in the sites "
-                "file; they go to report.failed (unknown_site)",
-                extra={"sites": sorted(routed - set(sites))},
-            )
-            for lane in LANES:
-                self._consumer(
-                    f"unknown-sites.{lane.value}",
-                    lane.topic(Topic.FORWARD_REQUESTED),
-                    ForwardRequested,
-                    unknown.handle_batch,
-                )
+        self._route_structured_reports(self._current_rules())
         log.info(
             "sites loaded",
             extra={
-                "sites": sorted(sites),
-                "rules_digest": rules.digest if rules else None,
-                "count": len(self._consumers),
+                "sites": sorted(self._sites),
+                "rules_digest": self._rules.current.digest if self._rules else None,
             },
         )
 
+    def _wanted(self, rules: RuleSet | None) -> set[str]:
+        """Which sites (and UNKNOWN) should read routed Structured Reports now."""
+        routed = routed_sites(rules)
+        unknown = routed - set(self._sites)
+        if unknown:
+            log.warning(
+                "the rule file routes Structured Reports to sites that are not in the sites "
+                "file; they go to report.failed (unknown_site)",
+                extra={"sites": sorted(unknown)},
+            )
+        return (routed & set(self._sites)) | ({UNKNOWN} if unknown else set())
+
+    def _route_structured_reports(self, rules: RuleSet | None) -> None:
+        for name in sorted(self._wanted(rules) - set(self._sr_consumers)):
+            handler = (
+                self._unknown.handle_batch
+                if name == UNKNOWN and self._unknown is not None
+                else self.returners[name].handle_batch
+            )
+            consumers = [
+                self._consumer(
+                    f"{name}.{lane.value}",
+                    lane.topic(Topic.FORWARD_REQUESTED),
+                    ForwardRequested,
+                    handler,
+                )
+                for lane in LANES
+            ]
+            self._sr_consumers[name] = consumers
+            for consumer in consumers:
+                self.shell.consume(consumer)
+
+    async def _apply(self, rules: RuleSet) -> None:
+        """Start or stop sites' Structured Report consumers to match ``rules``."""
+        wanted = self._wanted(rules)
+        for name in sorted(set(self._sr_consumers) - wanted):
+            await self.shell.retire(self._sr_consumers.pop(name))
+            log.info("Structured Reports no longer routed to site", extra={"site": name})
+        started = wanted - set(self._sr_consumers)
+        self._route_structured_reports(rules)
+        for name in sorted(started):
+            log.info("Structured Reports now routed to site", extra={"site": name})
+
     async def start(self) -> None:
-        settings = self._config.report_return
         try:
             self._build()
         except (SitesFileError, RuleFileError, ConfigurationError) as exc:
-            log.critical(
+            self.shell.cannot_run(
                 "cannot return reports with this configuration; not starting",
-                extra={"problems": str(exc).splitlines()},
+                str(exc).splitlines(),
             )
-            self.failed.set()
             return
-        self._runner = await start_http(
-            ops_routes(self.health), settings.http_host, settings.http_port
-        )
-        self._tasks = [asyncio.create_task(self._run())]
-
-    async def _run(self) -> None:
-        if not await connect_producer(self._producer, self.failed):
-            return
-        runs = [asyncio.create_task(c.run()) for c in self._consumers]
-        log.info("consuming", extra={"count": len(runs)})
-        try:
-            for finished in asyncio.as_completed(runs):
-                await finished
-        except Exception:
-            log.exception("a consumer stopped unexpectedly")
-            self.failed.set()
-            for consumer in self._consumers:
-                consumer.stop()
-            await asyncio.gather(*runs, return_exceptions=True)
+        await self.shell.start()
 
     async def stop(self) -> None:
-        if self._stopped:
-            return
-        self._stopped = True
-        self.health.stopping = True
-        self._stopping.set()
-        for consumer in self._consumers:
-            consumer.stop()
-        for task in self._tasks:
-            await finish(task)
-        await self._producer.stop()
-        if self._runner is not None:
-            await self._runner.cleanup()
-        self._blobs.close()
-        log.info("stopped")
+        await self.shell.stop()

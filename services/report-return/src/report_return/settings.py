@@ -26,7 +26,11 @@ class ReportReturnSettings(Section):
     at start (restart after changing it); an invalid file stops the service (exit 3)."""
     rules_file: Path | None = None
     """The router's rule file, for Structured Reports routed to destinations of kind
-    report-return; unset: only reports.finalized is read."""
+    report-return; unset: only reports.finalized is read. Watched like the router
+    watches it: a site newly routed to starts reading Structured Reports, one no longer
+    routed to stops; an invalid change is rejected and the rules in force stay."""
+    reload_interval_s: float = Field(default=2.0, gt=0)
+    """Seconds between checks of the rule file for changes (by content)."""
     http_host: str = "127.0.0.1"
     """Address of the operations endpoint (/metrics, /healthz, /readyz)."""
     http_port: int = Field(default=8084, ge=0, le=65535)

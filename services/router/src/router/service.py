@@ -15,20 +15,17 @@ studies stay in the changelog for whoever owns their partition next.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import functools
 import logging
 from dataclasses import dataclass, field
 
-from aiohttp import web
 from aiokafka import TopicPartition
 
 from radflow_core.blobstore import BlobStore
+from radflow_core.consumer import EventConsumer
 from radflow_core.events import LANES, ForwardRequested, InstanceNormalized, Lane
-from radflow_core.kafka import EventConsumer, EventProducer
-from radflow_core.ops import Health, ops_routes
-from radflow_core.runtime import connect_producer, finish, start_http
+from radflow_core.kafka import EventProducer
+from radflow_core.shell import Shell
 from radflow_core.topics import Topic
 from router.live_rules import LiveRules
 from router.loader import RuleFileError
@@ -58,6 +55,16 @@ class RouterService:
         self._rules = LiveRules(settings.rules_file)
         self._blobs = BlobStore(config.s3)
         self._producer = EventProducer(kafka, SERVICE)
+        self.shell = Shell(
+            SERVICE,
+            producer=self._producer,
+            blobs=self._blobs,
+            ops=config.ops,
+            http_host=settings.http_host,
+            http_port=settings.http_port,
+        )
+        self.health = self.shell.health
+        self.failed = self.shell.failed
         self._lanes: list[LaneConsumer] = []
         for lane in LANES:
             pending = PendingStudies(
@@ -87,61 +94,33 @@ class RouterService:
                 handler=router.handle,
                 producer=self._producer,
                 dead_letter_topic=kafka.topic(Topic.INSTANCE_FAILED),
-                max_attempts=settings.max_attempts,
                 on_assigned=functools.partial(self._assigned, one),
                 on_revoked=functools.partial(self._revoked, one),
             )
             self._lanes.append(one)
-        self.health = Health(
-            {"broker": self._producer.ping, "blob_store": self._blobs.ping},
-            cache_s=config.ops.readiness_cache_s,
+            self.shell.consume(one.consumer)
+            # A release in progress is finished, never cut, before the producer flushes.
+            self.shell.loop(
+                f"release {lane.value}",
+                functools.partial(
+                    one.pending.run, settings.release_interval_s, self.shell.stopping
+                ),
+                graceful=True,
+            )
+        self.shell.loop(
+            "rule file watcher", functools.partial(self._rules.watch, settings.reload_interval_s)
         )
-        self.failed = asyncio.Event()
-        self._stopping = asyncio.Event()
-        self._runner: web.AppRunner | None = None
-        self._tasks: list[asyncio.Task[None]] = []
-        self._stopped = False
 
     async def _emit(self, request: ForwardRequested) -> None:
         await self._router.emit(request)
 
     async def start(self) -> None:
-        settings = self._config.router
         try:
             self._rules.load()
         except RuleFileError as exc:
-            log.critical(
-                "the rule file cannot be used; not starting",
-                extra={"problems": exc.lines},
-            )
-            self.failed.set()
+            self.shell.cannot_run("the rule file cannot be used; not starting", exc.lines)
             return
-        self._runner = await start_http(
-            ops_routes(self.health), settings.http_host, settings.http_port
-        )
-        self._tasks = [
-            asyncio.create_task(self._run()),
-            asyncio.create_task(self._rules.watch(settings.reload_interval_s)),
-        ]
-
-    async def _run(self) -> None:
-        if not await connect_producer(self._producer, self.failed):
-            return
-        await asyncio.gather(*(self._consume(one) for one in self._lanes))
-
-    async def _consume(self, one: LaneConsumer) -> None:
-        release = asyncio.create_task(
-            one.pending.run(self._config.router.release_interval_s, self._stopping)
-        )
-        log.info("consuming", extra={"topic": ",".join(one.consumer.topics)})
-        try:
-            await one.consumer.run()
-        except Exception:
-            log.exception("consumer stopped unexpectedly")
-            self.failed.set()
-        finally:
-            self._stopping.set()
-            await release
+        await self.shell.start()
 
     async def _assigned(self, one: LaneConsumer, partitions: set[TopicPartition]) -> None:
         try:
@@ -152,28 +131,11 @@ class RouterService:
             log.exception("cannot restore pending studies; stopping")
             for each in self._lanes:
                 each.consumer.stop()
-            self.failed.set()
+            self.shell.failed.set()
             raise
 
     async def _revoked(self, one: LaneConsumer, partitions: set[TopicPartition]) -> None:
         await one.pending.forget({tp.partition for tp in partitions})
 
     async def stop(self) -> None:
-        if self._stopped:
-            return
-        self._stopped = True
-        self.health.stopping = True
-        for one in self._lanes:
-            one.consumer.stop()
-        self._stopping.set()
-        if self._tasks:  # the consumers first, after the record in hand; then the helpers
-            await finish(self._tasks[0])
-        for task in self._tasks[1:]:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await self._producer.stop()
-        if self._runner is not None:
-            await self._runner.cleanup()
-        self._blobs.close()
-        log.info("stopped")
+        await self.shell.stop()

@@ -39,7 +39,8 @@ from radflow_core.events import (
     ForwardFailed,
     ForwardRequested,
 )
-from radflow_core.kafka import EventProducer, backoff_delay
+from radflow_core.kafka import EventProducer
+from radflow_core.retry import Turn, current_turn
 from radflow_core.streaming_codecs import normalize_file
 from router.rules import Destination
 from stow_forwarder.answer import Answer, DestinationClient, Outgoing
@@ -61,13 +62,6 @@ DELIVERED_MARKER = "delivered"
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
-
-
-class Abandoned(PipelineError):
-    """Shutting down mid-batch: nothing of it is committed; it is read again."""
-
-    reason = "abandoned"
-    retriable = True
 
 
 @dataclass
@@ -198,7 +192,6 @@ class Deliverer:
         blobs: BlobStore,
         producer: EventProducer,
         settings: ForwarderSettings,
-        stopping: asyncio.Event,
     ) -> None:
         self.destination = destination
         self.name = destination.name
@@ -206,7 +199,6 @@ class Deliverer:
         self._blobs = blobs
         self._producer = producer
         self._settings = settings
-        self._stopping = stopping
         self.breaker = CircuitBreaker(
             destination.name, settings.breaker_failures, settings.breaker_cooldown_s
         )
@@ -317,23 +309,19 @@ class Deliverer:
         if not pending:
             return
         lane = next(iter(pending.values())).request.lane
+        turn = current_turn()
         first = time.monotonic()
         attempt = 0
         while pending:
-            if self._stopping.is_set():
-                raise Abandoned("stopping before the batch was delivered")
+            turn.check()
             attempt += 1
             BATCH_SIZE.labels(self.name).observe(len(pending))
             IN_FLIGHT.labels(self.name).inc(len(pending))
             try:
-                async with self._gate.turn(lane), self.breaker.attempt(self._stopping):
+                async with self._gate.turn(lane), self.breaker.attempt(turn.hand_back):
                     answer = await self._client.store(
                         [p.outgoing() for p in pending.values()], lane
                     )
-            except asyncio.CancelledError:
-                if self._stopping.is_set():
-                    raise Abandoned("stopping while the destination's circuit is open") from None
-                raise
             finally:
                 IN_FLIGHT.labels(self.name).dec(len(pending))
             if answer.peer_unavailable:
@@ -361,7 +349,7 @@ class Deliverer:
                     "http_status": answer.http_status,
                 },
             )
-            await self._backoff(attempt, answer.retry_after_s)
+            await self._backoff(turn, attempt, answer.retry_after_s)
 
     def _settle(
         self, pending: dict[str, Prepared], answer: Answer, attempt: int, fetch: Fetch
@@ -416,15 +404,21 @@ class Deliverer:
     async def _replayed(self, p: Prepared) -> None:
         await self._completed(p.request, p.transfer_syntax_uid, 0, 1, replay=True)
 
-    async def _backoff(self, attempt: int, retry_after_s: float | None) -> None:
-        delay = backoff_delay(attempt, self._settings.retry_initial_s, self._settings.retry_max_s)
-        if retry_after_s is not None:
-            delay = max(delay, min(retry_after_s, self._settings.retry_budget_s))
-        try:
-            await asyncio.wait_for(self._stopping.wait(), timeout=delay)
-        except TimeoutError:
-            return
-        raise Abandoned("stopping during a retry backoff")
+    async def _backoff(self, turn: Turn, attempt: int, retry_after_s: float | None) -> None:
+        """Wait before the next attempt, shown as the group waiting on its destination.
+
+        Raises:
+            HandedBack: the turn is handed back meanwhile (stop, or revocation).
+        """
+        await turn.pause(
+            attempt,
+            "destination_unavailable",
+            initial_s=self._settings.retry_initial_s,
+            max_s=self._settings.retry_max_s,
+            at_least_s=(
+                None if retry_after_s is None else min(retry_after_s, self._settings.retry_budget_s)
+            ),
+        )
 
     async def _completed(
         self,

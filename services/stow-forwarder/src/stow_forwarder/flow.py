@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from enum import IntEnum
 
 from radflow_core.events import Lane
+from radflow_core.retry import HandedBack
 from stow_forwarder.metrics import CIRCUIT
 
 
@@ -43,17 +44,21 @@ class CircuitBreaker:
         CIRCUIT.labels(self._destination).set(int(state))
 
     @contextlib.asynccontextmanager
-    async def attempt(self, stopping: asyncio.Event) -> AsyncIterator[None]:
-        """Wait until a request may go out (returns at once while closed)."""
+    async def attempt(self, hand_back: asyncio.Event) -> AsyncIterator[None]:
+        """Wait until a request may go out (returns at once while closed).
+
+        Raises:
+            HandedBack: ``hand_back`` was set while the circuit was open.
+        """
         while self.state is Circuit.OPEN:
             left = self._opened + self._cooldown_s - time.monotonic()
             if left <= 0:
                 self._set(Circuit.HALF_OPEN)
                 break
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), timeout=left)
-            if stopping.is_set():
-                raise asyncio.CancelledError
+                await asyncio.wait_for(hand_back.wait(), timeout=left)
+            if hand_back.is_set():
+                raise HandedBack("handed back while the destination's circuit is open")
         if self.state is Circuit.HALF_OPEN:
             async with self._probe:  # one probe at a time
                 yield

@@ -15,19 +15,16 @@ routed to a new destination before the change was seen wait in the topic for it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-
-from aiohttp import web
+from dataclasses import dataclass
 
 from radflow_core.blobstore import BlobStore
+from radflow_core.consumer import EventConsumer
 from radflow_core.errors import ConfigurationError
 from radflow_core.events import LANES, ForwardRequested
-from radflow_core.kafka import EventConsumer, EventProducer
-from radflow_core.ops import Health, ops_routes
-from radflow_core.runtime import connect_producer, finish, start_http
+from radflow_core.kafka import EventProducer
+from radflow_core.shell import Shell
 from radflow_core.topics import Topic
 from router.destinations import DestinationKind
 from router.live_rules import LiveRules, RulesMetrics
@@ -62,26 +59,28 @@ class Running:
     client: DestinationClient
     deliverer: Deliverer
     consumers: list[EventConsumer[ForwardRequested]]
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
 
 class ForwarderService:
     def __init__(self, config: ForwarderConfig) -> None:
         self._config = config
+        settings = config.forwarder
         self._blobs = BlobStore(config.s3)
         self._producer = EventProducer(config.kafka, SERVICE)
-        self._stopping = asyncio.Event()
-        self._rules = LiveRules(config.forwarder.rules_file, RULES_METRICS)
+        self._rules = LiveRules(settings.rules_file, RULES_METRICS)
         self.running: dict[str, Running] = {}
-        self.health = Health(
-            {"broker": self._producer.ping, "blob_store": self._blobs.ping},
-            cache_s=config.ops.readiness_cache_s,
+        self.shell = Shell(
+            SERVICE,
+            producer=self._producer,
+            blobs=self._blobs,
+            ops=config.ops,
+            http_host=settings.http_host,
+            http_port=settings.http_port,
         )
-        self.failed = asyncio.Event()
-        self._runner: web.AppRunner | None = None
-        self._tasks: list[asyncio.Task[None]] = []
-        self._stopped = False
-        self._consuming = False
+        self.health = self.shell.health
+        self.failed = self.shell.failed
+        self.shell.loop("rule file watcher", self._watch)
+        self.shell.on_close(self._close_clients)
 
     @property
     def deliverers(self) -> dict[str, Deliverer]:
@@ -96,9 +95,7 @@ class ForwarderService:
             if destination.kind is DestinationKind.DIMSE
             else StowClient(destination, settings)
         )
-        deliverer = Deliverer(
-            destination, client, self._blobs, self._producer, settings, self._stopping
-        )
+        deliverer = Deliverer(destination, client, self._blobs, self._producer, settings)
         consumers = [
             EventConsumer(
                 kafka,
@@ -117,6 +114,11 @@ class ForwarderService:
         ]
         return Running(destination, client, deliverer, consumers)
 
+    def _launch(self, running: Running) -> None:
+        self.running[running.destination.name] = running
+        for consumer in running.consumers:
+            self.shell.consume(consumer)
+
     async def start(self) -> None:
         settings = self._config.forwarder
         # The bucket client blocks, so its calls run in the loop's default executor,
@@ -127,45 +129,23 @@ class ForwarderService:
         )
         try:
             rules = self._rules.load()
-            self.running = {name: self._build(d) for name, d in delivered_here(rules).items()}
+            built = [self._build(d) for d in delivered_here(rules).values()]
         except (RuleFileError, ConfigurationError) as exc:
-            log.critical(
-                "cannot deliver with this configuration; not starting",
-                extra={"problems": str(exc).splitlines()},
+            self.shell.cannot_run(
+                "cannot deliver with this configuration; not starting", str(exc).splitlines()
             )
-            self.failed.set()
             return
+        for running in built:
+            self._launch(running)
         metrics.DESTINATIONS.set(len(self.running))
         log.info(
             "destinations loaded",
             extra={"destinations": sorted(self.running), "rules_digest": rules.digest},
         )
-        self._runner = await start_http(
-            ops_routes(self.health), settings.http_host, settings.http_port
-        )
-        self._tasks = [asyncio.create_task(self._run())]
+        await self.shell.start()
 
-    async def _run(self) -> None:
-        if not await connect_producer(self._producer, self.failed):
-            return
-        self._consuming = True
-        for running in self.running.values():
-            self._launch(running)
-        log.info("consuming", extra={"count": 2 * len(self.running)})
+    async def _watch(self) -> None:
         await self._rules.watch(self._config.forwarder.reload_interval_s, self._apply)
-
-    def _launch(self, running: Running) -> None:
-        running.tasks = [asyncio.create_task(self._consume(running, c)) for c in running.consumers]
-
-    async def _consume(self, running: Running, consumer: EventConsumer[ForwardRequested]) -> None:
-        try:
-            await consumer.run()
-        except Exception:
-            log.exception(
-                "a consumer stopped unexpectedly",
-                extra={"destination": running.destination.name},
-            )
-            self.failed.set()
 
     async def _apply(self, rules: RuleSet) -> None:
         """Start, restart or stop destinations so that the running ones match ``rules``."""
@@ -187,7 +167,6 @@ class ForwarderService:
                     extra={"destination": name, "problems": str(exc).splitlines()},
                 )
                 continue
-            self.running[name] = running
             self._launch(running)
             log.info(
                 "destination changed" if old is not None else "destination added",
@@ -197,25 +176,12 @@ class ForwarderService:
 
     async def _retire(self, running: Running) -> None:
         """Stop one destination's consumers after the request in hand, then its client."""
-        for consumer in running.consumers:
-            consumer.stop()
-        for task in running.tasks:
-            await finish(task)
+        await self.shell.retire(running.consumers)
         await running.client.close()
 
+    async def _close_clients(self) -> None:
+        for running in self.running.values():
+            await running.client.close()
+
     async def stop(self) -> None:
-        if self._stopped:
-            return
-        self._stopped = True
-        self.health.stopping = True
-        self._stopping.set()
-        for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await asyncio.gather(*(self._retire(r) for r in self.running.values()))
-        await self._producer.stop()
-        if self._runner is not None:
-            await self._runner.cleanup()
-        self._blobs.close()
-        log.info("stopped")
+        await self.shell.stop()

@@ -11,11 +11,12 @@ until one succeeds, so an outage does not run through a whole window of records 
 dead-letter them all.
 
 Failures are settled as the consumer settles them for one record at a time: a
-retriable one is retried with backoff and, after ``max_attempts``, dead-lettered with
-``retriable: true``; any other is dead-lettered with its reason at once. When the
-dead-letter topic cannot be written, or on stop, nothing new is started, what was
-started is finished, and the batch is handed back (it raises): nothing of it is
-committed, it is read again, and the records finished meanwhile find their markers.
+retriable one is retried with capped backoff for as long as it lasts (the partition
+is paused meanwhile, the consumer keeps polling); any other is dead-lettered with its
+reason at once. When the turn must be handed back (stop, or the partition moved),
+nothing new is started, what was started is finished or its wait cut short, and the
+batch is handed back (it raises HandedBack): nothing of it is committed, it is read
+again, and the records finished meanwhile find their markers.
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ from collections.abc import Awaitable, Callable
 
 from aiokafka import ConsumerRecord
 
+from radflow_core.consumer import CONSUMED, dead_letter
 from radflow_core.errors import PipelineError
 from radflow_core.events import Envelope, InstanceReceived
-from radflow_core.kafka import CONSUMED, EventProducer, backoff_delay, dead_letter
+from radflow_core.kafka import EventProducer
+from radflow_core.retry import HandedBack, current_turn
 from transcode import metrics
 from transcode.window import Window
 
@@ -37,14 +40,6 @@ log = logging.getLogger(__name__)
 
 Work = Callable[[InstanceReceived], Awaitable[None]]
 Item = tuple[Envelope[InstanceReceived], ConsumerRecord[bytes, bytes]]
-
-
-class Abandoned(PipelineError):
-    """Stopping (or an earlier record could not be settled): the batch is handed back
-    uncommitted and read again."""
-
-    reason = "abandoned"
-    retriable = True
 
 
 class InFlight:
@@ -59,7 +54,6 @@ class InFlight:
         dead_letter_topic: str,
         concurrency: int,
         max_bytes: int,
-        max_attempts: int,
         backoff_initial_s: float = 0.5,
         backoff_max_s: float = 30.0,
     ) -> None:
@@ -69,31 +63,26 @@ class InFlight:
         self._dead_letter_topic = dead_letter_topic
         self._dead_letter = functools.partial(dead_letter, producer, dead_letter_topic, service)
         self._window = Window(concurrency, max_bytes)
-        self._max_attempts = max_attempts
         self._backoff_initial_s = backoff_initial_s
         self._backoff_max_s = backoff_max_s
-        self._stopping = asyncio.Event()
         self._degraded = False
         """A retriable failure happened and no success since: start one at a time."""
-
-    def stop(self) -> None:
-        """Start nothing new; the batch in hand finishes what it started. Safe twice."""
-        self._stopping.set()
 
     async def handle_batch(self, items: list[Item]) -> None:
         """Settle every record of ``items`` (one partition's, in offset order).
 
         Raises:
-            Abandoned: stopping before every record was started.
+            HandedBack: the turn is handed back before every record was settled.
             BrokerUnavailable: a dead letter could not be written.
         """
+        hand_back = current_turn().hand_back
         tasks: list[asyncio.Task[None]] = []
         latest: dict[str, asyncio.Task[None]] = {}
         try:
             for envelope, record in items:
                 received = envelope.data
                 weight = await self._window.acquire(received.blob.size, alone=self._degraded)
-                if self._stopping.is_set() or any(_failed(t) for t in tasks):
+                if hand_back.is_set() or any(_failed(t) for t in tasks):
                     self._window.release(weight)
                     break
                 before = latest.get(received.sop_instance_uid)
@@ -110,7 +99,7 @@ class InFlight:
             if isinstance(result, BaseException):
                 raise result
         if len(tasks) < len(items):
-            raise Abandoned(f"stopping; {len(items) - len(tasks)} of {len(items)} not started")
+            raise HandedBack(f"{len(items) - len(tasks)} of {len(items)} not started")
 
     def _released(self, weight: int, _: asyncio.Task[None]) -> None:
         self._window.release(weight)
@@ -124,7 +113,7 @@ class InFlight:
         if before is not None:
             await asyncio.wait([before])
             if _failed(before):
-                raise Abandoned("an earlier record of this instance was not settled")
+                raise HandedBack("an earlier record of this instance was not settled")
         metrics.IN_FLIGHT.inc()
         try:
             await self._settle(received, record)
@@ -134,6 +123,7 @@ class InFlight:
     async def _settle(
         self, received: InstanceReceived, record: ConsumerRecord[bytes, bytes]
     ) -> None:
+        turn = current_turn()
         attempt = 0
         while True:
             attempt += 1
@@ -142,27 +132,22 @@ class InFlight:
                 self._degraded = False
             except PipelineError as exc:
                 self._degraded = self._degraded or exc.retriable
-                if exc.retriable and self._stopping.is_set():
-                    raise Abandoned(f"stopping after a retriable failure ({exc.reason})") from exc
-                if exc.retriable and attempt < self._max_attempts:
+                if exc.retriable:
                     CONSUMED.labels(record.topic, "retried").inc()
-                    await self._backoff(attempt)
+                    await turn.pause(
+                        attempt,
+                        exc.reason,
+                        initial_s=self._backoff_initial_s,
+                        max_s=self._backoff_max_s,
+                    )
                     continue
-                await self._dead_letter(record, exc.reason, str(exc), exc.retriable, attempt)
+                await self._dead_letter(record, exc.reason, str(exc), False, attempt)
             except Exception as exc:
                 log.exception("unexpected error in handler", extra={"topic": record.topic})
                 await self._dead_letter(
                     record, "unexpected_error", type(exc).__name__, False, attempt
                 )
             return
-
-    async def _backoff(self, attempt: int) -> None:
-        delay = backoff_delay(attempt, self._backoff_initial_s, self._backoff_max_s)
-        try:
-            await asyncio.wait_for(self._stopping.wait(), timeout=delay)
-        except TimeoutError:
-            return
-        raise Abandoned("stopping during a retry backoff")
 
 
 def _failed(task: asyncio.Task[None]) -> bool:

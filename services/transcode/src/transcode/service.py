@@ -14,17 +14,14 @@ then the producer flushes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
-from aiohttp import web
-
 from radflow_core.blobstore import BlobStore
+from radflow_core.consumer import EventConsumer
 from radflow_core.events import LANES, InstanceReceived
-from radflow_core.kafka import EventConsumer, EventProducer
-from radflow_core.ops import Health, ops_routes
-from radflow_core.runtime import connect_producer, start_http
+from radflow_core.kafka import EventProducer
+from radflow_core.shell import Shell
 from radflow_core.topics import Topic
 from transcode.inflight import InFlight
 from transcode.normalizer import Normalizer
@@ -43,9 +40,17 @@ class TranscodeService:
         self._blobs = BlobStore(config.s3)
         self._producer = EventProducer(config.kafka, SERVICE)
         self._codecs = CodecPool(settings.workers)
+        self.shell = Shell(
+            SERVICE,
+            producer=self._producer,
+            blobs=self._blobs,
+            ops=config.ops,
+            http_host=settings.http_host,
+            http_port=settings.http_port,
+        )
+        self.health = self.shell.health
+        self.failed = self.shell.failed
         dead_letter_topic = config.kafka.topic(Topic.INSTANCE_FAILED)
-        self._inflight: list[InFlight] = []
-        self._consumers: list[EventConsumer[InstanceReceived]] = []
         for lane in LANES:
             normalizer = Normalizer(
                 self._blobs, self._producer, settings.target, self._codecs, lane
@@ -57,10 +62,8 @@ class TranscodeService:
                 dead_letter_topic=dead_letter_topic,
                 concurrency=settings.concurrency,
                 max_bytes=settings.max_inflight_bytes,
-                max_attempts=settings.max_attempts,
             )
-            self._inflight.append(inflight)
-            self._consumers.append(
+            self.shell.consume(
                 EventConsumer(
                     config.kafka,
                     service=SERVICE,
@@ -72,14 +75,7 @@ class TranscodeService:
                     dead_letter_topic=dead_letter_topic,
                 )
             )
-        self.health = Health(
-            {"broker": self._producer.ping, "blob_store": self._blobs.ping},
-            cache_s=config.ops.readiness_cache_s,
-        )
-        self.failed = asyncio.Event()
-        self._runner: web.AppRunner | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._stopped = False
+        self.shell.on_close(self._close_codecs)
 
     async def start(self) -> None:
         settings = self._config.transcode
@@ -88,43 +84,10 @@ class TranscodeService:
         asyncio.get_running_loop().set_default_executor(
             ThreadPoolExecutor(4 * settings.concurrency + 4, thread_name_prefix="transcode-io")
         )
-        self._runner = await start_http(
-            ops_routes(self.health), settings.http_host, settings.http_port
-        )
-        self._task = asyncio.create_task(self._run())
+        await self.shell.start()
 
-    async def _run(self) -> None:
-        if not await connect_producer(self._producer, self.failed):
-            return
-        await asyncio.gather(*(self._consume(c) for c in self._consumers))
-
-    async def _consume(self, consumer: EventConsumer[InstanceReceived]) -> None:
-        log.info("consuming", extra={"topic": ",".join(consumer.topics)})
-        try:
-            await consumer.run()
-        except Exception:
-            log.exception("consumer stopped unexpectedly")
-            self.failed.set()
+    async def _close_codecs(self) -> None:
+        await asyncio.to_thread(self._codecs.close)
 
     async def stop(self) -> None:
-        if self._stopped:
-            return
-        self._stopped = True
-        self.health.stopping = True
-        for inflight in self._inflight:
-            inflight.stop()
-        for consumer in self._consumers:
-            consumer.stop()
-        if self._task is not None:
-            try:
-                await asyncio.wait_for(self._task, timeout=60)
-            except TimeoutError:
-                self._task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._task
-        await asyncio.to_thread(self._codecs.close)
-        await self._producer.stop()
-        if self._runner is not None:
-            await self._runner.cleanup()
-        self._blobs.close()
-        log.info("stopped")
+        await self.shell.stop()

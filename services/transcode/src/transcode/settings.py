@@ -41,8 +41,6 @@ class TranscodeSettings(Section):
     """Port of the operations endpoint."""
     group_id: str = "radflow-transcode"
     """Kafka consumer group of the routine lane; the STAT lane's is '<group_id>.stat'."""
-    max_attempts: int = Field(default=5, ge=1, le=100)
-    """Attempts for a retriable failure (S3 or broker down) before it is dead-lettered."""
 
 
 @dataclass(frozen=True)

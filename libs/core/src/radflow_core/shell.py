@@ -1,0 +1,240 @@
+"""The one lifecycle every service runs on.
+
+A service declares its parts (consumers, background loops, HTTP routes, stop steps)
+and the shell owns the rest, the same way in all five:
+
+- states: created → starting → running → stopping → stopped (or failed);
+- the operations endpoint (``/healthz``, ``/readyz`` with the broker and blob-store
+  checks plus the service's own, ``/metrics``), and any routes the service adds;
+- the producer's connection, retried while the broker is away; consumers start once
+  it is up;
+- supervision: a consumer or loop that ends with an error while the service runs
+  sets ``failed``, so the process exits non-zero (3) and Kubernetes restarts it,
+  instead of serving on with part of its work silently gone;
+- one stop order: readiness false, the service's drain steps (ingest closes its
+  listeners), consumers hand back their work at a safe point, background loops end,
+  the HTTP server finishes in-flight requests, the service's close steps, the
+  producer flushes, the blob store closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from enum import StrEnum
+from typing import Any
+
+from aiohttp import web
+
+from radflow_core.blobstore import BlobStore
+from radflow_core.consumer import EventConsumer
+from radflow_core.kafka import EventProducer
+from radflow_core.ops import Health, ReadinessCheck, ops_routes
+from radflow_core.runtime import connect_producer
+from radflow_core.settings import OpsSettings
+
+log = logging.getLogger(__name__)
+
+Step = Callable[[], Awaitable[None]]
+
+
+class State(StrEnum):
+    CREATED = "created"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+class Shell:
+    """Lifecycle, supervision, health and the ops server of one service process."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        producer: EventProducer,
+        blobs: BlobStore,
+        ops: OpsSettings,
+        http_host: str,
+        http_port: int,
+        checks: Mapping[str, ReadinessCheck] | None = None,
+        routes: Sequence[web.RouteDef] = (),
+        http_shutdown_s: float = 10.0,
+        consumer_grace_s: float = 60.0,
+    ) -> None:
+        self.name = name
+        self.producer = producer
+        self.blobs = blobs
+        self.state = State.CREATED
+        self.failed = asyncio.Event()
+        """Set when the service cannot run (as configured, or any longer); main exits 3."""
+        self.health = Health(
+            {"broker": producer.ping, "blob_store": blobs.ping, **(checks or {})},
+            cache_s=ops.readiness_cache_s,
+        )
+        self._http = (http_host, http_port, http_shutdown_s)
+        self._routes = list(routes)
+        self._consumer_grace_s = consumer_grace_s
+        self._consumers: dict[EventConsumer[Any], asyncio.Task[None] | None] = {}
+        self._loops: dict[str, tuple[Callable[[], Awaitable[None]], bool]] = {}
+        self._loop_tasks: list[tuple[asyncio.Task[None], bool]] = []
+        self._drain: list[Step] = []
+        self._close: list[Step] = []
+        self._runner: web.AppRunner | None = None
+        self._connect: asyncio.Task[None] | None = None
+        self.connected = asyncio.Event()
+        """Set once the producer is connected (consumers run from then on)."""
+        self.stopping = asyncio.Event()
+        """Set when the consumers have stopped: graceful loops end on it by themselves."""
+
+    # -- what a service declares ---------------------------------------------------
+
+    def consume(self, consumer: EventConsumer[Any]) -> None:
+        """Run ``consumer`` under supervision (from the broker connection on, or now)."""
+        self._consumers[consumer] = None
+        if self.connected.is_set() and self.state is State.RUNNING:
+            self._launch(consumer)
+
+    async def retire(self, consumers: Sequence[EventConsumer[Any]]) -> None:
+        """Stop ``consumers`` (their work handed back at a safe point) and forget them;
+        the rest of the service goes on."""
+        tasks = []
+        for consumer in consumers:
+            consumer.stop()
+            task = self._consumers.pop(consumer, None)
+            if task is not None:
+                tasks.append(task)
+        await _finish(tasks, self._consumer_grace_s)
+
+    def loop(
+        self, name: str, run: Callable[[], Awaitable[None]], *, graceful: bool = False
+    ) -> None:
+        """A background loop (a rule-file watcher, a release timer) that runs while the
+        service runs, and is fatal if it ends with an error before. At stop, after the
+        consumers, a ``graceful`` loop is awaited (it must end on :attr:`stopping`, e.g.
+        after finishing a release in progress); any other is cancelled."""
+        self._loops[name] = (run, graceful)
+
+    def on_drain(self, step: Step) -> None:
+        """A stop step run right after readiness turns false, before consumers stop
+        (close listeners, let open associations finish)."""
+        self._drain.append(step)
+
+    def on_close(self, step: Step) -> None:
+        """A stop step run after consumers, loops and the HTTP server have stopped, before
+        the producer flushes (close clients, worker pools)."""
+        self._close.append(step)
+
+    def cannot_run(self, message: str, problems: Sequence[str] = ()) -> None:
+        """Record that the service cannot run as configured; main exits non-zero."""
+        log.critical(message, extra={"problems": list(problems)})
+        self.state = State.FAILED
+        self.failed.set()
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Serve the ops endpoint (and the service's routes), then connect to the broker
+        and start consumers and loops in the background."""
+        if self.failed.is_set():
+            return
+        self.state = State.STARTING
+        host, port, shutdown_s = self._http
+        app = web.Application()
+        app.add_routes(self._routes)
+        app.add_routes(ops_routes(self.health))
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_s)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, host, port).start()
+        log.info("HTTP listening", extra={"host": host, "port": port})
+        for name, (run, graceful) in self._loops.items():
+            self._loop_tasks.append((self._supervised(name, run), graceful))
+        self.state = State.RUNNING
+        self._connect = asyncio.create_task(self._connected())
+
+    async def _connected(self) -> None:
+        if not await connect_producer(self.producer, self.failed):
+            self.state = State.FAILED
+            return
+        self.connected.set()
+        for consumer in list(self._consumers):
+            self._launch(consumer)
+        if self._consumers:
+            log.info("consuming", extra={"count": len(self._consumers)})
+
+    def _launch(self, consumer: EventConsumer[Any]) -> None:
+        self._consumers[consumer] = self._supervised(
+            f"consumer {consumer.group}", consumer.run, consumer
+        )
+
+    def _supervised(
+        self, name: str, run: Callable[[], Awaitable[None]], owner: object = None
+    ) -> asyncio.Task[None]:
+        async def supervise() -> None:
+            try:
+                await run()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                if self.state is State.RUNNING:
+                    log.exception("%s stopped unexpectedly; the service exits", name)
+                    self.state = State.FAILED
+                    self.failed.set()
+                return
+            if self.state is State.RUNNING and owner is None:
+                log.error("%s ended while the service runs; the service exits", name)
+                self.state = State.FAILED
+                self.failed.set()
+
+        return asyncio.create_task(supervise(), name=name)
+
+    async def stop(self) -> None:
+        """Stop in the fixed order (module docstring); safe to call twice."""
+        if self.state in (State.STOPPING, State.STOPPED):
+            return
+        self.state = State.STOPPING
+        self.health.stopping = True
+        for step in self._drain:
+            await _logged(step)
+        for consumer in self._consumers:
+            consumer.stop()
+        await _finish(
+            [t for t in self._consumers.values() if t is not None], self._consumer_grace_s
+        )
+        self.stopping.set()
+        await _finish([t for t, graceful in self._loop_tasks if graceful], self._consumer_grace_s)
+        for task in [self._connect, *(t for t, _ in self._loop_tasks)]:
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._runner is not None:
+            await self._runner.cleanup()
+        for step in self._close:
+            await _logged(step)
+        await self.producer.stop()
+        self.blobs.close()
+        self.state = State.STOPPED
+        log.info("stopped")
+
+
+async def _finish(tasks: Sequence[asyncio.Task[None]], timeout_s: float) -> None:
+    """Let ``tasks`` end on their own for up to ``timeout_s``, then cancel them."""
+    if not tasks:
+        return
+    _, late = await asyncio.wait(tasks, timeout=timeout_s)
+    for task in late:
+        task.cancel()
+    if late:
+        await asyncio.wait(late)
+
+
+async def _logged(step: Step) -> None:
+    try:
+        await step()
+    except Exception:
+        log.exception("a stop step failed; stopping the rest")
