@@ -24,13 +24,13 @@ from radflow_core.kafka import BatchHandler, EventConsumer, EventProducer
 from radflow_core.ops import Health, ops_routes
 from radflow_core.runtime import connect_producer, finish, start_http
 from radflow_core.topics import Topic
+from radflow_rules.destinations import DestinationKind
+from radflow_rules.loader import RuleFileError, load_file
+from radflow_rules.rules import RuleSet
 from report_return.delivery import Outcomes, Returner, UnknownSites
 from report_return.mllp import MllpClient
 from report_return.settings import ReportReturnConfig
 from report_return.sites import SitesFileError, load_sites
-from router.destinations import DestinationKind
-from router.loader import RuleFileError, load_file
-from router.rules import RuleSet
 
 log = logging.getLogger(__name__)
 
