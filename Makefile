@@ -8,15 +8,15 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.radflow-installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-PACKAGES := -e libs/core -e libs/devstack -e services/ingest -e services/transcode -e services/router -e services/stow-forwarder -e services/report-return
-SRC := libs/core/src libs/devstack/src services/ingest/src services/transcode/src services/router/src services/stow-forwarder/src services/report-return/src
+PACKAGES := -e libs/core -e libs/rules -e libs/codecs -e libs/devstack -e services/ingest -e services/transcode -e services/router -e services/stow-forwarder -e services/report-return
+SRC := libs/core/src libs/rules/src libs/codecs/src libs/devstack/src services/ingest/src services/transcode/src services/router/src services/stow-forwarder/src services/report-return/src
 
-.PHONY: install system-deps run test lint bench schemas images constraints clean
+.PHONY: install system-deps run test lint bench schemas images dockerfiles constraints clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): $(PY) pyproject.toml libs/core/pyproject.toml libs/devstack/pyproject.toml services/ingest/pyproject.toml services/transcode/pyproject.toml services/router/pyproject.toml services/stow-forwarder/pyproject.toml services/report-return/pyproject.toml
+$(STAMP): $(PY) pyproject.toml libs/core/pyproject.toml libs/rules/pyproject.toml libs/codecs/pyproject.toml libs/devstack/pyproject.toml services/ingest/pyproject.toml services/transcode/pyproject.toml services/router/pyproject.toml services/stow-forwarder/pyproject.toml services/report-return/pyproject.toml
 	$(PIP) install -q --disable-pip-version-check $(PACKAGES) -e '.[dev]'
 	touch $@
 
@@ -56,7 +56,9 @@ schemas: install
 
 # Container images, one per services/*/Dockerfile, tagged $(IMAGE_PREFIX)/<service>:$(IMAGE_TAG),
 # built from a clean copy of the sources (no venv or caches in the build context).
-# deploy/k8s expects them; see docs/deploy.md. CONTAINER_TOOL=podman works too.
+# The Dockerfiles are written from one template by deploy/images/dockerfiles.py (make
+# dockerfiles); images stops if one is stale. deploy/k8s expects them; see docs/deploy.md.
+# CONTAINER_TOOL=podman works too.
 CONTAINER_TOOL ?= docker
 IMAGE_PREFIX   ?= radflow
 IMAGE_TAG      ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
@@ -67,6 +69,7 @@ images:
 	@command -v $(CONTAINER_TOOL) >/dev/null 2>&1 || { \
 	  echo "make images: '$(CONTAINER_TOOL)' not found. Install Docker, or set CONTAINER_TOOL" \
 	       "to a compatible builder (e.g. make images CONTAINER_TOOL=podman)." >&2; exit 1; }
+	$(PYTHON) deploy/images/dockerfiles.py --check
 	rm -rf $(IMAGE_CONTEXT) && mkdir -p $(IMAGE_CONTEXT)
 	tar --exclude=__pycache__ --exclude='*.egg-info' -cf - libs services deploy/images \
 	  | tar -xf - -C $(IMAGE_CONTEXT)
@@ -76,6 +79,10 @@ images:
 	  $(CONTAINER_TOOL) build --build-arg PYTHON_IMAGE=$(PYTHON_IMAGE) \
 	    -f $(IMAGE_CONTEXT)/$$dockerfile -t $(IMAGE_PREFIX)/$$name:$(IMAGE_TAG) $(IMAGE_CONTEXT); \
 	done
+
+# Rewrite services/*/Dockerfile from the template (after changing a service's dependencies).
+dockerfiles:
+	$(PYTHON) deploy/images/dockerfiles.py
 
 # Re-pin the images' third-party versions to those installed here (after a dependency change).
 constraints: install

@@ -10,7 +10,7 @@ Inputs (Explicit VR Little Endian, generated so the run needs no download):
 
 Throughput is uncompressed pixel megabytes per second of wall time, measured for the
 whole file (DCMTK includes process start, ~5 ms, negligible at these sizes). "encode"
-for ours is radflow_core.streaming_codecs.normalize_file, file to file and frame by
+for ours is radflow_codecs.streaming.normalize_file, file to file and frame by
 frame: encode *plus* the decode-and-compare that proves the result lossless, i.e. what
 the transcode service really pays.
 """
@@ -32,8 +32,8 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from radflow_core.codecs import Target, decode
-from radflow_core.streaming_codecs import normalize_file
+from radflow_codecs.codecs import Target, decode
+from radflow_codecs.streaming import normalize_file
 
 DCMTK = {
     Target.JPEG_LS_LOSSLESS: ("dcmcjpls", "dcmdjpls"),

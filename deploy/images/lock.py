@@ -16,6 +16,8 @@ from packaging.utils import canonicalize_name
 
 ROOTS = (
     "radflow-core",
+    "radflow-rules",
+    "radflow-codecs",
     "radflow-ingest",
     "radflow-transcode",
     "radflow-router",

@@ -12,7 +12,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from radflow_core.codecs import (
+from radflow_codecs.codecs import (
     LosslessMismatch,
     Normalized,
     Outcome,
@@ -20,8 +20,8 @@ from radflow_core.codecs import (
     decode,
     normalize,
 )
+from radflow_codecs.streaming import normalize_file
 from radflow_core.errors import PipelineError
-from radflow_core.streaming_codecs import normalize_file
 from support.dicom import bundled_file
 
 IMAGES = [
@@ -132,7 +132,7 @@ def test_big_endian_values_survive_as_little_endian() -> None:
 
 
 def test_a_codec_that_changes_values_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
-    import radflow_core.codecs as codecs
+    import radflow_codecs.codecs as codecs
 
     real = codecs.decode
     calls = {"n": 0}
@@ -166,8 +166,8 @@ def test_dcmtk_decodes_our_canonical_output(target: Target, tool: str, tmp_path:
 _PEAK_RSS = """
 import resource, sys
 from pathlib import Path
-from radflow_core.codecs import Target
-from radflow_core.streaming_codecs import normalize_file
+from radflow_codecs.codecs import Target
+from radflow_codecs.streaming import normalize_file
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 result = normalize_file(Path(sys.argv[1]), Path(sys.argv[2]), Target.JPEG_LS_LOSSLESS)
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -26,7 +26,7 @@ from ingest.settings import IngestConfig
 from radflow_core.events import Lane
 from radflow_core.settings import Section
 from radflow_core.topics import Topic
-from router.loader import load_text
+from radflow_rules.loader import load_text
 from router.settings import RouterConfig, RouterSettings
 from stow_forwarder.settings import ForwarderConfig, ForwarderSettings
 from transcode.settings import TranscodeConfig, TranscodeSettings

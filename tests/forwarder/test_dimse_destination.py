@@ -12,11 +12,11 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, RLELossless
 
-from radflow_core.codecs import decode
+from radflow_codecs.codecs import decode
 from radflow_core.events import Lane
 from radflow_devstack.processes import free_port
-from router.destinations import DestinationKind, DimsePeer
-from router.rules import Destination
+from radflow_rules.destinations import DestinationKind, DimsePeer
+from radflow_rules.rules import Destination
 from stow_forwarder.answer import Outgoing
 from stow_forwarder.dimse import DimseClient, Verdict, proposed_contexts, verdict
 from stow_forwarder.settings import ForwarderSettings

@@ -17,7 +17,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from radflow_core.codecs import decode
+from radflow_codecs.codecs import decode
 from radflow_core.topics import Topic
 from radflow_devstack.processes import ManagedProcess, free_port
 from support.dicom import make_instance, storescu

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from router.destinations import DestinationKind, DimsePeer
-from router.loader import load_text
+from radflow_rules.destinations import DestinationKind, DimsePeer
+from radflow_rules.loader import load_text
 
 RULES = """\
 version: 1

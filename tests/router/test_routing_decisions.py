@@ -18,10 +18,10 @@ from radflow_core.events import (
     Protocol,
     Sender,
 )
+from radflow_rules.loader import load_text
+from radflow_rules.rules import Instance, evaluate
 from router.attributes import UnreadableHeader, header_attributes, needs_header, parse_header
-from router.loader import load_text
 from router.routing import forward_request, idempotency_key, variant_for
-from router.rules import Instance, evaluate
 from support.dicom import PHI_ID, PHI_NAME, make_instance
 
 JPEG_LS = "1.2.840.10008.1.2.4.80"

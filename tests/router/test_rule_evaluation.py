@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 import pytest
 
 from radflow_core.events import Lane
-from router.loader import load_text
-from router.rules import Instance, evaluate
+from radflow_rules.loader import load_text
+from radflow_rules.rules import Instance, evaluate
 
 RULES = """
 version: 1

@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from router.loader import RuleFileError, load_text
+from radflow_rules.loader import RuleFileError, load_text
 from support.bad_rules import BAD_RULE_FILES, GOOD_HEAD
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from radflow_core.codecs import decode
+from radflow_codecs.codecs import decode
 from radflow_core.topics import Topic
 from support.dicom import bundled_file
 from support.stack import IngestProcess, Stack

@@ -167,13 +167,12 @@ class Shell:
             log.info("consuming", extra={"count": len(self._consumers)})
 
     def _launch(self, consumer: EventConsumer[Any]) -> None:
-        self._consumers[consumer] = self._supervised(
-            f"consumer {consumer.group}", consumer.run, consumer
-        )
+        self._consumers[consumer] = self._supervised(f"consumer {consumer.group}", consumer.run)
 
-    def _supervised(
-        self, name: str, run: Callable[[], Awaitable[None]], owner: object = None
-    ) -> asyncio.Task[None]:
+    def _supervised(self, name: str, run: Callable[[], Awaitable[None]]) -> asyncio.Task[None]:
+        """Run ``run``; an error while the service runs makes the service exit (a loop
+        with nothing to do may return)."""
+
         async def supervise() -> None:
             try:
                 await run()
@@ -184,11 +183,6 @@ class Shell:
                     log.exception("%s stopped unexpectedly; the service exits", name)
                     self.state = State.FAILED
                     self.failed.set()
-                return
-            if self.state is State.RUNNING and owner is None:
-                log.error("%s ended while the service runs; the service exits", name)
-                self.state = State.FAILED
-                self.failed.set()
 
         return asyncio.create_task(supervise(), name=name)
 

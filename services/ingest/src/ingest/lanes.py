@@ -21,8 +21,8 @@ from pathlib import Path
 from ingest import metrics
 from radflow_core.events import Lane, Sender
 from radflow_core.instance_header import InstanceHeader
-from router.live_rules import LiveRules, RulesMetrics
-from router.loader import RuleFileError
+from radflow_rules.live import LiveRules, RulesMetrics
+from radflow_rules.loader import RuleFileError
 
 log = logging.getLogger(__name__)
 

@@ -41,6 +41,8 @@ from radflow_core.events import (
 from radflow_core.kafka import EventProducer
 from radflow_core.report_document import ReportDocument
 from radflow_core.retry import HandedBack, current_turn
+from radflow_rules.destinations import DestinationKind
+from radflow_rules.rules import RuleSet
 from report_return.hl7 import Ack, Oru, build_oru, control_id, parse_ack
 from report_return.metrics import (
     ACK_LATENCY,
@@ -55,8 +57,6 @@ from report_return.report import ReportTooLarge, UnknownSite, UnreadableReport, 
 from report_return.settings import ReportReturnSettings
 from report_return.sites import Site
 from report_return.sr import document_from_sr
-from router.destinations import DestinationKind
-from router.rules import RuleSet
 
 log = logging.getLogger(__name__)
 

@@ -24,15 +24,15 @@ from radflow_core.events import LANES, EventModel, ForwardRequested, ReportFinal
 from radflow_core.kafka import EventProducer
 from radflow_core.shell import Shell
 from radflow_core.topics import Topic
+from radflow_rules.destinations import DestinationKind
+from radflow_rules.live import LiveRules, RulesMetrics
+from radflow_rules.loader import RuleFileError
+from radflow_rules.rules import RuleSet
 from report_return import metrics
 from report_return.delivery import Outcomes, Returner, UnknownSites
 from report_return.mllp import MllpClient
 from report_return.settings import ReportReturnConfig
 from report_return.sites import Site, SitesFileError, load_sites
-from router.destinations import DestinationKind
-from router.live_rules import LiveRules, RulesMetrics
-from router.loader import RuleFileError
-from router.rules import RuleSet
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,9 @@
 """The sites file: for each RIS, where its MLLP listener is, how its HL7 is spelled, and
 which identifier goes in which field.
 
-Read like the router's rule file (with its YAML node reader), so every problem is
-reported at once with its line, and nothing is used before everything is checked.
+Read like the rule file (with the same YAML node reader, radflow_rules.yaml_reader), so
+every problem is reported at once with its line, and nothing is used before everything
+is checked.
 """
 
 from __future__ import annotations
@@ -14,11 +15,10 @@ from enum import StrEnum
 from pathlib import Path
 from types import MappingProxyType
 
-import yaml
 from yaml.nodes import Node
 
-from router.destinations import Tls
-from router.loader import Problem, RuleFileError, _Reader, read_text
+from radflow_rules.destinations import Tls
+from radflow_rules.yaml_reader import Problem, YamlFileError, YamlReader, compose, read_text
 
 
 class TextType(StrEnum):
@@ -128,13 +128,13 @@ class Site:
         return f"{scheme}://{self.host}:{self.port}"
 
 
-class SitesFileError(RuleFileError):
+class SitesFileError(YamlFileError):
     """A sites file that cannot be used; lists every problem found, with its line."""
 
     reason = "invalid_sites_file"
 
 
-class _SitesReader(_Reader):
+class _SitesReader(YamlReader):
     def number(
         self, node: Node, what: str, *, integer: bool, low: float, high: float
     ) -> float | None:
@@ -227,7 +227,7 @@ class _SitesReader(_Reader):
                 high=100,
             )
         if "tls" in fields:
-            values["tls"] = self.site_tls(fields["tls"], what)
+            values["tls"] = self.tls(fields["tls"], f"tls of {what}")
         if "patient_identifier" in fields:
             values["patient_identifier"] = self.patient_id_rule(fields["patient_identifier"])
         if "order_fields" in fields:
@@ -235,16 +235,6 @@ class _SitesReader(_Reader):
         if any(value is None for key, value in values.items() if key != "tls"):
             return None
         return Site(**values)  # type: ignore[arg-type]
-
-    def site_tls(self, node: Node, what: str) -> Tls | None:
-        fields = self.mapping(node, f"tls of {what}")
-        if fields is None:
-            return None
-        self.unknown_keys(fields, {"ca_file", "cert_file", "key_file"}, f"tls of {what}")
-        paths = {k: Path(self.scalar(v, k) or "") for k, v in fields.items()}
-        if ("cert_file" in paths) != ("key_file" in paths):
-            self.fail(node, f"tls of {what}: cert_file and key_file go together")
-        return Tls(paths.get("ca_file"), paths.get("cert_file"), paths.get("key_file"))
 
     def patient_id_rule(self, node: Node) -> PatientIdRule | None:
         fields = self.mapping(node, "patient_identifier")
@@ -289,15 +279,7 @@ def load_sites_text(text: str, source: str = "<sites>") -> dict[str, Site]:
     Raises:
         SitesFileError: with every problem and its line.
     """
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else 1
-        problem = getattr(exc, "problem", None) or "unreadable"
-        raise SitesFileError(source, [Problem(line, f"not valid YAML: {problem}")]) from None
-    if root is None:
-        raise SitesFileError(source, [Problem(1, "the sites file is empty")])
+    root = compose(text, source, SitesFileError, "the sites file")
     reader = _SitesReader(source)
     sites = reader.sites(root)
     if sites is None:
@@ -306,8 +288,9 @@ def load_sites_text(text: str, source: str = "<sites>") -> dict[str, Site]:
 
 
 def load_sites(path: Path) -> dict[str, Site]:
-    try:
-        text = read_text(path)
-    except RuleFileError as exc:
-        raise SitesFileError(exc.source, exc.problems) from None
-    return load_sites_text(text, str(path))
+    """Read and validate a sites file.
+
+    Raises:
+        SitesFileError: with every problem and its line (one, if it cannot be read).
+    """
+    return load_sites_text(read_text(path, SitesFileError), str(path))

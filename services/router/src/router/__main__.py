@@ -12,9 +12,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from radflow_core.runtime import run_main
+from radflow_rules.loader import RuleFileError, load_file
+from radflow_rules.rules import evaluate
 from router.explain import describe, instance_from_file
-from router.loader import RuleFileError, load_file
-from router.rules import evaluate
 from router.service import RouterService
 from router.settings import RouterConfig
 

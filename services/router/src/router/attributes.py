@@ -16,7 +16,7 @@ from pydicom.dataset import Dataset
 from radflow_core.errors import PipelineError
 from radflow_core.events import InstanceIdentity
 from radflow_core.instance_header import requested_procedure_priority
-from router.rules import Instance, RuleSet
+from radflow_rules.rules import Instance, RuleSet
 
 EVENT_FIELDS = frozenset(
     {"modality", "body_part_examined", "sop_class_uid", "calling_ae", "called_ae"}

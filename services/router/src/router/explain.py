@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from radflow_rules.rules import Decision, Instance, RuleSet
 from router.attributes import file_view, parse_header
-from router.rules import Decision, Instance, RuleSet
 
 
 def instance_from_file(

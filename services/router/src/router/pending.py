@@ -36,8 +36,8 @@ from radflow_core.errors import ConfigurationError, PipelineError
 from radflow_core.events import ForwardRequested, Lane
 from radflow_core.kafka import EventProducer, connection_options
 from radflow_core.settings import KafkaSettings
+from radflow_rules.rules import Level, StudyComplete
 from router.metrics import PENDING_GROUPS, PENDING_INSTANCES, RELEASED
-from router.rules import Level, StudyComplete
 
 log = logging.getLogger(__name__)
 

@@ -27,11 +27,11 @@ from radflow_core.events import (
 from radflow_core.kafka import EventProducer
 from radflow_core.settings import KafkaSettings
 from radflow_core.topics import Topic
+from radflow_rules.live import LiveRules
+from radflow_rules.rules import Destination, Route, RuleSet, evaluate
 from router.attributes import event_view, needs_header, parse_header
-from router.live_rules import LiveRules
 from router.metrics import HELD, REQUESTS, RULE_MATCHES
 from router.pending import PendingStudies
-from router.rules import Destination, Route, RuleSet, evaluate
 
 log = logging.getLogger(__name__)
 

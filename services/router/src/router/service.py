@@ -27,8 +27,9 @@ from radflow_core.events import LANES, ForwardRequested, InstanceNormalized, Lan
 from radflow_core.kafka import EventProducer
 from radflow_core.shell import Shell
 from radflow_core.topics import Topic
-from router.live_rules import LiveRules
-from router.loader import RuleFileError
+from radflow_rules.live import LiveRules, RulesMetrics
+from radflow_rules.loader import RuleFileError
+from router import metrics
 from router.pending import PendingStudies
 from router.routing import Router
 from router.settings import RouterConfig
@@ -36,6 +37,7 @@ from router.settings import RouterConfig
 log = logging.getLogger(__name__)
 
 SERVICE = "router"
+RULES_METRICS = RulesMetrics(metrics.RULES_GENERATION, metrics.RULES_VALID, metrics.RULES_RELOADS)
 
 
 @dataclass
@@ -52,7 +54,7 @@ class RouterService:
         self._config = config
         settings = config.router
         kafka = config.kafka
-        self._rules = LiveRules(settings.rules_file)
+        self._rules = LiveRules(settings.rules_file, RULES_METRICS)
         self._blobs = BlobStore(config.s3)
         self._producer = EventProducer(kafka, SERVICE)
         self.shell = Shell(

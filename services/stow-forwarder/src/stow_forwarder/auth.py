@@ -15,7 +15,7 @@ from collections.abc import AsyncGenerator, Mapping
 import httpx
 
 from radflow_core.errors import ConfigurationError, PipelineError
-from router.destinations import Auth, AuthKind
+from radflow_rules.destinations import Auth, AuthKind
 
 
 class TokenUnavailable(PipelineError):

@@ -19,7 +19,7 @@ from email.utils import parsedate_to_datetime
 import httpx
 
 from radflow_core.events import Lane
-from router.rules import Destination
+from radflow_rules.rules import Destination
 from stow_forwarder.answer import Answer, Outgoing
 from stow_forwarder.auth import TokenUnavailable, build_auth
 from stow_forwarder.metrics import REQUEST_SECONDS

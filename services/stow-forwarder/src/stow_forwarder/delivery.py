@@ -30,8 +30,9 @@ from typing import Any, TypeVar
 
 from aiokafka import ConsumerRecord
 
+from radflow_codecs.codecs import Target
+from radflow_codecs.streaming import normalize_file
 from radflow_core.blobstore import BlobStore
-from radflow_core.codecs import Target
 from radflow_core.errors import BlobIntegrityError, BlobNotFound, PipelineError
 from radflow_core.events import (
     Envelope,
@@ -41,8 +42,7 @@ from radflow_core.events import (
 )
 from radflow_core.kafka import EventProducer
 from radflow_core.retry import Turn, current_turn
-from radflow_core.streaming_codecs import normalize_file
-from router.rules import Destination
+from radflow_rules.rules import Destination
 from stow_forwarder.answer import Answer, DestinationClient, Outgoing
 from stow_forwarder.flow import CircuitBreaker, StatFirst
 from stow_forwarder.metrics import (

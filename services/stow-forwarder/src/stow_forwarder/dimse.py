@@ -39,12 +39,12 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 
-from radflow_core.codecs import Target
+from radflow_codecs.codecs import Target
+from radflow_codecs.streaming import normalize_file
 from radflow_core.errors import PipelineError
 from radflow_core.events import Lane
-from radflow_core.streaming_codecs import normalize_file
-from router.destinations import DimsePeer
-from router.rules import Destination
+from radflow_rules.destinations import DimsePeer
+from radflow_rules.rules import Destination
 from stow_forwarder.answer import Answer, Outgoing
 from stow_forwarder.metrics import REQUEST_SECONDS
 from stow_forwarder.settings import ForwarderSettings

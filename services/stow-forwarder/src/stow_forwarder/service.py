@@ -26,10 +26,10 @@ from radflow_core.events import LANES, ForwardRequested
 from radflow_core.kafka import EventProducer
 from radflow_core.shell import Shell
 from radflow_core.topics import Topic
-from router.destinations import DestinationKind
-from router.live_rules import LiveRules, RulesMetrics
-from router.loader import RuleFileError
-from router.rules import Destination, RuleSet
+from radflow_rules.destinations import DestinationKind
+from radflow_rules.live import LiveRules, RulesMetrics
+from radflow_rules.loader import RuleFileError
+from radflow_rules.rules import Destination, RuleSet
 from stow_forwarder import metrics
 from stow_forwarder.answer import DestinationClient
 from stow_forwarder.client import StowClient

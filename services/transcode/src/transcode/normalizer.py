@@ -23,8 +23,9 @@ import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
+from radflow_codecs.codecs import Normalized, Outcome, Target
+from radflow_codecs.streaming import normalize_file
 from radflow_core.blobstore import BlobStore, HashedFile, content_key
-from radflow_core.codecs import Normalized, Outcome, Target
 from radflow_core.errors import PipelineError
 from radflow_core.events import (
     BlobRef,
@@ -35,7 +36,6 @@ from radflow_core.events import (
     PixelInfo,
 )
 from radflow_core.kafka import EventProducer
-from radflow_core.streaming_codecs import normalize_file
 from transcode import metrics
 from transcode.pool import CodecPool
 

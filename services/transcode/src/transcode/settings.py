@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from radflow_core.codecs import Target
+from radflow_codecs.codecs import Target
 from radflow_core.settings import (
     KafkaSettings,
     LogSettings,

@@ -2,8 +2,9 @@
 an invalid change is rejected, logged with its lines, and the last valid rules stay.
 
 Changes are detected by content (sha256), not mtime, so the symlink swap Kubernetes
-does when a ConfigMap changes is seen like any edit. The forwarder watches the same
-file for its destinations, with its own metrics.
+does when a ConfigMap changes is seen like any edit. The router, ingest (its STAT
+policy) and the forwarder (its destinations) each watch the file with metric families
+of their own, passed in: nothing here registers a metric.
 """
 
 from __future__ import annotations
@@ -17,26 +18,26 @@ from pathlib import Path
 
 from prometheus_client import Counter, Gauge
 
-from router.loader import RuleFileError, load_text, read_text
-from router.metrics import RULES_GENERATION, RULES_RELOADS, RULES_VALID
-from router.rules import RuleSet
+from radflow_rules.loader import RuleFileError, load_text, read_text
+from radflow_rules.rules import RuleSet
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class RulesMetrics:
+    """The metric families a service reports its rule file's state with (its own names)."""
+
     generation: Gauge
+    """Valid rule files applied since start (1 after start)."""
     valid: Gauge
+    """1 while the file on disk is the one in use; 0 after a rejected change."""
     reloads: Counter
-    """By outcome: applied, rejected."""
-
-
-ROUTER_METRICS = RulesMetrics(RULES_GENERATION, RULES_VALID, RULES_RELOADS)
+    """Changes seen, by outcome: applied, rejected."""
 
 
 class LiveRules:
-    def __init__(self, path: Path, metrics: RulesMetrics = ROUTER_METRICS) -> None:
+    def __init__(self, path: Path, metrics: RulesMetrics) -> None:
         self.path = path
         self._metrics = metrics
         self._digest: str | None = None

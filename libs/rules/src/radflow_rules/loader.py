@@ -12,29 +12,26 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import re
-from dataclasses import dataclass
 from datetime import time
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import yaml
 from pydicom.datadict import keyword_dict, keyword_for_tag
-from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from yaml.nodes import Node, ScalarNode, SequenceNode
 
-from radflow_core.errors import ConfigurationError
 from radflow_core.events import Lane
 from radflow_core.uids import is_valid_uid
-from router.destinations import (
+from radflow_rules import yaml_reader
+from radflow_rules.destinations import (
     AUTH_FIELDS,
     Auth,
     AuthKind,
     DestinationKind,
     DimsePeer,
     SecretRef,
-    Tls,
 )
-from router.rules import (
+from radflow_rules.rules import (
     DAYS,
     All,
     Any_,
@@ -53,6 +50,7 @@ from router.rules import (
     StudyComplete,
     TimeWindow,
 )
+from radflow_rules.yaml_reader import Problem, YamlFileError, YamlReader, compose
 
 EVENT_ATTRIBUTES = {
     "modality": "modality",
@@ -78,79 +76,17 @@ _DEST_KEYS = {
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
 
 
-@dataclass(frozen=True)
-class Problem:
-    line: int
-    """1-based line in the rule file."""
-    message: str
-
-
-class RuleFileError(ConfigurationError):
+class RuleFileError(YamlFileError):
     """A rule file that cannot be used; lists every problem found, with its line."""
 
     reason = "invalid_rule_file"
 
-    def __init__(self, source: str, problems: list[Problem]) -> None:
-        self.source = source
-        self.problems = problems
-        super().__init__("\n".join(self.lines))
 
-    @property
-    def lines(self) -> list[str]:
-        """One ``file:line: message`` per problem, as editors and CI logs show them."""
-        return [f"{self.source}:{p.line}: {p.message}" for p in self.problems]
-
-
-class _Reader:
+class _RuleReader(YamlReader):
     def __init__(self, source: str) -> None:
-        self.source = source
-        self.problems: list[Problem] = []
-        self.warnings: list[str] = []
+        super().__init__(source)
         self.zone = ZoneInfo("UTC")
         self.attributes: set[str] = set()
-
-    def fail(self, node: Node, message: str) -> None:
-        self.problems.append(Problem(node.start_mark.line + 1, message))
-
-    def warn(self, node: Node, message: str) -> None:
-        self.warnings.append(f"{self.source}:{node.start_mark.line + 1}: {message}")
-
-    # Small typed accessors over nodes.
-
-    def mapping(self, node: Node, what: str) -> dict[str, Node] | None:
-        if not isinstance(node, MappingNode):
-            self.fail(node, f"{what} must be a mapping (key: value)")
-            return None
-        out: dict[str, Node] = {}
-        for key, value in node.value:
-            name = str(key.value)
-            if name in out:
-                self.fail(key, f"duplicate key {name!r} in {what}")
-            out[name] = value
-        return out
-
-    def sequence(self, node: Node, what: str) -> list[Node]:
-        if isinstance(node, SequenceNode):
-            return list(node.value)
-        if isinstance(node, ScalarNode):
-            return [node]
-        self.fail(node, f"{what} must be a list")
-        return []
-
-    def scalar(self, node: Node, what: str) -> str | None:
-        if not isinstance(node, ScalarNode):
-            self.fail(node, f"{what} must be a single value")
-            return None
-        return str(node.value)
-
-    def unknown_keys(self, items: dict[str, Node], allowed: set[str], what: str) -> None:
-        for key, value in items.items():
-            if key not in allowed:
-                self.fail(
-                    value,
-                    f"unknown key {key!r} in {what} (expected one of: "
-                    f"{', '.join(sorted(allowed))})",
-                )
 
     def zone_of(self, node: Node) -> ZoneInfo | None:
         name = self.scalar(node, "timezone")
@@ -276,7 +212,7 @@ class _Reader:
                     )
                     continue
                 auth = self.auth(fields["auth"], name) if "auth" in fields else None
-                tls = self.tls(fields["tls"], name) if "tls" in fields else None
+                tls = self.tls(fields["tls"], f"tls of {what}") if "tls" in fields else None
                 if tls is not None and not url.startswith("https://"):
                     self.fail(fields["tls"], f"{what} has tls but an http:// url")
             out[name] = Destination(name, url, auth, tuple(syntaxes), max_batch, tls=tls, **common)
@@ -357,17 +293,6 @@ class _Reader:
             self.fail(fields["token_url"], f"{what}: token_url must be an http(s) URL")
         return Auth(kind, **values)
 
-    def tls(self, node: Node, destination: str) -> Tls | None:
-        what = f"tls of destination {destination!r}"
-        fields = self.mapping(node, what)
-        if fields is None:
-            return None
-        self.unknown_keys(fields, {"ca_file", "cert_file", "key_file"}, what)
-        paths = {k: Path(self.scalar(v, k) or "") for k, v in fields.items()}
-        if ("cert_file" in paths) != ("key_file" in paths):
-            self.fail(node, f"{what}: cert_file and key_file go together")
-        return Tls(paths.get("ca_file"), paths.get("cert_file"), paths.get("key_file"))
-
     def stat_policy(self, node: Node | None) -> StatPolicy:
         if node is None:
             return StatPolicy(from_priority=True, calling_aes=frozenset())
@@ -389,12 +314,6 @@ class _Reader:
             else frozenset()
         )
         return StatPolicy(from_priority, aes)
-
-    def boolean(self, node: Node, what: str) -> bool:
-        text = (self.scalar(node, what) or "").lower()
-        if text not in ("true", "false"):
-            self.fail(node, f"{what} must be true or false")
-        return text == "true"
 
     def rule(self, node: Node, destinations: dict[str, Destination]) -> Rule | None:
         fields = self.mapping(node, "a rule")
@@ -632,16 +551,8 @@ def load_text(text: str, source: str = "<rules>") -> RuleSet:
     Raises:
         RuleFileError: with every problem and its line.
     """
-    reader = _Reader(source)
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else 1
-        problem = getattr(exc, "problem", None) or "unreadable"
-        raise RuleFileError(source, [Problem(line, f"not valid YAML: {problem}")]) from None
-    if root is None:
-        raise RuleFileError(source, [Problem(1, "the rule file is empty")])
+    root = compose(text, source, RuleFileError, "the rule file")
+    reader = _RuleReader(source)
     rules = reader.ruleset(root)
     if rules is None:
         raise RuleFileError(source, reader.problems or [Problem(1, "invalid rule file")])
@@ -655,10 +566,7 @@ def read_text(path: Path) -> str:
     Raises:
         RuleFileError: it cannot be read as UTF-8 (the error type, as its one problem).
     """
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RuleFileError(str(path), [Problem(1, f"cannot read: {type(exc).__name__}")]) from None
+    return yaml_reader.read_text(path, RuleFileError)
 
 
 def load_file(path: Path) -> RuleSet:

@@ -18,7 +18,7 @@ from enum import StrEnum
 from zoneinfo import ZoneInfo
 
 from radflow_core.events import Lane
-from router.destinations import Auth, DestinationKind, DimsePeer, Tls
+from radflow_rules.destinations import Auth, DestinationKind, DimsePeer, Tls
 
 
 class Level(StrEnum):

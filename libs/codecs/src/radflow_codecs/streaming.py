@@ -25,7 +25,7 @@ from pydicom.pixels.utils import iter_pixels
 from pydicom.tag import Tag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
-from radflow_core.codecs import (
+from radflow_codecs.codecs import (
     _J2K,
     LosslessMismatch,
     Normalized,
