@@ -57,7 +57,12 @@ async def serve(build: Callable[[], Service]) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await service.start()
+    try:
+        await service.start()
+    except OSError as exc:  # a port taken, an address not on this host
+        log.critical("cannot start", extra={"reason": f"{type(exc).__name__}: {exc}"})
+        await service.stop()
+        return EXIT_CANNOT_RUN
     try:
         waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(service.failed.wait())]
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
