@@ -1,6 +1,6 @@
 """Kafka producer and consumer loop on aiokafka, with the pipeline's delivery rules.
 
-Producer: acks=all, idempotence as a setting (DESIGN: off only against Tansu), and a
+Producer: acks=all, idempotence as a setting (docs/architecture.md: off only against Tansu), and a
 bounded wait per event so a broker outage turns into :class:`BrokerUnavailable`
 quickly instead of a sender hanging.
 
