@@ -3,7 +3,7 @@ DCMTK senders, a topic follower, RSS sampling, and the machine's description.
 
 Every benchmark starts its own broker (Tansu) and S3 server (moto), gives each run a
 fresh topic prefix and bucket, and stops everything it started. DCMTK tools and
-Orthanc run with ``TCP_NODELAY=1`` (see DESIGN.md on Nagle's algorithm).
+Orthanc run with ``TCP_NODELAY=1`` (see docs/architecture.md on Nagle's algorithm).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from radflow_devstack.processes import ManagedProcess, free_port
 from support.corpus import build_corpus
 from support.stack import IngestProcess, Stack, make_stack
 
-os.environ.setdefault("TCP_NODELAY", "1")  # DCMTK tools: see DESIGN.md on Nagle
+os.environ.setdefault("TCP_NODELAY", "1")  # DCMTK tools: see docs/architecture.md on Nagle
 
 
 @pytest.fixture(scope="session")

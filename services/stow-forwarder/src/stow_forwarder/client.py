@@ -1,7 +1,7 @@
 """One destination's STOW-RS endpoint: a pooled HTTP client with its auth and TLS,
 and each answer sorted into delivered, refused, or worth another try.
 
-What is retried (DESIGN, delivery semantics): timeouts, connection errors, 408, 429
+What is retried (docs/architecture.md, delivery semantics): timeouts, connection errors, 408, 429
 and 5xx (honouring Retry-After), a FailedSOPSequence entry whose reason is 0xA7xx (out
 of resources), and an instance a 2xx answer does not mention. Everything else a
 destination says no to is final: 400, 401/403 (after one token refresh), 404, 409
