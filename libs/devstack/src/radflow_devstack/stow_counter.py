@@ -201,6 +201,8 @@ class StowCounter:
             await self._site.stop()
             self._site = None
             self._reset_connections()
+        elif mode == "503" and self._site is None:
+            await self._listen()
 
     async def _up(self) -> None:
         self._mode = None
