@@ -13,9 +13,10 @@ offset (the high watermark a consumer's ``end_offsets()`` asks for) is wrong whe
 several batches of a partition were written within the same second — 30 one-record
 batches over three partitions, all stored and fetchable with ``watermark.json`` saying
 ``high: 10`` each, were reported as end offsets 1/1/1 or 3/3/2; the answer is right
-once the newest batch is alone in its second (a batch sent 1.5 s later: 11/11/11). It
-seems to pick the newest record object by its S3 LastModified time, which S3 gives
-to the second. Fetch, produce and committed group offsets are unaffected. Whatever
+once the newest batch is alone in its second (a batch sent 1.5 s later: 11/11/11). A
+guess at the cause (the newest record object picked by its S3 LastModified, which
+moto gives to the second) is not confirmed: a moto patched to give milliseconds did
+not fix it. Fetch, produce and committed group offsets are unaffected. Whatever
 reads "up to the end offsets" on a durable broker stops early: the tests read its
 topics until idle instead; the router's restore of pending studies from its
 changelog and the consumer-lag gauge read end offsets too.
