@@ -32,8 +32,12 @@ system-deps:
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
 	    dcmtk orthanc orthanc-dicomweb; }
 
+# make run BROKER=durable keeps the broker's log in the S3 server, so Tansu can be
+# killed and restarted without losing a record (default: in memory).
+BROKER ?= memory
 run: install system-deps
-	$(PY) -m radflow_devstack
+	@case "$(BROKER)" in memory|durable) ;; *) echo "BROKER must be memory or durable" >&2; exit 2;; esac
+	$(PY) -m radflow_devstack $(if $(filter durable,$(BROKER)),--durable-broker)
 
 test: install system-deps
 	$(PY) -m pytest

@@ -4,15 +4,26 @@ loopback ports; per-test topics and bucket; the ingest service as a real process
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from radflow_core.topics import Topic
-from radflow_devstack.parts import prepare, start_broker, start_orthanc, start_s3, start_service
+from radflow_devstack.broker import Broker
+from radflow_devstack.parts import (
+    broker_storage,
+    prepare,
+    start_broker,
+    start_orthanc,
+    start_s3,
+    start_service,
+)
 from radflow_devstack.processes import ManagedProcess, free_port
+from radflow_devstack.stow_counter import StowCounter
 from support.corpus import build_corpus
+from support.fleet import Fleet
 from support.stack import IngestProcess, Stack, make_stack
 
 os.environ.setdefault("TCP_NODELAY", "1")  # DCMTK tools: see docs/architecture.md on Nagle
@@ -50,6 +61,33 @@ def stack(broker: ManagedProcess, s3_server: ManagedProcess, tmp_path: Path) -> 
     st = make_stack(broker.port, s3_server.port, tmp_path)
     prepare(st.kafka, st.s3, [st.topic(t) for t in Topic])
     return st
+
+
+@pytest.fixture
+def durable_broker(s3_server: ManagedProcess, tmp_path: Path) -> Iterator[Broker]:
+    """This test's own Tansu, keeping its log in a bucket of the shared S3 server: it
+    can be killed (``.kill()``, ``.restart()``) and comes back on its port with every
+    acknowledged record and committed offset."""
+    assert s3_server.port
+    storage = broker_storage(s3_server.port, f"tansu-{uuid.uuid4().hex[:10]}")
+    proc = start_broker(free_port(), tmp_path, storage=storage)
+    yield proc
+    proc.kill()
+
+
+@pytest.fixture
+def durable_stack(durable_broker: Broker, s3_server: ManagedProcess, tmp_path: Path) -> Stack:
+    """Like ``stack``, on ``durable_broker``; pass it as ``stack_=`` to the ``start_*``
+    fixtures. Its topics are read until idle, not to the broker's end offsets (which
+    Tansu on S3 under-reports: see radflow_devstack.broker)."""
+    assert durable_broker.port and s3_server.port
+    st = make_stack(durable_broker.port, s3_server.port, tmp_path)
+    st.read_idle_s = DURABLE_READ_IDLE_S
+    prepare(st.kafka, st.s3, [st.topic(t) for t in Topic])
+    return st
+
+
+DURABLE_READ_IDLE_S = 2.0
 
 
 LOG_TAIL_LINES = 30
@@ -167,6 +205,44 @@ def start_report_return(
     """Start ``python -m report_return`` against ``stack`` (pass sites_file=..., and
     rules_file=... for Structured Reports)."""
     return _service_factory("report_return", stack, tmp_path, services)
+
+
+@pytest.fixture
+def fleet(
+    start_ingest: ServiceFactory,
+    start_transcode: ServiceFactory,
+    start_router: ServiceFactory,
+    start_forwarder: ServiceFactory,
+    start_report_return: ServiceFactory,
+    services: list[IngestProcess],
+) -> Fleet:
+    """This test's service processes by name: start, kill, terminate, restart, scale."""
+    return Fleet(
+        {
+            "ingest": start_ingest,
+            "transcode": start_transcode,
+            "router": start_router,
+            "stow_forwarder": start_forwarder,
+            "report_return": start_report_return,
+        },
+        services,
+    )
+
+
+@pytest.fixture
+def stow_counter() -> Iterator[Callable[[ManagedProcess], StowCounter]]:
+    """Put a counting proxy in front of an Orthanc: ``stow_counter(orthanc)``; point
+    the forwarder at ``.url`` and read ``.deliveries()`` / ``.duplicates()``."""
+    started: list[StowCounter] = []
+
+    def start(orthanc: ManagedProcess) -> StowCounter:
+        counter = StowCounter(f"http://127.0.0.1:{orthanc.port}").start()
+        started.append(counter)
+        return counter
+
+    yield start
+    for counter in started:
+        counter.close()
 
 
 @pytest.fixture

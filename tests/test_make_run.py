@@ -4,6 +4,8 @@ shows up as an event and a blob, and Ctrl-C/SIGTERM stops everything cleanly."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,53 +21,47 @@ from support.waiting import wait_for
 pytestmark = pytest.mark.pipeline
 
 
-def test_run_starts_the_stack_and_a_sent_instance_becomes_event_and_blob(tmp_path: Path) -> None:
-    names = (
-        "broker",
-        "s3",
-        "dimse",
-        "http",
-        "transcode",
-        "router",
-        "forwarder",
-        "report_return",
-        "mllp",
-        "orthanc",
-    )
-    ports = {name: free_port() for name in (*names, "orthanc_dicom")}
+PORT_NAMES = (
+    "broker",
+    "s3",
+    "dimse",
+    "http",
+    "transcode",
+    "router",
+    "forwarder",
+    "report_return",
+    "mllp",
+    "orthanc",
+    "orthanc_dicom",
+)
+
+
+def _start_devstack(tmp_path: Path, *extra: str) -> tuple[ManagedProcess, dict[str, int]]:
+    """``python -m radflow_devstack`` on free ports, its terminal in devstack.out."""
+    ports = {name: free_port() for name in PORT_NAMES}
+    flags = [f"--{name.replace('_', '-')}-port" for name in PORT_NAMES]
     stack = ManagedProcess(
         "devstack",
         [
             sys.executable,
             "-m",
             "radflow_devstack",
-            "--broker-port",
-            str(ports["broker"]),
-            "--s3-port",
-            str(ports["s3"]),
-            "--dimse-port",
-            str(ports["dimse"]),
-            "--http-port",
-            str(ports["http"]),
-            "--transcode-port",
-            str(ports["transcode"]),
-            "--router-port",
-            str(ports["router"]),
-            "--forwarder-port",
-            str(ports["forwarder"]),
-            "--report-return-port",
-            str(ports["report_return"]),
-            "--mllp-port",
-            str(ports["mllp"]),
-            "--orthanc-port",
-            str(ports["orthanc"]),
-            "--orthanc-dicom-port",
-            str(ports["orthanc_dicom"]),
+            *[
+                arg
+                for flag, name in zip(flags, PORT_NAMES, strict=True)
+                for arg in (flag, str(ports[name]))
+            ],
             "--log-dir",
             str(tmp_path / "logs"),
+            *extra,
         ],
         tmp_path / "devstack.out",
     ).start()
+    return stack, ports
+
+
+def test_run_starts_the_stack_and_a_sent_instance_becomes_event_and_blob(tmp_path: Path) -> None:
+    stack, ports = _start_devstack(tmp_path)
     try:
         stack.wait_until(lambda: http_status(f"http://127.0.0.1:{ports['http']}/readyz") == 200, 90)
         sent = storescu(ports["dimse"], bundled_file("CT_small.dcm"), ts="1.2.840.10008.1.2.1")
@@ -132,3 +128,65 @@ def _devstack_args(args: list[str], env: dict[str, str]) -> str:
         check=True,
     )
     return done.stdout
+
+
+def _child_pid(parent: int, module: str) -> int:
+    """The pid of ``parent``'s child running ``python -m module`` (or binary ``module``)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            argv = (stat.parent / "cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and (
+            module.encode() in argv[argv.index(b"-m") + 1 : argv.index(b"-m") + 2]
+            if b"-m" in argv
+            else argv[0].endswith(module.encode())
+        ):
+            return int(stat.parent.name)
+    raise AssertionError(f"no child {module} of {parent}")
+
+
+def test_run_reports_a_killed_service_and_broker_and_starts_them_again(tmp_path: Path) -> None:
+    stack, ports = _start_devstack(tmp_path, "--durable-broker")
+    out = tmp_path / "devstack.out"
+    try:
+        wait_for("the stack started", lambda: "Ctrl-C stops everything" in out.read_text(), 120)
+        assert stack.proc is not None
+        router = _child_pid(stack.proc.pid, "router")
+
+        os.kill(router, signal.SIGKILL)
+
+        wait_for(
+            "the router's death reported and the router ready again",
+            lambda: "ok       router is ready again (restart 1)" in out.read_text(),
+            90,
+        )
+        text = out.read_text()
+        assert "!!       router died: killed by SIGKILL" in text
+        assert f"last lines of {tmp_path / 'logs' / 'router.log'}:" in text
+        assert "restarting router in 1 s (restart 1)" in text
+        assert http_status(f"http://127.0.0.1:{ports['router']}/readyz") == 200
+        assert _child_pid(stack.proc.pid, "router") != router
+
+        os.kill(_child_pid(stack.proc.pid, "tansu"), signal.SIGKILL)  # durable: comes back
+
+        wait_for(
+            "the broker restarted",
+            lambda: "ok       tansu is ready again (restart 1)" in out.read_text(),
+            60,
+        )
+        sent = storescu(ports["dimse"], bundled_file("CT_small.dcm"), ts="1.2.840.10008.1.2.1")
+        assert sent.returncode == 0, sent.stderr
+        orthanc = f"http://127.0.0.1:{ports['orthanc']}"
+        wait_for(
+            "an instance sent after the broker's restart delivered to Orthanc",
+            lambda: httpx.get(f"{orthanc}/statistics").json()["CountInstances"] == 1,
+            120,
+        )
+    finally:
+        code = stack.stop(timeout_s=60)
+    text = out.read_text()
+    assert code == 0, text
+    for name in ("stow-forwarder", "router", "tansu", "s3"):
+        assert f"stopped  {name} (exit 0)" in text, text

