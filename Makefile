@@ -11,7 +11,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PACKAGES := -e libs/core -e libs/rules -e libs/codecs -e libs/devstack -e services/ingest -e services/transcode -e services/router -e services/stow-forwarder -e services/report-return
 SRC := libs/core/src libs/rules/src libs/codecs/src libs/devstack/src services/ingest/src services/transcode/src services/router/src services/stow-forwarder/src services/report-return/src
 
-.PHONY: install system-deps run test lint bench schemas images dockerfiles constraints clean
+.PHONY: install system-deps run test lint bench faults schemas images dockerfiles constraints clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -94,3 +94,10 @@ constraints: install
 
 clean:
 	rm -rf $(VENV) .run .pytest_cache .mypy_cache .ruff_cache
+
+# The fault suite at full length (a 20-minute destination outage, a 15-minute soak,
+# several hundred instances per stream; over an hour on 2 cores), then docs/reliability.md
+# regenerated from its results. make test runs the same scenarios CI-sized.
+faults: install system-deps
+	RADFLOW_FAULTS=full $(PY) -m pytest tests/faults -m faults --timeout 7200 -p no:cacheprovider
+	$(PY) tests/faults/publish.py

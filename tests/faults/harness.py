@@ -272,9 +272,12 @@ class Result:
     when: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
     def record(self, tmp_path: Path) -> Path:
-        """Write the result: beside the test always, and in ``RESULTS`` on a full run."""
+        """Write the result to ``RADFLOW_FAULTS_RESULTS`` if set, else to ``RESULTS`` on a
+        full run, else beside the test (a CI run leaves the published results alone)."""
         text = json.dumps(self.__dict__, indent=2, sort_keys=True) + "\n"
-        target = (RESULTS if self.mode == "full" else tmp_path) / f"{self.scenario}.json"
+        chosen = os.environ.get("RADFLOW_FAULTS_RESULTS")
+        folder = Path(chosen) if chosen else RESULTS if self.mode == "full" else tmp_path
+        target = folder / f"{self.scenario}.json"
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(text)
         return target
