@@ -16,6 +16,7 @@ from pydicom.dataset import Dataset
 from radflow_core.topics import Topic
 from radflow_devstack.mllp_peer import MllpPeer
 from support.dicom import bundled_file, pynetdicom_store
+from support.metrics import metric
 from support.mllp import field, sections
 from support.reports import make_sr, write_sites
 from support.stack import IngestProcess, Stack
@@ -171,3 +172,62 @@ def test_a_second_verified_report_for_an_acknowledged_order_is_sent_as_corrected
     wait_for("2 returned", lambda: len(events(stack, Topic.REPORT_RETURNED)) == 2, 120)
     assert [field(m, "OBR", 25) for m in mllp_peer.received] == ["F", "C"]
     assert [r["status"] for r in events(stack, Topic.REPORT_RETURNED)] == ["final", "corrected"]
+
+
+BEFORE = """\
+version: 1
+destinations:
+  pacs: {url: "http://127.0.0.1:1/dicom-web"}
+rules:
+  - name: images-to-pacs
+    when: {modality: CT}
+    route: [pacs]
+default: {hold: unrouted}
+"""
+
+
+def test_a_site_newly_routed_in_the_rule_file_gets_structured_reports_without_a_restart(
+    stack: Stack,
+    start_ingest,
+    start_transcode,
+    start_router,
+    start_report_return,
+    mllp_peer: MllpPeer,
+    tmp_path: Path,
+) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(BEFORE)
+    sites = write_sites(
+        tmp_path / "sites.yaml",
+        {"north": {"host": "127.0.0.1", "port": mllp_peer.port, "ack_timeout_s": 5}},
+    )
+    later = {"wait_ready": False, "wait_port": False}
+    ingest = start_ingest(**later)
+    started = [
+        ingest,
+        start_transcode(**later),
+        start_router(rules_file=str(rules), reload_interval_s="0.5", **later),
+        report_return := start_report_return(
+            sites_file=str(sites), rules_file=str(rules), reload_interval_s="0.5", **later
+        ),
+    ]
+    for service in started:
+        service.wait_ready()
+    rules.write_text(RULES)  # Structured Reports now go to site north
+    wait_for(
+        "report-return to apply the changed rule file",
+        lambda: metric(report_return.url, "radflow_report_return_rules_generation") == 2,
+        timeout_s=30,
+    )
+    wait_for(
+        "the router to apply it too",
+        lambda: (
+            "rules in force" in started[2].log().split("rules_digest")[-1]
+            or started[2].log().count('"rules in force"') >= 2
+        ),
+        timeout_s=30,
+    )
+    sr = make_sr(tmp_path / "sr.dcm", findings=["No change."], impression=["Stable."])
+    assert pynetdicom_store(ingest.dimse_port, sr).status == 0
+    wait_for("the report returned", lambda: len(events(stack, Topic.REPORT_RETURNED)) == 1, 120)
+    assert len(mllp_peer.received) == 1
