@@ -12,6 +12,7 @@ import httpx
 import pytest
 from pydicom.uid import generate_uid
 
+from radflow_core.dicom_status import StoreStatus
 from radflow_core.errors import ConfigurationError
 from radflow_core.events import BlobRef, ForwardRequested, Lane, Protocol, Sender
 from stow_forwarder.auth import ClientCredentials
@@ -50,6 +51,13 @@ def test_each_instance_is_delivered_refused_or_retried_by_what_the_server_said()
     assert answer.delivered == {"1.1", "1.2"}
     assert answer.refused == {"1.3": (0xC122, "HTTP 202, FailureReason 0xC122")}
     assert set(answer.retry) == {"1.4", "1.5"}  # out of resources; not mentioned
+
+
+def test_an_instance_the_server_already_holds_is_delivered() -> None:
+    body = _response_body(["1.1"], {"1.2": StoreStatus.DUPLICATE_SOP_INSTANCE})
+    answer = classify(_answer(409, body), ["1.1", "1.2"])
+    assert answer.delivered == {"1.1", "1.2"}
+    assert not answer.refused and not answer.retry
 
 
 @pytest.mark.parametrize("status", [408, 429, 500, 502, 503, 504])
