@@ -14,6 +14,7 @@ from radflow_devstack.parts import prepare, start_broker, start_orthanc, start_s
 from radflow_devstack.processes import ManagedProcess, free_port
 from support.corpus import build_corpus
 from support.stack import IngestProcess, Stack, make_stack
+from support.strict_s3 import StrictS3, start_strict_s3
 
 os.environ.setdefault("TCP_NODELAY", "1")  # DCMTK tools: see DESIGN.md on Nagle
 
@@ -41,6 +42,15 @@ def s3_server(run_dir: Path) -> Iterator[ManagedProcess]:
     proc = start_s3(free_port(), run_dir)
     yield proc
     proc.stop()
+
+
+@pytest.fixture(scope="session")
+def strict_s3(run_dir: Path) -> Iterator[StrictS3]:
+    """A second S3 server, one that checks access keys and signatures (the shared one
+    accepts any): for the tests of a wrong secret or an unknown key."""
+    server = start_strict_s3(run_dir)
+    yield server
+    server.proc.stop()
 
 
 @pytest.fixture
