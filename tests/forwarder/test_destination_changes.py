@@ -11,10 +11,12 @@ from typing import Any
 import pytest
 from pydicom.uid import generate_uid
 
+from radflow_core.events import Lane
 from radflow_core.topics import Topic
 from radflow_devstack.processes import ManagedProcess
 from support.dicom import make_instance
-from support.forward import publish, routed
+from support.forward import publish, routed, stored
+from support.metrics import metric
 from support.orthanc import OrthancView
 from support.stack import Stack
 from support.waiting import wait_for
@@ -76,3 +78,46 @@ def test_a_destination_pointed_at_another_server_under_the_same_name_gets_replay
     wait_for("6 acknowledgements", lambda: len(completed(stack)) == 6, timeout_s=30)
     assert [d["already_delivered"] for d in completed(stack)] == [False] * 6
     assert first.count() == 3
+
+
+def held(stack: Stack) -> list[dict[str, Any]]:
+    return [e["data"] for e in stack.events(Topic.INSTANCE_HELD)]
+
+
+def test_requests_for_an_undefined_destination_are_held_and_delivered_once_it_is_added(
+    stack: Stack,
+    start_forwarder,
+    start_orthanc_server: Callable[..., ManagedProcess],
+    tmp_path: Path,
+) -> None:
+    orthanc = OrthancView(start_orthanc_server())
+    defined = {"pacs": f"url: '{orthanc.dicomweb}'", "ris": "kind: report-return, site: ris1"}
+    rules = write_rules(tmp_path / "rules.yaml", defined)
+    forwarder = start_forwarder(
+        rules_file=str(rules), reload_interval_s="0.5", unknown_destination_grace_s="0"
+    )
+    files = instances(tmp_path, 4)
+    routed(stack, files[:1], "pacs")
+    routed(stack, files[1:2], "ris")  # report-return's: defined, not the forwarder's to report
+    routine, urgent = stored(stack, files[2:], "later")
+    publish(stack, [routine, urgent.model_copy(update={"lane": Lane.STAT})])
+    wait_for("2 held", lambda: len(held(stack)) == 2, timeout_s=60)
+    wait_for("1 delivered to pacs", lambda: len(completed(stack)) == 1, timeout_s=60)
+    assert {h["sop_instance_uid"] for h in held(stack)} == {
+        routine.sop_instance_uid,
+        urgent.sop_instance_uid,
+    }
+    assert {h["reason"] for h in held(stack)} == {"unknown_destination: later"}
+    assert {h["canonical"]["sha256"] for h in held(stack)} == {
+        routine.blob.sha256,
+        urgent.blob.sha256,
+    }
+    unknown = "radflow_forwarder_unknown_destination_total"
+    assert metric(forwarder.url, unknown, destination="later") == 2
+    assert metric(forwarder.url, unknown, destination="ris") is None
+
+    write_rules(rules, {**defined, "later": f"url: '{orthanc.dicomweb}'"})
+    wait_for("the held requests delivered", lambda: len(completed(stack)) == 3, timeout_s=60)
+    assert orthanc.count() == 3
+    assert {d["destination"] for d in completed(stack)} == {"pacs", "later"}
+    assert len(held(stack)) == 2

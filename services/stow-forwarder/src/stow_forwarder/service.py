@@ -10,6 +10,8 @@ what was not acknowledged is not committed and is read again.
 The rule file is watched like the router watches it: a destination added, changed or
 removed starts, restarts or stops on its own, without touching the others. Requests
 routed to a new destination before the change was seen wait in the topic for it.
+Requests for a destination the rule file does not define are reported by the consumers
+of :mod:`stow_forwarder.unknown`.
 """
 
 from __future__ import annotations
@@ -39,10 +41,13 @@ from stow_forwarder.client import StowClient
 from stow_forwarder.delivery import Deliverer
 from stow_forwarder.dimse import DimseClient
 from stow_forwarder.settings import ForwarderConfig
+from stow_forwarder.unknown import unknown_destination_consumers
 
 log = logging.getLogger(__name__)
 
 SERVICE = "stow-forwarder"
+UNKNOWN = "(unknown destinations)"
+"""How the consumers of requests for undefined destinations are named in logs."""
 RULES_METRICS = RulesMetrics(metrics.RULES_GENERATION, metrics.RULES_VALID, metrics.RULES_RELOADS)
 
 
@@ -82,6 +87,9 @@ class ForwarderService:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = False
         self._consuming = False
+        self._unknown: list[EventConsumer[ForwardRequested]] = []
+        """Consumers reporting requests for destinations the rule file does not define."""
+        self._unknown_tasks: list[asyncio.Task[None]] = []
 
     @property
     def deliverers(self) -> dict[str, Deliverer]:
@@ -151,20 +159,29 @@ class ForwarderService:
         self._consuming = True
         for running in self.running.values():
             self._launch(running)
-        log.info("consuming", extra={"count": 2 * len(self.running)})
+        self._unknown = unknown_destination_consumers(
+            lambda: self._rules.current,
+            self._producer,
+            self._stopping,
+            self._config.kafka,
+            self._config.forwarder,
+            SERVICE,
+        )
+        self._unknown_tasks = [
+            asyncio.create_task(self._consume(UNKNOWN, c)) for c in self._unknown
+        ]
+        log.info("consuming", extra={"count": 2 * len(self.running) + len(self._unknown)})
         await self._rules.watch(self._config.forwarder.reload_interval_s, self._apply)
 
     def _launch(self, running: Running) -> None:
-        running.tasks = [asyncio.create_task(self._consume(running, c)) for c in running.consumers]
+        name = running.destination.name
+        running.tasks = [asyncio.create_task(self._consume(name, c)) for c in running.consumers]
 
-    async def _consume(self, running: Running, consumer: EventConsumer[ForwardRequested]) -> None:
+    async def _consume(self, name: str, consumer: EventConsumer[ForwardRequested]) -> None:
         try:
             await consumer.run()
         except Exception:
-            log.exception(
-                "a consumer stopped unexpectedly",
-                extra={"destination": running.destination.name},
-            )
+            log.exception("a consumer stopped unexpectedly", extra={"destination": name})
             self.failed.set()
 
     async def _apply(self, rules: RuleSet) -> None:
@@ -213,7 +230,12 @@ class ForwarderService:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await asyncio.gather(*(self._retire(r) for r in self.running.values()))
+        for consumer in self._unknown:
+            consumer.stop()
+        await asyncio.gather(
+            *(self._retire(r) for r in self.running.values()),
+            *(finish(t) for t in self._unknown_tasks),
+        )
         await self._producer.stop()
         if self._runner is not None:
             await self._runner.cleanup()
