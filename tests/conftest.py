@@ -25,6 +25,7 @@ from radflow_devstack.stow_counter import StowCounter
 from support.corpus import build_corpus
 from support.fleet import Fleet
 from support.stack import IngestProcess, Stack, make_stack
+from support.strict_s3 import StrictS3, start_strict_s3
 
 os.environ.setdefault("TCP_NODELAY", "1")  # DCMTK tools: see docs/architecture.md on Nagle
 
@@ -52,6 +53,15 @@ def s3_server(run_dir: Path) -> Iterator[ManagedProcess]:
     proc = start_s3(free_port(), run_dir)
     yield proc
     proc.stop()
+
+
+@pytest.fixture(scope="session")
+def strict_s3(run_dir: Path) -> Iterator[StrictS3]:
+    """A second S3 server, one that checks access keys and signatures (the shared one
+    accepts any): for the tests of a wrong secret or an unknown key."""
+    server = start_strict_s3(run_dir)
+    yield server
+    server.proc.stop()
 
 
 @pytest.fixture

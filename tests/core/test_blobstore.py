@@ -14,12 +14,15 @@ from radflow_core.blobstore import BlobStore, HashedFile, content_key, map_error
 from radflow_core.errors import (
     BlobIntegrityError,
     BlobNotFound,
+    BlobStoreMisconfigured,
     BlobStoreUnavailable,
     PipelineError,
 )
+from radflow_core.events import BlobRef
 from radflow_core.settings import S3Settings
 from radflow_devstack.processes import free_port
 from support.stack import Stack
+from support.strict_s3 import StrictS3
 
 pytestmark = pytest.mark.pipeline
 
@@ -97,6 +100,108 @@ def test_every_minio_exception_is_mapped(cls: type[BaseException]) -> None:
     mapped = map_error(exc, "put")
     assert isinstance(mapped, PipelineError)
     assert mapped.retriable
+
+
+def _s3_error(code: str) -> minio.error.S3Error:
+    return minio.error.S3Error(None, code, "the server's words", "/b/k", "req", "host")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "AccessDenied",
+        "NoSuchBucket",
+        "AllAccessDisabled",
+        "AuthorizationHeaderMalformed",
+        "InvalidBucketName",
+    ],
+)
+def test_s3_errors_that_only_configuration_fixes_are_not_retriable(code: str) -> None:
+    mapped = map_error(_s3_error(code), "put")
+    assert isinstance(mapped, BlobStoreMisconfigured) and not mapped.retriable
+    assert mapped.reason == "blob_store_misconfigured"
+    assert code in str(mapped)
+
+
+@pytest.mark.parametrize(
+    "code",
+    ["InternalError", "SlowDown", "ServiceUnavailable", "RequestTimeout", "RequestTimeTooSkewed"],
+)
+def test_s3_errors_of_a_busy_or_failing_server_are_retriable(code: str) -> None:
+    mapped = map_error(_s3_error(code), "get")
+    assert isinstance(mapped, BlobStoreUnavailable) and mapped.retriable
+    assert code in str(mapped)
+
+
+def test_server_errors_without_an_s3_code_are_retriable() -> None:
+    server_error = minio.error.ServerError("server failed with HTTP status code 503", 503)
+    garbled = minio.error.InvalidResponseError(502, "text/html", "<html>bad gateway</html>")
+    for exc in (server_error, garbled):
+        mapped = map_error(exc, "get")
+        assert isinstance(mapped, BlobStoreUnavailable) and mapped.retriable
+
+
+def _strict_store(strict_s3: StrictS3, bucket: str, secret_key: str | None = None) -> BlobStore:
+    return BlobStore(S3Settings.from_env(strict_s3.env(bucket, secret_key)))
+
+
+def _assert_misconfigured(info: pytest.ExceptionInfo[BlobStoreMisconfigured], code: str) -> None:
+    assert not info.value.retriable
+    assert code in str(info.value)
+
+
+async def test_a_wrong_secret_is_misconfiguration_named_by_its_code_not_an_outage(
+    strict_s3: StrictS3,
+) -> None:
+    bucket = "wrong-secret"
+    strict_s3.make_bucket(bucket)
+    right = _strict_store(strict_s3, bucket)
+    await right.ping()
+    stored = await right.put_bytes("original/x/a.dcm", b"bytes", "original")
+    wrong = _strict_store(strict_s3, bucket, secret_key="not-the-secret")
+    with pytest.raises(BlobStoreMisconfigured) as info:
+        await wrong.ping()
+    _assert_misconfigured(info, "AccessDenied")
+    with pytest.raises(BlobStoreMisconfigured) as info:
+        await wrong.put_bytes("original/x/b.dcm", b"other bytes", "original")
+    _assert_misconfigured(info, "AccessDenied")  # the existence check (HEAD) says no first
+    with pytest.raises(BlobStoreMisconfigured) as info:
+        await wrong.put_bytes("original/x/b.dcm", b"other bytes", "original", check_existing=False)
+    _assert_misconfigured(info, "SignatureDoesNotMatch")
+    with pytest.raises(BlobStoreMisconfigured) as info:
+        await wrong.read(stored.ref)
+    _assert_misconfigured(info, "SignatureDoesNotMatch")
+    assert "not-the-secret" not in str(info.value)
+    assert strict_s3.access_key not in str(info.value)
+
+
+async def test_an_unknown_access_key_is_misconfiguration(strict_s3: StrictS3) -> None:
+    bucket = "unknown-key"
+    strict_s3.make_bucket(bucket)
+    env = {**strict_s3.env(bucket), "RADFLOW_S3_ACCESS_KEY": "AKIAUNKNOWNUNKNOWN00"}
+    blobs = BlobStore(S3Settings.from_env(env))
+    with pytest.raises(BlobStoreMisconfigured) as info:
+        await blobs.put_bytes("original/x/a.dcm", b"bytes", "original", check_existing=False)
+    _assert_misconfigured(info, "InvalidAccessKeyId")
+
+
+async def test_a_missing_bucket_is_misconfiguration_and_ping_names_it(
+    strict_s3: StrictS3,
+) -> None:
+    blobs = _strict_store(strict_s3, "no-such-bucket")
+    with pytest.raises(BlobStoreMisconfigured) as info:
+        await blobs.ping()
+    _assert_misconfigured(info, "NoSuchBucket")
+    assert "no-such-bucket" in str(info.value)
+    with pytest.raises(BlobStoreMisconfigured) as info:
+        await blobs.put_bytes("original/x/a.dcm", b"bytes", "original")
+    _assert_misconfigured(info, "NoSuchBucket")
+    ref = BlobRef(bucket="no-such-bucket", key="original/x/a.dcm", size=5, sha256="0" * 64)
+    with pytest.raises(BlobStoreMisconfigured) as info:
+        await blobs.read(ref)
+    _assert_misconfigured(info, "NoSuchBucket")
 
 
 @pytest.mark.parametrize(

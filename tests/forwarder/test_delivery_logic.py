@@ -12,11 +12,14 @@ import httpx
 import pytest
 from pydicom.uid import generate_uid
 
+from radflow_core.dicom_status import StoreStatus
 from radflow_core.errors import ConfigurationError
 from radflow_core.events import BlobRef, ForwardRequested, Lane, Protocol, Sender
+from radflow_rules.destinations import Auth, AuthKind, DestinationKind, DimsePeer, SecretRef
+from radflow_rules.rules import Destination
 from stow_forwarder.auth import ClientCredentials
 from stow_forwarder.client import classify
-from stow_forwarder.delivery import bounded, chunks
+from stow_forwarder.delivery import bounded, chunks, marker_key
 from stow_forwarder.flow import Circuit, CircuitBreaker, StatFirst
 from stow_forwarder.settings import ForwarderSettings
 from stow_forwarder.stow import MultipartBody, parse_response
@@ -50,6 +53,13 @@ def test_each_instance_is_delivered_refused_or_retried_by_what_the_server_said()
     assert answer.delivered == {"1.1", "1.2"}
     assert answer.refused == {"1.3": (0xC122, "HTTP 202, FailureReason 0xC122")}
     assert set(answer.retry) == {"1.4", "1.5"}  # out of resources; not mentioned
+
+
+def test_an_instance_the_server_already_holds_is_delivered() -> None:
+    body = _response_body(["1.1"], {"1.2": StoreStatus.DUPLICATE_SOP_INSTANCE})
+    answer = classify(_answer(409, body), ["1.1", "1.2"])
+    assert answer.delivered == {"1.1", "1.2"}
+    assert not answer.refused and not answer.retry
 
 
 @pytest.mark.parametrize("status", [408, 429, 500, 502, 503, 504])
@@ -275,3 +285,53 @@ def test_oauth2_tokens_are_cached_and_refreshed_once_on_401() -> None:
     asyncio.run(scenario())
     assert issued == ["t0", "t1"]
     assert seen == ["Bearer t0", "Bearer t0", "Bearer t1", "Bearer t1"]
+
+
+def _stow(url: str, **changes: object) -> Destination:
+    fields: dict[str, object] = {"auth": None, "transfer_syntaxes": (), "max_batch": 50}
+    return Destination("pacs", url, **{**fields, **changes})  # type: ignore[arg-type]
+
+
+def _dimse(peer: DimsePeer) -> Destination:
+    return Destination("pacs", str(peer), None, (), 50, kind=DestinationKind.DIMSE, dimse=peer)
+
+
+KEY = "0" * 64
+
+
+def test_a_delivery_marker_follows_the_destinations_address_not_its_name() -> None:
+    base = _stow("https://pacs.example.org/dicom-web")
+    same = [
+        _stow("HTTPS://PACS.example.org:443/dicom-web/"),
+        _stow("https://pacs.example.org/dicom-web", max_batch=5, lane=Lane.STAT),
+        _stow(
+            "https://pacs.example.org/dicom-web",
+            auth=Auth(AuthKind.BEARER, token=SecretRef(env="TOKEN")),
+            transfer_syntaxes=("1.2.840.10008.1.2.1",),
+        ),
+        Destination("renamed", base.url, None, (), 50),
+    ]
+    for destination in same:
+        assert marker_key(destination, KEY) == marker_key(base, KEY), destination
+    other = [
+        _stow("https://pacs2.example.org/dicom-web"),
+        _stow("https://pacs.example.org:8443/dicom-web"),
+        _stow("http://pacs.example.org/dicom-web"),
+        _stow("https://pacs.example.org/other/dicom-web"),
+    ]
+    for destination in other:
+        assert marker_key(destination, KEY) != marker_key(base, KEY), destination
+
+
+def test_a_dimse_destinations_identity_is_its_host_port_and_called_ae_title() -> None:
+    base = _dimse(DimsePeer("pacs.local", 104, "PACS"))
+    assert base.identity == "dicom://PACS@pacs.local:104"
+    assert _dimse(DimsePeer("PACS.local", 104, "PACS", calling_ae_title="OTHER")).identity == (
+        base.identity
+    )
+    for peer in (
+        DimsePeer("pacs2.local", 104, "PACS"),
+        DimsePeer("pacs.local", 11112, "PACS"),
+        DimsePeer("pacs.local", 104, "ARCHIVE"),
+    ):
+        assert marker_key(_dimse(peer), KEY) != marker_key(base, KEY), peer

@@ -13,6 +13,7 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, RLELossless
 
 from radflow_codecs.codecs import decode
+from radflow_core.dicom_status import StoreStatus
 from radflow_core.events import Lane
 from radflow_devstack.processes import free_port
 from radflow_rules.destinations import DestinationKind, DimsePeer
@@ -33,6 +34,7 @@ CT = "1.2.840.10008.5.1.4.1.1.2"
         (0xB000, Verdict.STORED),
         (0xB006, Verdict.STORED),
         (0xB007, Verdict.STORED),
+        (StoreStatus.DUPLICATE_SOP_INSTANCE, Verdict.ALREADY_STORED),
         (0xA700, Verdict.RETRY),
         (0xA7FF, Verdict.RETRY),
         (0xA900, Verdict.REFUSED),
@@ -114,6 +116,20 @@ def test_each_instance_is_sorted_by_the_status_the_pacs_answers(
     }
     assert answer.peer_unavailable, "0xA7xx (out of resources) counts against the circuit"
     assert [r.sop_instance_uid for r in peer.received] == uids, "one association, in order"
+
+
+def test_an_instance_the_pacs_already_holds_counts_as_delivered(
+    peer: ScriptedPeer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    items = [_outgoing(p) for p in _instances(tmp_path, 2)]
+    peer.script[items[0].sop_instance_uid] = [StoreStatus.DUPLICATE_SOP_INSTANCE]
+    with caplog.at_level("INFO", logger="stow_forwarder.dimse"):
+        answer = asyncio.run(_client(peer.port).store(items, Lane.ROUTINE))
+    assert answer.delivered == {i.sop_instance_uid for i in items}
+    assert not answer.refused and not answer.retry and not answer.peer_unavailable
+    assert [r.status for r in peer.received] == [StoreStatus.DUPLICATE_SOP_INSTANCE, 0]
+    (duplicate,) = [r for r in caplog.records if "already holds" in r.getMessage()]
+    assert duplicate.__dict__["sop_instance_uid"] == items[0].sop_instance_uid
 
 
 def test_stat_instances_are_sent_with_high_priority(peer: ScriptedPeer, tmp_path: Path) -> None:

@@ -4,7 +4,6 @@ router would), pinned to one partition so that they arrive in one fetch."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,47 +12,17 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from radflow_core.blobstore import BlobStore
-from radflow_core.events import ForwardRequested, encode, wrap
-from radflow_core.kafka import EventProducer
 from radflow_core.topics import Topic
 from radflow_devstack.processes import ManagedProcess
-from radflow_devstack.seed import stored_request
 from stow_forwarder.delivery import DELIVERED_MARKER
 from support.dicom import make_instance
+from support.forward import routed
 from support.metrics import metric, metric_sum
 from support.orthanc import OrthancView
 from support.stack import Stack
 from support.waiting import wait_for
 
 pytestmark = pytest.mark.pipeline
-
-
-def routed(stack: Stack, files: list[Path], destination: str) -> list[ForwardRequested]:
-    """Store each file in the bucket and publish one routine forward request per file,
-    in this order, all to partition 0 (one fetch can carry several studies)."""
-
-    async def run() -> list[ForwardRequested]:
-        blobs = BlobStore(stack.s3)
-        producer = EventProducer(stack.kafka, "test-router")
-        await producer.start()
-        requests = []
-        try:
-            for path in files:
-                request = await stored_request(blobs, path, destination, "test")
-                await producer.send(
-                    stack.topic(Topic.FORWARD_REQUESTED),
-                    request.key,
-                    encode(wrap(request, "router")),
-                    partition=0,
-                )
-                requests.append(request)
-        finally:
-            await producer.stop()
-            blobs.close()
-        return requests
-
-    return asyncio.run(run())
 
 
 def studies(tmp_path: Path, count: int, per_study: int, rows: int = 32) -> list[Path]:

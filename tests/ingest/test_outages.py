@@ -19,6 +19,7 @@ from support.dicom import make_instance, pynetdicom_store
 from support.proxy import FaultProxy
 from support.stack import IngestProcess, Stack, make_stack
 from support.stow import stow
+from support.strict_s3 import StrictS3
 from support.waiting import wait_for
 
 pytestmark = pytest.mark.pipeline
@@ -131,6 +132,32 @@ def test_missing_broker_at_start_makes_ingest_unready_and_refuse_with_retryable_
     response = stow(ingest.stow_url, [path.read_bytes()])
     assert response.status_code == 503
     assert int(response.headers["Retry-After"]) > 0
+
+
+@pytest.mark.parametrize(
+    ("fault", "code"), [("wrong_secret", "AccessDenied"), ("missing_bucket", "NoSuchBucket")]
+)
+def test_misconfigured_s3_makes_ingest_unready_naming_it_and_refuse_with_retryable_status(
+    stack: Stack, strict_s3: StrictS3, tmp_path: Path, start_ingest, fault: str, code: str
+) -> None:
+    bucket = stack.s3.bucket
+    if fault == "wrong_secret":
+        strict_s3.make_bucket(bucket)
+        s3_env = strict_s3.env(bucket, secret_key="not-the-secret")
+    else:
+        s3_env = strict_s3.env(bucket)
+    ingest: IngestProcess = start_ingest(stack, env=s3_env, wait_ready=False)
+    ready = httpx.get(f"{ingest.url}/readyz")
+    assert ready.status_code == 503
+    check = ready.json()["checks"]["blob_store"]
+    assert check.startswith("blob_store_misconfigured") and code in check, check
+    path = make_instance(tmp_path / "a.dcm")
+    assert pynetdicom_store(ingest.dimse_port, path).status == StoreStatus.OUT_OF_RESOURCES
+    response = stow(ingest.stow_url, [path.read_bytes()])
+    assert response.status_code == 503
+    assert stack.events() == []
+    assert "blob_store_misconfigured" in ingest.log()
+    assert "not-the-secret" not in ingest.log()
 
 
 def test_sigterm_lets_an_open_association_finish_and_loses_nothing(

@@ -30,6 +30,7 @@ from prometheus_client import Counter, Histogram
 from radflow_core.errors import (
     BlobIntegrityError,
     BlobNotFound,
+    BlobStoreMisconfigured,
     BlobStoreUnavailable,
     PipelineError,
 )
@@ -51,6 +52,23 @@ BLOB_BYTES = Counter(
 )
 
 _NOT_FOUND_CODES = frozenset({"NoSuchKey", "NoSuchObject", "NotFound"})
+MISCONFIGURED_CODES = frozenset(
+    {
+        "AccessDenied",
+        "AccountProblem",
+        "AllAccessDisabled",
+        "AuthorizationHeaderMalformed",
+        "InvalidAccessKeyId",
+        "InvalidBucketName",
+        "InvalidToken",
+        "NoSuchBucket",
+        "PermanentRedirect",
+        "SignatureDoesNotMatch",
+    }
+)
+"""S3 error codes that only a change of settings (endpoint, region, keys, bucket, the
+bucket's policy) can fix. Every other S3 error code (InternalError, SlowDown,
+ServiceUnavailable, RequestTimeout, RequestTimeTooSkewed, ...) is worth another try."""
 
 
 def content_key(kind: str, study_instance_uid: str, sha256: str) -> str:
@@ -62,6 +80,11 @@ def map_error(exc: BaseException, operation: str) -> PipelineError:
     """Translate a minio/urllib3/socket error into the pipeline's error tree."""
     if isinstance(exc, S3Error) and exc.code in _NOT_FOUND_CODES:
         return BlobNotFound(f"{operation}: object not found")
+    if isinstance(exc, S3Error) and exc.code in MISCONFIGURED_CODES:
+        return BlobStoreMisconfigured(
+            f"{operation}: S3 error {exc.code}; check the endpoint, region, access key, "
+            "secret key and bucket"
+        )
     if isinstance(exc, S3Error):
         return BlobStoreUnavailable(f"{operation}: S3 error {exc.code}")
     if isinstance(exc, MinioException | urllib3.exceptions.HTTPError | OSError):
@@ -229,10 +252,17 @@ class BlobStore:
         await self._call("ensure_bucket", create)
 
     async def ping(self) -> None:
-        """Raise :class:`BlobStoreUnavailable` unless the bucket is reachable."""
+        """Return when the bucket is reachable with our credentials.
+
+        Raises:
+            BlobStoreUnavailable: the server did not answer or answered with an error
+                worth another try.
+            BlobStoreMisconfigured: the credentials were refused or the bucket does not
+                exist (named with the S3 error code).
+        """
         exists = await self._call("ping", lambda: self._client.bucket_exists(self.bucket))
         if not exists:
-            raise BlobStoreUnavailable(f"bucket {self.bucket!r} does not exist")
+            raise BlobStoreMisconfigured(f"ping: S3 error NoSuchBucket (bucket {self.bucket!r})")
 
     async def size_of(self, key: str) -> int | None:
         """The stored object's size, or None if there is no object under ``key``."""
@@ -302,7 +332,7 @@ class BlobStore:
         for decisions, never to deliver bytes.
 
         Raises:
-            BlobNotFound, BlobStoreUnavailable, ReadLimitExceeded
+            BlobNotFound, BlobStoreUnavailable, BlobStoreMisconfigured, ReadLimitExceeded
         """
         return await self._call(
             "get_range",
@@ -317,7 +347,7 @@ class BlobStore:
         it for instance bytes.
 
         Raises:
-            BlobStoreUnavailable, ReadLimitExceeded
+            BlobStoreUnavailable, BlobStoreMisconfigured, ReadLimitExceeded
         """
 
         def fetch() -> bytes:
@@ -340,7 +370,7 @@ class BlobStore:
         """Stream a blob into ``file`` (1 MiB at a time), verifying size and sha256.
 
         Raises:
-            BlobNotFound, BlobStoreUnavailable, BlobIntegrityError
+            BlobNotFound, BlobStoreUnavailable, BlobStoreMisconfigured, BlobIntegrityError
         """
 
         def fetch() -> tuple[int, str]:

@@ -1,9 +1,11 @@
-"""DICOM status codes the pipeline sends, by name (never as bare hex literals).
+"""DICOM status codes the pipeline sends or reads, by name (never as bare hex literals).
 
 The same codes serve as C-STORE response statuses (PS3.4 Annex B, with detail in
 Error Comment (0000,0902)) and as STOW-RS Failure Reason (0008,1197) values
 (PS3.18 §10.5). Codes in the C0xx block are this pipeline's refinements of the
-standard "Cannot understand" range, listed in docs/conformance.md.
+standard "Cannot understand" range, listed in docs/conformance.md. Ingest never
+answers with :attr:`StoreStatus.DUPLICATE_SOP_INSTANCE` (a duplicate succeeds); the
+forwarder reads it from destinations.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ class StoreStatus(IntEnum):
     SUCCESS = 0x0000
     PROCESSING_FAILURE = 0x0110
     """STOW-RS: an unexpected failure inside the receiver."""
+    DUPLICATE_SOP_INSTANCE = 0x0111
+    """The receiver already holds an instance with this SOP Instance UID (PS3.7 C.4.2):
+    from a destination, the instance is there, so it counts as delivered."""
     SOP_CLASS_NOT_SUPPORTED = 0x0122
     """The SOP Class is not a storage class this receiver accepts."""
     OUT_OF_RESOURCES = 0xA700

@@ -31,6 +31,16 @@ class BlobStoreUnavailable(PipelineError):
     reason = "blob_store_unavailable"
 
 
+class BlobStoreMisconfigured(PipelineError):
+    """The S3 server answered, and said no in a way that only a change of configuration
+    fixes: an unknown access key, a wrong secret (SignatureDoesNotMatch), AccessDenied,
+    or a bucket that does not exist. The message names the S3 error code (and the
+    bucket), never a key or secret. Not retriable: retrying cannot help, so records go
+    to the dead-letter topic with this reason and readiness names it."""
+
+    reason = "blob_store_misconfigured"
+
+
 class BlobNotFound(PipelineError):
     """The event names a blob that is not in the store."""
 

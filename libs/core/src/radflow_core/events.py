@@ -290,7 +290,9 @@ class ForwardFailed(Delivery):
 
     reason: str
     """Machine-readable: ``rejected`` (the destination said no), ``retries_exhausted``,
-    ``blob_integrity_error``, ``blob_not_found``, ``cannot_convert``, ``unknown_destination``."""
+    ``blob_integrity_error``, ``blob_not_found``, ``cannot_convert``. (A request for a
+    destination the rule file does not define is not a failure: it is reported on
+    ``dicom.instance.held``.)"""
     http_status: int | None = None
     """The destination's last HTTP status, if it answered."""
     dicom_status: int | None = None
@@ -304,10 +306,13 @@ class ForwardFailed(Delivery):
 
 
 class InstanceHeld(InstanceIdentity):
-    """``dicom.instance.held`` v1: no rule routed the instance and the default holds it.
+    """``dicom.instance.held`` v1: no rule routed the instance and the default holds it
+    (router), or it was routed to a destination the rule file does not define
+    (forwarder).
 
     Nothing is dropped: held instances stay in the blob store and on this topic until an
-    operator fixes the rules and replays them.
+    operator fixes the rules and replays them; a destination added under the missing
+    name receives its requests without a replay.
     """
 
     type_name: ClassVar[str] = "dicom.instance.held"
@@ -315,15 +320,17 @@ class InstanceHeld(InstanceIdentity):
     topic: ClassVar[Topic | None] = Topic.INSTANCE_HELD
 
     reason: str
-    """The hold reason from the rule file's default."""
+    """The hold reason from the rule file's default (router), or
+    ``unknown_destination: <destination name>`` (forwarder)."""
     canonical: BlobRef
-    """The canonical variant (as in the normalized event)."""
+    """The canonical variant (as in the normalized event); for ``unknown_destination``,
+    the variant the forward request named."""
     canonical_transfer_syntax_uid: Uid
     """Its transfer syntax."""
     rules_digest: str
     """First 12 hex digits of the rule file's sha256 that held it."""
     held_at: AwareDatetime
-    """When the router decided (UTC)."""
+    """When the router (or the forwarder) decided (UTC)."""
 
 
 SiteName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]

@@ -119,6 +119,15 @@ class Turn:
             return
         raise HandedBack(f"handed back while waiting to retry ({reason})")
 
+    async def wait_for_hand_back(self, seconds: float) -> bool:
+        """Wait ``seconds`` (a grace period, not a retry); True if the work must be
+        handed back meanwhile."""
+        try:
+            await asyncio.wait_for(self.hand_back.wait(), timeout=seconds)
+        except TimeoutError:
+            return False
+        return True
+
     def recovered(self) -> None:
         """The work went through: this turn no longer waits."""
         if self.waiting is not None:

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, time, timedelta
 from enum import StrEnum
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
 from radflow_core.events import Lane
@@ -47,6 +48,33 @@ class Destination:
     """The peer, for ``kind: dimse``."""
     site: str | None = None
     """The RIS site, for ``kind: report-return``."""
+
+    @property
+    def identity(self) -> str:
+        """What the destination *is*, not what the rule file calls it: its delivery
+        address. STOW-RS: the base URL with scheme and host in lower case, no user info,
+        no default port, no trailing slash; DIMSE: ``dicom://<called AE>@<host>:<port>``;
+        report-return: ``report-return://<site>``. Authentication, TLS, syntaxes, batch
+        size, lane and our calling AE title are not part of it: changing them leaves the
+        same destination, while a new URL or peer under the same name is another one
+        (delivery markers are kept per identity, so it receives everything again)."""
+        if self.dimse is not None:
+            peer = self.dimse
+            return f"dicom://{peer.ae_title.strip()}@{peer.host.lower()}:{peer.port}"
+        if self.site is not None:
+            return f"report-return://{self.site}"
+        url = urlsplit(self.url.strip())
+        scheme, host = url.scheme.lower(), (url.hostname or "").lower()
+        try:
+            port = url.port
+        except ValueError:
+            port = None
+        if ":" in host:
+            host = f"[{host}]"
+        if port is not None and port != {"http": 80, "https": 443}.get(scheme):
+            host = f"{host}:{port}"
+        query = f"?{url.query}" if url.query else ""
+        return f"{scheme}://{host}{url.path.rstrip('/')}{query}"
 
 
 @dataclass(frozen=True)

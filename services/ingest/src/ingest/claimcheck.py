@@ -64,8 +64,9 @@ class Origin:
 class NotStored(PipelineError):
     """The instance was not stored; ``status`` says why and whether to retry.
 
-    Raised for bad data (C0xx/A900, not retriable) and for unavailable storage or
-    broker (A700, retriable). ``header`` holds the instance's UIDs when they could be
+    Raised for bad data (C0xx/A900, not retriable) and for unavailable or misconfigured
+    storage or an unavailable broker (A700, retriable for the sender: it is the pipeline,
+    not the instance, that has to change). ``header`` holds the instance's UIDs when they could be
     read, so STOW-RS can name the failed instance.
     """
 

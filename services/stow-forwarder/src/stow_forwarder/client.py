@@ -3,9 +3,10 @@ and each answer sorted into delivered, refused, or worth another try.
 
 What is retried (docs/architecture.md, delivery semantics): timeouts, connection errors, 408, 429
 and 5xx (honouring Retry-After), a FailedSOPSequence entry whose reason is 0xA7xx (out
-of resources), and an instance a 2xx answer does not mention. Everything else a
-destination says no to is final: 400, 401/403 (after one token refresh), 404, 409
-entries, 413, 415.
+of resources), and an instance a 2xx answer does not mention. A FailedSOPSequence
+entry whose reason is 0x0111 (duplicate SOP instance) means the destination holds the
+instance already: delivered. Everything else a destination says no to is final: 400,
+401/403 (after one token refresh), 404, 409 entries, 413, 415.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from email.utils import parsedate_to_datetime
 
 import httpx
 
+from radflow_core.dicom_status import StoreStatus
 from radflow_core.events import Lane
 from radflow_rules.rules import Destination
 from stow_forwarder.answer import Answer, Outgoing
@@ -143,7 +145,7 @@ def classify(response: httpx.Response, uids: Sequence[str]) -> Answer:
         result: InstanceAnswer | None = per_instance.get(uid)
         if result is None:
             answer.retry[uid] = f"HTTP {status} does not mention the instance"
-        elif result.stored:
+        elif result.stored or result.failure_reason == StoreStatus.DUPLICATE_SOP_INSTANCE:
             answer.delivered.add(uid)
         elif result.failure_reason is not None and 0xA700 <= result.failure_reason <= 0xA7FF:
             answer.retry[uid] = f"out of resources (0x{result.failure_reason:04X})"

@@ -143,8 +143,12 @@ async def bounded(items: Sequence[_T], work: Callable[[_T], Awaitable[_R]], limi
     return done
 
 
-def marker_key(destination: str, idempotency_key: str) -> str:
-    scope = hashlib.sha256(destination.encode("utf-8")).hexdigest()[:16]
+def marker_key(destination: Destination, idempotency_key: str) -> str:
+    """Where the delivery of one request to ``destination`` is recorded: scoped by the
+    destination's :attr:`~router.rules.Destination.identity` (its address), not its
+    name, so a destination that now points at another server receives everything
+    again instead of having it skipped as delivered."""
+    scope = hashlib.sha256(destination.identity.encode("utf-8")).hexdigest()[:16]
     return f"{DELIVERED_MARKER}/{scope}/{idempotency_key}"
 
 
@@ -257,7 +261,7 @@ class Deliverer:
     async def _prepare(self, request: ForwardRequested, spool: Path) -> Prepared | None:
         """The bytes to send, verified, in the requested syntax; None if already
         delivered or dead-lettered."""
-        if await self._blobs.exists(marker_key(self.name, request.idempotency_key)):
+        if await self._blobs.exists(marker_key(self.destination, request.idempotency_key)):
             SKIPPED.labels(self.name).inc()
             await self._completed(request, request.transfer_syntax_uid, 0, 1, replay=True)
             return None
@@ -362,7 +366,7 @@ class Deliverer:
 
         async def deliver(p: Prepared) -> None:
             await self._blobs.put_bytes(
-                marker_key(self.name, p.request.idempotency_key),
+                marker_key(self.destination, p.request.idempotency_key),
                 b"",
                 kind=DELIVERED_MARKER,
                 check_existing=False,

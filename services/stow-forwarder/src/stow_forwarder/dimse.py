@@ -10,6 +10,8 @@ How answers are sorted (PS3.4 Annex B.2.3 and PS3.7 Annex C), the same way for e
 peer:
 
 - Success 0x0000 and the warnings 0xB000, 0xB006, 0xB007: stored.
+- 0x0111 (duplicate SOP instance): the PACS already holds the instance, so it is
+  delivered as far as we are concerned; logged as a duplicate.
 - 0xA7xx (out of resources): retried, within the destination's budget.
 - 0xA9xx (data set does not match SOP class), 0xCxxx (cannot understand), 0x0122
   (SOP class not supported), 0x0124 (not authorised) and any other failure: refused,
@@ -27,6 +29,7 @@ event loop's default executor while the next batch is staged.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import tempfile
 import time
@@ -41,6 +44,7 @@ from pynetdicom.association import Association
 
 from radflow_codecs.codecs import Target
 from radflow_codecs.streaming import normalize_file
+from radflow_core.dicom_status import StoreStatus
 from radflow_core.errors import PipelineError
 from radflow_core.events import Lane
 from radflow_rules.destinations import DimsePeer
@@ -48,6 +52,8 @@ from radflow_rules.rules import Destination
 from stow_forwarder.answer import Answer, Outgoing
 from stow_forwarder.metrics import REQUEST_SECONDS
 from stow_forwarder.settings import ForwarderSettings
+
+log = logging.getLogger(__name__)
 
 # The forwarder is the only DIMSE user in its process: send files as they are, in
 # PDU-sized chunks, never decoded into memory.
@@ -61,14 +67,18 @@ _MAX_CONTEXTS = 128
 
 class Verdict(Enum):
     STORED = "stored"
+    ALREADY_STORED = "already_stored"
+    """The peer had the instance already (0x0111): delivered, nothing new stored."""
     RETRY = "retry"
     REFUSED = "refused"
 
 
 def verdict(status: int) -> Verdict:
     """What a C-STORE response status means for the instance."""
-    if status == 0x0000 or status in _WARNINGS:
+    if status == StoreStatus.SUCCESS or status in _WARNINGS:
         return Verdict.STORED
+    if status == StoreStatus.DUPLICATE_SOP_INSTANCE:
+        return Verdict.ALREADY_STORED
     if 0xA700 <= status <= 0xA7FF:
         return Verdict.RETRY
     return Verdict.REFUSED
@@ -180,6 +190,16 @@ class DimseClient:
         outcome = verdict(code)
         if outcome is Verdict.STORED:
             answer.delivered.add(uid)
+        elif outcome is Verdict.ALREADY_STORED:
+            answer.delivered.add(uid)
+            log.info(
+                "the destination already holds the instance; counted as delivered",
+                extra={
+                    "sop_instance_uid": uid,
+                    "destination": self.destination.name,
+                    "status": f"0x{code:04X}",
+                },
+            )
         elif outcome is Verdict.RETRY:
             answer.retry[uid] = f"out of resources (0x{code:04X})"
             answer.peer_unavailable = True

@@ -50,6 +50,12 @@ BATCH_SIZE = Histogram(
     ["destination"],
     buckets=(1, 2, 5, 10, 20, 50, 100, 200),
 )
+UNKNOWN_DESTINATION = Counter(
+    "radflow_forwarder_unknown_destination_total",
+    "Forward requests for a destination the rule file does not define, reported on "
+    "dicom.instance.held, by the destination they name.",
+    ["destination"],
+)
 DESTINATIONS = Gauge(
     "radflow_forwarder_destinations", "Destinations being delivered to (from the rule file)."
 )

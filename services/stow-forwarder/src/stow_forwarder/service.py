@@ -10,6 +10,8 @@ what was not acknowledged is not committed and is read again.
 The rule file is watched like the router watches it: a destination added, changed or
 removed starts, restarts or stops on its own, without touching the others. Requests
 routed to a new destination before the change was seen wait in the topic for it.
+Requests for a destination the rule file does not define are reported by the consumers
+of :mod:`stow_forwarder.unknown`.
 """
 
 from __future__ import annotations
@@ -36,10 +38,12 @@ from stow_forwarder.client import StowClient
 from stow_forwarder.delivery import Deliverer
 from stow_forwarder.dimse import DimseClient
 from stow_forwarder.settings import ForwarderConfig
+from stow_forwarder.unknown import unknown_destination_consumers
 
 log = logging.getLogger(__name__)
 
 SERVICE = "stow-forwarder"
+"""How the consumers of requests for undefined destinations are named in logs."""
 RULES_METRICS = RulesMetrics(metrics.RULES_GENERATION, metrics.RULES_VALID, metrics.RULES_RELOADS)
 
 
@@ -137,6 +141,14 @@ class ForwarderService:
             return
         for running in built:
             self._launch(running)
+        for consumer in unknown_destination_consumers(
+            lambda: self._rules.current,
+            self._producer,
+            self._config.kafka,
+            settings,
+            SERVICE,
+        ):
+            self.shell.consume(consumer)
         metrics.DESTINATIONS.set(len(self.running))
         log.info(
             "destinations loaded",

@@ -56,6 +56,11 @@ class ForwarderSettings(Section):
     """Consecutive failed requests that open a destination's circuit."""
     breaker_cooldown_s: float = Field(default=15.0, gt=0)
     """How long an open circuit waits before one probe request."""
+    unknown_destination_grace_s: float = Field(default=120.0, ge=0, le=3600)
+    """Age a forward request for a destination the rule file does not define must reach
+    (from its ``routed_at``) before it is reported on dicom.instance.held: time for a
+    rule-file change the router has already read to reach the forwarder too (a
+    ConfigMap update reaches pods up to a minute or two apart)."""
 
 
 @dataclass(frozen=True)
