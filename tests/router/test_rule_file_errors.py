@@ -46,3 +46,17 @@ def test_unreachable_and_shadowed_rules_are_warned_about() -> None:
         "site.yaml",
     )
     assert any("'never' is unreachable" in w and "site.yaml:7" in w for w in rules.warnings)
+
+
+def test_a_destination_may_not_take_the_name_the_forwarder_reserves() -> None:
+    text = (
+        "version: 1\n"
+        "destinations:\n"
+        "  unknown-destinations: {url: 'http://pacs/dicomweb'}\n"
+        "rules:\n"
+        "  - name: all\n"
+        "    route: [unknown-destinations]\n"
+    )
+    with pytest.raises(RuleFileError) as caught:
+        load_text(text, "rules.yaml")
+    assert any("reserved" in line and ":3:" in line for line in caught.value.lines)

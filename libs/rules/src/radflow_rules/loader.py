@@ -73,6 +73,8 @@ _DEST_KEYS = {
     DestinationKind.REPORT_RETURN: _COMMON_DEST_KEYS | {"site"},
 }
 """Keys each kind of destination takes (DICOM TLS for DIMSE peers is not supported)."""
+RESERVED_NAMES = frozenset({"unknown-destinations"})
+"""Destination names the forwarder uses for consumer groups of its own."""
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
 
 
@@ -154,6 +156,13 @@ class _RuleReader(YamlReader):
             if fields is None:
                 continue
             what = f"destination {name!r}"
+            if name in RESERVED_NAMES:
+                self.fail(
+                    value,
+                    f"{what}: the name is reserved (the forwarder's consumer groups for "
+                    "requests no destination takes use it); choose another",
+                )
+                continue
             kind_text = self.scalar(fields["kind"], "kind") if "kind" in fields else "stow-rs"
             if kind_text not in {k.value for k in DestinationKind}:
                 self.fail(
