@@ -39,6 +39,9 @@ generated from these files (tests/faults/publish.py)."""
 class Size:
     instances: int
     """Instances in a stream (kill, terminate, scale, broker restart)."""
+    outage_instances: int
+    """Instances in a stream sent through an outage of S3 or the broker (fewer in CI:
+    on a loaded 2-core machine ingest stores two or three a second)."""
     outage_s: float
     """How long a destination stays down."""
     s3_outage_s: float
@@ -54,6 +57,7 @@ class Size:
 SIZES = {
     "ci": Size(
         instances=120,
+        outage_instances=60,
         outage_s=12,
         s3_outage_s=15,
         max_poll_interval_ms=3_000,
@@ -62,6 +66,7 @@ SIZES = {
     ),
     "full": Size(
         instances=600,
+        outage_instances=600,
         outage_s=20 * 60,
         s3_outage_s=5 * 60,
         max_poll_interval_ms=300_000,
