@@ -38,8 +38,8 @@ for the broker to acknowledge an announcement (5 s), so that senders are refused
         "error and no wait shown, so 60 instances were not through after the 180 s drain "
         "(59 normalized, 55 delivered, none lost or duplicated). A fresh consumer reading the "
         "partition from the start stalled for 14 s at the first offset written after the "
-        "restart while one seeking straight to it got records in 0.8 s: Tansu's fetch answers "
-        "nothing at offsets it wrongly believes to be past its high watermark (the end-offset "
+        "restart while one seeking straight to it got records in 0.8 s; consistent with "
+        "Tansu answering no fetch past a wrongly computed high watermark (the end-offset "
         "issue in radflow_devstack.broker). Transcode already trickled before the restart."
     ),
 )
