@@ -31,9 +31,10 @@ for the broker to acknowledge an announcement (5 s), so that senders are refused
 
 
 @pytest.mark.xfail(
-    strict=True,
+    strict=False,  # intermittent: a second run drained in 60 s, exactly once
     reason=(
-        "On the durable broker (Tansu 0.6 over S3) the consumers tail their partitions in "
+        "Intermittent. On the durable broker (Tansu 0.6 over S3) the consumers tail their "
+        "partitions in "
         "trickles: transcode advanced one or two records every 10-30 s at 4% CPU, with no "
         "error and no wait shown, so 60 instances were not through after the 180 s drain "
         "(59 normalized, 55 delivered, none lost or duplicated). A fresh consumer reading the "
