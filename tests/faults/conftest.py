@@ -45,20 +45,29 @@ def start_pipeline(
     tmp_path: Path,
 ) -> Callable[..., Pipeline]:
     """Start ingest, transcode, router and stow-forwarder (all ready) routing every
-    instance to both destinations; ``modules`` picks a subset."""
+    instance to both destinations; ``modules`` picks a subset, ``on`` another stack
+    (``durable_stack``), ``env`` more settings for every service.
+
+    ``pipeline.settings`` holds everything a service of the scenario needs beyond the
+    ``stack`` fixture's environment (on another stack, that stack's environment too):
+    a replica started later with ``env=pipeline.settings`` joins the same pipeline."""
 
     def start(
         modules: tuple[str, ...] = ("ingest", "transcode", "router", "stow_forwarder"),
+        *,
+        on: Stack | None = None,
+        env: dict[str, str] | None = None,
     ) -> Pipeline:
         rules = write_rules(
             tmp_path / "rules.yaml",
             {n: f"{c.url}/dicom-web" for n, c in destinations.counters.items()},
         )
-        pipeline = Pipeline(stack, destinations, rules, pipeline_env)
+        settings = {**(on.env if on else {}), **pipeline_env, **(env or {})}
+        pipeline = Pipeline(on or stack, destinations, rules, settings)
         for module in modules:
             extra = {"rules_file": str(rules)} if module in ("router", "stow_forwarder") else {}
             pipeline.started[module] = fleet.start(
-                module, env=pipeline_env, wait_ready=False, wait_port=False, **extra
+                module, env=settings, wait_ready=False, wait_port=False, **extra
             )
         for handle in pipeline.started.values():
             handle.wait_ready()

@@ -39,6 +39,9 @@ generated from these files (tests/faults/publish.py)."""
 class Size:
     instances: int
     """Instances in a stream (kill, terminate, scale, broker restart)."""
+    outage_instances: int
+    """Instances in a stream sent through an outage of S3 or the broker (fewer in CI:
+    on a loaded 2-core machine ingest stores two or three a second)."""
     outage_s: float
     """How long a destination stays down."""
     s3_outage_s: float
@@ -47,6 +50,9 @@ class Size:
     """The consumers' poll interval: the destination outage lasts several times it."""
     soak_s: float
     """How long the soak sends."""
+    soak_rate_per_s: float
+    """Instances a second the soak sends: well under what the pipeline keeps up with on
+    the machine it runs on (a 2-core CI runner manages about three)."""
     drain_s: float
     """How long a scenario may take to deliver everything after its fault ended."""
 
@@ -54,18 +60,22 @@ class Size:
 SIZES = {
     "ci": Size(
         instances=120,
+        outage_instances=60,
         outage_s=12,
         s3_outage_s=15,
         max_poll_interval_ms=3_000,
         soak_s=30,
+        soak_rate_per_s=1.5,
         drain_s=180,
     ),
     "full": Size(
         instances=600,
+        outage_instances=600,
         outage_s=20 * 60,
         s3_outage_s=5 * 60,
         max_poll_interval_ms=300_000,
         soak_s=15 * 60,
+        soak_rate_per_s=3.0,
         drain_s=30 * 60,
     ),
 }
@@ -111,6 +121,8 @@ class Sent:
     refused: Counter[int] = field(default_factory=Counter)
     """Failure statuses (and -1: no answer) seen, by status."""
     ack_seconds: list[float] = field(default_factory=list)
+    acked_at: list[float] = field(default_factory=list)
+    """When (monotonic time) each C-STORE in ``ack_seconds`` was sent, in the same order."""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -122,10 +134,13 @@ def send(
     calling_ae: str = "FAULTSCU",
     retry_until: float | None = None,
     pace_s: float = 0.0,
+    every_s: float = 0.0,
 ) -> None:
     """Send ``files`` over as few associations as possible (a new one after a failure),
     as a modality does; an instance not acknowledged is sent again until
-    ``retry_until`` (monotonic time) if given, else given up on."""
+    ``retry_until`` (monotonic time) if given, else given up on. ``pace_s`` pauses
+    after each instance; ``every_s`` starts one every so often instead (a steady rate,
+    whatever each takes, unless one takes longer)."""
     pending = list(files)
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
@@ -137,6 +152,7 @@ def send(
         contexts.add((str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)))
     for sop_class, ts in contexts:
         ae.add_requested_context(sop_class, [ts])
+    next_at = time.monotonic()
     while pending:
         failed: list[Path] = []
         assoc = ae.associate("127.0.0.1", port, ae_title="RADFLOW")
@@ -145,6 +161,9 @@ def send(
         else:
             try:
                 for index, path in enumerate(pending):
+                    if every_s:
+                        time.sleep(max(0.0, next_at - time.monotonic()))
+                        next_at = max(next_at + every_s, time.monotonic() - every_s)
                     started = time.monotonic()
                     try:
                         rsp = assoc.send_c_store(datasets[path])
@@ -156,6 +175,7 @@ def send(
                         if status in (0x0000, 0xB000, 0xB007, 0xB006):
                             sent.acked.add(uid)
                             sent.ack_seconds.append(time.monotonic() - started)
+                            sent.acked_at.append(started)
                         else:
                             sent.refused[status] += 1
                     if status not in (0x0000, 0xB000, 0xB007, 0xB006):
