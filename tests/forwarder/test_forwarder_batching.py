@@ -17,6 +17,7 @@ from radflow_core.blobstore import BlobStore
 from radflow_core.events import ForwardRequested, encode, wrap
 from radflow_core.kafka import EventProducer
 from radflow_core.topics import Topic
+from radflow_devstack.kit.waiting import wait_for
 from radflow_devstack.processes import ManagedProcess
 from radflow_devstack.seed import stored_request
 from stow_forwarder.delivery import DELIVERED_MARKER
@@ -24,7 +25,6 @@ from support.dicom import make_instance
 from support.metrics import metric, metric_sum
 from support.orthanc import OrthancView
 from support.stack import Stack
-from support.waiting import wait_for
 
 pytestmark = pytest.mark.pipeline
 
