@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import (
+    BENCH_AE,
     PLOTS,
     RESULTS,
     Parts,
@@ -52,16 +53,16 @@ from harness import (
     orthanc_count,
     run_dir,
     small_mix,
-    storescu_parallel,
     timestamp,
     total_bytes,
     write_result,
-    write_rules,
 )
 
 from radflow_core.blobstore import BlobStore
 from radflow_core.kafka import EventProducer
 from radflow_core.topics import Topic
+from radflow_devstack.kit.dcmtk import storescu_parallel
+from radflow_devstack.kit.rules_file import dimse_destination, write_rules
 from radflow_devstack.processes import ManagedProcess
 from radflow_devstack.seed import stored_request
 
@@ -113,7 +114,7 @@ def _storescu(parts: Parts, files: list[Path]) -> dict[str, Any]:
     assert orthanc.dicom_port is not None
     with CountPoller(orthanc) as poller:
         started = time.time()
-        elapsed = storescu_parallel(orthanc.dicom_port, files, 1, "ORTHANC")
+        elapsed = storescu_parallel(orthanc.dicom_port, files, 1, "ORTHANC", BENCH_AE)
     held = orthanc_count(orthanc)
     assert held == len(files), f"Orthanc holds {held} of {len(files)}"
     parts.stop(orthanc)
@@ -131,13 +132,11 @@ def _forwarder(
     asyncio.run(_publish_backlog(st, files))
     orthanc = parts.orthanc()
     if kind == "dimse":
-        body = (
-            f"{{kind: dimse, host: 127.0.0.1, port: {orthanc.dicom_port}, "
-            f"ae_title: ORTHANC, max_batch: {max_batch}}}"
-        )
+        assert orthanc.dicom_port is not None
+        body = dimse_destination(orthanc.dicom_port, "ORTHANC", max_batch=str(max_batch))
     else:
-        body = f"{{url: 'http://127.0.0.1:{orthanc.port}/dicom-web', max_batch: {max_batch}}}"
-    rules = write_rules(tmp / f"rules-{kind}.yaml", body)
+        body = f"url: 'http://127.0.0.1:{orthanc.port}/dicom-web'\nmax_batch: {max_batch}"
+    rules = write_rules(tmp / f"rules-{kind}.yaml", {"dest": body}, ["dest"])
     with (
         TopicFollower(st.kafka, st.topic(Topic.FORWARD_COMPLETED)) as completed,
         CountPoller(orthanc) as poller,

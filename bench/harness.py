@@ -1,5 +1,6 @@
 """What the pipeline benchmarks share: the real parts on free loopback ports, test data,
-DCMTK senders, a topic follower, RSS sampling, and the machine's description.
+a topic follower, RSS sampling, and the machine's description. What they share with
+the tests (rule files, waiting, storescu, /proc readings) is in radflow_devstack.kit.
 
 Every benchmark starts its own broker (Tansu) and S3 server (moto), gives each run a
 fresh topic prefix and bucket, and stops everything it started. DCMTK tools and
@@ -22,7 +23,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -32,15 +33,17 @@ from typing import Any
 import numpy as np
 import pydicom
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 
 from radflow_core.kafka import connection_options
 from radflow_core.settings import KafkaSettings, S3Settings
 from radflow_core.topics import Topic
 from radflow_devstack.__main__ import local_env
+from radflow_devstack.kit.part10 import write_part10
+from radflow_devstack.kit.procfs import cpu_seconds, descendants, process_name, status_kb
+from radflow_devstack.kit.waiting import wait_for
 from radflow_devstack.parts import (
-    http_status,
     prepare,
     start_broker,
     start_orthanc,
@@ -52,7 +55,8 @@ from radflow_devstack.processes import ManagedProcess, free_port
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
 PLOTS = BENCH / "plots"
-NODELAY = {"TCP_NODELAY": "1"}
+BENCH_AE = "BENCHSCU"
+"""The calling AE title of the benchmarks' storescu."""
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 ENHANCED_CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
@@ -64,11 +68,6 @@ ENV_SECTION = {"stow_forwarder": "forwarder"}
 
 
 def _write(path: Path, ds: Dataset, pixels: np.ndarray | None) -> Path:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta = meta
     if pixels is not None:
         ds.SamplesPerPixel = 1
         ds.PhotometricInterpretation = "MONOCHROME2"
@@ -78,7 +77,7 @@ def _write(path: Path, ds: Dataset, pixels: np.ndarray | None) -> Path:
         if pixels.ndim == 3:
             ds.NumberOfFrames = pixels.shape[0]
         ds.PixelData = pixels.tobytes()
-    ds.save_as(path, enforce_file_format=True)
+    write_part10(path, ds)
     return path
 
 
@@ -155,14 +154,9 @@ def multiframe(path: Path, frames: int, rows: int = 512) -> Path:
     ds.Rows = ds.Columns = rows
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
     ds.NumberOfFrames = frames
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta = meta
     ds.PixelData = b"\0\0"  # placeholder: the real element is appended below
     head = io.BytesIO()
-    ds.save_as(head, enforce_file_format=True)
+    write_part10(head, ds)
     raw = head.getvalue()
     # Drop the 2-byte placeholder element (tag 7FE0,0010 OW, 12-byte header + 2 bytes).
     marker = raw.rfind(b"\xe0\x7f\x10\x00OW")
@@ -182,60 +176,6 @@ def total_bytes(files: Sequence[Path]) -> int:
 
 def sop_uid(path: Path) -> str:
     return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
-
-
-# ---------------------------------------------------------------- senders
-
-
-def storescu_cmd(
-    port: int, files: Sequence[Path], called_ae: str, calling_ae: str = "BENCHSCU"
-) -> list[str]:
-    """storescu proposing each file's SOP class with Explicit VR LE (``-R``)."""
-    return [
-        "storescu",
-        "-R",
-        "-aet",
-        calling_ae,
-        "-aec",
-        called_ae,
-        "127.0.0.1",
-        str(port),
-        *map(str, files),
-    ]
-
-
-def split(files: Sequence[Path], parts: int) -> list[list[Path]]:
-    """``parts`` interleaved shares of ``files`` (each keeps their order)."""
-    return [list(files[i::parts]) for i in range(parts) if files[i::parts]]
-
-
-def storescu_parallel(
-    port: int,
-    files: Sequence[Path],
-    associations: int,
-    called_ae: str,
-    calling_ae: str = "BENCHSCU",
-    timeout_s: float = 1800,
-) -> float:
-    """Send ``files`` over ``associations`` concurrent storescu processes; the wall time
-    from the first start to the last exit. Raises if any storescu reports a failure."""
-    started = time.perf_counter()
-    procs = [
-        subprocess.Popen(
-            storescu_cmd(port, share, called_ae, calling_ae),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, **NODELAY},
-        )
-        for share in split(files, associations)
-    ]
-    outputs = [p.communicate(timeout=timeout_s) for p in procs]
-    elapsed = time.perf_counter() - started
-    for proc, (_, err) in zip(procs, outputs, strict=True):
-        if proc.returncode != 0 or "E: " in err:
-            raise RuntimeError(f"storescu failed ({proc.returncode}): {err[-2000:]}")
-    return elapsed
 
 
 # ---------------------------------------------------------------- real parts
@@ -352,27 +292,6 @@ def orthanc_count(proc: ManagedProcess) -> int:
     return int(answer.json()["CountInstances"])
 
 
-def wait_until(
-    what: str, probe: Callable[[], bool], timeout_s: float, every_s: float = 0.05
-) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not probe():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout_s:g}s waiting for {what}")
-        time.sleep(every_s)
-
-
-def write_rules(path: Path, destination: str, *, stat_calling_aes: Sequence[str] = ()) -> Path:
-    """A rule file routing everything to one destination named ``dest``; ``destination``
-    is its YAML mapping body (flow style)."""
-    lines = ["version: 1", "destinations:", f"  dest: {destination}"]
-    if stat_calling_aes:
-        lines.append(f"stat: {{calling_aes: [{', '.join(stat_calling_aes)}]}}")
-    lines += ["rules:", "  - name: everything", "    route: [dest]", "default: {hold: unrouted}"]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 # ---------------------------------------------------------------- events
 
 
@@ -455,7 +374,9 @@ class TopicFollower:
     def wait(self, count: int, timeout_s: float) -> None:
         if self._error is not None:
             raise RuntimeError(f"following {self._topic} failed") from self._error
-        wait_until(f"{count} events on {self._topic}", lambda: self.count >= count, timeout_s)
+        wait_for(
+            f"{count} events on {self._topic}", lambda: self.count >= count, timeout_s, every_s=0.05
+        )
 
 
 def timestamp(value: str) -> float:
@@ -464,74 +385,6 @@ def timestamp(value: str) -> float:
 
 
 # ---------------------------------------------------------------- memory
-
-
-def status_kb(pid: int, field_name: str) -> int | None:
-    """A ``/proc/<pid>/status`` field in kB (VmRSS, VmHWM), or None if gone."""
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return None
-    match = re.search(rf"^{field_name}:\s+(\d+) kB", text, re.MULTILINE)
-    return int(match.group(1)) if match else None
-
-
-def descendants(pid: int) -> list[int]:
-    """``pid`` and every process below it (codec workers, forkserver)."""
-    found = [pid]
-    for current in found:
-        for task in Path(f"/proc/{current}/task").glob("*"):
-            try:
-                found += [int(c) for c in (task / "children").read_text().split()]
-            except OSError:
-                continue
-    return found
-
-
-def process_name(pid: int) -> str:
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return "?"
-    text = " ".join(a.decode(errors="replace") for a in argv if a)
-    if "-m " in text:
-        return text.split("-m ", 1)[1].split()[0]
-    if "resource_tracker" in text:
-        return "resource_tracker"
-    if "forkserver" in text:
-        # The forkserver's children inherit its command line: they are the workers.
-        parent = _parent(pid)
-        return "codec_worker" if parent and "forkserver" in _cmdline(parent) else "forkserver"
-    return Path(argv[0].decode(errors="replace")).name
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
-
-
-def _parent(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[1])
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of ``pid``, its living descendants and its reaped children
-    (storescp's forked ones), seconds."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for p in descendants(pid):
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
-    return total / ticks
 
 
 class RssSampler:
@@ -665,10 +518,6 @@ def run_dir(keep: bool = False) -> Iterator[Path]:
     finally:
         if not keep:
             shutil.rmtree(path, ignore_errors=True)
-
-
-def ready(url: str) -> bool:
-    return http_status(url) == 200
 
 
 def python() -> str:

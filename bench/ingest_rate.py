@@ -35,11 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from harness import (
-    NODELAY,
+    BENCH_AE,
     RESULTS,
     Parts,
     TopicFollower,
-    cpu_seconds,
     ct_series,
     fmt,
     loadavg,
@@ -49,13 +48,14 @@ from harness import (
     python,
     run_dir,
     small_mix,
-    storescu_parallel,
     total_bytes,
-    wait_until,
     write_result,
 )
 
 from radflow_core.topics import Topic
+from radflow_devstack.kit.dcmtk import NODELAY, storescu_parallel
+from radflow_devstack.kit.procfs import cpu_seconds
+from radflow_devstack.kit.waiting import wait_for
 from radflow_devstack.processes import ManagedProcess, free_port
 
 BENCH = Path(__file__).resolve().parent
@@ -70,7 +70,7 @@ def _send_to_ours(parts: Parts, files: list[Path], associations: int) -> Timed:
     assert ingest.dimse_port is not None
     with TopicFollower(st.kafka, st.topic(Topic.INSTANCE_RECEIVED)) as received:
         before = {**parts.cpu(), "ingest": cpu_seconds(ingest.pid)}
-        elapsed = storescu_parallel(ingest.dimse_port, files, associations, "RADFLOW")
+        elapsed = storescu_parallel(ingest.dimse_port, files, associations, "RADFLOW", BENCH_AE)
         after = {**parts.cpu(), "ingest": cpu_seconds(ingest.pid)}
         received.wait(len(files), 60)
         assert received.count == len(files), f"{received.count} events for {len(files)} sent"
@@ -94,12 +94,13 @@ def _send_to_process(
             proc.wait_for_port(port)
             assert proc.proc is not None
             before = cpu_seconds(proc.proc.pid)
-            elapsed = storescu_parallel(port, files, associations, aet)
+            elapsed = storescu_parallel(port, files, associations, aet, BENCH_AE)
             used = 1000 * (cpu_seconds(proc.proc.pid) - before) / len(files)
-            wait_until(
+            wait_for(
                 f"{len(files)} files from {name}",
                 lambda: len(os.listdir(out)) >= len(files),
                 30,
+                every_s=0.05,
             )
         finally:
             proc.stop()
@@ -131,7 +132,7 @@ def _send_to_storescp(parts: Parts, files: list[Path], associations: int) -> Tim
 def _send_to_orthanc(parts: Parts, files: list[Path], associations: int) -> Timed:
     orthanc = parts.orthanc()
     assert orthanc.dicom_port is not None
-    elapsed = storescu_parallel(orthanc.dicom_port, files, associations, "ORTHANC")
+    elapsed = storescu_parallel(orthanc.dicom_port, files, associations, "ORTHANC", BENCH_AE)
     count = orthanc_count(orthanc)
     assert count == len(files), f"Orthanc holds {count} of {len(files)}"
     parts.stop(orthanc)

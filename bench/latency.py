@@ -33,7 +33,6 @@ normalized_at (transcode), routed_at (router), delivered_at (forwarder).
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import subprocess
 import threading
@@ -43,7 +42,6 @@ from pathlib import Path
 from typing import Any
 
 from harness import (
-    NODELAY,
     PLOTS,
     RESULTS,
     Parts,
@@ -55,16 +53,15 @@ from harness import (
     percentile,
     run_dir,
     sop_uid,
-    split,
-    storescu_cmd,
     timestamp,
-    wait_until,
     write_result,
-    write_rules,
 )
 from pynetdicom import AE, _config
 
 from radflow_core.topics import Topic
+from radflow_devstack.kit.dcmtk import nodelay_env, split, storescu_argv
+from radflow_devstack.kit.rules_file import write_rules
+from radflow_devstack.kit.waiting import wait_for
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -159,7 +156,8 @@ def run(rate: float, seconds: float, backlog: int, rows: int) -> dict[str, Any]:
         orthanc = parts.orthanc()
         rules = write_rules(
             tmp / "rules.yaml",
-            f"{{url: 'http://127.0.0.1:{orthanc.port}/dicom-web'}}",
+            {"dest": f"url: 'http://127.0.0.1:{orthanc.port}/dicom-web'"},
+            ["dest"],
             stat_calling_aes=["ER_CT1"],
         )
         with (
@@ -196,10 +194,10 @@ def run(rate: float, seconds: float, backlog: int, rows: int) -> dict[str, Any]:
             stat_b = PacedSender(port, "ER_CT1", list(stat_iter), 1, "backlog", "stat").start()
             burst = [
                 subprocess.Popen(
-                    storescu_cmd(port, share, "RADFLOW", "MODALITY2"),
+                    storescu_argv(port, share, called_ae="RADFLOW", calling_ae="MODALITY2"),
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.PIPE,
-                    env={**os.environ, **NODELAY},
+                    env=nodelay_env(),
                 )
                 for share in split(backlog_files, 4)
             ]
@@ -222,7 +220,7 @@ def run(rate: float, seconds: float, backlog: int, rows: int) -> dict[str, Any]:
             # Each topic is read by its own thread: the earlier stages' events can be
             # read after the completed ones.
             uids = {s.sop_instance_uid for s in sent}
-            wait_until(
+            wait_for(
                 "every instance's normalized and routed events",
                 lambda: (
                     uids
@@ -234,6 +232,7 @@ def run(rate: float, seconds: float, backlog: int, rows: int) -> dict[str, Any]:
                     <= {d["sop_instance_uid"] for d in [*routed.events(), *routed_stat.events()]}
                 ),
                 60,
+                every_s=0.05,
             )
             events = completed.timed()
             normalized_at = {

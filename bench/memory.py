@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import (
+    BENCH_AE,
     PLOTS,
     RESULTS,
     Parts,
@@ -41,13 +42,13 @@ from harness import (
     multiframe,
     run_dir,
     small_mix,
-    storescu_parallel,
     timestamp,
     write_result,
-    write_rules,
 )
 
 from radflow_core.topics import Topic
+from radflow_devstack.kit.dcmtk import storescu_parallel
+from radflow_devstack.kit.rules_file import write_rules
 
 SERVICES = ("ingest", "transcode", "router", "stow_forwarder")
 
@@ -56,7 +57,9 @@ def _pipeline(parts: Parts, tmp: Path, tag: str) -> tuple[Any, dict[str, Service
     st = parts.slice()
     orthanc = parts.orthanc()
     rules = write_rules(
-        tmp / f"rules-{tag}.yaml", f"{{url: 'http://127.0.0.1:{orthanc.port}/dicom-web'}}"
+        tmp / f"rules-{tag}.yaml",
+        {"dest": f"url: 'http://127.0.0.1:{orthanc.port}/dicom-web'"},
+        ["dest"],
     )
     started = {
         "ingest": parts.service("ingest", st),
@@ -89,7 +92,7 @@ def many(parts: Parts, tmp: Path, count: int) -> dict[str, Any]:
         time.sleep(1)
         idle = dict(sampler.samples[-1][1])
         started = time.time()
-        storescu_parallel(services["ingest"].dimse_port, files, 2, "RADFLOW")
+        storescu_parallel(services["ingest"].dimse_port, files, 2, "RADFLOW", BENCH_AE)
         completed.wait(count, 3600)
         finished = time.time()
     delivered = sorted(timestamp(d["delivered_at"]) for d in completed.events())
@@ -138,7 +141,7 @@ def large(parts: Parts, tmp: Path, frames: int) -> dict[str, Any]:
         time.sleep(1)
         idle = dict(sampler.samples[-1][1])
         started = time.time()
-        sent_s = storescu_parallel(services["ingest"].dimse_port, [path], 1, "RADFLOW")
+        sent_s = storescu_parallel(services["ingest"].dimse_port, [path], 1, "RADFLOW", BENCH_AE)
         completed.wait(1, 3600)
         through = time.time() - started
     path.unlink()

@@ -13,10 +13,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from radflow_devstack.kit import procfs
+from radflow_devstack.kit.dcmtk import storescu
+from radflow_devstack.kit.waiting import wait_for
 from radflow_devstack.parts import http_status
 from radflow_devstack.processes import ManagedProcess, free_port
-from support.dicom import bundled_file, storescu
-from support.waiting import wait_for
+from support.dicom import bundled_file
 
 pytestmark = pytest.mark.pipeline
 
@@ -132,18 +134,14 @@ def _devstack_args(args: list[str], env: dict[str, str]) -> str:
 
 def _child_pid(parent: int, module: str) -> int:
     """The pid of ``parent``'s child running ``python -m module`` (or binary ``module``)."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            argv = (stat.parent / "cmdline").read_bytes().split(b"\0")
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == parent and (
-            module.encode() in argv[argv.index(b"-m") + 1 : argv.index(b"-m") + 2]
-            if b"-m" in argv
-            else argv[0].endswith(module.encode())
+    for pid in procfs.children(parent):
+        argv = procfs.argv(pid)
+        if (
+            argv[argv.index("-m") + 1 : argv.index("-m") + 2] == [module]
+            if "-m" in argv
+            else bool(argv) and argv[0].endswith(module)
         ):
-            return int(stat.parent.name)
+            return pid
     raise AssertionError(f"no child {module} of {parent}")
 
 

@@ -10,10 +10,11 @@ import pytest
 from pydicom.uid import generate_uid
 
 from radflow_core.topics import Topic
-from support.dicom import make_instance, pynetdicom_store, storescu
+from radflow_devstack.kit.dcmtk import storescu
+from radflow_devstack.kit.waiting import wait_for
+from support.dicom import make_instance, pynetdicom_store
 from support.metrics import metric
 from support.stack import IngestProcess, Stack
-from support.waiting import wait_for
 
 pytestmark = pytest.mark.pipeline
 

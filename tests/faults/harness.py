@@ -25,10 +25,10 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 
 from radflow_core.topics import Topic
+from radflow_devstack.kit.waiting import wait_for
 from radflow_devstack.stow_counter import StowCounter
 from support.dicom import make_instance
 from support.stack import IngestProcess, Stack
-from support.waiting import wait_for
 
 RESULTS = Path(__file__).parent / "results"
 """Where a full run (``make faults``) keeps each scenario's JSON; docs/reliability.md is

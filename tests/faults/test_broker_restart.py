@@ -20,8 +20,8 @@ from faults.harness import (
     size,
 )
 from radflow_devstack.broker import Broker
+from radflow_devstack.kit.waiting import wait_for
 from support.stack import Stack
-from support.waiting import wait_for
 
 pytestmark = [pytest.mark.pipeline, pytest.mark.faults]
 

@@ -19,8 +19,8 @@ from faults.harness import (
     size,
     sop_uid,
 )
+from radflow_devstack.kit.waiting import wait_for
 from support.metrics import metric_sum
-from support.waiting import wait_for
 
 pytestmark = [pytest.mark.pipeline, pytest.mark.faults]
 

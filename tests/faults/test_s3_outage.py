@@ -23,11 +23,11 @@ from faults.harness import (
     size,
     sop_uid,
 )
+from radflow_devstack.kit.waiting import wait_for
 from radflow_devstack.processes import ManagedProcess
 from support.metrics import metric_sum
 from support.proxy import FaultProxy
 from support.stow import stow
-from support.waiting import wait_for
 
 pytestmark = [pytest.mark.pipeline, pytest.mark.faults]
 

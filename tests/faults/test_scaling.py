@@ -20,9 +20,9 @@ from faults.harness import (
     send_in_background,
     size,
 )
+from radflow_devstack.kit.waiting import wait_for
 from support.fleet import Fleet
 from support.stack import IngestProcess
-from support.waiting import wait_for
 
 pytestmark = [pytest.mark.pipeline, pytest.mark.faults]
 

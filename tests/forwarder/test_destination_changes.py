@@ -13,13 +13,13 @@ from pydicom.uid import generate_uid
 
 from radflow_core.events import Lane
 from radflow_core.topics import Topic
+from radflow_devstack.kit.waiting import wait_for
 from radflow_devstack.processes import ManagedProcess
 from support.dicom import make_instance
 from support.forward import publish, routed, stored
 from support.metrics import metric
 from support.orthanc import OrthancView
 from support.stack import Stack
-from support.waiting import wait_for
 
 pytestmark = pytest.mark.pipeline
 

@@ -13,6 +13,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from radflow_core.topics import Topic
+from radflow_devstack.kit.waiting import wait_for
 from radflow_devstack.processes import ManagedProcess
 from stow_forwarder.delivery import DELIVERED_MARKER
 from support.dicom import make_instance
@@ -20,7 +21,6 @@ from support.forward import routed
 from support.metrics import metric, metric_sum
 from support.orthanc import OrthancView
 from support.stack import Stack
-from support.waiting import wait_for
 
 pytestmark = pytest.mark.pipeline
 

@@ -19,8 +19,11 @@ from pydicom.uid import generate_uid
 
 from radflow_codecs.codecs import decode
 from radflow_core.topics import Topic
+from radflow_devstack.kit.dcmtk import storescu
+from radflow_devstack.kit.rules_file import dimse_destination, write_rules
+from radflow_devstack.kit.waiting import wait_for
 from radflow_devstack.processes import ManagedProcess, free_port
-from support.dicom import make_instance, storescu
+from support.dicom import make_instance
 from support.dimse_peer import DimsePeer
 from support.metrics import metric, metric_sum
 from support.oauth import OAuthGateway
@@ -28,22 +31,10 @@ from support.orthanc import OrthancView
 from support.proxy import FaultProxy
 from support.stack import IngestProcess, Stack
 from support.tls import Authority
-from support.waiting import wait_for
 
 pytestmark = pytest.mark.pipeline
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
-
-
-def write_rules(path: Path, destinations: dict[str, str], route: list[str], **extra: str) -> Path:
-    lines = ["version: 1", "destinations:"]
-    for name, body in destinations.items():
-        lines += [f"  {name}:", *(f"    {line}" for line in body.strip().splitlines())]
-    lines += ["rules:", "  - name: everything", f"    route: [{', '.join(route)}]"]
-    lines += [f"    {k}: {v}" for k, v in extra.items()]
-    lines += ["default: {hold: unrouted}"]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def completed(stack: Stack) -> list[dict[str, Any]]:
@@ -396,11 +387,6 @@ def test_the_forwarder_does_not_start_without_a_referenced_secret(
     assert forwarder.proc.proc is not None
     assert forwarder.proc.proc.wait(timeout=60) == 3
     assert "environment variable PACS_TOKEN_X is not set" in forwarder.log()
-
-
-def dimse_destination(port: int, ae_title: str, **extra: str) -> str:
-    body = f"kind: dimse\nhost: 127.0.0.1\nport: {port}\nae_title: {ae_title}"
-    return "\n".join([body, *(f"{k}: {v}" for k, v in extra.items())])
 
 
 def test_a_dimse_destination_receives_every_instance_once_with_its_pixels(

@@ -13,6 +13,8 @@ import pytest
 from pynetdicom import AE
 
 from radflow_core.dicom_status import StoreStatus
+from radflow_devstack.kit.dcmtk import storescu
+from radflow_devstack.kit.waiting import wait_for
 from support.dicom import (
     PHI_ID,
     PHI_NAME,
@@ -20,10 +22,8 @@ from support.dicom import (
     make_instance,
     pynetdicom_store,
     raw_store,
-    storescu,
 )
 from support.stack import IngestProcess, Stack
-from support.waiting import wait_for
 
 pytestmark = pytest.mark.pipeline
 

@@ -13,6 +13,7 @@ from pynetdicom import AE
 
 from radflow_core.dicom_status import StoreStatus
 from radflow_core.topics import Topic
+from radflow_devstack.kit.waiting import wait_for
 from radflow_devstack.parts import prepare, start_broker
 from radflow_devstack.processes import ManagedProcess, free_port
 from support.dicom import make_instance, pynetdicom_store
@@ -20,7 +21,6 @@ from support.proxy import FaultProxy
 from support.stack import IngestProcess, Stack, make_stack
 from support.stow import stow
 from support.strict_s3 import StrictS3
-from support.waiting import wait_for
 
 pytestmark = pytest.mark.pipeline
 

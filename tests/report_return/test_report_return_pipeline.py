@@ -13,6 +13,7 @@ import pytest
 
 from radflow_core.events import ReportStatus
 from radflow_core.topics import Topic
+from radflow_devstack.kit.waiting import wait_for
 from radflow_devstack.mllp_peer import MllpPeer, Reply
 from radflow_devstack.processes import free_port
 from report_return.hl7 import control_id
@@ -20,7 +21,6 @@ from support.metrics import metric
 from support.mllp import field, sections
 from support.reports import Publish, document, write_sites
 from support.stack import IngestProcess, Stack
-from support.waiting import wait_for
 
 pytestmark = pytest.mark.pipeline
 

@@ -14,13 +14,13 @@ import pytest
 from pydicom.dataset import Dataset
 
 from radflow_core.topics import Topic
+from radflow_devstack.kit.waiting import wait_for
 from radflow_devstack.mllp_peer import MllpPeer
 from support.dicom import bundled_file, pynetdicom_store
 from support.metrics import metric
 from support.mllp import field, sections
 from support.reports import make_sr, write_sites
 from support.stack import IngestProcess, Stack
-from support.waiting import wait_for
 
 pytestmark = pytest.mark.pipeline
 

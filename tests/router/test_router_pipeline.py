@@ -14,29 +14,25 @@ import pytest
 from pydicom.uid import generate_uid
 
 from radflow_core.topics import Topic
+from radflow_devstack.kit import rules_file
+from radflow_devstack.kit.waiting import wait_for
 from support.bad_rules import BAD_RULE_FILES, GOOD_HEAD
 from support.dicom import make_instance, pynetdicom_store
 from support.metrics import metric
 from support.stack import IngestProcess, Stack
-from support.waiting import wait_for
 
 pytestmark = pytest.mark.pipeline
 
-DESTINATIONS = """
-destinations:
-  pacs:
-    url: http://127.0.0.1:1/dicom-web
-  ai:
-    url: http://127.0.0.1:2/dicom-web
-    transfer_syntaxes: [1.2.840.10008.1.2.1]
-  nighthawk:
-    url: http://127.0.0.1:3/dicom-web
-"""
+DESTINATIONS = {
+    "pacs": "url: http://127.0.0.1:1/dicom-web",
+    "ai": "url: http://127.0.0.1:2/dicom-web\ntransfer_syntaxes: [1.2.840.10008.1.2.1]",
+    "nighthawk": "url: http://127.0.0.1:3/dicom-web",
+}
 
 
-def write_rules(path: Path, body: str) -> Path:
-    path.write_text("version: 1\ntimezone: UTC\n" + DESTINATIONS + body)
-    return path
+def site_rules(path: Path, rules: str) -> Path:
+    """A rule file with the three destinations above and these rules (UTC times)."""
+    return rules_file.write_rules(path, DESTINATIONS, rules=rules, timezone="UTC")
 
 
 def line_of(path: Path, text: str) -> int:
@@ -88,7 +84,7 @@ def pipeline(stack: Stack, start_ingest, start_transcode) -> IngestProcess:
 def test_a_study_of_several_series_becomes_one_request_per_instance_and_destination(
     stack: Stack, pipeline: IngestProcess, start_router, tmp_path: Path
 ) -> None:
-    rules = write_rules(
+    rules = site_rules(
         tmp_path / "rules.yaml",
         """
 rules:
@@ -155,7 +151,7 @@ def test_a_delayed_study_is_released_once_after_its_quiet_period_across_a_restar
     # Long enough to cover a restart, including the broker's session timeout (3 s in
     # the test stack) that keeps a killed router's partitions assigned to it.
     quiet = 12
-    rules = write_rules(tmp_path / "rules.yaml", WAIT_RULES % quiet)
+    rules = site_rules(tmp_path / "rules.yaml", WAIT_RULES % quiet)
     router = start_router(rules_file=str(rules), release_interval_s="0.2")
     study = generate_uid()
     sent = send_series(pipeline, tmp_path, study, 4)
@@ -194,7 +190,7 @@ def test_a_delayed_study_is_released_once_after_its_quiet_period_across_a_restar
 def test_instances_arriving_during_the_quiet_period_extend_it_and_leave_together(
     stack: Stack, pipeline: IngestProcess, start_router, tmp_path: Path
 ) -> None:
-    rules = write_rules(tmp_path / "rules.yaml", WAIT_RULES % 4)
+    rules = site_rules(tmp_path / "rules.yaml", WAIT_RULES % 4)
     router = start_router(rules_file=str(rules), release_interval_s="0.2")
     study = generate_uid()
     first = send_series(pipeline, tmp_path, study, 2)
@@ -217,7 +213,7 @@ def test_instances_arriving_during_the_quiet_period_extend_it_and_leave_together
 def test_a_stat_instance_takes_the_stat_lane_past_a_routine_backlog(
     stack: Stack, pipeline: IngestProcess, start_router, tmp_path: Path
 ) -> None:
-    rules = write_rules(
+    rules = site_rules(
         tmp_path / "rules.yaml",
         """
 stat:
@@ -253,7 +249,7 @@ default:
 def test_rules_on_header_attributes_and_tags_route_and_unmatched_instances_are_held(
     stack: Stack, pipeline: IngestProcess, start_router, tmp_path: Path
 ) -> None:
-    rules = write_rules(
+    rules = site_rules(
         tmp_path / "rules.yaml",
         """
 rules:
@@ -303,7 +299,7 @@ default:
 def test_a_changed_rule_file_takes_effect_live_and_an_invalid_change_is_rejected(
     stack: Stack, pipeline: IngestProcess, start_router, tmp_path: Path
 ) -> None:
-    rules = write_rules(
+    rules = site_rules(
         tmp_path / "rules.yaml", "rules:\n  - name: a\n    route: [pacs]\ndefault: {hold: x}\n"
     )
     router = start_router(rules_file=str(rules), reload_interval_s="0.2")
@@ -311,12 +307,12 @@ def test_a_changed_rule_file_takes_effect_live_and_an_invalid_change_is_rejected
     first = send_series(pipeline, tmp_path, generate_uid(), 1)
     wait_for("first request", lambda: len(requests(stack)) == 1, timeout_s=60)
 
-    write_rules(rules, "rules:\n  - name: b\n    route: [nighthawk]\ndefault: {hold: x}\n")
+    site_rules(rules, "rules:\n  - name: b\n    route: [nighthawk]\ndefault: {hold: x}\n")
     wait_for("reload", lambda: metric(router.url, "radflow_router_rules_generation") == 2)
     second = send_series(pipeline, tmp_path, generate_uid(), 1)
     wait_for("second request", lambda: len(requests(stack)) == 2, timeout_s=60)
 
-    write_rules(rules, "rules:\n  - name: c\n    route: [nowhere]\ndefault: {hold: x}\n")
+    site_rules(rules, "rules:\n  - name: c\n    route: [nowhere]\ndefault: {hold: x}\n")
     wait_for("rejection", lambda: metric(router.url, "radflow_router_rules_valid") == 0)
     third = send_series(pipeline, tmp_path, generate_uid(), 1)
     wait_for("third request", lambda: len(requests(stack)) == 3, timeout_s=60)
@@ -327,7 +323,7 @@ def test_a_changed_rule_file_takes_effect_live_and_an_invalid_change_is_rejected
     assert metric(router.url, "radflow_router_rules_reloads_total", outcome="rejected") == 1
     assert f"rules.yaml:{line_of(rules, 'nowhere')}: unknown destination 'nowhere'" in router.log()
 
-    write_rules(rules, "rules:\n  - name: d\n    route: [ai]\ndefault: {hold: x}\n")
+    site_rules(rules, "rules:\n  - name: d\n    route: [ai]\ndefault: {hold: x}\n")
     wait_for("recovery", lambda: metric(router.url, "radflow_router_rules_valid") == 1)
     assert metric(router.url, "radflow_router_rules_generation") == 3
 
@@ -335,7 +331,7 @@ def test_a_changed_rule_file_takes_effect_live_and_an_invalid_change_is_rejected
 def test_the_router_does_not_start_on_an_invalid_rule_file(
     stack: Stack, start_router, tmp_path: Path
 ) -> None:
-    rules = write_rules(tmp_path / "rules.yaml", "rules:\n  - name: a\n    route: [nowhere]\n")
+    rules = site_rules(tmp_path / "rules.yaml", "rules:\n  - name: a\n    route: [nowhere]\n")
     router = start_router(rules_file=str(rules), wait_ready=False, wait_port=False)
     router.expected_exit = 3
     assert router.proc.proc is not None
@@ -348,7 +344,7 @@ def test_the_router_does_not_start_on_an_invalid_rule_file(
 def test_a_second_router_replaying_the_topic_asks_for_the_same_deliveries(
     stack: Stack, pipeline: IngestProcess, start_router, tmp_path: Path
 ) -> None:
-    rules = write_rules(
+    rules = site_rules(
         tmp_path / "rules.yaml", "rules:\n  - name: a\n    route: [pacs, ai]\ndefault: {hold: x}\n"
     )
     start_router(rules_file=str(rules))

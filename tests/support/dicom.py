@@ -1,10 +1,9 @@
-"""DICOM test data and senders: pydicom's bundled files, generated instances, DCMTK
-storescu, and pynetdicom's SCU (including a raw sender for malformed requests)."""
+"""DICOM test data and senders: pydicom's bundled files, generated instances, and
+pynetdicom's SCU (including a raw sender for malformed requests). DCMTK's storescu is
+in :mod:`radflow_devstack.kit.dcmtk`."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -16,10 +15,11 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
     UID,
-    ExplicitVRLittleEndian,
     generate_uid,
 )
 from pynetdicom import AE, _config
+
+from radflow_devstack.kit.part10 import write_part10
 
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 CT_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2")
@@ -120,12 +120,12 @@ def _make_instance(
         setattr(ds, keyword, value)
     for keyword in omit:
         delattr(ds, keyword)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class_uid
-    meta.MediaStorageSOPInstanceUID = ds.get("SOPInstanceUID", generate_uid())
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta = meta
-    ds.save_as(path, enforce_file_format=True)
+    write_part10(
+        path,
+        ds,
+        sop_class_uid=sop_class_uid,
+        sop_instance_uid=ds.get("SOPInstanceUID", generate_uid()),
+    )
     return path
 
 
@@ -197,68 +197,3 @@ def raw_store(
             assoc.release()
     assert rsp is not None and "Status" in rsp, "no C-STORE response"
     return StoreResult(int(rsp.Status), rsp.get("ErrorComment"))
-
-
-def _storescu_profile(path: Path, ts: str) -> Path:
-    """A storescu config file proposing exactly ``ts`` for the file's SOP class (for
-    syntaxes that have no -x option, e.g. JPEG Lossless process 14)."""
-    sop_class = pydicom.dcmread(path, stop_before_pixels=True).SOPClassUID
-    config = path.with_suffix(".storescu.cfg")
-    config.write_text(
-        "[[TransferSyntaxes]]\n[Only]\nTransferSyntax1 = " + ts + "\n"
-        "[[PresentationContexts]]\n[Ctx]\nPresentationContext1 = " + sop_class + "\\Only\n"
-        "[[Profiles]]\n[Default]\nPresentationContexts = Ctx\n"
-    )
-    return config
-
-
-# storescu's option proposing each transfer syntax (with the uncompressed ones).
-STORESCU_PROPOSE = {
-    "1.2.840.10008.1.2": "-xi",
-    "1.2.840.10008.1.2.1": "-xe",
-    "1.2.840.10008.1.2.2": "-xb",
-    "1.2.840.10008.1.2.1.99": "-xd",
-    "1.2.840.10008.1.2.4.50": "-xy",
-    "1.2.840.10008.1.2.4.51": "-xx",
-    "1.2.840.10008.1.2.4.70": "-xs",
-    "1.2.840.10008.1.2.4.80": "-xt",
-    "1.2.840.10008.1.2.4.81": "-xu",
-    "1.2.840.10008.1.2.4.90": "-xv",
-    "1.2.840.10008.1.2.4.91": "-xw",
-    "1.2.840.10008.1.2.5": "-xr",
-}
-
-
-def storescu(
-    port: int,
-    *files: Path,
-    ts: str | None = None,
-    called_ae: str = "RADFLOW",
-    calling_ae: str = "STORESCU",
-    extra: tuple[str, ...] = (),
-) -> subprocess.CompletedProcess[str]:
-    """Run DCMTK's storescu (TCP_NODELAY=1) and return its result (stderr has statuses)."""
-    if ts in STORESCU_PROPOSE:
-        propose = ["-R", STORESCU_PROPOSE[ts]]
-    elif ts:
-        propose = ["-xf", str(_storescu_profile(files[0], ts)), "Default"]
-    else:
-        propose = ["-R"]
-    return subprocess.run(
-        [
-            "storescu",
-            *propose,
-            "-aet",
-            calling_ae,
-            "-aec",
-            called_ae,
-            *extra,
-            "127.0.0.1",
-            str(port),
-            *map(str, files),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "TCP_NODELAY": "1"},
-    )

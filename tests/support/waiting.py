@@ -1,22 +1,6 @@
-"""wait_for: poll a condition and, on timeout, say what was being waited for."""
+"""wait_for lives in :mod:`radflow_devstack.kit.waiting`; this name stays for
+tests/faults, which imports it from here."""
 
-from __future__ import annotations
+from radflow_devstack.kit.waiting import wait_for
 
-import time
-from collections.abc import Callable
-from typing import TypeVar
-
-T = TypeVar("T")
-
-
-def wait_for(what: str, probe: Callable[[], T], timeout_s: float = 20.0, every_s: float = 0.1) -> T:
-    deadline = time.monotonic() + timeout_s
-    last: T = probe()
-    while not last:
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"timed out after {timeout_s}s waiting for {what} (last: {last!r})"
-            )
-        time.sleep(every_s)
-        last = probe()
-    return last
+__all__ = ["wait_for"]

@@ -18,13 +18,13 @@ from pydicom.uid import generate_uid
 
 from radflow_core.kafka import connection_options
 from radflow_core.topics import Topic
+from radflow_devstack.kit.waiting import wait_for
 from radflow_devstack.processes import ManagedProcess
 from support.dicom import bundled_file, make_instance
 from support.metrics import metric_sum
 from support.proxy import FaultProxy
 from support.stack import IngestProcess, Stack
 from support.stow import stow
-from support.waiting import wait_for
 
 pytestmark = pytest.mark.pipeline
 

@@ -14,10 +14,10 @@ import pytest
 
 from radflow_codecs.codecs import decode
 from radflow_core.topics import Topic
+from radflow_devstack.kit.waiting import wait_for
 from support.dicom import bundled_file
 from support.stack import IngestProcess, Stack
 from support.stow import stow
-from support.waiting import wait_for
 
 pytestmark = pytest.mark.pipeline
 
