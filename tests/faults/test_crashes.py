@@ -65,7 +65,28 @@ def progress(pipeline: Pipeline, sent: Sent, service: str) -> Callable[[], int]:
     return probes[service]
 
 
-@pytest.mark.parametrize("service", ["ingest", "transcode", "router", "stow_forwarder"])
+FORWARDER_RESENDS = (
+    "defect: a stow-forwarder killed while a STOW-RS request is on the wire (or after the "
+    "destination answered 200 and before the delivery marker is written) finds no marker "
+    "after its restart and sends those instances again, so the destination receives them "
+    "twice. stow_forwarder/delivery.py accepts this ('a crash before the marker sends the "
+    "instance once more'); exactly-once needs a marker written before the send and, for an "
+    "instance with that marker but no delivered marker, a look-up at the destination "
+    "(QIDO-RS) instead of a blind resend."
+)
+
+
+@pytest.mark.parametrize(
+    "service",
+    [
+        "ingest",
+        "transcode",
+        "router",
+        pytest.param(
+            "stow_forwarder", marks=pytest.mark.xfail(strict=True, reason=FORWARDER_RESENDS)
+        ),
+    ],
+)
 def test_a_service_killed_mid_stream_delivers_every_acknowledged_instance_once(
     start_pipeline, fleet: Fleet, tmp_path: Path, service: str
 ) -> None:
@@ -89,6 +110,14 @@ def test_a_service_killed_mid_stream_delivers_every_acknowledged_instance_once(
         timeout_s=size().drain_s,
         every_s=0.2,
     )
+    if service == "stow_forwarder":
+        # The worst moment: a request on the wire, which the destination goes on to store.
+        wait_for(
+            "a STOW-RS request on the wire",
+            lambda: any(c.in_flight for c in pipeline.destinations.counters.values()),
+            timeout_s=size().drain_s,
+            every_s=0.005,
+        )
     killed = fleet.kill(service)
     killed_at = passed()
     time.sleep(DOWN_S)
