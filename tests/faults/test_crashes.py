@@ -8,9 +8,7 @@ each report once."""
 
 from __future__ import annotations
 
-import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,7 +16,6 @@ import pytest
 
 from faults.harness import (
     Pipeline,
-    Result,
     Sent,
     assert_exactly_once,
     make_series,
@@ -27,10 +24,11 @@ from faults.harness import (
     size,
     sop_uid,
 )
+from faults.reports import ReportStream
 from radflow_core.topics import Topic
 from radflow_devstack.mllp_peer import MllpPeer
 from support.fleet import Fleet
-from support.reports import document, publisher, write_sites
+from support.stack import Stack
 from support.waiting import wait_for
 
 pytestmark = [
@@ -144,88 +142,26 @@ def test_a_service_killed_mid_stream_delivers_every_acknowledged_instance_once(
 
 
 def test_report_return_killed_mid_stream_returns_each_report_once(
-    stack, fleet: Fleet, pipeline_env: dict[str, str], tmp_path: Path
+    stack: Stack, fleet: Fleet, pipeline_env: dict[str, str], tmp_path: Path
 ) -> None:
-    count = size().instances // 4
     peer = MllpPeer().start()
     try:
-        sites = write_sites(
-            tmp_path / "sites.yaml",
-            {
-                "north": {
-                    "host": "127.0.0.1",
-                    "port": peer.port,
-                    "receiving_application": "RIS",
-                    "receiving_facility": "NORTH",
-                    "patient_identifier": {"assigning_authority": "NORTH"},
-                    "ack_timeout_s": 5,
-                    "connect_timeout_s": 2,
-                }
-            },
-        )
-        fleet.start(
-            "report_return",
-            env=pipeline_env,
-            sites_file=str(sites),
-            retry_initial_s="0.1",
-            retry_max_s="0.5",
-        )
-        publish = publisher(stack)
-        published: list[str] = []
-        began = time.monotonic()
-
-        def publish_all() -> None:
-            for _ in range(count):
-                published.append(publish(document()).report_id)
-
-        publishing = threading.Thread(target=publish_all, daemon=True)
-        publishing.start()
-        wait_for(
-            "a third of the reports at the RIS",
-            lambda: len(peer.received) >= count // 3,
-            timeout_s=size().drain_s,
-            every_s=0.1,
-        )
+        stream = ReportStream(stack, peer, size().instances // 4)
+        stream.start_service(fleet, pipeline_env, tmp_path)
+        stream.start()
+        stream.wait_a_third()
         killed = fleet.kill("report_return")
         killed_at = len(peer.received)
         time.sleep(DOWN_S)
         fleet.restart(killed.proc.name)
-        publishing.join(timeout=size().drain_s)
-        assert not publishing.is_alive()
-
-        def returned() -> set[str]:
-            return {e["data"]["report_id"] for e in stack.events(Topic.REPORT_RETURNED)}
-
-        drained = time.monotonic()
-        wait_for(
-            f"{count} reports returned",
-            lambda: returned() >= set(published),
-            timeout_s=size().drain_s,
-            every_s=0.5,
-        )
-        drain = time.monotonic() - drained
-        time.sleep(3)  # a report sent twice would arrive now
-        sent_ids = Counter(m.control_id for m in peer.received)
-        answers = [e["data"] for e in stack.events(Topic.REPORT_RETURNED)]
-        ids_of = {a["report_id"]: a["message_control_id"] for a in answers}
-        result = Result(
-            scenario="kill_report_return",
-            title=f"SIGKILL of report-return a third into {count} reports, restarted",
-            acknowledged=len(published),
-            delivered={"ris": len(peer.received)},
-            lost={"ris": len(set(published) - set(ids_of))},
-            duplicated={"ris": sum(1 for n in sent_ids.values() if n > 1)},
-            dead_letters={Topic.REPORT_FAILED.value: len(stack.events(Topic.REPORT_FAILED))},
-            drain_s=round(drain, 1),
-            details={
-                "reports": count,
-                "received_when_killed": killed_at,
-                "down_s": DOWN_S,
-                "total_s": round(time.monotonic() - began, 1),
-            },
+        result = stream.finish(
+            "kill_report_return",
+            f"SIGKILL of report-return a third into {stream.count} reports, restarted",
+            received_when_killed=killed_at,
+            down_s=DOWN_S,
         )
         result.record(tmp_path)
         assert_exactly_once(result)
-        assert set(sent_ids) == {ids_of[r] for r in published}
+        assert result.details["unexpected_messages"] == 0
     finally:
         peer.stop()

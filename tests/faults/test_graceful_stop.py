@@ -2,7 +2,8 @@
 service finishes or hands back its in-flight work, exits 0, and once started again
 every instance a sender was told is stored reaches both destinations exactly once.
 Ingest, stopped in the middle of a STOW-RS request that is still arriving, answers
-it (200, or a plain 503 that stored nothing) and delivers whatever it answered 200."""
+it (200, or a plain 503 that stored nothing) and delivers whatever it answered 200.
+report-return, stopped while it returns reports to a RIS, sends each report once."""
 
 from __future__ import annotations
 
@@ -24,8 +25,11 @@ from faults.harness import (
     size,
     sop_uid,
 )
+from faults.reports import ReportStream
 from radflow_core.topics import Topic
+from radflow_devstack.mllp_peer import MllpPeer
 from support.fleet import Fleet
+from support.stack import Stack
 from support.stow import multipart, referenced
 from support.waiting import wait_for
 
@@ -179,3 +183,32 @@ def test_a_service_stopped_mid_stream_exits_0_and_delivers_everything_once(
         assert stow.status in (200, 503), f"STOW-RS answered {stow.status} during the stop"
         if stow.status == 200:
             assert set(stow.stored) == stow_uids
+
+
+def test_report_return_stopped_mid_stream_exits_0_and_returns_each_report_once(
+    stack: Stack, fleet: Fleet, pipeline_env: dict[str, str], tmp_path: Path
+) -> None:
+    peer = MllpPeer().start()
+    try:
+        stream = ReportStream(stack, peer, size().instances // 4)
+        service = stream.start_service(fleet, pipeline_env, tmp_path)
+        stream.start()
+        stream.wait_a_third()
+        stopping = time.monotonic()
+        code = fleet.terminate(service.proc.name)
+        stop_s = time.monotonic() - stopping
+        received_when_stopped = len(peer.received)
+        fleet.restart(service.proc.name)
+        result = stream.finish(
+            "sigterm_report_return",
+            f"SIGTERM of report-return a third into {stream.count} reports, restarted",
+            received_when_stopped=received_when_stopped,
+            exit_code=code,
+            stop_s=round(stop_s, 1),
+        )
+        result.record(tmp_path)
+        assert code == 0, f"report-return exited {code} on SIGTERM"
+        assert_exactly_once(result)
+        assert result.details["unexpected_messages"] == 0
+    finally:
+        peer.stop()
