@@ -28,8 +28,29 @@ SENDERS = 4
 STOW_BATCH = 10
 
 
+PROTOCOL_DEPENDENT_SHA256 = (
+    "defect: the same instance received by C-STORE and by STOW-RS is stored under two "
+    "sha256 (ingest keeps the Part-10 file as it arrived: pynetdicom writes its own file "
+    "meta for a C-STORE, STOW-RS keeps the sender's), so ingest does not see a duplicate, "
+    "transcode normalizes it twice, and the router's idempotency key (SOP Instance UID, "
+    "original sha256, destination; router/routing.py idempotency_key) differs: every "
+    "instance sent both ways reaches each destination twice."
+)
+
+
+@pytest.mark.parametrize(
+    "with_stow",
+    [
+        pytest.param(False, id="dimse"),
+        pytest.param(
+            True,
+            id="dimse_and_stow",
+            marks=pytest.mark.xfail(strict=True, reason=PROTOCOL_DEPENDENT_SHA256),
+        ),
+    ],
+)
 def test_concurrent_senders_of_overlapping_instances_deliver_each_once(
-    start_pipeline, tmp_path: Path
+    start_pipeline, tmp_path: Path, with_stow: bool
 ) -> None:
     pipeline: Pipeline = start_pipeline()
     count = size().instances // 2
@@ -44,11 +65,11 @@ def test_concurrent_senders_of_overlapping_instances_deliver_each_once(
         files[quarter:] + files[: quarter // 2],
         files[3 * quarter :] + files[: 2 * quarter],
     ]
-    stowed = files[: count // 2]
+    stowed = files[: count // 2] if with_stow else []
     sent = Sent()
     stow_statuses: list[int] = []
     began = time.monotonic()
-    go = threading.Barrier(SENDERS + 1)
+    go = threading.Barrier(SENDERS + with_stow)
 
     def stow_sender() -> None:
         go.wait()
@@ -74,7 +95,8 @@ def test_concurrent_senders_of_overlapping_instances_deliver_each_once(
         return threading.Thread(target=run, daemon=True)
 
     threads = [dimse_sender(i) for i in range(SENDERS)]
-    threads.append(threading.Thread(target=stow_sender, daemon=True))
+    if with_stow:
+        threads.append(threading.Thread(target=stow_sender, daemon=True))
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -86,8 +108,9 @@ def test_concurrent_senders_of_overlapping_instances_deliver_each_once(
     result = outcome(
         pipeline,
         sent,
-        "concurrent_senders",
-        f"{SENDERS} DIMSE senders and a STOW-RS sender, overlapping sets of {count} instances",
+        "concurrent_senders" if with_stow else "concurrent_dimse_senders",
+        f"{SENDERS} DIMSE senders{' and a STOW-RS sender' if with_stow else ''}, "
+        f"overlapping sets of {count} instances",
         drain,
         instances=count,
         dimse_senders=SENDERS,
@@ -101,4 +124,4 @@ def test_concurrent_senders_of_overlapping_instances_deliver_each_once(
     assert_exactly_once(result)
     assert sent.acked == uids, f"{len(uids - sent.acked)} instances never acknowledged"
     assert result.delivered == {"a": count, "b": count}, result.delivered
-    assert set(stow_statuses) == {200}, stow_statuses
+    assert set(stow_statuses) <= {200}, stow_statuses
