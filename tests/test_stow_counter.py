@@ -44,7 +44,7 @@ def test_the_same_instance_sent_twice_counts_two_deliveries_where_orthanc_keeps_
 
     assert counter.deliveries() == Counter({uid: 2, other: 1})
     assert counter.duplicates() == {uid: 2}
-    assert counter.posts == 2
+    assert counter.posts == 2 and counter.in_flight == 0
     assert OrthancView(orthanc).count() == 2  # one copy of each UID
     assert httpx.get(f"{counter.url}/statistics").json()["CountInstances"] == 2  # proxied GET
 

@@ -116,6 +116,8 @@ class StowCounter:
         self._retry_after_s: int | None = None
         self.posts = 0
         """STOW-RS requests received, whatever was answered."""
+        self.in_flight = 0
+        """STOW-RS requests received and not yet answered (the destination is storing)."""
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._runner: web.AppRunner | None = None
@@ -226,7 +228,18 @@ class StowCounter:
         if is_stow:
             with self._lock:
                 self.posts += 1
+                self.in_flight += 1
                 self._attempts.update(sent)
+        try:
+            return await self._pass(request, body, sent, is_stow)
+        finally:
+            if is_stow:
+                with self._lock:
+                    self.in_flight -= 1
+
+    async def _pass(
+        self, request: web.Request, body: bytes, sent: list[str], is_stow: bool
+    ) -> web.StreamResponse:
         if self._mode == "refuse":
             if request.transport is not None:
                 request.transport.abort()
