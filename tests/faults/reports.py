@@ -11,11 +11,11 @@ from pathlib import Path
 
 from faults.harness import Result, size
 from radflow_core.topics import Topic
+from radflow_devstack.kit.waiting import wait_for
 from radflow_devstack.mllp_peer import MllpPeer
 from support.fleet import Fleet
 from support.reports import document, publisher, write_sites
 from support.stack import IngestProcess, Stack
-from support.waiting import wait_for
 
 
 class ReportStream:

@@ -26,10 +26,10 @@ from faults.harness import (
 )
 from faults.reports import ReportStream
 from radflow_core.topics import Topic
+from radflow_devstack.kit.waiting import wait_for
 from radflow_devstack.mllp_peer import MllpPeer
 from support.fleet import Fleet
 from support.stack import Stack
-from support.waiting import wait_for
 
 pytestmark = [
     pytest.mark.pipeline,
