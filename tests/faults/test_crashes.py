@@ -63,26 +63,13 @@ def progress(pipeline: Pipeline, sent: Sent, service: str) -> Callable[[], int]:
     return probes[service]
 
 
-FORWARDER_RESENDS = (
-    "defect: a stow-forwarder killed while a STOW-RS request is on the wire (or after the "
-    "destination answered 200 and before the delivery marker is written) finds no marker "
-    "after its restart and sends those instances again, so the destination receives them "
-    "twice. stow_forwarder/delivery.py accepts this ('a crash before the marker sends the "
-    "instance once more'); exactly-once needs a marker written before the send and, for an "
-    "instance with that marker but no delivered marker, a look-up at the destination "
-    "(QIDO-RS) instead of a blind resend."
-)
-
-
 @pytest.mark.parametrize(
     "service",
     [
         "ingest",
         "transcode",
         "router",
-        pytest.param(
-            "stow_forwarder", marks=pytest.mark.xfail(strict=True, reason=FORWARDER_RESENDS)
-        ),
+        "stow_forwarder",  # killed with a request on the wire (see below)
     ],
 )
 def test_a_service_killed_mid_stream_delivers_every_acknowledged_instance_once(

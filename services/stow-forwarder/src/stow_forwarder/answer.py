@@ -43,4 +43,11 @@ class DestinationClient(Protocol):
 
     async def store(self, items: Sequence[Outgoing], lane: Lane) -> Answer: ...
 
+    async def holds(self, study_instance_uid: str, sop_instance_uids: Sequence[str]) -> set[str]:
+        """Which of these instances the destination already has (as far as it can
+        tell; an empty set when it cannot be asked). Used only for instances a crash
+        may have sent without their delivery marker: asking is cheaper than a second
+        copy at the destination."""
+        ...
+
     async def close(self) -> None: ...

@@ -109,6 +109,28 @@ class StowClient:
             )
         return classify(response, uids)
 
+    async def holds(self, study_instance_uid: str, sop_instance_uids: Sequence[str]) -> set[str]:
+        """Ask the destination's QIDO-RS which of these instances of the study it has
+        (``GET {base}/studies/{study}/instances``, one request per study). Nothing is
+        known (an empty set) when it does not answer or answers without QIDO-RS: the
+        instances are then sent again, which a DICOMweb server stores once."""
+        url = f"{self.url}/{study_instance_uid}/instances"
+        try:
+            response = await self._client.get(url, params={"includefield": "00080018"})
+        except (httpx.TimeoutException, httpx.TransportError, TokenUnavailable):
+            return set()
+        if response.status_code != 200:
+            return set()
+        try:
+            found = {
+                str(item["00080018"]["Value"][0])
+                for item in response.json()
+                if isinstance(item, dict) and "00080018" in item
+            }
+        except (ValueError, KeyError, IndexError, TypeError):
+            return set()
+        return found & set(sop_instance_uids)
+
 
 def no_answer(exc: httpx.HTTPError) -> str:
     """Why a request got no answer, naming a TLS failure (an untrusted certificate, a

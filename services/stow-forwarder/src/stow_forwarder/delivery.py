@@ -2,10 +2,14 @@
 bytes, conversion when the destination needs another syntax, retries within a
 budget, and one outcome event per instance.
 
-Order of effects for each instance: send → destination acknowledges → delivery
-marker in the bucket → ``dicom.forward.completed`` → offset committed. A replayed
-request finds the marker and is not sent again; a crash before the marker sends the
-instance once more, which a DICOMweb server stores once (same SOP Instance UID).
+Order of effects for each instance: intent marker in the bucket → send → destination
+acknowledges → delivery marker (the same key, emptied) → ``dicom.forward.completed`` →
+offset committed. A replayed request finds the delivery marker and is not sent again.
+One that finds only the intent was perhaps sent by a process that crashed before the
+answer came or before the marker was written: the destination is asked first
+(QIDO-RS), and what it already has is recorded as delivered instead of sent a second
+time. (A DIMSE destination is not asked; it gets the instance again and answers
+0x0111 or stores it once.)
 
 The per-instance bucket and broker work is what keeps a destination waiting, so it
 runs concurrently (``io_concurrency`` at a time) and beside the request on the wire:
@@ -59,6 +63,9 @@ from stow_forwarder.settings import ForwarderSettings
 log = logging.getLogger(__name__)
 
 DELIVERED_MARKER = "delivered"
+INTENT = b"sending"
+"""The marker's content from staging until the destination's answer; a delivered
+marker is empty (as every marker written before intents existed)."""
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
@@ -70,6 +77,8 @@ class Prepared:
     path: Path
     transfer_syntax_uid: str
     size: int
+    suspect: bool = False
+    """An intent marker was found: an earlier process may have sent it already."""
 
     def outgoing(self) -> Outgoing:
         return Outgoing(
@@ -259,12 +268,24 @@ class Deliverer:
         return Staged([p for p in ready if p is not None], spool)
 
     async def _prepare(self, request: ForwardRequested, spool: Path) -> Prepared | None:
-        """The bytes to send, verified, in the requested syntax; None if already
-        delivered or dead-lettered."""
-        if await self._blobs.exists(marker_key(self.destination, request.idempotency_key)):
+        """The bytes to send, verified, in the requested syntax, with the intent to send
+        them recorded; None if already delivered or dead-lettered."""
+        key = marker_key(self.destination, request.idempotency_key)
+        marker = await self._blobs.size_of(key)
+        if marker == 0:
             SKIPPED.labels(self.name).inc()
             await self._completed(request, request.transfer_syntax_uid, 0, 1, replay=True)
             return None
+        prepared = await self._bytes_to_send(request, spool)
+        if prepared is None:
+            return None
+        if marker is None:
+            await self._blobs.put_bytes(key, INTENT, kind=DELIVERED_MARKER, check_existing=False)
+        else:
+            prepared.suspect = True
+        return prepared
+
+    async def _bytes_to_send(self, request: ForwardRequested, spool: Path) -> Prepared | None:
         path = spool / f"{request.idempotency_key}.dcm"
         try:
             await self._download(request, path)
@@ -319,6 +340,10 @@ class Deliverer:
         while pending:
             turn.check()
             attempt += 1
+            if any(p.suspect for p in pending.values()):
+                await self._found_at_destination(pending, fetch)
+                if not pending:
+                    return
             BATCH_SIZE.labels(self.name).observe(len(pending))
             IN_FLIGHT.labels(self.name).inc(len(pending))
             try:
@@ -354,6 +379,36 @@ class Deliverer:
                 },
             )
             await self._backoff(turn, attempt, answer.retry_after_s)
+
+    async def _found_at_destination(self, pending: dict[str, Prepared], fetch: Fetch) -> None:
+        """Take out of ``pending`` what the destination already holds of the instances
+        an earlier, interrupted attempt may have sent; they are recorded as delivered."""
+        studies: dict[str, list[str]] = {}
+        for uid, p in pending.items():
+            if p.suspect:
+                studies.setdefault(p.request.study_instance_uid, []).append(uid)
+        found: list[Prepared] = []
+        for study, uids in studies.items():
+            held = await self._client.holds(study, uids)
+            found += [pending.pop(uid) for uid in uids if uid in held]
+        if not found:
+            return
+        SKIPPED.labels(self.name).inc(len(found))
+        fetch.accepted.update(p.request.idempotency_key for p in found)
+        log.info(
+            "already at the destination after an interrupted send; not sent again",
+            extra={"destination": self.name, "count": len(found)},
+        )
+        fetch.settle(bounded(found, self._already_there, fetch.limit))
+
+    async def _already_there(self, p: Prepared) -> None:
+        await self._blobs.put_bytes(
+            marker_key(self.destination, p.request.idempotency_key),
+            b"",
+            kind=DELIVERED_MARKER,
+            check_existing=False,
+        )
+        await self._completed(p.request, p.transfer_syntax_uid, 0, 1, replay=True)
 
     def _settle(
         self, pending: dict[str, Prepared], answer: Answer, attempt: int, fetch: Fetch

@@ -115,6 +115,11 @@ class DimseClient:
         """Called when no batch is on the wire any more; safe to call twice."""
         self._threads.shutdown(wait=False)
 
+    async def holds(self, study_instance_uid: str, sop_instance_uids: Sequence[str]) -> set[str]:
+        """Not asked (a PACS need not answer C-FIND for what it stores): the instances
+        are sent again, and a PACS that has one answers 0x0111, counted as delivered."""
+        return set()
+
     async def store(self, items: Sequence[Outgoing], lane: Lane) -> Answer:
         started = time.perf_counter()
         priority = HIGH if lane is Lane.STAT else MEDIUM
