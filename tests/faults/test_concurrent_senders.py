@@ -1,6 +1,8 @@
 """Several modalities sending the same instances at the same moment (a study pushed
 from two consoles, a retry racing the original), and a STOW-RS client sending part of
-them too: each SOP Instance UID reaches each destination exactly once."""
+them too: each SOP Instance UID reaches each destination exactly once. Ingest stores
+every original under its own file meta, so an instance has one sha256 (and one
+idempotency key downstream) whichever protocol and calling AE brought it."""
 
 from __future__ import annotations
 
@@ -28,26 +30,9 @@ SENDERS = 4
 STOW_BATCH = 10
 
 
-PROTOCOL_DEPENDENT_SHA256 = (
-    "defect: the same instance received by C-STORE and by STOW-RS is stored under two "
-    "sha256 (ingest keeps the Part-10 file as it arrived: pynetdicom writes its own file "
-    "meta for a C-STORE, STOW-RS keeps the sender's), so ingest does not see a duplicate, "
-    "transcode normalizes it twice, and the router's idempotency key (SOP Instance UID, "
-    "original sha256, destination; router/routing.py idempotency_key) differs: every "
-    "instance sent both ways reaches each destination twice."
-)
-
-
 @pytest.mark.parametrize(
     "with_stow",
-    [
-        pytest.param(False, id="dimse"),
-        pytest.param(
-            True,
-            id="dimse_and_stow",
-            marks=pytest.mark.xfail(strict=True, reason=PROTOCOL_DEPENDENT_SHA256),
-        ),
-    ],
+    [pytest.param(False, id="dimse"), pytest.param(True, id="dimse_and_stow")],
 )
 def test_concurrent_senders_of_overlapping_instances_deliver_each_once(
     start_pipeline, tmp_path: Path, with_stow: bool

@@ -10,7 +10,7 @@ import pydicom
 import pytest
 
 from radflow_core.dicom_status import StoreStatus
-from support.dicom import bundled_file, make_instance
+from support.dicom import as_stored, bundled_file, make_instance
 from support.metrics import metric
 from support.nesting import deeply_nested
 from support.stack import IngestProcess, Stack
@@ -36,10 +36,10 @@ def test_all_instances_stored_answers_200_with_referenced_sequence(
     assert sorted(referenced(body)) == sorted(sent_uids)
     events = stack.events()
     assert len(events) == len(files)
-    sent_bytes = {f.read_bytes() for f in files}
+    stored = {as_stored(f.read_bytes()) for f in files}
     for event in events:
-        # STOW-RS stores each part byte for byte.
-        assert stack.assert_event_matches_blob(event) in sent_bytes
+        # Each part's data set byte for byte, behind ingest's file meta.
+        assert stack.assert_event_matches_blob(event) in stored
         assert event["data"]["sender"]["protocol"] == "stow-rs"
 
 
@@ -167,7 +167,7 @@ def test_large_instance_spools_to_disk_and_is_stored_intact(
     response = stow(ingest.stow_url, [path.read_bytes()])
     assert response.status_code == 200, response.text
     (event,) = stack.events()
-    assert stack.assert_event_matches_blob(event) == path.read_bytes()
+    assert stack.assert_event_matches_blob(event) == as_stored(path.read_bytes())
 
 
 @pytest.mark.parametrize("concurrency", ["1", "8"])
@@ -195,7 +195,7 @@ def test_many_parts_with_bad_ones_store_the_rest_and_answer_in_part_order(
     ]
     events = stack.events()
     assert sorted(e["data"]["sop_instance_uid"] for e in events) == sorted(good_uids)
-    sent = {p.read_bytes() for p in good}
+    sent = {as_stored(p.read_bytes()) for p in good}
     for event in events:
         assert stack.assert_event_matches_blob(event) in sent
 
@@ -224,7 +224,7 @@ def test_an_original_above_the_part_size_is_not_uploaded_twice(
     for _ in range(2):
         assert stow(ingest.stow_url, [data]).status_code == 200
     (event,) = stack.events()
-    assert stack.assert_event_matches_blob(event) == data
+    assert stack.assert_event_matches_blob(event) == as_stored(data)
     uploaded = metric(ingest.url, "radflow_blob_uploaded_bytes_total", kind="original")
-    assert uploaded == len(data)
+    assert uploaded == len(as_stored(data))
     assert metric(ingest.url, "radflow_ingest_instances_total", **DUPLICATE) == 1

@@ -4,6 +4,7 @@ in :mod:`radflow_devstack.kit.dcmtk`."""
 
 from __future__ import annotations
 
+import io
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, _config
 
+from radflow_core.file_meta import encode_file_meta
 from radflow_devstack.kit.part10 import write_part10
 
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
@@ -37,6 +39,14 @@ def bundled_file(name: str) -> Path:
 def dataset_bytes(raw: bytes) -> bytes:
     """The encoded dataset of a Part 10 file, without preamble and file meta."""
     return raw[_meta_end(raw) :]
+
+
+def as_stored(sent: bytes) -> bytes:
+    """What ingest stores for a Part 10 file sent to it: its own file meta (radflow's
+    implementation, nothing of the sender's), then the data set bytes exactly as sent."""
+    ds = pydicom.dcmread(io.BytesIO(sent), stop_before_pixels=True)
+    meta = encode_file_meta(ds.SOPClassUID, ds.SOPInstanceUID, ds.file_meta.TransferSyntaxUID)
+    return meta + dataset_bytes(sent)
 
 
 def _meta_end(raw: bytes) -> int:

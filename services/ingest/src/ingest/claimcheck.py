@@ -7,6 +7,11 @@ with a status the sender will retry (A700 / HTTP 503). The blob is written befor
 event, so an event never points at a missing blob; a blob without an event (broker
 down) is harmless and is announced when the sender retries.
 
+The original stored is ingest's own file meta followed by the data set bytes exactly
+as received (:mod:`radflow_core.file_meta`): the sender's file meta (or, for a
+C-STORE, the one pynetdicom writes) is replaced, so the same data set has the same
+bytes and sha256 whichever protocol and sender brought it.
+
 Duplicates: after the event is acknowledged a small marker object is written under
 ``announced/``. The same bytes again find the marker and succeed without a new event.
 Without the marker (first announce failed) the event is sent again: at-least-once,
@@ -24,6 +29,7 @@ and the event; the marker PUT runs in the background.
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import time
 from dataclasses import dataclass, field
@@ -36,6 +42,7 @@ from radflow_core.blobstore import BlobStore, HashedFile, content_key
 from radflow_core.dicom_status import StoreStatus
 from radflow_core.errors import PipelineError
 from radflow_core.events import BlobRef, InstanceReceived, Lane, Priority, Sender
+from radflow_core.file_meta import CanonicalFile, dataset_offset, encode_file_meta
 from radflow_core.instance_header import InstanceHeader, InvalidInstance, read_header
 from radflow_core.kafka import EventProducer
 
@@ -113,13 +120,24 @@ def check_expected(header: InstanceHeader, expected: Expected) -> None:
 
 
 def inspect(file: BinaryIO, max_bytes: int) -> tuple[HashedFile, InstanceHeader]:
-    """Hash and parse a received file (blocking; run in a worker thread)."""
-    hashed = HashedFile.from_file(file)
-    if hashed.size > max_bytes:
+    """Parse a received file and hash the original ingest stores for it (blocking; run
+    in a worker thread).
+
+    The original is ingest's own file meta followed by the received data set bytes
+    (:mod:`radflow_core.file_meta`): the returned file is a view over ``file``, which
+    must stay open until the original is uploaded.
+    """
+    received = file.seek(0, io.SEEK_END)
+    if received > max_bytes:
         raise InvalidInstance(StoreStatus.INSTANCE_TOO_LARGE, "instance exceeds the size limit")
-    header = read_header(file, hashed.size)
-    file.seek(0)
-    return hashed, header
+    header = read_header(file, received)
+    meta = encode_file_meta(
+        header.sop_class_uid, header.sop_instance_uid, header.transfer_syntax_uid
+    )
+    original = CanonicalFile(meta, file, dataset_offset(file))
+    if original.size > max_bytes:
+        raise InvalidInstance(StoreStatus.INSTANCE_TOO_LARGE, "instance exceeds the size limit")
+    return HashedFile.from_file(original), header  # type: ignore[arg-type]
 
 
 class ClaimCheck:

@@ -7,7 +7,8 @@ association thread waits for the resulting status.
 
 Datasets are received in pynetdicom's chunked mode: the P-DATA stream is written
 straight to a temporary Part 10 file (``TMPDIR``), so a multi-gigabyte instance costs
-disk, not memory, and is hashed and uploaded from that file.
+disk, not memory, and is hashed and uploaded from that file. The file meta pynetdicom
+writes there is not kept: the claim check stores ingest's own in its place.
 """
 
 from __future__ import annotations
