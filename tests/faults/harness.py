@@ -59,12 +59,12 @@ class Size:
 
 SIZES = {
     "ci": Size(
-        instances=120,
+        instances=80,
         outage_instances=60,
         outage_s=12,
-        s3_outage_s=15,
+        s3_outage_s=10,
         max_poll_interval_ms=3_000,
-        soak_s=30,
+        soak_s=24,
         soak_rate_per_s=1.5,
         drain_s=180,
     ),
