@@ -51,7 +51,9 @@ def test_every_stage_scaled_out_and_in_under_a_stream_delivers_everything_once(
     start_pipeline, fleet: Fleet, services: list[IngestProcess], tmp_path: Path
 ) -> None:
     pipeline: Pipeline = start_pipeline()
-    files = make_series(tmp_path / "study", size().instances, studies=4)
+    # Enough that the stream outlasts both rescalings (about 25 s of starting and
+    # stopping replicas in CI): it must be flowing throughout.
+    files = make_series(tmp_path / "study", max(size().instances, 160), studies=4)
     sent = Sent()
     sender = send_in_background(
         pipeline.ingest.dimse_port,
