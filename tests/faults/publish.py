@@ -29,6 +29,7 @@ ORDER = [
     "sigterm_stow_forwarder",
     "sigterm_report_return",
     "scale_out_and_in",
+    "concurrent_dimse_senders",
     "concurrent_senders",
     "soak",
 ]
@@ -57,7 +58,12 @@ OPERATOR = {
         "at a safe point; its new owner finishes it, and markers keep effects single."
     ),
     "concurrent_senders": (
-        "Nothing: the same instance from several senders is stored once (same sha256) and "
+        "Nothing: the same instance from several senders, by C-STORE or STOW-RS, is stored "
+        "once (ingest writes the file meta itself, so the bytes and sha256 are the same) "
+        "and delivered once per destination."
+    ),
+    "concurrent_dimse_senders": (
+        "Nothing: the same instance from several C-STORE senders is stored once and "
         "delivered once per destination."
     ),
     "soak": (
@@ -65,6 +71,17 @@ OPERATOR = {
         "flat under steady load."
     ),
 }
+WHY_MISSING = {
+    "broker_restart": (
+        "runs only in `make faults`: on the durable development broker (Tansu 0.6 keeping "
+        "its log in S3) consumers were seen to trickle for minutes after a hard restart "
+        "under load (Tansu under-reports a partition's end offset when several batches "
+        "land in one second), so a CI-sized run cannot finish reliably. Nothing was lost "
+        "or duplicated in the runs that stalled; one run passed (60 of 60 delivered once, "
+        "drained in 60 s)."
+    ),
+}
+
 KILL = (
     "Nothing: Kubernetes restarts the pod (a consumer that dies makes its process exit "
     "non-zero). What was in hand and not committed is read again and not repeated at a "
@@ -142,6 +159,8 @@ def render(results: list[dict[str, Any]]) -> str:
             "No result was recorded for: " + ", ".join(f"`{m}`" for m in missing) + ".",
             "",
         ]
+        lines += [f"- `{m}`: {WHY_MISSING[m]}" for m in missing if m in WHY_MISSING]
+        lines += [""]
     return "\n".join(lines).rstrip() + "\n"
 
 
