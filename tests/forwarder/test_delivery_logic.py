@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 from datetime import UTC, datetime
 
 import httpx
@@ -16,9 +17,11 @@ from radflow_core.dicom_status import StoreStatus
 from radflow_core.errors import ConfigurationError
 from radflow_core.events import BlobRef, ForwardRequested, Lane, Protocol, Sender
 from radflow_rules.destinations import Auth, AuthKind, DestinationKind, DimsePeer, SecretRef
+from radflow_rules.loader import load_text
 from radflow_rules.rules import Destination
+from stow_forwarder.answer import Outgoing
 from stow_forwarder.auth import ClientCredentials
-from stow_forwarder.client import classify
+from stow_forwarder.client import StowClient, classify
 from stow_forwarder.delivery import bounded, chunks, marker_key
 from stow_forwarder.flow import Circuit, CircuitBreaker, StatFirst
 from stow_forwarder.settings import ForwarderSettings
@@ -335,3 +338,41 @@ def test_a_dimse_destinations_identity_is_its_host_port_and_called_ae_title() ->
         DimsePeer("pacs.local", 104, "ARCHIVE"),
     ):
         assert marker_key(_dimse(peer), KEY) != marker_key(base, KEY), peer
+
+
+async def test_a_tls_alert_read_with_the_answer_is_retried_as_tls_not_an_unexpected_error(
+    tmp_path,
+) -> None:
+    """httpcore lets an SSLError raised while reading the answer (a server's "certificate
+    required" alert after the handshake) through unwrapped; it must not escape the client
+    (the consumer would dead-letter the batch as an unexpected error)."""
+    rules = load_text(
+        "version: 1\n"
+        "destinations:\n"
+        "  pacs: {url: 'https://pacs.example/dicom-web'}\n"
+        "rules:\n"
+        "  - name: all\n"
+        "    route: [pacs]\n"
+        "default: {hold: unrouted}\n",
+        "rules.yaml",
+    )
+    client = StowClient(rules.destinations["pacs"], ForwarderSettings())
+
+    def alert(_: httpx.Request) -> httpx.Response:
+        raise ssl.SSLError(1, "[SSL: TLSV13_ALERT_CERTIFICATE_REQUIRED] certificate required")
+
+    await client.close()
+    client._client = httpx.AsyncClient(transport=httpx.MockTransport(alert))
+    instance = tmp_path / "one.dcm"
+    instance.write_bytes(b"\0" * 200)
+    uid = generate_uid()
+    try:
+        answer = await client.store(
+            [Outgoing(uid, "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1", instance)],
+            Lane.ROUTINE,
+        )
+        assert answer.peer_unavailable
+        assert answer.retry[uid].startswith("TLS")
+        assert await client.holds("1.2.3", [uid]) == set()
+    finally:
+        await client.close()

@@ -99,7 +99,9 @@ class StowClient:
                 },
             )
             status_label = f"{response.status_code // 100}xx"
-        except (httpx.TimeoutException, httpx.TransportError) as exc:
+        except (httpx.TimeoutException, httpx.TransportError, ssl.SSLError) as exc:
+            # httpcore lets an SSLError raised while reading the answer (the server's TLS
+            # alert after the handshake, e.g. "certificate required") through unwrapped.
             return Answer(None, retry=dict.fromkeys(uids, no_answer(exc)), peer_unavailable=True)
         except TokenUnavailable as exc:
             return Answer(None, retry=dict.fromkeys(uids, str(exc)), peer_unavailable=True)
@@ -117,7 +119,7 @@ class StowClient:
         url = f"{self.url}/{study_instance_uid}/instances"
         try:
             response = await self._client.get(url, params={"includefield": "00080018"})
-        except (httpx.TimeoutException, httpx.TransportError, TokenUnavailable):
+        except (httpx.TimeoutException, httpx.TransportError, ssl.SSLError, TokenUnavailable):
             return set()
         if response.status_code != 200:
             return set()
@@ -132,7 +134,7 @@ class StowClient:
         return found & set(sop_instance_uids)
 
 
-def no_answer(exc: httpx.HTTPError) -> str:
+def no_answer(exc: Exception) -> str:
     """Why a request got no answer, naming a TLS failure (an untrusted certificate, a
     missing client certificate) so the dead letter says what to fix."""
     cause: BaseException | None = exc
@@ -140,7 +142,9 @@ def no_answer(exc: httpx.HTTPError) -> str:
         if isinstance(cause, ssl.SSLCertVerificationError):
             return f"TLS: certificate verify failed ({cause.verify_message})"
         if isinstance(cause, ssl.SSLError):
-            return f"TLS handshake failed ({cause.reason or type(cause).__name__})"
+            return (
+                f"TLS handshake failed ({getattr(cause, 'reason', None) or type(cause).__name__})"
+            )
         cause = cause.__cause__ or cause.__context__
     return f"no answer ({type(exc).__name__})"
 
