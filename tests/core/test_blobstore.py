@@ -222,3 +222,23 @@ def test_not_found_is_not_retriable() -> None:
     exc = minio.error.S3Error(None, "NoSuchKey", "gone", "/", "req", "host")  # type: ignore[arg-type]
     mapped = map_error(exc, "get")
     assert isinstance(mapped, BlobNotFound) and not mapped.retriable
+
+
+def test_an_s3_outage_inside_a_partial_read_is_an_outage_not_an_unreadable_header() -> None:
+    """The router parses headers through ranged reads; pydicom wraps whatever a read
+    raises, so an unmapped connection error became a final 'unreadable_header' dead
+    letter during an S3 outage (found by the fault suite)."""
+    from urllib3.exceptions import ProtocolError
+
+    from radflow_core.blobstore import _RangedBlob
+    from radflow_core.errors import BlobStoreUnavailable
+    from radflow_core.events import BlobRef
+
+    class DownClient:
+        def get_object(self, *_: object, **__: object) -> object:
+            raise ProtocolError("Connection aborted.", ConnectionResetError(104, "reset"))
+
+    ref = BlobRef(bucket="b", key="original/x", size=1000, sha256="0" * 64)
+    view = _RangedBlob(DownClient(), ref, limit=1000)  # type: ignore[arg-type]
+    with pytest.raises(BlobStoreUnavailable):
+        view.read(10)

@@ -168,14 +168,19 @@ class _RangedBlob(io.RawIOBase):
             if start >= self._limit:
                 raise ReadLimitExceeded(f"read past the first {self._limit} bytes")
             length = min(self._BLOCK, self._ref.size - start)
-            response = self._client.get_object(
-                self._ref.bucket, self._ref.key, offset=start, length=length
-            )
             try:
-                block = response.read()
-            finally:
-                response.close()
-                response.release_conn()
+                response = self._client.get_object(
+                    self._ref.bucket, self._ref.key, offset=start, length=length
+                )
+                try:
+                    block = response.read()
+                finally:
+                    response.close()
+                    response.release_conn()
+            except Exception as exc:
+                # Mapped here, inside the parser's reads: a parser that wraps what it
+                # reads must not turn an S3 outage into "unreadable data".
+                raise map_error(exc, "get_range") from exc
             if len(self._blocks) >= 4:
                 self._blocks.pop(next(iter(self._blocks)))
             self._blocks[index] = block
