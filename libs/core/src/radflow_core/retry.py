@@ -113,11 +113,8 @@ class Turn:
             delay = max(delay, at_least_s)
         if self.waiting is not None:
             self.waiting.began(reason, self)
-        try:
-            await asyncio.wait_for(self.hand_back.wait(), timeout=delay)
-        except TimeoutError:
-            return
-        raise HandedBack(f"handed back while waiting to retry ({reason})")
+        if await self.wait_for_hand_back(delay):
+            raise HandedBack(f"handed back while waiting to retry ({reason})")
 
     async def wait_for_hand_back(self, seconds: float) -> bool:
         """Wait ``seconds`` (a grace period, not a retry); True if the work must be
