@@ -30,7 +30,7 @@ from support.oauth import OAuthGateway
 from support.orthanc import OrthancView
 from support.proxy import FaultProxy
 from support.stack import IngestProcess, Stack
-from support.tls import Authority
+from radflow_devstack.pki import Authority
 
 pytestmark = pytest.mark.pipeline
 

@@ -22,7 +22,7 @@ from report_return.mllp import (
     PeerUnreachable,
 )
 from report_return.sites import Site
-from support.tls import Authority
+from radflow_devstack.pki import Authority
 
 MESSAGE = b"MSH|^~\\&|A|B|C|D|20261123||ORU^R01^ORU_R01|CID|P|2.5.1\rPID|1||X"
 

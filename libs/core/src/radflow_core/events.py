@@ -68,6 +68,11 @@ class Sender(EventModel):
     """The sender's IP address as seen by ingest."""
     client: str | None = None
     """STOW-RS: the User-Agent of the client, if any."""
+    identity: str | None = None
+    """Who the sender proved to be, when it authenticated: ``jwt:<issuer>#<subject>``
+    (a bearer token), ``apikey:<name>`` (a static API key) or ``cert:<subject CN>``
+    (a TLS client certificate, STOW-RS or DICOM TLS). None on an unauthenticated
+    door (plain DIMSE). Routing rules and allow-lists may match on it."""
 
 
 class Priority(StrEnum):
