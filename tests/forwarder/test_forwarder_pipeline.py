@@ -22,6 +22,7 @@ from radflow_core.topics import Topic
 from radflow_devstack.kit.dcmtk import storescu
 from radflow_devstack.kit.rules_file import dimse_destination, write_rules
 from radflow_devstack.kit.waiting import wait_for
+from radflow_devstack.pki import Authority
 from radflow_devstack.processes import ManagedProcess, free_port
 from support.dicom import make_instance
 from support.dimse_peer import DimsePeer
@@ -30,7 +31,6 @@ from support.oauth import OAuthGateway
 from support.orthanc import OrthancView
 from support.proxy import FaultProxy
 from support.stack import IngestProcess, Stack
-from radflow_devstack.pki import Authority
 
 pytestmark = pytest.mark.pipeline
 

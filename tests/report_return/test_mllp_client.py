@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from radflow_devstack.mllp_peer import MllpPeer
+from radflow_devstack.pki import Authority
 from radflow_devstack.processes import free_port
 from radflow_rules.destinations import Tls
 from report_return.hl7 import END_BLOCK, START_BLOCK
@@ -22,7 +23,6 @@ from report_return.mllp import (
     PeerUnreachable,
 )
 from report_return.sites import Site
-from radflow_devstack.pki import Authority
 
 MESSAGE = b"MSH|^~\\&|A|B|C|D|20261123||ORU^R01^ORU_R01|CID|P|2.5.1\rPID|1||X"
 
