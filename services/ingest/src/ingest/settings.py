@@ -65,6 +65,14 @@ class IngestSettings(Section):
     """Address the HTTP listener (STOW-RS, /metrics, /healthz, /readyz) binds to."""
     http_port: int = Field(default=8080, ge=0, le=65535)
     """HTTP listener port."""
+    tls_cert_file: Path | None = None
+    """PEM certificate (chain) ingest presents on its TLS listeners (DICOM TLS and
+    HTTPS). Unset: no TLS listener is opened."""
+    tls_key_file: Path | None = None
+    """PEM private key of tls_cert_file."""
+    tls_client_ca_file: Path | None = None
+    """CA bundle that client certificates on the TLS listeners are verified against.
+    Unset: client certificates are not asked for."""
     allowed_peers: tuple[str, ...] = ()
     """Comma-separated allow-list of calling AE titles, each optionally bound to an
     address or network: 'CT1,MR2@10.1.2.3,*@10.9.0.0/16'. Empty: every caller."""
