@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ssl
 from pathlib import Path
+from typing import Any
 
 
 class TlsFilesUnusable(ValueError):
@@ -48,11 +49,11 @@ def client_context(
     return context
 
 
-def peer_common_name(peer_cert: dict[str, object] | None) -> str | None:
+def peer_common_name(peer_cert: Any) -> str | None:
     """The subject CN of a verified peer certificate (``SSLSocket.getpeercert()``)."""
     if not peer_cert:
         return None
-    for rdn in peer_cert.get("subject", ()):  # type: ignore[union-attr]
+    for rdn in peer_cert.get("subject", ()):
         for key, value in rdn:
             if key == "commonName":
                 return str(value)
