@@ -177,6 +177,7 @@ def test_err_segments_keep_their_codes_and_drop_the_ris_s_words() -> None:
         "Accession ACC-SENTINEL of DOE^JOHN unknown\r"
         "ERR||PID^1^3~PV1^1^2|DOE-SENTINEL^x|severe\r"
         "ERR|PID^1^3^204&Unknown key identifier&HL70357\r"
+        "ERR||DOE^1^3|207|W\r"
     )
     answer = parse_ack(ack("AR", extra=err), "utf-8", "CID")
     assert answer.code == "AR"
@@ -184,6 +185,7 @@ def test_err_segments_keep_their_codes_and_drop_the_ris_s_words() -> None:
         AckError(hl7_error_code="103", severity="E", location="OBR^1^18"),
         AckError(hl7_error_code=None, severity=None, location="PID^1^3"),
         AckError(hl7_error_code="204", severity=None, location="PID^1^3"),
+        AckError(hl7_error_code="207", severity="W", location=None),
     )
     assert "SENTINEL" not in repr(answer) and "Said" not in repr(answer)
 

@@ -350,7 +350,12 @@ def _field(segment: Any, number: int) -> str:
 
 
 _CODE = re.compile(r"[0-9]{1,5}")
-_SEGMENT_ID = re.compile(r"[A-Z][A-Z0-9]{2}")
+ORU_SEGMENTS = frozenset(
+    {"MSH", "SFT", "PID", "PD1", "NTE", "NK1", "PV1", "PV2", "ORC", "OBR", "TQ1", "TQ2"}
+    | {"CTD", "OBX", "FT1", "CTI", "SPM", "DSC"}
+)
+"""Segments of an ORU^R01 (v2.5.1): an error location names one of ours, so any other
+three letters in ERR-2 are the RIS's text, not a location."""
 _POSITION = re.compile(r"[0-9]{0,5}")
 
 
@@ -378,6 +383,6 @@ def _first(value: str) -> str:
 
 def _location(parts: list[str]) -> str | None:
     numbers = [p.split("&", 1)[0] for p in parts[1:6]]
-    if not _SEGMENT_ID.fullmatch(parts[0]) or not all(_POSITION.fullmatch(n) for n in numbers):
+    if parts[0] not in ORU_SEGMENTS or not all(_POSITION.fullmatch(n) for n in numbers):
         return None
     return "^".join([parts[0], *numbers]).rstrip("^")
