@@ -100,6 +100,7 @@ def test_each_service_reaches_dns_kafka_s3_and_only_its_own_peers(overlay: str) 
     peers = {
         "radflow-stow-forwarder": "radflow-stow-forwarder-destinations",
         "radflow-report-return": "radflow-report-return-ris",
+        "radflow-ingest": "radflow-ingest-identity-provider",
     }
     for name in SERVICES:
         policies = _policies_for(objects, named(objects, "Deployment", name), "Egress")
@@ -122,7 +123,11 @@ def test_each_service_reaches_dns_kafka_s3_and_only_its_own_peers(overlay: str) 
         }
         assert ("k8s-app", "kube-dns") in reached, name
         assert ("strimzi.io/kind", "Kafka") in reached, name
-        assert {p["metadata"]["name"] for p in policies} >= {"radflow-egress", "radflow-s3-egress"}
+        assert {p["metadata"]["name"] for p in policies} >= {
+            "radflow-egress",
+            "radflow-s3-egress",
+            "radflow-audit-repository-egress",
+        }
         assert (name in peers) == any(p["metadata"]["name"] == peers.get(name) for p in policies)
 
 
