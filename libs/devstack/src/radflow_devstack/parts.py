@@ -83,11 +83,13 @@ def start_orthanc(
     *,
     users: Mapping[str, str] | None = None,
     name: str = "orthanc",
+    config: Mapping[str, object] | None = None,
 ) -> ManagedProcess:
     """Orthanc (Debian packages ``orthanc`` and ``orthanc-dicomweb``) on loopback, with
     its DICOMweb plugin at ``/dicom-web/``, storing in ``run_dir/<name>``.
 
-    ``users`` turns on HTTP basic authentication with those user names and passwords.
+    ``users`` turns on HTTP basic authentication with those user names and passwords;
+    ``config`` adds or overrides configuration keys (e.g. ``DicomTlsEnabled``).
     Orthanc's DIMSE side uses DCMTK, so Nagle's algorithm is turned off for it too.
     """
     binary = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
@@ -97,7 +99,7 @@ def start_orthanc(
         )
     home = run_dir / name
     home.mkdir(parents=True, exist_ok=True)
-    config = {
+    settings = {
         "Name": name,
         "StorageDirectory": str(home / "storage"),
         "IndexDirectory": str(home / "index"),
@@ -116,9 +118,10 @@ def start_orthanc(
         "DicomScpTimeout": 30,
         "DicomModalities": {},
         "UnknownSopClassAccepted": True,
+        **(config or {}),
     }
     config_path = home / "orthanc.json"
-    config_path.write_text(json.dumps(config, indent=2))
+    config_path.write_text(json.dumps(settings, indent=2))
     proc = ManagedProcess(
         name,
         [binary, str(config_path)],
