@@ -27,6 +27,7 @@ PORT_NAMES = (
     "broker",
     "s3",
     "dimse",
+    "dimse_tls",
     "http",
     "transcode",
     "router",
@@ -107,12 +108,34 @@ def test_run_starts_the_stack_and_a_sent_instance_becomes_event_and_blob(tmp_pat
             return httpx.get(f"{orthanc}/statistics").json()["CountInstances"] == 1
 
         wait_for("the instance delivered to Orthanc", in_orthanc, timeout_s=90)
+        _send_as_the_banner_shows_over_dicom_tls(tmp_path / "devstack.out")
+
+        def received() -> list[str]:
+            lines = _devstack_args(["events"], env).splitlines()
+            return lines if len(lines) == 2 else []
+
+        both = wait_for("the DICOM TLS instance received", received, timeout_s=30)
+        identities = {json.loads(e)["event"]["data"]["sender"]["identity"] for e in both}
+        assert identities == {None, "cert:STORESCU"}, "plain DIMSE, then DICOM TLS"
     finally:
         code = stack.stop(timeout_s=60)
     out = (tmp_path / "devstack.out").read_text()
     assert code == 0, out
     for name in ("stow-forwarder", "orthanc", "router", "transcode", "ingest", "s3", "tansu"):
         assert f"stopped  {name} (exit 0)" in out
+
+
+def _send_as_the_banner_shows_over_dicom_tls(banner: Path) -> None:
+    """Run the storescu +tls line make run prints, with the development certificates
+    it wrote under .run/tls/."""
+    (line,) = [ln for ln in banner.read_text().splitlines() if "storescu +tls" in ln]
+    words = line.split()
+    argv = words[words.index("storescu") :]
+    argv[argv.index("FILE.dcm")] = str(bundled_file("MR_small.dcm"))
+    sent = subprocess.run(
+        argv, capture_output=True, text=True, env={**os.environ, "TCP_NODELAY": "1"}, timeout=60
+    )
+    assert sent.returncode == 0, f"{line}\n{sent.stderr}"
 
 
 def _devstack(command: str, env: dict[str, str]) -> str:

@@ -34,6 +34,7 @@ from radflow_devstack.parts import (
     start_service,
 )
 from radflow_devstack.peek import blobs_command, events_command
+from radflow_devstack.pki import DevelopmentPki, development_pki
 from radflow_devstack.processes import ManagedProcess, StartupFailed
 from radflow_devstack.supervise import Supervisor
 
@@ -62,6 +63,25 @@ def local_env(broker_port: int, s3_port: int) -> dict[str, str]:
     }
 
 
+def dicom_tls_env(pki: DevelopmentPki, port: int) -> dict[str, str]:
+    """ingest's DICOM TLS listener with the development certificates: a client
+    certificate from the development CA is required (any CN, any calling AE)."""
+    return {
+        "RADFLOW_INGEST_DIMSE_TLS_PORT": str(port),
+        "RADFLOW_INGEST_TLS_CERT_FILE": str(pki.server.cert.resolve()),
+        "RADFLOW_INGEST_TLS_KEY_FILE": str(pki.server.key.resolve()),
+        "RADFLOW_INGEST_TLS_CLIENT_CA_FILE": str(pki.ca_file.resolve()),
+    }
+
+
+def storescu_tls_line(pki: DevelopmentPki, port: int) -> str:
+    """The storescu command that sends over make run's DICOM TLS listener."""
+    return (
+        f"TCP_NODELAY=1 storescu +tls {pki.client.key} {pki.client.cert} +cf {pki.ca_file} "
+        f"-aec RADFLOW 127.0.0.1 {port} FILE.dcm"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m radflow_devstack",
@@ -74,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--broker-port", type=int, default=9092)
         p.add_argument("--s3-port", type=int, default=9000)
         p.add_argument("--dimse-port", type=int, default=11112)
+        p.add_argument("--dimse-tls-port", type=int, default=2762, help="DICOM TLS")
         p.add_argument("--http-port", type=int, default=8080)
         p.add_argument("--transcode-port", type=int, default=8081)
         p.add_argument("--router-port", type=int, default=8082)
@@ -148,9 +169,12 @@ def run_stack(args: argparse.Namespace) -> int:
             "RADFLOW_INGEST_HTTP_PORT": str(args.http_port),
             "RADFLOW_INGEST_RULES_FILE": str(rules),  # its stat: policy picks the lane
         }
+        pki = development_pki(args.log_dir.parent / "tls")
+        ingest_env.update(dicom_tls_env(pki, args.dimse_tls_port))
         http = f"http://127.0.0.1:{args.http_port}"
         service("ingest", "ingest", ingest_env, args.http_port)
         print(f"ingest   DIMSE  RADFLOW@127.0.0.1:{args.dimse_port}")
+        print(f"         DICOM TLS RADFLOW@127.0.0.1:{args.dimse_tls_port} (CA {pki.ca_file})")
         print(f"         STOW-RS {http}/dicomweb/studies   metrics {http}/metrics")
         transcode_http = f"http://127.0.0.1:{args.transcode_port}"
         service(
@@ -200,6 +224,7 @@ def run_stack(args: argparse.Namespace) -> int:
         print(f"reports  sites {sites}  metrics {report_http}/metrics")
         print(f"logs     {args.log_dir}/")
         print(f"try      TCP_NODELAY=1 storescu -aec RADFLOW 127.0.0.1 {args.dimse_port} FILE.dcm")
+        print(f"         {storescu_tls_line(pki, args.dimse_tls_port)}")
         print("see      .venv/bin/python -m radflow_devstack events   (and: ... blobs)")
         print("A child that dies is reported here and started again. Ctrl-C stops everything.")
         sys.stdout.flush()
