@@ -127,8 +127,12 @@ def test_run_starts_the_stack_and_a_sent_instance_becomes_event_and_blob(tmp_pat
 
 def _send_as_the_banner_shows_over_dicom_tls(banner: Path) -> None:
     """Run the storescu +tls line make run prints, with the development certificates
-    it wrote under .run/tls/."""
-    (line,) = [ln for ln in banner.read_text().splitlines() if "storescu +tls" in ln]
+    it wrote under .run/tls/ (the banner's last lines come once every part is up)."""
+
+    def printed() -> list[str]:
+        return [ln for ln in banner.read_text().splitlines() if "storescu +tls" in ln]
+
+    (line,) = wait_for("the banner's storescu +tls line", printed, timeout_s=60)
     words = line.split()
     argv = words[words.index("storescu") :]
     argv[argv.index("FILE.dcm")] = str(bundled_file("MR_small.dcm"))

@@ -207,12 +207,21 @@ def run_stack(args: argparse.Namespace) -> int:
         }
         service("stow-forwarder", "stow_forwarder", forwarder_env, args.forwarder_port)
         print(f"forwarder metrics {forwarder_http}/metrics")
-        mllp = start_mllp_peer(args.mllp_port, args.log_dir)
+        mllp = start_mllp_peer(
+            args.mllp_port,
+            args.log_dir,
+            tls_cert=pki.server.cert.resolve(),
+            tls_key=pki.server.key.resolve(),
+        )
         started.append(mllp)
         supervisor.watch(mllp)
-        print(f"ris      stand-in RIS (HL7 MLLP) 127.0.0.1:{args.mllp_port}")
+        print(f"ris      stand-in RIS (HL7 MLLP over TLS) 127.0.0.1:{args.mllp_port}")
         sites = args.log_dir.parent / "sites.yaml"
-        sites.write_text(LOCAL_SITES.read_text().replace("port: 2575", f"port: {args.mllp_port}"))
+        sites.write_text(
+            LOCAL_SITES.read_text()
+            .replace("port: 2575", f"port: {args.mllp_port}")
+            .replace(".run/tls/ca.pem", str(pki.ca_file.resolve()))
+        )
         report_http = f"http://127.0.0.1:{args.report_return_port}"
         report_env = {
             **env,

@@ -134,11 +134,15 @@ def start_orthanc(
     return proc
 
 
-def start_mllp_peer(port: int, log_dir: Path) -> ManagedProcess:
-    """The stand-in RIS (:mod:`radflow_devstack.mllp_peer`) on 127.0.0.1:port."""
+def start_mllp_peer(
+    port: int, log_dir: Path, *, tls_cert: Path | None = None, tls_key: Path | None = None
+) -> ManagedProcess:
+    """The stand-in RIS (:mod:`radflow_devstack.mllp_peer`) on 127.0.0.1:port, over
+    TLS with ``tls_cert`` and ``tls_key``."""
+    tls = ["--tls-cert", str(tls_cert), "--tls-key", str(tls_key)] if tls_cert else []
     proc = ManagedProcess(
         "mllp-peer",
-        [sys.executable, "-m", "radflow_devstack.mllp_peer", "--port", str(port)],
+        [sys.executable, "-m", "radflow_devstack.mllp_peer", "--port", str(port), *tls],
         log_dir / "mllp-peer.log",
     ).start()
     proc.port = port
