@@ -15,6 +15,7 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, RLELossless
 
 from radflow_codecs.codecs import decode
 from radflow_core.dicom_status import StoreStatus
+from radflow_core.errors import ConfigurationError
 from radflow_core.events import Lane
 from radflow_devstack.pki import Authority
 from radflow_devstack.processes import ManagedProcess, free_port
@@ -230,3 +231,10 @@ def test_an_orthanc_with_dicom_tls_receives_over_tls_and_refuses_what_it_cannot_
     assert "TLS: certificate verify failed" in next(iter(misnamed.retry.values()))
     anonymous = asyncio.run(_client(port, "ORTHANC", Tls(ca.ca_file)).store(items, Lane.ROUTINE))
     assert set(anonymous.retry) == uids and not anonymous.delivered
+
+
+def test_a_dimse_destination_whose_tls_files_are_missing_is_a_configuration_error(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(ConfigurationError, match="destination 'pacs': its tls files"):
+        _client(104, tls=Tls(tmp_path / "missing-ca.pem"))

@@ -54,9 +54,9 @@ from pynetdicom.association import Association
 from radflow_codecs.codecs import Target
 from radflow_codecs.streaming import normalize_file
 from radflow_core.dicom_status import StoreStatus
-from radflow_core.errors import PipelineError
+from radflow_core.errors import ConfigurationError, PipelineError
 from radflow_core.events import Lane
-from radflow_core.tls import DeferredHandshake, client_context
+from radflow_core.tls import DeferredHandshake, TlsFilesUnusable, client_context
 from radflow_rules.destinations import DimsePeer
 from radflow_rules.rules import Destination
 from stow_forwarder.answer import Answer, Outgoing
@@ -131,7 +131,8 @@ class DimseClient:
 
     def __init__(self, destination: Destination, settings: ForwarderSettings) -> None:
         """Raises:
-        TlsFilesUnusable: the destination's CA, certificate or key cannot be used.
+        ConfigurationError: the destination's CA, certificate or key cannot be used
+            (the forwarder then does not start, or leaves the destination stopped).
         """
         assert destination.dimse is not None
         self.destination = destination
@@ -141,9 +142,15 @@ class DimseClient:
         self._tls: tuple[Any, str] | None = None
         tls = destination.tls
         if tls is not None:
-            context = client_context(
-                ca_file=tls.ca_file, cert_file=tls.cert_file, key_file=tls.key_file
-            )
+            try:
+                context = client_context(
+                    ca_file=tls.ca_file, cert_file=tls.cert_file, key_file=tls.key_file
+                )
+            except (TlsFilesUnusable, OSError, ssl.SSLError) as exc:
+                raise ConfigurationError(
+                    f"destination {destination.name!r}: its tls files cannot be used "
+                    f"({type(exc).__name__}: {exc})"
+                ) from exc
             self._tls = (DeferredHandshake(context), tls.server_name or self.peer.host)
 
     async def close(self) -> None:
