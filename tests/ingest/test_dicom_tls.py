@@ -48,6 +48,7 @@ def test_dicom_tls_admits_only_trusted_certificates_with_their_mapped_ae_titles(
         tls_key_file=str(server.key),
         tls_client_ca_file=str(ca.ca_file),
         dimse_tls_peers="STORESCU=STORESCU|CT1",
+        dimse_plain="false",  # production: TLS only
     )
     port = ingest.dimse_tls_port
     trusted = ["+tls", str(client.key), str(client.cert), "+cf", str(ca.ca_file)]
@@ -69,8 +70,9 @@ def test_dicom_tls_admits_only_trusted_certificates_with_their_mapped_ae_titles(
     untrusted = ["+tls", str(stranger.key), str(stranger.cert), "+cf", str(ca.ca_file)]
     assert anonymous.returncode != 0
     assert _echoscu(port, untrusted).returncode != 0
-    # Plain DIMSE to the TLS port is no DICOM at all to it.
+    # Plain DIMSE to the TLS port is no DICOM at all to it, and the plain port is closed.
     assert _echoscu(port, []).returncode != 0
+    assert "Connection refused" in _echoscu(ingest.dimse_port, []).stderr
 
     wait_for(
         "the refusals counted",
