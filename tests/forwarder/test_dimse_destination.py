@@ -22,6 +22,7 @@ from radflow_devstack.processes import ManagedProcess, free_port
 from radflow_rules.destinations import DestinationKind, DimsePeer, Tls
 from radflow_rules.rules import Destination
 from stow_forwarder.answer import Outgoing
+from stow_forwarder.client import StowClient
 from stow_forwarder.dimse import DimseClient, Verdict, proposed_contexts, verdict
 from stow_forwarder.settings import ForwarderSettings
 from support.dicom import bundled_file, make_instance
@@ -238,3 +239,13 @@ def test_a_dimse_destination_whose_tls_files_are_missing_is_a_configuration_erro
 ) -> None:
     with pytest.raises(ConfigurationError, match="destination 'pacs': its tls files"):
         _client(104, tls=Tls(tmp_path / "missing-ca.pem"))
+
+
+def test_a_stow_rs_destination_whose_tls_files_are_missing_is_a_configuration_error(
+    tmp_path: Path,
+) -> None:
+    destination = Destination(
+        "archive", "https://127.0.0.1:1/dicomweb", None, (), 50, tls=Tls(tmp_path / "no-ca.pem")
+    )
+    with pytest.raises(ConfigurationError, match="destination 'archive': its tls files"):
+        StowClient(destination, ForwarderSettings())
