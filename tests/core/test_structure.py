@@ -7,7 +7,6 @@ import io
 import resource
 import struct
 import warnings
-import zlib
 from pathlib import Path
 
 import pydicom
@@ -20,6 +19,7 @@ from pydicom.sequence import Sequence
 from radflow_core.dicom_status import StoreStatus
 from radflow_core.structure import StructureInvalid, check_structure
 from support.dicom import TEST_FILES, _meta_end, bundled_file, make_instance
+from support.hostile import deflate_bomb
 from support.nesting import deeply_nested
 
 REFUSED_BUNDLED = {
@@ -229,27 +229,6 @@ def test_sequences_nested_past_the_limit_are_refused(tmp_path: Path) -> None:
     _check(deeply_nested(base, 32))
     assert _refusal(deeply_nested(base, 33)).detail == "sequences nested too deeply"
     assert _refusal(deeply_nested(base, 20000)).detail == "sequences nested too deeply"
-
-
-def deflate_bomb(inflated_bytes: int) -> bytes:
-    """A Deflated Explicit VR Little Endian file whose data set inflates to
-    ``inflated_bytes`` (an OB element of zeros) from about a thousandth of that."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
-    meta.MediaStorageSOPInstanceUID = "1.2.3.4"
-    meta.TransferSyntaxUID = "1.2.840.10008.1.2.1.99"
-    out = io.BytesIO()
-    out.write(b"\0" * 128 + b"DICM")
-    write_file_meta_info(out, meta)
-    deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    value = inflated_bytes - 12
-    out.write(deflate.compress(b"\x09\x00\x10\x10OB\0\0" + struct.pack("<L", value)))
-    chunk = bytes(1 << 20)
-    for _ in range(value >> 20):
-        out.write(deflate.compress(chunk))
-    out.write(deflate.compress(bytes(value & ((1 << 20) - 1))))
-    out.write(deflate.flush())
-    return out.getvalue()
 
 
 def test_a_deflate_bomb_is_refused_without_inflating_it() -> None:

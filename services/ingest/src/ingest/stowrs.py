@@ -74,13 +74,8 @@ class _CountedBody:
         self._check()
         return data
 
-    async def readline(self) -> bytes:
-        data = await self._content.readline()
-        self._check()
-        return data
-
-    async def readany(self) -> bytes:
-        data = await self._content.readany()
+    async def readline(self, *, max_line_length: int | None = None) -> bytes:
+        data = await self._content.readline(max_line_length=max_line_length)
         self._check()
         return data
 
