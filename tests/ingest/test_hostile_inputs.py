@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import socket
 import threading
 from pathlib import Path
 
@@ -165,6 +166,17 @@ def test_hostile_dimse_data_sets_are_refused_while_received_and_nothing_kept(
     finally:
         if assoc.is_established:
             assoc.release()
+
+    # A PDU claiming 2 GiB is not read into memory: the connection is dropped.
+    with socket.create_connection(("127.0.0.1", ingest.dimse_port), timeout=10) as sock:
+        sock.sendall(b"\x01\x00" + (0x7FFFFFF0).to_bytes(4, "big"))
+        try:
+            for _ in range(256):  # up to 16 MiB, far past the 1 MiB bound
+                sock.sendall(bytes(64 * 1024))
+            dropped = sock.recv(1) == b""
+        except (BrokenPipeError, ConnectionResetError):
+            dropped = True
+    assert dropped
 
     _assert_nothing_kept(stack)
     assert send(dataset_bytes(raw)).status == StoreStatus.SUCCESS

@@ -41,7 +41,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from ingest import metrics
 from ingest.claimcheck import ClaimCheck, Expected, NotStored, Origin
-from ingest.receive_limit import cap_received_datasets, received_too_large
+from ingest.receive_limit import bound_pdu_length, cap_received_datasets, received_too_large
 from ingest.settings import IngestSettings
 from radflow_core.dicom_status import StoreStatus
 from radflow_core.events import Priority, Protocol, Sender
@@ -253,6 +253,7 @@ class DimseReceiver:
 
     def _cap_datasets(self, event: evt.Event) -> None:
         cap_received_datasets(event.assoc, self._settings.max_instance_bytes)
+        bound_pdu_length(event.assoc, self._settings.max_pdu_bytes)
 
     def _on_conn_close(self, event: evt.Event) -> None:
         metrics.ASSOCIATIONS.dec()

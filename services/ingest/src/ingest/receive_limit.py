@@ -11,13 +11,21 @@ discarded, and the handler answers 0xC005 (the sender learns why and does not re
 The hook is one wrapper around the association's ``DIMSEServiceProvider.
 receive_primitive`` (the one place P-DATA enters DIMSE), installed per association;
 pynetdicom itself is not patched.
+
+pynetdicom also reads every PDU whole into memory, whatever length its header claims
+(up to 4 GiB) and whatever maximum we negotiated. :func:`bound_pdu_length` refuses to
+read a PDU longer than the maximum we announce (PS3.8 §D.1: a peer must not send
+more): the association is aborted (A-ABORT) before the PDU's body is read.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from pynetdicom.association import Association
+
+log = logging.getLogger(__name__)
 
 
 class CappedSpool:
@@ -80,6 +88,45 @@ def cap_received_datasets(assoc: Association, limit: int) -> None:
         _cap()
 
     dimse.receive_primitive = receive_capped  # type: ignore[method-assign]
+
+
+class PduTooLong(Exception):
+    """A peer announced a PDU longer than the maximum we negotiated."""
+
+    def __init__(self, size: int, bound: int) -> None:
+        super().__init__(f"PDU of {size} bytes exceeds the {bound}-byte maximum")
+
+
+MIN_PDU_BOUND = 1024 * 1024
+"""PDUs up to this length are always read (an A-ASSOCIATE-RQ with many presentation
+contexts is larger than a small negotiated maximum)."""
+
+
+def bound_pdu_length(assoc: Association, max_pdu_bytes: int) -> None:
+    """Make a PDU longer than ``max_pdu_bytes`` (at least :data:`MIN_PDU_BOUND`) end
+    ``assoc`` instead of being read into memory; 0: unbounded, as negotiated."""
+    sock = assoc.dul.socket
+    if not max_pdu_bytes or sock is None:
+        return
+    bound = max(max_pdu_bytes, MIN_PDU_BOUND)
+    recv = sock.recv
+
+    def recv_bounded(nr_bytes: int) -> bytearray:
+        if nr_bytes > bound:
+            log.warning(
+                "association aborted: PDU longer than the maximum",
+                extra={"peer_address": assoc.requestor.address, "size": nr_bytes},
+            )
+            if not assoc.is_established:
+                # The acceptor waits (ACSE timeout) for the A-ASSOCIATE-RQ; nothing
+                # is what it gets when that wait times out, and it then closes.
+                assoc.dul.to_user_queue.put(None)
+            # Not an OSError, so it leaves pynetdicom's PDU reader and reaches its
+            # reactor's catch-all, which sends A-ABORT and ends the association.
+            raise PduTooLong(nr_bytes, bound)
+        return recv(nr_bytes)
+
+    sock.recv = recv_bounded  # type: ignore[method-assign]
 
 
 def received_too_large(request: Any) -> bool:

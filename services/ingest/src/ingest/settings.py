@@ -122,7 +122,9 @@ class IngestSettings(Section):
     max_associations: int = Field(default=32, ge=1, le=1000)
     """Concurrent DIMSE associations; more are rejected as transient (local limit)."""
     max_pdu_bytes: int = Field(default=1_048_576, ge=0)
-    """Maximum PDU size we receive (0 = unlimited)."""
+    """Maximum PDU size we receive (0 = unlimited). A peer announcing a longer PDU
+    (beyond 1 MiB, whatever this says) has its association aborted before the PDU
+    is read."""
     acse_timeout_s: float = Field(default=30.0, gt=0)
     """Seconds to wait for association negotiation messages."""
     dimse_timeout_s: float = Field(default=60.0, gt=0)
