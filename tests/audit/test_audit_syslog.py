@@ -16,8 +16,10 @@ import pytest
 from lxml import etree
 
 from radflow_core.audit import DROPPED, Auditor, Door
+from radflow_core.errors import ConfigurationError
 from radflow_core.events import Protocol, Sender
 from radflow_core.settings import AuditSettings
+from radflow_core.tls import TlsFilesUnusable
 from radflow_devstack.pki import Authority
 from radflow_devstack.processes import free_port
 
@@ -229,3 +231,24 @@ async def test_audit_calls_from_other_threads_arrive(
     frames = await repository.wait_for(1)
     await auditor.stop()
     assert b"110126" in frames[0]
+
+
+async def test_an_unusable_client_certificate_stops_the_auditor_at_start(
+    tmp_path: Path, authority: Authority
+) -> None:
+    """The shell turns this into a service that cannot run (exit 3), not a silent gap."""
+    missing = tmp_path / "missing"
+    auditor = _auditor(
+        tmp_path,
+        syslog_host="127.0.0.1",
+        syslog_ca_file=authority.ca_file,
+        syslog_cert_file=missing.with_suffix(".crt"),
+        syslog_key_file=missing.with_suffix(".key"),
+    )
+    with pytest.raises(TlsFilesUnusable):
+        await auditor.start()
+
+
+def test_a_client_certificate_without_its_key_is_refused_by_name() -> None:
+    with pytest.raises(ConfigurationError, match="RADFLOW_AUDIT_SYSLOG_KEY_FILE"):
+        AuditSettings.from_env({"RADFLOW_AUDIT_SYSLOG_CERT_FILE": "/tls/audit.crt"})

@@ -22,6 +22,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from radflow_core.errors import ConfigurationError
@@ -230,12 +231,14 @@ class AuditSettings(Section):
     syslog_timeout_s: float = Field(default=5.0, gt=0)
     """Seconds to connect to the repository, or to write one message, before retrying."""
 
-    @field_validator("syslog_key_file")
-    @classmethod
-    def _key_with_cert(cls, value: Path | None, info: ValidationInfo) -> Path | None:
-        if (value is None) != (info.data.get("syslog_cert_file") is None):
-            raise ValueError("set the syslog client certificate and its key together")
-        return value
+    @model_validator(mode="after")
+    def _key_with_cert(self) -> Self:
+        if (self.syslog_cert_file is None) != (self.syslog_key_file is None):
+            raise ValueError(
+                f"set {self.env_name('syslog_cert_file')} and {self.env_name('syslog_key_file')}"
+                " together"
+            )
+        return self
 
 
 def csv_tuple(value: Any) -> Any:

@@ -35,6 +35,7 @@ from radflow_core.kafka import EventProducer
 from radflow_core.ops import Health, ReadinessCheck, ops_routes
 from radflow_core.runtime import connect_producer
 from radflow_core.settings import OpsSettings
+from radflow_core.tls import TlsFilesUnusable
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,11 @@ class Shell:
             return
         self.state = State.STARTING
         if self.audit is not None:
-            await self.audit.start()
+            try:
+                await self.audit.start()
+            except TlsFilesUnusable as exc:
+                self.cannot_run("audit syslog TLS files unusable", [str(exc)])
+                return
         host, port, shutdown_s = self._http
         app = web.Application()
         app.add_routes(self._routes)
