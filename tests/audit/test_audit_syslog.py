@@ -10,12 +10,21 @@ import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from lxml import etree
 
 from radflow_core.audit import DROPPED, Auditor, Door
+from radflow_core.audit_message import (
+    Action,
+    ActiveParticipant,
+    AuditRecord,
+    AuditSource,
+    Codes,
+    Outcome,
+)
 from radflow_core.errors import ConfigurationError
 from radflow_core.events import Protocol, Sender
 from radflow_core.settings import AuditSettings
@@ -252,3 +261,16 @@ async def test_an_unusable_client_certificate_stops_the_auditor_at_start(
 def test_a_client_certificate_without_its_key_is_refused_by_name() -> None:
     with pytest.raises(ConfigurationError, match="RADFLOW_AUDIT_SYSLOG_KEY_FILE"):
         AuditSettings.from_env({"RADFLOW_AUDIT_SYSLOG_CERT_FILE": "/tls/audit.crt"})
+
+
+def test_a_claimed_name_with_control_characters_still_gives_a_valid_message() -> None:
+    record = AuditRecord(
+        event=Codes.USER_AUTHENTICATION,
+        action=Action.EXECUTE,
+        outcome=Outcome.MINOR_FAILURE,
+        at=datetime.now(UTC),
+        participants=[ActiveParticipant(user_id="jwt:evil\x00\x1b#<sub>", requestor=True)],
+    )
+    document = etree.fromstring(record.to_xml(AuditSource("radflow-test")))
+    SCHEMA.assertValid(document)
+    assert document.find("ActiveParticipant").get("UserID") == "jwt:evil\ufffd\ufffd#<sub>"

@@ -9,6 +9,7 @@ is due and where it goes. The codes are the standard's (DCM, A.5.3 and PS3.16 CI
 from __future__ import annotations
 
 import ipaddress
+import re
 import xml.etree.ElementTree as ET
 from base64 import b64encode
 from collections.abc import Mapping, Sequence
@@ -169,6 +170,10 @@ class AuditRecord:
         ET.SubElement(source_element, "AuditSourceTypeCode", {"csd-code": source.type_code})
         for obj in self.objects:
             _object(root, obj)
+        for element in root.iter():
+            element.attrib = {name: _xml_chars(value) for name, value in element.attrib.items()}
+            if element.text:
+                element.text = _xml_chars(element.text)
         document: bytes = ET.tostring(root, encoding="utf-8", xml_declaration=True)
         return document
 
@@ -219,6 +224,15 @@ def _object(root: ET.Element, o: ParticipantObject) -> None:
             )
             for uid in instances:
                 ET.SubElement(sop, "Instance", UID=uid)
+
+
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def _xml_chars(text: str) -> str:
+    """``text`` without the characters XML 1.0 cannot carry (a peer's claimed name may
+    hold anything), each replaced by U+FFFD, so the message always parses."""
+    return _NOT_XML.sub("\ufffd", text)
 
 
 def _is_ip(address: str) -> bool:
