@@ -131,7 +131,7 @@ class Auditor:
             )
             self._syslog.start()
 
-    async def stop(self, timeout_s: float = 5.0) -> None:
+    async def stop(self, timeout_s: float = 2.0) -> None:
         """Write out collected transfers, wait (up to ``timeout_s``) for the broker and
         the repository to take what is queued; safe to call twice."""
         if self._loop is None:
