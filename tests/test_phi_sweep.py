@@ -32,9 +32,8 @@ pytestmark = pytest.mark.pipeline
 
 ALLOWED: dict[str, frozenset[str]] = {}
 """Topic → the markers (by name, as in ``markers()``) that topic may carry. Empty: no
-topic may carry any. The audit topic (radflow.audit) carries the Patient ID in the
-audit messages that PS3.15 A.5 requires it in; when it lands, allow it here:
-``{"radflow.audit": frozenset({"PatientID"})}``."""
+topic may carry any, the audit topic (radflow.audit) included: its messages identify
+studies by UID, not patients (docs/security.md, Audit trail)."""
 
 TAG = uuid.uuid4().hex[:6].upper()
 

@@ -39,6 +39,7 @@ TARGET_LABELS = {"namespace", "pod", "job", "instance", "service", "container", 
 PROMETHEUS_OWN = {"up"}
 """Series Prometheus itself records about each target."""
 SERVICE_METRICS = (
+    "radflow_core.audit",
     "radflow_core.kafka",
     "radflow_core.blobstore",
     "ingest.metrics",

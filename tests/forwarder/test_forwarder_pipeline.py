@@ -24,6 +24,7 @@ from radflow_devstack.kit.rules_file import dimse_destination, write_rules
 from radflow_devstack.kit.waiting import wait_for
 from radflow_devstack.pki import Authority
 from radflow_devstack.processes import ManagedProcess, free_port
+from support.audit import audit_records, participant_ids
 from support.dicom import make_instance
 from support.dimse_peer import DimsePeer
 from support.metrics import metric, metric_sum
@@ -253,7 +254,7 @@ def test_a_refusing_destination_dead_letters_while_another_keeps_receiving(
         ["good", "refusing"],
     )
     ingest = pipeline(rules)
-    start_forwarder(rules_file=str(rules))
+    start_forwarder(rules_file=str(rules), env={"RADFLOW_AUDIT_TRANSFER_WINDOW_S": "0.2"})
     files = series(tmp_path, 12)
     send(ingest, files)
     wait_for(
@@ -266,6 +267,19 @@ def test_a_refusing_destination_dead_letters_while_another_keeps_receiving(
         ("refusing", "rejected", 404)
     }
     assert {f["retriable"] for f in failed(stack)} == {False}
+
+    # The audit trail: Instances Transferred (Read), a success to one, a failure to the other.
+    def audited() -> dict[str, int] | None:
+        outcomes = {}
+        for transfer in audit_records(stack, "110104"):
+            for name in {"good", "refusing"} & participant_ids(transfer):
+                outcomes[name] = transfer["outcome"]
+        return outcomes if len(outcomes) == 2 else None
+
+    assert wait_for("a transfer audited per destination", audited, every_s=0.5) == {
+        "good": 0,
+        "refusing": 4,
+    }
 
 
 def test_a_forwarder_killed_mid_batch_delivers_every_instance_once_after_restart(

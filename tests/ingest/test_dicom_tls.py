@@ -13,6 +13,7 @@ from pynetdicom import AE
 from radflow_devstack.kit.dcmtk import nodelay_env, storescu
 from radflow_devstack.kit.waiting import wait_for
 from radflow_devstack.pki import Authority
+from support.audit import audit_records, participant_ids
 from support.dicom import make_instance
 from support.stack import IngestProcess, Stack
 
@@ -85,6 +86,14 @@ def test_dicom_tls_admits_only_trusted_certificates_with_their_mapped_ae_titles(
         ),
     )
     assert len(stack.events()) == 1
+    # Each refusal is in the audit trail as a Node Authentication security alert.
+    alerts = wait_for(
+        "four audited refusals",
+        lambda: len(a := audit_records(stack, "110113")) == 4 and a,
+        every_s=0.5,
+    )
+    assert {a["event_type"] for a in alerts} == {"110126"}
+    assert "cert:STORESCU" in set().union(*map(participant_ids, alerts))
 
 
 def test_a_sender_over_its_association_limit_is_rejected_as_transient_while_others_connect(

@@ -18,6 +18,7 @@ from radflow_devstack.kit.waiting import wait_for
 from radflow_devstack.mllp_peer import MllpPeer, Reply
 from radflow_devstack.processes import free_port
 from report_return.hl7 import control_id
+from support.audit import audit_records
 from support.metrics import metric
 from support.mllp import field, sections
 from support.reports import Publish, document, write_sites
@@ -175,6 +176,11 @@ def test_answers_ar_ae_and_garbage_end_in_report_failed_with_the_ack_s_codes_onl
             == count
         )
     assert metric(service.url, "radflow_report_return_retries_total", site="north") == 2
+    # The audit trail: an Export per report sent, a failure for each one not taken.
+    exports = wait_for(
+        "four exports", lambda: len(e := audit_records(stack, "110106")) == 4 and e, every_s=0.5
+    )
+    assert sorted(e["outcome"] for e in exports) == [0, 4, 4, 4]
     assert (
         metric(service.url, "radflow_report_return_failed_total", site="north", reason="rejected")
         == 1

@@ -16,6 +16,7 @@ from pydicom.uid import generate_uid
 from radflow_core.topics import Topic
 from radflow_devstack.kit import rules_file
 from radflow_devstack.kit.waiting import wait_for
+from support.audit import audit_records
 from support.bad_rules import BAD_RULE_FILES, GOOD_HEAD
 from support.dicom import make_instance, pynetdicom_store
 from support.metrics import metric
@@ -326,6 +327,17 @@ def test_a_changed_rule_file_takes_effect_live_and_an_invalid_change_is_rejected
     site_rules(rules, "rules:\n  - name: d\n    route: [ai]\ndefault: {hold: x}\n")
     wait_for("recovery", lambda: metric(router.url, "radflow_router_rules_valid") == 1)
     assert metric(router.url, "radflow_router_rules_generation") == 3
+    # The audit trail: a Software Configuration security alert per change seen.
+    changes = wait_for(
+        "three audited changes",
+        lambda: (
+            len(c := [r for r in audit_records(stack, "110113") if r["event_type"] == "110131"])
+            == 3
+            and c
+        ),
+        every_s=0.5,
+    )
+    assert sorted(c["outcome"] for c in changes) == [0, 0, 4]
 
 
 def test_the_router_does_not_start_on_an_invalid_rule_file(

@@ -541,6 +541,28 @@ class DeadLetter(EventModel):
     """When the consumer gave up (UTC)."""
 
 
+class AuditRecorded(EventModel):
+    """``radflow.audit`` v1: one DICOM audit message (PS3.15 A.5), as written to the
+    audit record repository. The summary fields let a consumer filter without parsing
+    the XML; the XML is the record (catalogue: docs/security.md, Audit trail)."""
+
+    type_name: ClassVar[str] = "radflow.audit"
+    version: ClassVar[int] = 1
+    topic: ClassVar[Topic | None] = Topic.AUDIT
+
+    event_id: str = Field(pattern=r"^[0-9]+$")
+    """EventID code (DCM), e.g. 110104 DICOM Instances Transferred."""
+    event_type: str | None = Field(default=None, pattern=r"^[0-9]+$")
+    """The first EventTypeCode (DCM), e.g. 110120 Application Start; None when absent."""
+    outcome: Literal[0, 4, 8, 12]
+    """EventOutcomeIndicator: 0 success, 4 minor, 8 serious, 12 major failure."""
+    study_instance_uid: Uid | None = None
+    """The study the message is about, when there is one (also the record key)."""
+    message: str
+    """The ``AuditMessage`` XML document. It carries no patient name, ID or birth date
+    (see docs/security.md for why and what it carries instead)."""
+
+
 PayloadT = TypeVar("PayloadT", bound=EventModel)
 
 

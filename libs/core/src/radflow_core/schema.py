@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from radflow_core.events import (
+    AuditRecorded,
     DeadLetter,
     Envelope,
     EventModel,
@@ -39,6 +40,7 @@ PUBLISHED: tuple[type[EventModel], ...] = (
     ReportFinalized,
     ReportReturned,
     ReportFailed,
+    AuditRecorded,
 )
 
 DOCUMENTS: tuple[type[EventModel], ...] = (ReportDocument,)

@@ -22,6 +22,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from radflow_core.errors import ConfigurationError
@@ -193,6 +194,51 @@ class OpsSettings(Section):
 
     readiness_cache_s: float = Field(default=2.0, ge=0)
     """Seconds a /readyz answer is reused, so probes do not hammer the broker and S3."""
+
+
+class AuditSettings(Section):
+    prefix = "AUDIT_"
+
+    enabled: bool = True
+    """Publish DICOM audit messages (PS3.15 A.5) on radflow.audit (and to syslog, when
+    a syslog host is set). Off only where another component audits the same events."""
+    source_id: str = ""
+    """AuditSourceID of every message; empty: 'radflow-<service>'."""
+    enterprise_site_id: str = ""
+    """AuditEnterpriseSiteID (the hospital or site running this pipeline); empty: left out."""
+    transfer_window_s: float = Field(default=5.0, gt=0, le=300)
+    """Seconds the instances of one study from one sender (received) or to one
+    destination (forwarded) are collected into one DICOM Instances Transferred message,
+    as an archive writes one per association and study."""
+    transfer_max_instances: int = Field(default=1000, ge=1, le=100_000)
+    """A collected transfer message is written early when it names this many instances."""
+    max_pending: int = Field(default=1000, ge=1)
+    """Audit messages waiting for the broker's acknowledgement at most; more are dropped
+    (radflow_audit_dropped_total{reason="backlog"}) rather than slowing the work."""
+    syslog_host: str = ""
+    """Audit record repository to send every message to as RFC 5424 syslog over TLS
+    (RFC 5425); empty: the topic only."""
+    syslog_port: int = Field(default=6514, ge=1, le=65535)
+    """Its port (6514: syslog over TLS)."""
+    syslog_ca_file: Path | None = None
+    """CA bundle to verify the repository's certificate (default: the system's)."""
+    syslog_cert_file: Path | None = None
+    """Client certificate (PEM) when the repository requires mutual TLS."""
+    syslog_key_file: Path | None = None
+    """Its private key (PEM)."""
+    syslog_queue_size: int = Field(default=10_000, ge=1)
+    """Messages waiting for the repository at most; more are dropped and counted."""
+    syslog_timeout_s: float = Field(default=5.0, gt=0)
+    """Seconds to connect to the repository, or to write one message, before retrying."""
+
+    @model_validator(mode="after")
+    def _key_with_cert(self) -> Self:
+        if (self.syslog_cert_file is None) != (self.syslog_key_file is None):
+            raise ValueError(
+                f"set {self.env_name('syslog_cert_file')} and {self.env_name('syslog_key_file')}"
+                " together"
+            )
+        return self
 
 
 def csv_tuple(value: Any) -> Any:

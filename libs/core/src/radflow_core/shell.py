@@ -28,12 +28,14 @@ from typing import Any
 
 from aiohttp import web
 
+from radflow_core.audit import Auditor
 from radflow_core.blobstore import BlobStore
 from radflow_core.consumer import EventConsumer
 from radflow_core.kafka import EventProducer
 from radflow_core.ops import Health, ReadinessCheck, ops_routes
 from radflow_core.runtime import connect_producer
 from radflow_core.settings import OpsSettings
+from radflow_core.tls import TlsFilesUnusable
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +67,11 @@ class Shell:
         routes: Sequence[web.RouteDef] = (),
         http_shutdown_s: float = 10.0,
         consumer_grace_s: float = 60.0,
+        audit: Auditor | None = None,
     ) -> None:
         self.name = name
+        self.audit = audit
+        """Writes Application Start once running and Application Stop at stop."""
         self.producer = producer
         self.blobs = blobs
         self.state = State.CREATED
@@ -143,6 +148,12 @@ class Shell:
         if self.failed.is_set():
             return
         self.state = State.STARTING
+        if self.audit is not None:
+            try:
+                await self.audit.start()
+            except TlsFilesUnusable as exc:
+                self.cannot_run("audit syslog TLS files unusable", [str(exc)])
+                return
         host, port, shutdown_s = self._http
         app = web.Application()
         app.add_routes(self._routes)
@@ -161,6 +172,8 @@ class Shell:
             self.state = State.FAILED
             return
         self.connected.set()
+        if self.audit is not None:
+            self.audit.application_started()
         for consumer in list(self._consumers):
             self._launch(consumer)
         if self._consumers:
@@ -210,6 +223,9 @@ class Shell:
             await self._runner.cleanup()
         for step in self._close:
             await _logged(step)
+        if self.audit is not None:
+            self.audit.application_stopped()
+            await self.audit.stop()
         await self.producer.stop()
         self.blobs.close()
         self.state = State.STOPPED

@@ -43,6 +43,10 @@ class Topic(StrEnum):
     partitioned like dicom.instance.normalized). Not a feed for downstream use."""
     ROUTER_PENDING_STAT = "radflow.router.pending.stat"
     """The same for the STAT lane (partitioned like dicom.instance.normalized.stat)."""
+    AUDIT = "radflow.audit"
+    """DICOM audit messages (PS3.15 A.5) from every service: instances received and
+    transferred, reports sent, authentication failures, configuration changes, start
+    and stop (see docs/security.md, Audit trail)."""
 
 
 STAT_LANE: dict[Topic, Topic] = {

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from prometheus_client import Counter, Gauge
 
+from radflow_core.audit import Auditor
 from radflow_rules.loader import RuleFileError, load_text, read_text
 from radflow_rules.rules import RuleSet
 
@@ -37,9 +38,12 @@ class RulesMetrics:
 
 
 class LiveRules:
-    def __init__(self, path: Path, metrics: RulesMetrics) -> None:
+    def __init__(self, path: Path, metrics: RulesMetrics, audit: Auditor | None = None) -> None:
         self.path = path
         self._metrics = metrics
+        self._audit = audit
+        """Writes a Software Configuration security alert for each change applied or
+        rejected on reload."""
         self._digest: str | None = None
         self._rules: RuleSet | None = None
         self._rejected: str | None = None
@@ -80,6 +84,8 @@ class LiveRules:
             return self._reject(exc, digest)
         self._apply(rules, digest)
         self._metrics.reloads.labels("applied").inc()
+        if self._audit is not None:
+            self._audit.configuration_change(self.path, accepted=True, digest=digest)
         return True
 
     async def watch(
@@ -128,4 +134,8 @@ class LiveRules:
         )
         self._metrics.valid.set(0)
         self._metrics.reloads.labels("rejected").inc()
+        if self._audit is not None:
+            self._audit.configuration_change(
+                self.path, accepted=False, digest=digest, problem="; ".join(exc.lines)
+            )
         return False

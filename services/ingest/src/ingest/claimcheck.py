@@ -38,6 +38,7 @@ from typing import BinaryIO
 
 from ingest import metrics
 from ingest.lanes import Lanes
+from radflow_core.audit import Auditor
 from radflow_core.blobstore import BlobStore, HashedFile, content_key
 from radflow_core.dicom_status import StoreStatus
 from radflow_core.errors import PipelineError
@@ -155,6 +156,7 @@ class ClaimCheck:
         lookup_above_bytes: int,
         lanes: Lanes | None = None,
         max_sequence_depth: int = DEFAULT_MAX_DEPTH,
+        audit: Auditor | None = None,
     ) -> None:
         """``lookup_above_bytes``: originals larger than this (the S3 part size, above
         which an upload is a multipart one) are looked up before they are uploaded;
@@ -163,6 +165,7 @@ class ClaimCheck:
         nested sequences are refused by the structural validation."""
         self._max_sequence_depth = max_sequence_depth
         self._lanes = lanes or Lanes(None)
+        self._audit = audit
         self._blobs = blobs
         self._producer = producer
         self._max_instance_bytes = max_instance_bytes
@@ -199,6 +202,14 @@ class ClaimCheck:
                 header,
             ) from exc
         elapsed = time.perf_counter() - started
+        if self._audit is not None:
+            self._audit.instance_received(
+                origin.sender,
+                study=header.study_instance_uid,
+                sop_class=header.sop_class_uid,
+                sop_instance=header.sop_instance_uid,
+                receiver_ae=origin.sender.called_ae,
+            )
         metrics.INSTANCES.labels(protocol, "duplicate" if stored.duplicate else "stored").inc()
         metrics.BYTES.labels(protocol).inc(hashed.size)
         metrics.STORE_SECONDS.labels(protocol).observe(elapsed)

@@ -43,6 +43,7 @@ from ingest import metrics
 from ingest.claimcheck import ClaimCheck, Expected, NotStored, Origin
 from ingest.receive_limit import bound_pdu_length, cap_received_datasets, received_too_large
 from ingest.settings import IngestSettings
+from radflow_core.audit import Auditor, Door
 from radflow_core.dicom_status import StoreStatus
 from radflow_core.events import Priority, Protocol, Sender
 from radflow_core.tls import DeferredHandshake, peer_common_name, server_context
@@ -89,9 +90,14 @@ class DimseReceiver:
     """Owns the pynetdicom AE and its listening servers (plain and DICOM TLS)."""
 
     def __init__(
-        self, settings: IngestSettings, claim_check: ClaimCheck, loop: asyncio.AbstractEventLoop
+        self,
+        settings: IngestSettings,
+        claim_check: ClaimCheck,
+        loop: asyncio.AbstractEventLoop,
+        audit: Auditor | None = None,
     ) -> None:
         self._settings = settings
+        self._audit = audit
         self._claim_check = claim_check
         self._loop = loop
         self._rules = settings.peer_rules
@@ -236,13 +242,17 @@ class DimseReceiver:
             sock.do_handshake()
         except (OSError, ValueError) as exc:
             metrics.TLS_HANDSHAKE_FAILURES.inc()
+            why = getattr(exc, "reason", None) or type(exc).__name__
             log.warning(
-                "DICOM TLS handshake failed",
-                extra={
-                    "peer_address": address,
-                    "reason": getattr(exc, "reason", None) or type(exc).__name__,
-                },
+                "DICOM TLS handshake failed", extra={"peer_address": address, "reason": why}
             )
+            if self._audit is not None:
+                self._audit.authentication_failure(
+                    Door.DICOM_TLS,
+                    reason=f"TLS handshake failed: {why}",
+                    peer_address=address,
+                    node=True,
+                )
             # Closed, not shut down: an SSLSocket shut down drops its TLS layer, and
             # the DUL would read the peer's TLS records as PDUs.
             sock.close()
@@ -304,6 +314,10 @@ class DimseReceiver:
                 "identity": identity,
             },
         )
+        if reason != "sender_limit" and self._audit is not None:
+            self._audit.authentication_failure(
+                Door.DIMSE, reason=reason, peer_address=address, user=identity or calling, node=True
+            )
         if reason == "sender_limit":
             assoc.acse.send_reject(*_REJECT_LOCAL_LIMIT)
         else:

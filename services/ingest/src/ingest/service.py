@@ -19,6 +19,7 @@ from ingest.dimse import DimseReceiver
 from ingest.lanes import Lanes
 from ingest.settings import IngestConfig
 from ingest.stowrs import StowReceiver
+from radflow_core.audit import Auditor
 from radflow_core.blobstore import BlobStore
 from radflow_core.kafka import EventProducer
 from radflow_core.shell import Shell, State
@@ -34,6 +35,7 @@ class IngestService:
         settings = config.ingest
         self._blobs = BlobStore(config.s3)
         self._producer = EventProducer(config.kafka, SERVICE)
+        self._audit = Auditor(SERVICE, self._producer, config.audit)
         self._lanes = Lanes(settings.rules_file)
         self._claim_check = ClaimCheck(
             self._blobs,
@@ -42,6 +44,7 @@ class IngestService:
             lookup_above_bytes=config.s3.part_size,
             lanes=self._lanes,
             max_sequence_depth=settings.max_sequence_depth,
+            audit=self._audit,
         )
         self.shell = Shell(
             SERVICE,
@@ -52,6 +55,7 @@ class IngestService:
             http_port=settings.http_port,
             routes=StowReceiver(settings, self._claim_check).routes(),
             http_shutdown_s=settings.shutdown_grace_s,
+            audit=self._audit,
         )
         self.health = self.shell.health
         self.failed = self.shell.failed
@@ -77,7 +81,7 @@ class IngestService:
         loop.set_default_executor(
             ThreadPoolExecutor(2 * settings.max_associations + 8, thread_name_prefix="blob-io")
         )
-        self._dimse = DimseReceiver(settings, self._claim_check, loop)
+        self._dimse = DimseReceiver(settings, self._claim_check, loop, audit=self._audit)
         self._dimse.start()
 
     async def _close_dimse(self) -> None:

@@ -10,6 +10,7 @@ from typing import ClassVar
 from pydantic import Field, field_validator, model_validator
 
 from radflow_core.settings import (
+    AuditSettings,
     KafkaSettings,
     LogSettings,
     OpsSettings,
@@ -224,6 +225,7 @@ class IngestConfig(ServiceConfig):
     s3: S3Settings
     log: LogSettings
     ops: OpsSettings
+    audit: AuditSettings
 
     SECTIONS: ClassVar[tuple[type[Section], ...]] = (
         IngestSettings,
@@ -231,4 +233,5 @@ class IngestConfig(ServiceConfig):
         S3Settings,
         LogSettings,
         OpsSettings,
+        AuditSettings,
     )

@@ -26,6 +26,7 @@ from typing import Any
 
 from aiokafka import ConsumerRecord
 
+from radflow_core.audit import Auditor
 from radflow_core.blobstore import BlobStore
 from radflow_core.errors import BlobStoreUnavailable, BrokerUnavailable, PipelineError
 from radflow_core.events import (
@@ -173,8 +174,9 @@ def origin_of(envelope: Envelope[Any], site: str, record: ConsumerRecord[bytes, 
 class Outcomes:
     """Publishes what became of each report, and counts it."""
 
-    def __init__(self, producer: EventProducer) -> None:
+    def __init__(self, producer: EventProducer, audit: Auditor | None = None) -> None:
         self._producer = producer
+        self._audit = audit
 
     async def returned(
         self,
@@ -195,6 +197,8 @@ class Outcomes:
             already_returned=replay,
         )
         await self._producer.publish(event, event.key)
+        if not replay:
+            self._audit_sent(origin)
         if replay:
             ALREADY_RETURNED.labels(origin.site).inc()
         log.info(
@@ -231,8 +235,20 @@ class Outcomes:
             failed_at=datetime.now(UTC),
         )
         await self._producer.publish(event, event.key)
+        if sent:
+            self._audit_sent(origin, failure=reason)
         FAILED.labels(origin.site, reason).inc()
         log.warning("report not returned", extra={**origin.log_fields(), "reason": reason})
+
+    def _audit_sent(self, origin: Origin, failure: str | None = None) -> None:
+        if self._audit is not None:
+            self._audit.report_sent(
+                origin.site,
+                report_id=origin.report_id,
+                report_version=origin.report_version,
+                study=origin.study_instance_uid,
+                failure=failure,
+            )
 
 
 class Returner:

@@ -17,6 +17,7 @@ import functools
 import logging
 from typing import Any
 
+from radflow_core.audit import Auditor
 from radflow_core.blobstore import BlobStore
 from radflow_core.consumer import BatchHandler, EventConsumer
 from radflow_core.errors import ConfigurationError
@@ -57,12 +58,17 @@ class ReportReturnService:
         settings = config.report_return
         self._blobs = BlobStore(config.s3)
         self._producer = EventProducer(config.kafka, SERVICE)
-        self._rules = LiveRules(settings.rules_file, RULES_METRICS) if settings.rules_file else None
+        self._audit = Auditor(SERVICE, self._producer, config.audit)
+        self._rules = (
+            LiveRules(settings.rules_file, RULES_METRICS, audit=self._audit)
+            if settings.rules_file
+            else None
+        )
         self.returners: dict[str, Returner] = {}
         self._sites: dict[str, Site] = {}
         self._sr_consumers: dict[str, list[EventConsumer[Any]]] = {}
         """Per site (or UNKNOWN), its consumers of routed Structured Reports."""
-        self._outcomes = Outcomes(self._producer)
+        self._outcomes = Outcomes(self._producer, self._audit)
         self._unknown: UnknownSites | None = None
         self.shell = Shell(
             SERVICE,
@@ -71,6 +77,7 @@ class ReportReturnService:
             ops=config.ops,
             http_host=settings.http_host,
             http_port=settings.http_port,
+            audit=self._audit,
         )
         self.health = self.shell.health
         self.failed = self.shell.failed

@@ -9,6 +9,7 @@ from typing import ClassVar
 from pydantic import Field
 
 from radflow_core.settings import (
+    AuditSettings,
     KafkaSettings,
     LogSettings,
     OpsSettings,
@@ -59,6 +60,7 @@ class ReportReturnConfig(ServiceConfig):
     s3: S3Settings
     log: LogSettings
     ops: OpsSettings
+    audit: AuditSettings
 
     SECTIONS: ClassVar[tuple[type[Section], ...]] = (
         ReportReturnSettings,
@@ -66,4 +68,5 @@ class ReportReturnConfig(ServiceConfig):
         S3Settings,
         LogSettings,
         OpsSettings,
+        AuditSettings,
     )

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from aiokafka import TopicPartition
 
+from radflow_core.audit import Auditor
 from radflow_core.blobstore import BlobStore
 from radflow_core.consumer import EventConsumer
 from radflow_core.events import LANES, ForwardRequested, InstanceNormalized, Lane
@@ -54,9 +55,10 @@ class RouterService:
         self._config = config
         settings = config.router
         kafka = config.kafka
-        self._rules = LiveRules(settings.rules_file, RULES_METRICS)
         self._blobs = BlobStore(config.s3)
         self._producer = EventProducer(kafka, SERVICE)
+        self._audit = Auditor(SERVICE, self._producer, config.audit)
+        self._rules = LiveRules(settings.rules_file, RULES_METRICS, audit=self._audit)
         self.shell = Shell(
             SERVICE,
             producer=self._producer,
@@ -64,6 +66,7 @@ class RouterService:
             ops=config.ops,
             http_host=settings.http_host,
             http_port=settings.http_port,
+            audit=self._audit,
         )
         self.health = self.shell.health
         self.failed = self.shell.failed

@@ -9,6 +9,7 @@ from typing import ClassVar
 from pydantic import Field
 
 from radflow_core.settings import (
+    AuditSettings,
     KafkaSettings,
     LogSettings,
     OpsSettings,
@@ -46,6 +47,7 @@ class RouterConfig(ServiceConfig):
     s3: S3Settings
     log: LogSettings
     ops: OpsSettings
+    audit: AuditSettings
 
     SECTIONS: ClassVar[tuple[type[Section], ...]] = (
         RouterSettings,
@@ -53,4 +55,5 @@ class RouterConfig(ServiceConfig):
         S3Settings,
         LogSettings,
         OpsSettings,
+        AuditSettings,
     )

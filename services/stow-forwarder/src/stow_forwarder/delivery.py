@@ -31,11 +31,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from aiokafka import ConsumerRecord
 
 from radflow_codecs.codecs import Target
 from radflow_codecs.streaming import normalize_file
+from radflow_core.audit import Auditor
 from radflow_core.blobstore import BlobStore
 from radflow_core.errors import BlobIntegrityError, BlobNotFound, PipelineError
 from radflow_core.events import (
@@ -205,8 +207,10 @@ class Deliverer:
         blobs: BlobStore,
         producer: EventProducer,
         settings: ForwarderSettings,
+        audit: Auditor | None = None,
     ) -> None:
         self.destination = destination
+        self._audit = audit
         self.name = destination.name
         self._client = client
         self._blobs = blobs
@@ -504,6 +508,7 @@ class Deliverer:
         )
         await self._producer.publish(event, request.key)
         if not replay:
+            self._audit_sent(request)
             DELIVERED.labels(self.name, request.lane.value).inc()
             LATENCY.labels(self.name, request.lane.value).observe(latency)
         log.info(
@@ -543,6 +548,7 @@ class Deliverer:
             failed_at=datetime.now(UTC),
         )
         await self._producer.publish(event, request.key)
+        self._audit_sent(request, failure=reason)
         FAILED.labels(self.name, reason).inc()
         log.warning(
             "delivery failed",
@@ -553,6 +559,21 @@ class Deliverer:
                 "http_status": http_status,
                 "status": dicom_status,
             },
+        )
+
+    def _audit_sent(self, request: ForwardRequested, failure: str | None = None) -> None:
+        if self._audit is None:
+            return
+        peer = self.destination.dimse
+        self._audit.instance_sent(
+            self.name,
+            study=request.study_instance_uid,
+            sop_class=request.sop_class_uid,
+            sop_instance=request.sop_instance_uid,
+            address=peer.host if peer else urlsplit(self.destination.url).hostname,
+            destination_ae=peer.ae_title if peer else None,
+            calling_ae=peer.calling_ae_title if peer else None,
+            failure=failure,
         )
 
 

@@ -21,6 +21,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from radflow_core.audit import Auditor
 from radflow_core.blobstore import BlobStore
 from radflow_core.consumer import EventConsumer
 from radflow_core.errors import ConfigurationError
@@ -71,7 +72,8 @@ class ForwarderService:
         settings = config.forwarder
         self._blobs = BlobStore(config.s3)
         self._producer = EventProducer(config.kafka, SERVICE)
-        self._rules = LiveRules(settings.rules_file, RULES_METRICS)
+        self._audit = Auditor(SERVICE, self._producer, config.audit)
+        self._rules = LiveRules(settings.rules_file, RULES_METRICS, audit=self._audit)
         self.running: dict[str, Running] = {}
         self.shell = Shell(
             SERVICE,
@@ -80,6 +82,7 @@ class ForwarderService:
             ops=config.ops,
             http_host=settings.http_host,
             http_port=settings.http_port,
+            audit=self._audit,
         )
         self.health = self.shell.health
         self.failed = self.shell.failed
@@ -99,7 +102,9 @@ class ForwarderService:
             if destination.kind is DestinationKind.DIMSE
             else StowClient(destination, settings)
         )
-        deliverer = Deliverer(destination, client, self._blobs, self._producer, settings)
+        deliverer = Deliverer(
+            destination, client, self._blobs, self._producer, settings, audit=self._audit
+        )
         consumers = [
             EventConsumer(
                 kafka,

@@ -9,6 +9,7 @@ from typing import ClassVar
 from pydantic import Field
 
 from radflow_core.settings import (
+    AuditSettings,
     KafkaSettings,
     LogSettings,
     OpsSettings,
@@ -70,6 +71,7 @@ class ForwarderConfig(ServiceConfig):
     s3: S3Settings
     log: LogSettings
     ops: OpsSettings
+    audit: AuditSettings
 
     SECTIONS: ClassVar[tuple[type[Section], ...]] = (
         ForwarderSettings,
@@ -77,4 +79,5 @@ class ForwarderConfig(ServiceConfig):
         S3Settings,
         LogSettings,
         OpsSettings,
+        AuditSettings,
     )

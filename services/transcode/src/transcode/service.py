@@ -17,6 +17,7 @@ import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
+from radflow_core.audit import Auditor
 from radflow_core.blobstore import BlobStore
 from radflow_core.consumer import EventConsumer
 from radflow_core.events import LANES, InstanceReceived
@@ -39,6 +40,7 @@ class TranscodeService:
         settings = config.transcode
         self._blobs = BlobStore(config.s3)
         self._producer = EventProducer(config.kafka, SERVICE)
+        self._audit = Auditor(SERVICE, self._producer, config.audit)
         self._codecs = CodecPool(settings.workers)
         self.shell = Shell(
             SERVICE,
@@ -47,6 +49,7 @@ class TranscodeService:
             ops=config.ops,
             http_host=settings.http_host,
             http_port=settings.http_port,
+            audit=self._audit,
         )
         self.health = self.shell.health
         self.failed = self.shell.failed

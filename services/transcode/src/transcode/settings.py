@@ -9,6 +9,7 @@ from pydantic import Field
 
 from radflow_codecs.codecs import Target
 from radflow_core.settings import (
+    AuditSettings,
     KafkaSettings,
     LogSettings,
     OpsSettings,
@@ -50,6 +51,7 @@ class TranscodeConfig(ServiceConfig):
     s3: S3Settings
     log: LogSettings
     ops: OpsSettings
+    audit: AuditSettings
 
     SECTIONS: ClassVar[tuple[type[Section], ...]] = (
         TranscodeSettings,
@@ -57,4 +59,5 @@ class TranscodeConfig(ServiceConfig):
         S3Settings,
         LogSettings,
         OpsSettings,
+        AuditSettings,
     )
