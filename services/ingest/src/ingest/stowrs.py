@@ -4,6 +4,8 @@ The body is read part by part; each part is spooled (memory up to a threshold, t
 TMPDIR) and handed to the claim check, so request size is bounded by disk, not RAM.
 Up to ``stow_concurrency`` parts are claim-checked at once while the next one is
 spooled; the answer is sent when every part's claim check has settled.
+The sender is authenticated first (:mod:`ingest.auth`), before the body is read:
+401/403 with a ``WWW-Authenticate`` challenge otherwise.
 The answer is the standard Store Instances Response Module as DICOM JSON:
 
 - 200: every instance stored (ReferencedSOPSequence).
@@ -27,6 +29,7 @@ from aiohttp import BodyPartReader, MultipartReader, web
 from aiohttp.helpers import parse_mimetype
 
 from ingest import metrics
+from ingest.auth import Authenticator, AuthError
 from ingest.claimcheck import ClaimCheck, Expected, NotStored, Origin
 from ingest.settings import IngestSettings
 from radflow_core.dicom_status import StoreStatus
@@ -110,9 +113,12 @@ def _accepts_dicom_json(accept: str) -> bool:
 
 
 class StowReceiver:
-    def __init__(self, settings: IngestSettings, claim_check: ClaimCheck) -> None:
+    def __init__(
+        self, settings: IngestSettings, claim_check: ClaimCheck, authenticator: Authenticator
+    ) -> None:
         self._settings = settings
         self._claim_check = claim_check
+        self._auth = authenticator
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -121,6 +127,11 @@ class StowReceiver:
         ]
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        try:
+            identity = await self._auth.identify(request)
+        except AuthError as exc:
+            metrics.STOW_REQUESTS.labels(str(exc.status)).inc()
+            return self._auth.refusal(exc)
         study = request.match_info.get("study")
         if study is not None and not is_valid_uid(study):
             return _error(400, "the study in the URL is not a valid UID")
@@ -142,6 +153,7 @@ class StowReceiver:
                 protocol=Protocol.STOW_RS,
                 peer_address=request.remote,
                 client=request.headers.get("User-Agent", "")[:128] or None,
+                identity=identity,
             ),
             expected=Expected(study_instance_uid=study),
         )
