@@ -325,3 +325,21 @@ def test_a_key_set_over_plain_http_is_refused_unless_on_loopback() -> None:
 def test_api_keys_are_configured_as_hashes_only() -> None:
     with pytest.raises(ConfigurationError, match="API_KEYS"):
         _settings(api_keys=f"site-a:{API_KEY}")
+
+
+async def test_a_refused_sender_is_not_invited_to_send_its_body() -> None:
+    """``Expect: 100-continue``: the answer to bad credentials comes instead of the
+    invitation, so a large body is never uploaded (and never read)."""
+    _, ctype = multipart([])
+    async with Door(_settings()) as door:
+        reader, writer = await asyncio.open_connection("127.0.0.1", door.port)
+        writer.write(
+            (
+                "POST /dicomweb/studies HTTP/1.1\r\nHost: x\r\n"
+                f"Content-Type: {ctype}\r\nContent-Length: 1000000000\r\n"
+                "Authorization: ApiKey wrong\r\nExpect: 100-continue\r\n\r\n"
+            ).encode()
+        )
+        status = await asyncio.wait_for(reader.readline(), 5)
+        writer.close()
+    assert status.startswith(b"HTTP/1.1 401"), status

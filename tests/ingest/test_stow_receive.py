@@ -41,6 +41,7 @@ def test_all_instances_stored_answers_200_with_referenced_sequence(
         # Each part's data set byte for byte, behind ingest's file meta.
         assert stack.assert_event_matches_blob(event) in stored
         assert event["data"]["sender"]["protocol"] == "stow-rs"
+        assert event["data"]["sender"]["identity"] == "apikey:tests"
 
 
 def test_instances_of_another_study_fail_with_409_when_nothing_is_stored(

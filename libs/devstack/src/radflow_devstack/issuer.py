@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import signal
+import sys
 import threading
 import time
 import uuid
@@ -201,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     issuer = Issuer.kept_in(args.folder, dev_issuer_url(args.port))
     server = IssuerServer(issuer, args.port)
     print(f"issuer {issuer.url} serving {server.jwks_url}", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with contextlib.suppress(KeyboardInterrupt):
         server.serve_forever()
     return 0

@@ -25,7 +25,8 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import BodyPartReader, MultipartReader, web
+from aiohttp import BodyPartReader, HttpVersion11, MultipartReader, web
+from aiohttp.hdrs import EXPECT
 from aiohttp.helpers import parse_mimetype
 
 from ingest import metrics
@@ -47,6 +48,10 @@ _SYNTAX_FAILURES = frozenset(
         StoreStatus.INVALID_UID,
     }
 )
+
+
+IDENTITY: web.RequestKey[str | None] = web.RequestKey("sender_identity")
+"""Request key of the identity the sender proved (None with authentication off)."""
 
 
 class BodyTooLarge(Exception):
@@ -122,16 +127,39 @@ class StowReceiver:
 
     def routes(self) -> list[web.RouteDef]:
         return [
-            web.post("/dicomweb/studies", self.handle),
-            web.post("/dicomweb/studies/{study}", self.handle),
+            web.post(path, self.handle, expect_handler=self._expect)
+            for path in ("/dicomweb/studies", "/dicomweb/studies/{study}")
         ]
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def _expect(self, request: web.Request) -> web.StreamResponse | None:
+        """``Expect: 100-continue`` (curl sends it for large bodies): authenticate
+        before inviting the body, so a refused sender never uploads it."""
+        refused = await self._authenticate(request)
+        if refused is not None:
+            return refused
+        if request.version != HttpVersion11 or request.headers[EXPECT].lower() != "100-continue":
+            raise web.HTTPExpectationFailed(text="only Expect: 100-continue is understood")
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0
+        return None
+
+    async def _authenticate(self, request: web.Request) -> web.Response | None:
+        """The refusal for a request that may not proceed; None once its identity is
+        in ``request[IDENTITY]``."""
+        if IDENTITY in request:
+            return None
         try:
-            identity = await self._auth.identify(request)
+            request[IDENTITY] = await self._auth.identify(request)
         except AuthError as exc:
             metrics.STOW_REQUESTS.labels(str(exc.status)).inc()
             return self._auth.refusal(exc)
+        return None
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        refused = await self._authenticate(request)
+        if refused is not None:
+            return refused
+        identity: str | None = request[IDENTITY]
         study = request.match_info.get("study")
         if study is not None and not is_valid_uid(study):
             return _error(400, "the study in the URL is not a valid UID")
