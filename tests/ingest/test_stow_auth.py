@@ -342,4 +342,5 @@ async def test_a_refused_sender_is_not_invited_to_send_its_body() -> None:
         )
         status = await asyncio.wait_for(reader.readline(), 5)
         writer.close()
+        await writer.wait_closed()
     assert status.startswith(b"HTTP/1.1 401"), status

@@ -81,7 +81,7 @@ class Shell:
         http_port: int,
         checks: Mapping[str, ReadinessCheck] | None = None,
         routes: Sequence[web.RouteDef] = (),
-        doors: Sequence[Door] = (),
+        doors: Sequence[Door] | None = None,
         http_shutdown_s: float = 10.0,
         consumer_grace_s: float = 60.0,
     ) -> None:
@@ -97,7 +97,9 @@ class Shell:
         )
         self._http = (http_host, http_port, http_shutdown_s)
         self._routes = list(routes)
-        self._doors = list(doors)
+        self._doors = None if doors is None else list(doors)
+        """None: the routes are served on the ops port; a list (even empty): only on
+        these doors, never on the ops port."""
         self.ports: dict[str, int] = {}
         """Bound port of each listener once started: 'ops' and each door's name."""
         self._consumer_grace_s = consumer_grace_s
@@ -169,7 +171,7 @@ class Shell:
         host, port, _ = self._http
         ops = web.Application()
         ops.add_routes(ops_routes(self.health))
-        if self._doors:
+        if self._doors is not None:
             public = web.Application()
             public.add_routes(self._routes)
             runner = await self._serve(public)

@@ -189,7 +189,7 @@ class Authenticator:
             raise InvalidCredentials("malformed", "the token is not a JWT") from None
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in settings.jwt_algorithms:
-            raise InvalidCredentials("algorithm", f"tokens signed with {alg!r} are not accepted")
+            raise InvalidCredentials("algorithm", "the token's signing algorithm is not accepted")
         kid = header.get("kid")
         try:
             key = await self._jwks.key(kid if isinstance(kid, str) else None, alg)

@@ -69,12 +69,11 @@ class Jwks:
             UnknownKey: no such key, even after a refresh.
             KeysUnavailable: no key set could be fetched.
         """
-        now = time.monotonic()
-        if self._fetched_at is None or now - self._fetched_at > self._cache_s:
-            await self._refresh(force=self._fetched_at is None)
+        if self._fetched_at is None or time.monotonic() - self._fetched_at > self._cache_s:
+            await self._refresh()
         found = self._find(kid, alg)
         if found is None and time.monotonic() - self._tried_at >= self._min_refresh_s:
-            await self._refresh(force=False)
+            await self._refresh()
             found = self._find(kid, alg)
         if found is None:
             if self._fetched_at is None:
@@ -88,14 +87,13 @@ class Jwks:
             return candidates[0] if len(candidates) == 1 else None
         return next((k for k in candidates if k.key_id == kid), None)
 
-    async def _refresh(self, *, force: bool) -> None:
-        """Fetch the key set again (one request at a time; callers that waited on the
-        lock use what the first fetched)."""
+    async def _refresh(self) -> None:
+        """Fetch the key set again, at most once per ``min_refresh_s`` (also while the
+        issuer is down), one request at a time: callers that waited on the lock use
+        what the first fetched."""
         started = time.monotonic()
         async with self._lock:
-            if self._tried_at >= started:
-                return
-            if not force and started - self._tried_at < self._min_refresh_s:
+            if self._tried_at >= started or started - self._tried_at < self._min_refresh_s:
                 return
             self._tried_at = time.monotonic()
             try:

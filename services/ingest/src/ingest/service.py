@@ -111,6 +111,8 @@ class IngestService:
                 "keys or client CA): every STOW-RS request is refused"
             )
         log.info("STOW-RS authentication: %s", self._auth.describe())
+        if not doors and problem is None:
+            log.warning("STOW-RS is off: plain HTTP is turned off and no TLS certificate is set")
         self._dimse: DimseReceiver | None = None
 
     @property
