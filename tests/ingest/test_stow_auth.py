@@ -26,7 +26,7 @@ import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from ingest.auth import Authenticator
+from ingest.auth import AuthFailure, Authenticator
 from ingest.settings import IngestAuthSettings, IngestSettings
 from ingest.stowrs import StowReceiver
 from radflow_core.errors import ConfigurationError
@@ -48,8 +48,11 @@ class Door:
     """The STOW-RS receiver on a free loopback port, with an authenticator."""
 
     def __init__(self, auth: IngestAuthSettings, context: ssl.SSLContext | None = None) -> None:
+        self.failures: list[AuthFailure] = []
         self.authenticator = Authenticator(
-            auth, client_certificates=context is not None and context.verify_mode != 0
+            auth,
+            client_certificates=context is not None and context.verify_mode != 0,
+            on_failure=self.failures.append,
         )
         self.receiver = StowReceiver(IngestSettings(), None, self.authenticator)  # type: ignore[arg-type]
         self.context = context
@@ -159,6 +162,9 @@ BAD_TOKENS: dict[str, Callable[[Issuer], str]] = {
     "alg none": lambda i: _unsigned(jwt.decode(i.token(), options={"verify_signature": False})),
     "HS256 with the public key": _hs256_with_public_key,
     "not a JWT": lambda i: "not.a.token",
+    "ES256 naming an RSA key": lambda i: Issuer(
+        i.url, [SigningKey(SigningKey.generate("ES256").private, i.rotate("RS256").kid)]
+    ).token(),
     "no subject": lambda i: jwt.encode(
         {"iss": i.url, "aud": DEV_AUDIENCE, "exp": int(time.time()) + 60, "scope": "dicom.stow"},
         i.keys[0].private,  # type: ignore[arg-type]
@@ -176,6 +182,7 @@ async def test_a_bad_token_is_refused_with_401_invalid_token(
     async with Door(jwt_settings(jwks_min_refresh_s=60)) as door:
         response = await door.post(f"Bearer {token}")
     assert response.status_code == 401, response.text
+    assert [(f.status, f.peer_address) for f in door.failures] == [(401, "127.0.0.1")]
     www = challenge(response)
     assert www.startswith('Bearer realm="radflow"'), www
     assert 'error="invalid_token"' in www and "error_description=" in www, www
