@@ -26,7 +26,7 @@ import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from ingest.auth import AuthFailure, Authenticator
+from ingest.auth import Authenticator, AuthFailure
 from ingest.settings import IngestAuthSettings, IngestSettings
 from ingest.stowrs import StowReceiver
 from radflow_core.errors import ConfigurationError
