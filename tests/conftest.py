@@ -157,14 +157,23 @@ def _service_factory(
             f"{prefix}HTTP_PORT": str(http_port),
             **{f"{prefix}{k.upper()}": v for k, v in settings.items()},
         }
+        dimse_tls_port = free_port()
         if ops_port is not None:
             env[f"{prefix}DIMSE_PORT"] = str(dimse_port)
+            env[f"{prefix}DIMSE_TLS_PORT"] = str(dimse_tls_port)
             env[f"{prefix}OPS_PORT"] = str(ops_port)
         ops = ops_port or http_port
         ready = f"http://127.0.0.1:{ops}/readyz" if wait_ready else None
         name = f"{module}-{sum(h.proc.name.startswith(f'{module}-') for h in started)}"
         proc = start_service(name, module, env, tmp_path, ready)
-        handle = IngestProcess(proc, dimse_port, http_port, extra=settings, ops_port=ops_port)
+        handle = IngestProcess(
+            proc,
+            dimse_port,
+            http_port,
+            extra=settings,
+            dimse_tls_port=dimse_tls_port,
+            ops_port=ops_port,
+        )
         if not wait_ready and wait_port:
             proc.wait_for_port(ops)
         started.append(handle)

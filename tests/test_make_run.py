@@ -29,6 +29,7 @@ PORT_NAMES = (
     "broker",
     "s3",
     "dimse",
+    "dimse_tls",
     "http",
     "https",
     "ops",
@@ -112,6 +113,15 @@ def test_run_starts_the_stack_and_a_sent_instance_becomes_event_and_blob(tmp_pat
             return httpx.get(f"{orthanc}/statistics").json()["CountInstances"] == 1
 
         wait_for("the instance delivered to Orthanc", in_orthanc, timeout_s=90)
+        _send_as_the_banner_shows_over_dicom_tls(tmp_path / "devstack.out")
+
+        def received() -> list[str]:
+            lines = _devstack_args(["events"], env).splitlines()
+            return lines if len(lines) == 2 else []
+
+        both = wait_for("the DICOM TLS instance received", received, timeout_s=30)
+        identities = {json.loads(e)["event"]["data"]["sender"]["identity"] for e in both}
+        assert identities == {None, "cert:STORESCU"}, "plain DIMSE, then DICOM TLS"
         _stow_with_the_development_token(tmp_path, ports)
     finally:
         code = stack.stop(timeout_s=60)
@@ -139,6 +149,23 @@ def _stow_with_the_development_token(tmp_path: Path, ports: dict[str, int]) -> N
     answer = httpx.post(secure, content=body, headers=authorized, verify=tls, timeout=30)
     assert answer.status_code == 200, answer.text
     assert http_status(f"http://127.0.0.1:{ports['http']}/metrics") == 404, "ops has its own port"
+
+
+def _send_as_the_banner_shows_over_dicom_tls(banner: Path) -> None:
+    """Run the storescu +tls line make run prints, with the development certificates
+    it wrote under .run/tls/ (the banner's last lines come once every part is up)."""
+
+    def printed() -> list[str]:
+        return [ln for ln in banner.read_text().splitlines() if "storescu +tls" in ln]
+
+    (line,) = wait_for("the banner's storescu +tls line", printed, timeout_s=60)
+    words = line.split()
+    argv = words[words.index("storescu") :]
+    argv[argv.index("FILE.dcm")] = str(bundled_file("MR_small.dcm"))
+    sent = subprocess.run(
+        argv, capture_output=True, text=True, env={**os.environ, "TCP_NODELAY": "1"}, timeout=60
+    )
+    assert sent.returncode == 0, f"{line}\n{sent.stderr}"
 
 
 def _devstack(command: str, env: dict[str, str]) -> str:

@@ -33,14 +33,31 @@ from transcode.settings import TranscodeConfig, TranscodeSettings
 
 KUBERNETES_VERSIONS = ("1.29", "1.33")
 """Oldest and a recent Kubernetes the manifests are checked against (strict schemas)."""
+AUDIT_TOPIC: str = getattr(Topic, "AUDIT", "radflow.audit")
+"""The audit topic every service writes (issue #17; Topic.AUDIT once it lands in
+radflow_core.topics)."""
+AGREED_SETTINGS = frozenset(
+    {
+        "RADFLOW_INGEST_OPS_PORT",
+        "RADFLOW_INGEST_HTTP_ENABLED",
+        "RADFLOW_INGEST_DIMSE_PLAIN",
+        "RADFLOW_INGEST_AUTH_MODE",
+        "RADFLOW_INGEST_AUTH_JWT_ISSUER",
+        "RADFLOW_INGEST_AUTH_JWT_JWKS_URL",
+        "RADFLOW_INGEST_AUTH_ALLOWED_IDENTITIES",
+    }
+)
+"""Settings the manifests set that issue #17's other branches add to ingest (ops port,
+TLS-only doors, STOW-RS authentication). Remove each once its setting is in the code:
+the test below then checks it like any other."""
 SERVICES = {
-    "radflow-ingest": 8080,
+    "radflow-ingest": 8085,
     "radflow-transcode": TranscodeSettings.model_fields["http_port"].default,
     "radflow-router": RouterSettings.model_fields["http_port"].default,
     "radflow-stow-forwarder": ForwarderSettings.model_fields["http_port"].default,
     "radflow-report-return": 8084,
 }
-"""Deployment → its operations (HTTP) port."""
+"""Deployment → its operations port (/metrics, /healthz, /readyz), named "ops"."""
 HAS_REPORT_RETURN = importlib.util.find_spec("report_return") is not None
 
 
@@ -117,7 +134,7 @@ def test_every_topic_has_a_kafka_topic_and_pending_is_compacted_like_its_input(
     objects: list[Obj],
 ) -> None:
     topics = {t["metadata"]["name"]: t["spec"] for t in of_kind(objects, "KafkaTopic")}
-    assert set(topics) == {t.value for t in Topic}
+    assert set(topics) == {t.value for t in Topic} | {AUDIT_TOPIC}
     for name, spec in topics.items():
         assert spec["config"]["min.insync.replicas"] <= spec["replicas"], name
         policy = spec["config"]["cleanup.policy"]
@@ -147,8 +164,9 @@ def test_each_service_runs_non_root_read_only_with_probes_limits_and_a_scratch_v
         assert security["readOnlyRootFilesystem"] is True, name
         assert security["allowPrivilegeEscalation"] is False, name
         assert security["capabilities"]["drop"] == ["ALL"], name
-        assert {p["name"]: p["containerPort"] for p in container["ports"]}["http"] == port
+        assert {p["name"]: p["containerPort"] for p in container["ports"]}["ops"] == port
         assert container["livenessProbe"]["httpGet"]["path"] == "/healthz", name
+        assert container["livenessProbe"]["httpGet"]["port"] == "ops", name
         assert container["readinessProbe"]["httpGet"]["path"] == "/readyz", name
         for kind in ("requests", "limits"):
             assert {"cpu", "memory"} <= set(container["resources"][kind]), (name, kind)
@@ -182,14 +200,14 @@ def test_each_service_has_its_service_budget_policy_monitor_and_autoscaler(
         labels = named(objects, "Deployment", name)["spec"]["template"]["metadata"]["labels"]
         service = named(objects, "Service", name)
         assert _selects(service["spec"]["selector"], labels)
-        assert {p["name"]: p["port"] for p in service["spec"]["ports"]}["http"] == port
+        assert {p["name"]: p["port"] for p in service["spec"]["ports"]}["ops"] == port
         budget = named(objects, "PodDisruptionBudget", name)
         assert _selects(budget["spec"]["selector"]["matchLabels"], labels)
         policy = named(objects, "NetworkPolicy", name)
         assert _selects(policy["spec"]["podSelector"]["matchLabels"], labels)
         monitor = named(objects, "ServiceMonitor", name)
         assert _selects(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
-        assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["http"]
+        assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["ops"]
         scaled = [o for o in of_kind(objects, "ScaledObject") if o["metadata"]["name"] == name]
         if overlay == "dev":
             assert not scaled and named(objects, "Deployment", name)["spec"]["replicas"] == 1
@@ -244,7 +262,9 @@ def test_every_radflow_variable_set_is_a_setting_of_a_service(objects: list[Obj]
         if name.startswith("RADFLOW_REPORT_RETURN_") and not HAS_REPORT_RETURN:
             unchecked.add(name)
             continue
-        assert name in known, f"{where} sets {name}, which no service reads"
+        assert name in known or name in AGREED_SETTINGS, (
+            f"{where} sets {name}, which no service reads"
+        )
     if unchecked:
         print(f"report_return is not installed; not checked: {sorted(unchecked)}")
 

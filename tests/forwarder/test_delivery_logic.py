@@ -376,3 +376,16 @@ async def test_a_tls_alert_read_with_the_answer_is_retried_as_tls_not_an_unexpec
         assert await client.holds("1.2.3", [uid]) == set()
     finally:
         await client.close()
+
+
+@pytest.mark.parametrize("status", [200, 202, 400, 409])
+def test_a_destination_s_own_words_never_become_the_failure_message(status: int) -> None:
+    """A PACS's error text (a body, a FailedSOPSequence's Error Comment) can quote the
+    instance it refuses, patient data included: dead letters keep codes only."""
+    said = "Patient DOE^SENTINEL MRN SENTINEL-4711 already exists"
+    failed = json.loads(_response_body([], {"1.1": 0xC122}))
+    failed["00081198"]["Value"][0]["00000902"] = {"vr": "LO", "Value": [said]}
+    for body in (json.dumps(failed).encode(), said.encode(), f"<html>{said}</html>".encode()):
+        answer = classify(_answer(status, body), ["1.1"])
+        messages = [m for _, m in answer.refused.values()] + list(answer.retry.values())
+        assert messages and not any("SENTINEL" in m for m in messages), (status, body)

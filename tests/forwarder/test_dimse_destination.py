@@ -5,6 +5,7 @@ PACS is down, refuses our AE title or accepts only uncompressed syntaxes."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -14,15 +15,19 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, RLELossless
 
 from radflow_codecs.codecs import decode
 from radflow_core.dicom_status import StoreStatus
+from radflow_core.errors import ConfigurationError
 from radflow_core.events import Lane
-from radflow_devstack.processes import free_port
-from radflow_rules.destinations import DestinationKind, DimsePeer
+from radflow_devstack.pki import Authority
+from radflow_devstack.processes import ManagedProcess, free_port
+from radflow_rules.destinations import DestinationKind, DimsePeer, Tls
 from radflow_rules.rules import Destination
 from stow_forwarder.answer import Outgoing
+from stow_forwarder.client import StowClient
 from stow_forwarder.dimse import DimseClient, Verdict, proposed_contexts, verdict
 from stow_forwarder.settings import ForwarderSettings
 from support.dicom import bundled_file, make_instance
 from support.dimse_peer import DimsePeer as ScriptedPeer
+from support.orthanc import OrthancView
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -73,13 +78,16 @@ def test_compressed_instances_also_propose_explicit_little_endian_once_per_class
     ]
 
 
-def _client(port: int, ae_title: str = "PACS", **settings: float) -> DimseClient:
+def _client(
+    port: int, ae_title: str = "PACS", tls: Tls | None = None, **settings: float
+) -> DimseClient:
     destination = Destination(
         "pacs",
         f"dicom://{ae_title}@127.0.0.1:{port}",
         None,
         (),
         50,
+        tls=tls,
         kind=DestinationKind.DIMSE,
         dimse=DimsePeer("127.0.0.1", port, ae_title),
     )
@@ -185,3 +193,59 @@ def test_a_pacs_that_is_down_is_worth_another_try_and_trips_the_circuit(tmp_path
     answer = asyncio.run(_client(free_port(), connect_timeout_s=1).store(items, Lane.ROUTINE))
     assert set(answer.retry) == {i.sop_instance_uid for i in items}
     assert answer.peer_unavailable and not answer.delivered and not answer.refused
+
+
+def test_an_orthanc_with_dicom_tls_receives_over_tls_and_refuses_what_it_cannot_trust(
+    start_orthanc_server: Callable[..., ManagedProcess], tmp_path: Path
+) -> None:
+    ca = Authority(tmp_path / "ca")
+    pacs = ca.issue("orthanc", server=True, hosts=("127.0.0.1", "pacs.test"))
+    ours = ca.issue("RADFLOW", server=False, file_stem="forwarder")
+    server = start_orthanc_server(
+        config={
+            "DicomTlsEnabled": True,
+            "DicomTlsCertificate": str(pacs.cert),
+            "DicomTlsPrivateKey": str(pacs.key),
+            "DicomTlsTrustedCertificates": str(ca.ca_file),
+            "DicomTlsRemoteCertificateRequired": True,
+        }
+    )
+    port = server.dicom_port
+    items = [_outgoing(p) for p in _instances(tmp_path, 2)]
+    uids = {i.sop_instance_uid for i in items}
+
+    mutual = Tls(ca.ca_file, ours.cert, ours.key, server_name="pacs.test")
+    answer = asyncio.run(_client(port, "ORTHANC", mutual).store(items, Lane.ROUTINE))
+    assert answer.delivered == uids, answer
+    assert OrthancView(server).count() == 2
+
+    stranger = Authority(tmp_path / "other", "other CA")
+    untrusted = asyncio.run(
+        _client(port, "ORTHANC", Tls(stranger.ca_file, ours.cert, ours.key)).store(
+            items, Lane.ROUTINE
+        )
+    )
+    assert set(untrusted.retry) == uids and untrusted.peer_unavailable
+    assert "TLS: certificate verify failed" in next(iter(untrusted.retry.values()))
+    wrong_name = Tls(ca.ca_file, ours.cert, ours.key, server_name="elsewhere.test")
+    misnamed = asyncio.run(_client(port, "ORTHANC", wrong_name).store(items, Lane.ROUTINE))
+    assert "TLS: certificate verify failed" in next(iter(misnamed.retry.values()))
+    anonymous = asyncio.run(_client(port, "ORTHANC", Tls(ca.ca_file)).store(items, Lane.ROUTINE))
+    assert set(anonymous.retry) == uids and not anonymous.delivered
+
+
+def test_a_dimse_destination_whose_tls_files_are_missing_is_a_configuration_error(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(ConfigurationError, match="destination 'pacs': its tls files"):
+        _client(104, tls=Tls(tmp_path / "missing-ca.pem"))
+
+
+def test_a_stow_rs_destination_whose_tls_files_are_missing_is_a_configuration_error(
+    tmp_path: Path,
+) -> None:
+    destination = Destination(
+        "archive", "https://127.0.0.1:1/dicomweb", None, (), 50, tls=Tls(tmp_path / "no-ca.pem")
+    )
+    with pytest.raises(ConfigurationError, match="destination 'archive': its tls files"):
+        StowClient(destination, ForwarderSettings())

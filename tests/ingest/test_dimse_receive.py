@@ -90,7 +90,7 @@ def test_every_transfer_syntax_from_pynetdicom_is_stored_byte_for_byte(
             "called_ae": "RADFLOW",
             "peer_address": "127.0.0.1",
             "client": None,
-            "identity": None,  # a plain association proves no identity
+            "identity": None,  # plain DIMSE proves nothing about the sender
         }
 
 

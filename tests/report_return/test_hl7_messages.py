@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 import hl7
 import pytest
 
-from radflow_core.events import ReportStatus
+from radflow_core.events import AckError, ReportStatus
 from report_return.hl7 import (
     build_oru,
     control_id,
@@ -168,14 +168,26 @@ def ack(code: str, control: str = "CID", extra: str = "") -> bytes:
 @pytest.mark.parametrize(("code", "read"), [("AA", "AA"), ("AE", "AE"), ("AR", "AR"), ("CA", "AA")])
 def test_ack_codes_are_read(code: str, read: str) -> None:
     answer = parse_ack(ack(code), "utf-8", "CID")
-    assert answer.code == read and answer.text.startswith("Said | this")
+    assert answer.code == read and answer.problem == ""
 
 
-def test_err_segments_are_part_of_the_ack_text() -> None:
-    err = "ERR||OBR^1^18|103^Table value not found^HL70357|E||||Accession unknown\r"
+def test_err_segments_keep_their_codes_and_drop_the_ris_s_words() -> None:
+    err = (
+        "ERR||OBR^1^18|103^Table value not found for DOE^JOHN^HL70357|E||||"
+        "Accession ACC-SENTINEL of DOE^JOHN unknown\r"
+        "ERR||PID^1^3~PV1^1^2|DOE-SENTINEL^x|severe\r"
+        "ERR|PID^1^3^204&Unknown key identifier&HL70357\r"
+        "ERR||DOE^1^3|207|W\r"
+    )
     answer = parse_ack(ack("AR", extra=err), "utf-8", "CID")
-    assert answer.text == "Said | this; 103 Table value not found HL70357 Accession unknown"
-    assert "MSA|AR|CID" in answer.raw
+    assert answer.code == "AR"
+    assert answer.errors == (
+        AckError(hl7_error_code="103", severity="E", location="OBR^1^18"),
+        AckError(hl7_error_code=None, severity=None, location="PID^1^3"),
+        AckError(hl7_error_code="204", severity=None, location="PID^1^3"),
+        AckError(hl7_error_code="207", severity="W", location=None),
+    )
+    assert "SENTINEL" not in repr(answer) and "Said" not in repr(answer)
 
 
 @pytest.mark.parametrize(
@@ -185,9 +197,9 @@ def test_err_segments_are_part_of_the_ack_text() -> None:
         (b"hello", "not an HL7"),
         (b"MSH|^~\\&|RIS|H|||2026||ACK|1|P|2.5.1\r", "no MSA"),
         (ack("XX"), "not an acknowledgement code"),
-        (ack("AA", control="OTHER"), "acknowledges control ID 'OTHER'"),
+        (ack("AA", control="OTHER-SENTINEL"), "does not acknowledge our control ID 'CID'"),
     ],
 )
 def test_answers_that_are_not_an_ack_of_our_message_are_invalid(data: bytes, why: str) -> None:
     answer = parse_ack(data, "utf-8", "CID")
-    assert answer.code is None and why in answer.text
+    assert answer.code is None and why in answer.problem and "SENTINEL" not in answer.problem

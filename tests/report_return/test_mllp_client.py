@@ -153,3 +153,18 @@ async def test_mutual_tls_with_the_sites_ca_and_client_certificate(tmp_path: Pat
         with pytest.raises(PeerUnreachable):  # a RIS certificate from another CA
             await MllpClient(site(port, tls=Tls())).exchange(MESSAGE)
     peer.stop()
+
+
+async def test_the_stand_in_ris_of_make_run_answers_over_tls(tmp_path: Path) -> None:
+    authority = Authority(tmp_path / "ca")
+    cert = authority.issue("ris", server=True)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(cert.cert), str(cert.key))
+    peer = MllpPeer(tls=context).start()
+    try:
+        got = await MllpClient(site(peer.port, tls=Tls(authority.ca_file))).exchange(MESSAGE)
+        assert b"MSA|AR|CID|" in got.data  # answered (MESSAGE is no valid ORU^R01)
+        with pytest.raises(MllpError):  # plain MLLP to a TLS listener gets no answer
+            await MllpClient(site(peer.port)).exchange(MESSAGE)
+    finally:
+        peer.stop()

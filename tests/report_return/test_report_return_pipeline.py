@@ -5,6 +5,7 @@ dead-lettered without anything sent."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -123,7 +124,7 @@ def test_report_text_with_every_delimiter_and_line_break_arrives_exactly(
     assert "SENTINEL" not in log and "MRN-4711" not in log and "Pipes" not in log
 
 
-def test_answers_ar_ae_and_garbage_end_in_report_failed_with_the_ack_text(
+def test_answers_ar_ae_and_garbage_end_in_report_failed_with_the_ack_s_codes_only(
     stack: Stack,
     start_report_return,
     mllp_peer: MllpPeer,
@@ -155,18 +156,19 @@ def test_answers_ar_ae_and_garbage_end_in_report_failed_with_the_ack_text(
     by_report = {f["report_id"]: f for f in failed(stack)}
     ar = by_report[rejected.report_id]
     assert ar["reason"] == "rejected" and ar["ack_code"] == "AR" and ar["retriable"] is False
-    assert "Unknown order | ACC-1001" in ar["ack_text"]
-    assert "MSA|AR|" in ar["ack"]
+    ris_error = {"hl7_error_code": None, "severity": "E", "location": None}
+    assert ar["ack_errors"] == [ris_error]
+    assert "ACC-1001" not in json.dumps(failed(stack)), "the RIS's words stay out of events"
     assert ar["message_control_id"] == mllp_peer.received[0].control_id
     ok = returned(stack)[0]
     assert ok["report_id"] == recovered.report_id and ok["attempts"] == 2
     assert mllp_peer.received[1].control_id == mllp_peer.received[2].control_id
     ae = by_report[exhausted.report_id]
     assert ae["reason"] == "application_error" and ae["ack_code"] == "AE"
-    assert ae["attempts"] == 2 and "Busy again" in ae["ack_text"]
+    assert ae["attempts"] == 2 and ae["ack_errors"] == [ris_error]
     bad = by_report[garbled.report_id]
     assert bad["reason"] == "invalid_ack" and bad["ack_code"] is None
-    assert "not an acknowledgement" in bad["ack"]
+    assert bad["ack_errors"] == [] and "not an HL7 message" in bad["message"]
     for code, count in (("AA", 1), ("AE", 3), ("AR", 1), ("invalid", 1)):
         assert (
             metric(service.url, "radflow_report_return_acks_total", site="north", code=code)

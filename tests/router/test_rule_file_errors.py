@@ -60,3 +60,35 @@ def test_a_destination_may_not_take_the_name_the_forwarder_reserves() -> None:
     with pytest.raises(RuleFileError) as caught:
         load_text(text, "rules.yaml")
     assert any("reserved" in line and ":3:" in line for line in caught.value.lines)
+
+
+def test_secrets_may_go_over_https_or_loopback_and_dimse_peers_take_dicom_tls() -> None:
+    rules = load_text(
+        textwrap.dedent("""\
+        version: 1
+        destinations:
+          orthanc: {url: "http://orthanc.local:8042/dicom-web"}
+          sidecar:
+            url: http://127.0.0.1:8080/dicom-web
+            auth: {type: bearer, token_env: T}
+          v6: {url: "http://[::1]:8080/dicom-web", auth: {type: bearer, token_env: T}}
+          cloud:
+            url: https://pacs.example/dicom-web
+            auth: {type: oauth2, token_url: "https://login.example/token", client_id: r,
+                   client_secret_env: S}
+          pacs:
+            kind: dimse
+            host: 10.0.0.5
+            port: 2762
+            ae_title: PACS
+            tls: {ca_file: /ca.pem, cert_file: /c.pem, key_file: /c.key, server_name: pacs.example}
+        rules:
+          - name: a
+            route: [orthanc, sidecar, v6, cloud, pacs]
+        default: {hold: x}
+        """),
+        "site.yaml",
+    )
+    tls = rules.destinations["pacs"].tls
+    assert tls is not None and tls.server_name == "pacs.example"
+    assert str(tls.ca_file) == "/ca.pem"

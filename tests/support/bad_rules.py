@@ -125,6 +125,29 @@ BAD_RULE_FILES: list[tuple[str, str, str]] = [
         "password_env",
     ),
     (
+        "basic credentials over plain http",
+        "version: 1\ndestinations:\n  pacs:\n    url: 'http://pacs.example/dicom-web'\n"
+        "    auth: {type: basic, username: u, password_env: P}\nrules:\n  - name: a\n"
+        "    route: [pacs]\ndefault: {hold: x}\n",
+        "site.yaml:4: destination 'pacs' sends basic credentials over plain http:// (use https://)",
+    ),
+    (
+        "oauth2 client secret to a plain http token url",
+        "version: 1\ndestinations:\n  pacs:\n    url: 'https://p.example'\n"
+        "    auth:\n      type: oauth2\n      token_url: http://login.example/token\n"
+        "      client_id: radflow\n      client_secret_env: S\nrules:\n  - name: a\n"
+        "    route: [pacs]\ndefault: {hold: x}\n",
+        "site.yaml:7: auth of destination 'pacs': token_url sends the client secret over "
+        "plain http:// (use https://)",
+    ),
+    (
+        "dimse tls with an unknown key",
+        GOOD_HEAD + "  pacs2:\n    kind: dimse\n    host: pacs.local\n    port: 2762\n"
+        "    ae_title: PACS\n    tls: {ca_file: /ca.pem, verify: false}\n"
+        "default: {route: [pacs]}\n",
+        "site.yaml:9: unknown key 'verify' in tls of destination 'pacs2'",
+    ),
+    (
         "unknown auth type",
         "version: 1\ndestinations:\n  pacs:\n    url: 'https://p.example'\n"
         "    auth: {type: kerberos}\nrules:\n  - name: a\n    route: [pacs]\n"

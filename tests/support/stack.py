@@ -107,6 +107,8 @@ class IngestProcess:
     other services serve ops on http_port."""
     expected_exit: int = 0
     """The exit code the fixture expects when it stops the process."""
+    dimse_tls_port: int = 0
+    """ingest's DICOM TLS port (listening only when a certificate is configured)."""
 
     @property
     def url(self) -> str:

@@ -446,12 +446,39 @@ class ReportReturned(ReportDelivery):
     """True when a replayed report was recognised as acknowledged and not sent again."""
 
 
+HL7ErrorCode = Annotated[str, Field(pattern=r"^[0-9]{1,5}$")]
+"""A code of HL7 table 0357 (message error condition codes): digits only."""
+HL7Location = Annotated[str, Field(pattern=r"^[A-Z][A-Z0-9]{2}(\^[0-9]{0,5}){0,5}$")]
+"""An HL7 error location (ERL): segment ID, then sequence, field, repetition, component
+and subcomponent numbers, ``^``-separated as in ER7 (``PID^1^3``)."""
+
+
+class AckError(EventModel):
+    """One ERR segment of a RIS's acknowledgement, reduced to its coded fields.
+
+    A RIS's free text (MSA-3, ERR-7 diagnostics, ERR-8 user message, code texts) often
+    quotes the message it refuses (patient name, identifiers, report text), so it never
+    leaves report-return; only values that fit these codes' syntax are kept, anything
+    else is dropped."""
+
+    hl7_error_code: HL7ErrorCode | None = None
+    """ERR-3 (v2.5+) or ERR-1's code (v2.4) identifier, HL7 table 0357 (e.g. ``207``
+    application internal error, ``204`` unknown key identifier)."""
+    severity: Literal["E", "F", "I", "W"] | None = None
+    """ERR-4, HL7 table 0516: error, fatal, information, warning."""
+    location: HL7Location | None = None
+    """ERR-2 (or ERR-1's location, v2.4): where in our message the RIS found the error."""
+
+
 class ReportFailed(ReportDelivery):
-    """``report.failed`` v1: report-return gave up on a report, with the reason and, when
-    the RIS answered, its acknowledgement."""
+    """``report.failed`` v2: report-return gave up on a report, with the reason and, when
+    the RIS answered, the coded part of its acknowledgement.
+
+    v2 (from v1): the RIS's own words are gone (``ack_text`` and ``ack``: its free text
+    can quote patient data); ``ack_errors`` keeps each ERR segment's codes instead."""
 
     type_name: ClassVar[str] = "report.failed"
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2
     topic: ClassVar[Topic | None] = Topic.REPORT_FAILED
 
     reason: str
@@ -462,7 +489,8 @@ class ReportFailed(ReportDelivery):
     ``unencodable_text``, ``report_too_large``, ``blob_not_found``,
     ``blob_integrity_error``."""
     message: str
-    """Human-readable detail written by the pipeline (never copied from patient data)."""
+    """Human-readable detail written by the pipeline (never copied from patient data nor
+    from the RIS's answer)."""
     retriable: bool
     """Whether the last failure was of a retriable kind (its retries ran out)."""
     status: ReportStatus | None = None
@@ -471,11 +499,8 @@ class ReportFailed(ReportDelivery):
     """MSH-10 of the message, if one was built."""
     ack_code: Literal["AE", "AR"] | None = None
     """MSA-1 of the RIS's last acknowledgement, if it sent a readable one."""
-    ack_text: str | None = None
-    """What the RIS said: MSA-3 and each ERR segment's code and message (unescaped)."""
-    ack: str | None = None
-    """The RIS's last acknowledgement as received (segments on lines; first 4 KiB),
-    for AE, AR and unreadable answers."""
+    ack_errors: tuple[AckError, ...] = ()
+    """The coded fields of each ERR segment of that acknowledgement, in order."""
     source_topic: str
     """Topic of the input record."""
     source_partition: int

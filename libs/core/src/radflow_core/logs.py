@@ -34,6 +34,7 @@ SAFE_FIELDS = frozenset(
         "transfer_syntax_uid",
         "modality",
         "calling_ae",
+        "identity",
         "called_ae",
         "peer_address",
         "protocol",

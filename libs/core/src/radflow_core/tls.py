@@ -58,3 +58,27 @@ def peer_common_name(peer_cert: Any) -> str | None:
             if key == "commonName":
                 return str(value)
     return None
+
+
+class DeferredHandshake:
+    """A context for pynetdicom's ``ssl_context`` / ``tls_args`` that wraps sockets
+    without shaking hands. pynetdicom shakes hands inside its accept loop (one silent
+    peer then blocks every other) or inside ``connect`` (where it swallows the reason);
+    with this, the caller completes ``SSLSocket.do_handshake()`` in an ``EVT_CONN_OPEN``
+    handler, in the association's thread, and sees why it failed."""
+
+    def __init__(self, context: ssl.SSLContext, *, timeout_s: float | None = None) -> None:
+        self.context = context
+        self._timeout_s = timeout_s
+
+    def wrap_socket(
+        self, sock: Any, server_side: bool, server_hostname: str | None = None
+    ) -> ssl.SSLSocket:
+        if self._timeout_s is not None:
+            sock.settimeout(self._timeout_s)
+        return self.context.wrap_socket(
+            sock,
+            server_side=server_side,
+            server_hostname=server_hostname,
+            do_handshake_on_connect=False,
+        )

@@ -37,7 +37,7 @@ class Topic(StrEnum):
     """One event per report the site's RIS acknowledged with AA (report-return)."""
     REPORT_FAILED = "report.failed"
     """Dead letters of report-return: reports not returned, with the reason and the
-    RIS's acknowledgement text when it answered."""
+    coded part of the RIS's acknowledgement when it answered."""
     ROUTER_PENDING = "radflow.router.pending"
     """Internal changelog of the router's studies waiting to be complete (compacted;
     partitioned like dicom.instance.normalized). Not a feed for downstream use."""

@@ -40,7 +40,7 @@ from radflow_devstack.parts import (
     start_service,
 )
 from radflow_devstack.peek import blobs_command, events_command
-from radflow_devstack.pki import development_pki
+from radflow_devstack.pki import DevelopmentPki, development_pki
 from radflow_devstack.processes import ManagedProcess, StartupFailed
 from radflow_devstack.supervise import Supervisor
 
@@ -69,6 +69,25 @@ def local_env(broker_port: int, s3_port: int) -> dict[str, str]:
     }
 
 
+def dicom_tls_env(pki: DevelopmentPki, port: int) -> dict[str, str]:
+    """ingest's DICOM TLS listener with the development certificates: a client
+    certificate from the development CA is required (any CN, any calling AE)."""
+    return {
+        "RADFLOW_INGEST_DIMSE_TLS_PORT": str(port),
+        "RADFLOW_INGEST_TLS_CERT_FILE": str(pki.server.cert.resolve()),
+        "RADFLOW_INGEST_TLS_KEY_FILE": str(pki.server.key.resolve()),
+        "RADFLOW_INGEST_TLS_CLIENT_CA_FILE": str(pki.ca_file.resolve()),
+    }
+
+
+def storescu_tls_line(pki: DevelopmentPki, port: int) -> str:
+    """The storescu command that sends over make run's DICOM TLS listener."""
+    return (
+        f"TCP_NODELAY=1 storescu +tls {pki.client.key} {pki.client.cert} +cf {pki.ca_file} "
+        f"-aec RADFLOW 127.0.0.1 {port} FILE.dcm"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m radflow_devstack",
@@ -81,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--broker-port", type=int, default=9092)
         p.add_argument("--s3-port", type=int, default=9000)
         p.add_argument("--dimse-port", type=int, default=11112)
+        p.add_argument("--dimse-tls-port", type=int, default=2762, help="DICOM TLS")
         p.add_argument("--http-port", type=int, default=8080, help="STOW-RS over HTTP")
         p.add_argument("--https-port", type=int, default=8443, help="STOW-RS over HTTPS")
         p.add_argument("--ops-port", type=int, default=8085, help="ingest's /metrics, /readyz")
@@ -175,23 +195,22 @@ def run_stack(args: argparse.Namespace) -> int:
         supervisor.watch(issuer_proc)
         issuer = dev_issuer_url(args.issuer_port)
         print(f"issuer   development OAuth2 issuer {issuer}  (key in {run_dir / 'auth'}/)")
-        pki = development_pki(run_dir / "tls")
         ingest_env = {
             **env,
             **issuer_env(issuer, f"{issuer}/jwks.json"),
             "RADFLOW_INGEST_DIMSE_PORT": str(args.dimse_port),
             "RADFLOW_INGEST_HTTP_PORT": str(args.http_port),
-            "RADFLOW_INGEST_HTTPS_PORT": str(args.https_port),
+            "RADFLOW_INGEST_HTTPS_PORT": str(args.https_port),  # with the TLS files below
             "RADFLOW_INGEST_OPS_PORT": str(args.ops_port),
-            "RADFLOW_INGEST_TLS_CERT_FILE": str(pki.server.cert),
-            "RADFLOW_INGEST_TLS_KEY_FILE": str(pki.server.key),
-            "RADFLOW_INGEST_TLS_CLIENT_CA_FILE": str(pki.ca_file),
             "RADFLOW_INGEST_RULES_FILE": str(rules),  # its stat: policy picks the lane
         }
+        pki = development_pki(run_dir / "tls")
+        ingest_env.update(dicom_tls_env(pki, args.dimse_tls_port))
         http = f"http://127.0.0.1:{args.http_port}"
         ops = f"http://127.0.0.1:{args.ops_port}"
         service("ingest", "ingest", ingest_env, args.ops_port)
         print(f"ingest   DIMSE  RADFLOW@127.0.0.1:{args.dimse_port}")
+        print(f"         DICOM TLS RADFLOW@127.0.0.1:{args.dimse_tls_port} (CA {pki.ca_file})")
         print(f"         STOW-RS {http}/dicomweb/studies  https://127.0.0.1:{args.https_port}/")
         print("         (authentication on: see README, python -m radflow_devstack token)")
         print(f"         metrics {ops}/metrics")
@@ -226,12 +245,21 @@ def run_stack(args: argparse.Namespace) -> int:
         }
         service("stow-forwarder", "stow_forwarder", forwarder_env, args.forwarder_port)
         print(f"forwarder metrics {forwarder_http}/metrics")
-        mllp = start_mllp_peer(args.mllp_port, args.log_dir)
+        mllp = start_mllp_peer(
+            args.mllp_port,
+            args.log_dir,
+            tls_cert=pki.server.cert.resolve(),
+            tls_key=pki.server.key.resolve(),
+        )
         started.append(mllp)
         supervisor.watch(mllp)
-        print(f"ris      stand-in RIS (HL7 MLLP) 127.0.0.1:{args.mllp_port}")
+        print(f"ris      stand-in RIS (HL7 MLLP over TLS) 127.0.0.1:{args.mllp_port}")
         sites = args.log_dir.parent / "sites.yaml"
-        sites.write_text(LOCAL_SITES.read_text().replace("port: 2575", f"port: {args.mllp_port}"))
+        sites.write_text(
+            LOCAL_SITES.read_text()
+            .replace("port: 2575", f"port: {args.mllp_port}")
+            .replace(".run/tls/ca.pem", str(pki.ca_file.resolve()))
+        )
         report_http = f"http://127.0.0.1:{args.report_return_port}"
         report_env = {
             **env,
@@ -243,6 +271,7 @@ def run_stack(args: argparse.Namespace) -> int:
         print(f"reports  sites {sites}  metrics {report_http}/metrics")
         print(f"logs     {args.log_dir}/")
         print(f"try      TCP_NODELAY=1 storescu -aec RADFLOW 127.0.0.1 {args.dimse_port} FILE.dcm")
+        print(f"         {storescu_tls_line(pki, args.dimse_tls_port)}")
         print("see      .venv/bin/python -m radflow_devstack events   (and: ... blobs)")
         print("A child that dies is reported here and started again. Ctrl-C stops everything.")
         sys.stdout.flush()

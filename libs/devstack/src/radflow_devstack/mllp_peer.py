@@ -4,7 +4,9 @@ validates every message it receives, keeps it, and answers with an ACK.
 ``make run`` starts it as the example site's RIS (``python -m radflow_devstack.mllp_peer
 --port 2575``: answers AA to every valid message, AR to an invalid one, and logs one
 line per message). The report-return tests run it in-process and script its answers:
-AA, AE, AR, an invalid answer, or none at all.
+AA, AE, AR, an invalid answer, or none at all. With a certificate (``--tls-cert``,
+``--tls-key``) it listens with TLS, as a RIS reached over an untrusted network should:
+make run's example site reaches it so.
 """
 
 from __future__ import annotations
@@ -12,16 +14,21 @@ from __future__ import annotations
 import argparse
 import collections
 import signal
+import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.exceptions import HL7apyException
 from hl7apy.mllp import AbstractErrorHandler, AbstractHandler, MLLPRequestHandler, MLLPServer
 from hl7apy.parser import parse_message
+
+from radflow_core.tls import server_context
 
 CHARSETS = {"UNICODE UTF-8": "utf-8", "8859/1": "latin-1", "": "ascii"}
 """MSH-18 → codec."""
@@ -84,16 +91,38 @@ class _ErrorHandler(AbstractErrorHandler):  # type: ignore[misc]
         return self.peer.answer(self.incoming_message)
 
 
+class _TlsServer(MLLPServer):  # type: ignore[misc]
+    """MLLP over TLS: each accepted connection shakes hands before it is handled (in
+    the accept loop, bounded by the request timeout: good enough for a stand-in)."""
+
+    context: ssl.SSLContext
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, address = super().get_request()
+        sock.settimeout(self.timeout)
+        return self.context.wrap_socket(sock, server_side=True), address
+
+
 class MllpPeer:
     """The listener, on a thread; ``answers`` is the script (then ``default``)."""
 
-    def __init__(self, port: int = 0, host: str = "127.0.0.1", timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        port: int = 0,
+        host: str = "127.0.0.1",
+        timeout_s: float = 10.0,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         handlers: dict[str, Any] = {
             "ORU^R01^ORU_R01": (_OruHandler, self),
             "ORU^R01": (_OruHandler, self),
             "ERR": (_ErrorHandler, self),
         }
-        self._server = MLLPServer(host, port, handlers, timeout_s, _Handler)
+        if tls is None:
+            self._server = MLLPServer(host, port, handlers, timeout_s, _Handler)
+        else:
+            self._server = _TlsServer(host, port, handlers, timeout_s, _Handler)
+            self._server.context = tls
         self._server.daemon_threads = True
         self._server.block_on_close = False
         self.port = int(self._server.server_address[1])
@@ -173,12 +202,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--port", type=int, default=2575)
     parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--tls-cert", type=Path, help="listen with TLS, with this certificate")
+    parser.add_argument("--tls-key", type=Path, help="the certificate's private key")
     args = parser.parse_args(argv)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    tls = None
+    if args.tls_cert is not None:
+        tls = server_context(
+            args.tls_cert, args.tls_key, client_ca_file=None, require_client_cert=False
+        )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    peer = MllpPeer(args.port, args.host).start()
-    print(f"MLLP peer listening on {args.host}:{peer.port}", flush=True)
+    peer = MllpPeer(args.port, args.host, tls=tls).start()
+    how = "MLLP over TLS" if tls else "MLLP"
+    print(f"{how} peer listening on {args.host}:{peer.port}", flush=True)
     seen = 0
     try:
         while not stop.wait(0.2):

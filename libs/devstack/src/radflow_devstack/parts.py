@@ -83,11 +83,13 @@ def start_orthanc(
     *,
     users: Mapping[str, str] | None = None,
     name: str = "orthanc",
+    config: Mapping[str, object] | None = None,
 ) -> ManagedProcess:
     """Orthanc (Debian packages ``orthanc`` and ``orthanc-dicomweb``) on loopback, with
     its DICOMweb plugin at ``/dicom-web/``, storing in ``run_dir/<name>``.
 
-    ``users`` turns on HTTP basic authentication with those user names and passwords.
+    ``users`` turns on HTTP basic authentication with those user names and passwords;
+    ``config`` adds or overrides configuration keys (e.g. ``DicomTlsEnabled``).
     Orthanc's DIMSE side uses DCMTK, so Nagle's algorithm is turned off for it too.
     """
     binary = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
@@ -97,7 +99,7 @@ def start_orthanc(
         )
     home = run_dir / name
     home.mkdir(parents=True, exist_ok=True)
-    config = {
+    settings = {
         "Name": name,
         "StorageDirectory": str(home / "storage"),
         "IndexDirectory": str(home / "index"),
@@ -116,9 +118,10 @@ def start_orthanc(
         "DicomScpTimeout": 30,
         "DicomModalities": {},
         "UnknownSopClassAccepted": True,
+        **(config or {}),
     }
     config_path = home / "orthanc.json"
-    config_path.write_text(json.dumps(config, indent=2))
+    config_path.write_text(json.dumps(settings, indent=2))
     proc = ManagedProcess(
         name,
         [binary, str(config_path)],
@@ -131,11 +134,15 @@ def start_orthanc(
     return proc
 
 
-def start_mllp_peer(port: int, log_dir: Path) -> ManagedProcess:
-    """The stand-in RIS (:mod:`radflow_devstack.mllp_peer`) on 127.0.0.1:port."""
+def start_mllp_peer(
+    port: int, log_dir: Path, *, tls_cert: Path | None = None, tls_key: Path | None = None
+) -> ManagedProcess:
+    """The stand-in RIS (:mod:`radflow_devstack.mllp_peer`) on 127.0.0.1:port, over
+    TLS with ``tls_cert`` and ``tls_key``."""
+    tls = ["--tls-cert", str(tls_cert), "--tls-key", str(tls_key)] if tls_cert else []
     proc = ManagedProcess(
         "mllp-peer",
-        [sys.executable, "-m", "radflow_devstack.mllp_peer", "--port", str(port)],
+        [sys.executable, "-m", "radflow_devstack.mllp_peer", "--port", str(port), *tls],
         log_dir / "mllp-peer.log",
     ).start()
     proc.port = port

@@ -9,11 +9,13 @@ the first delivery.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from radflow_core.errors import ConfigurationError
 
@@ -106,3 +108,24 @@ class Tls:
     """Client certificate (PEM) for mutual TLS."""
     key_file: Path | None = None
     """Its private key (PEM)."""
+    server_name: str | None = None
+    """The name the peer's certificate must carry, when it is not the host dialled
+    (a DIMSE peer reached by IP address whose certificate names its DNS name). The
+    certificate is always verified; this only changes which name it is checked for."""
+
+
+def is_private_channel(url: str) -> bool:
+    """Whether a secret may be sent to ``url``: over https://, or over http:// to this
+    host's loopback interface (a sidecar, a test server), which never leaves the
+    machine. A credential sent to any other http:// address crosses a network in
+    clear text, so a rule file that asks for it is refused."""
+    parts = urlsplit(url)
+    if parts.scheme == "https":
+        return True
+    host = parts.hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

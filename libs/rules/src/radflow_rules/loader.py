@@ -30,6 +30,7 @@ from radflow_rules.destinations import (
     DestinationKind,
     DimsePeer,
     SecretRef,
+    is_private_channel,
 )
 from radflow_rules.rules import (
     DAYS,
@@ -70,10 +71,11 @@ _TOP_KEYS = {"version", "timezone", "destinations", "rules", "default", "stat"}
 _COMMON_DEST_KEYS = {"kind", "transfer_syntaxes", "max_batch", "priority"}
 _DEST_KEYS = {
     DestinationKind.STOW_RS: _COMMON_DEST_KEYS | {"url", "auth", "tls"},
-    DestinationKind.DIMSE: _COMMON_DEST_KEYS | {"host", "port", "ae_title", "calling_ae_title"},
+    DestinationKind.DIMSE: _COMMON_DEST_KEYS
+    | {"host", "port", "ae_title", "calling_ae_title", "tls"},
     DestinationKind.REPORT_RETURN: _COMMON_DEST_KEYS | {"site"},
 }
-"""Keys each kind of destination takes (DICOM TLS for DIMSE peers is not supported)."""
+"""Keys each kind of destination takes (``tls`` on a DIMSE peer: DICOM TLS)."""
 RESERVED_NAMES = frozenset({"unknown-destinations"})
 """Destination names the forwarder uses for consumer groups of its own."""
 IDENTITY_KINDS = ("jwt:", "apikey:", "cert:")
@@ -206,7 +208,12 @@ class _RuleReader(YamlReader):
                     continue
                 common["dimse"] = peer
                 url = str(peer)
-                auth, tls = None, None
+                auth = None
+                tls = (
+                    self.tls(fields["tls"], f"tls of {what}", server_name=True)
+                    if "tls" in fields
+                    else None
+                )
             elif kind is DestinationKind.REPORT_RETURN:
                 site = self.scalar(fields["site"], "site") if "site" in fields else None
                 if not site:
@@ -227,6 +234,12 @@ class _RuleReader(YamlReader):
                 tls = self.tls(fields["tls"], f"tls of {what}") if "tls" in fields else None
                 if tls is not None and not url.startswith("https://"):
                     self.fail(fields["tls"], f"{what} has tls but an http:// url")
+                if auth is not None and not is_private_channel(url):
+                    self.fail(
+                        fields["url"],
+                        f"{what} sends {auth.kind.value} credentials over plain http:// "
+                        "(use https://)",
+                    )
             out[name] = Destination(name, url, auth, tuple(syntaxes), max_batch, tls=tls, **common)
         return out
 
@@ -303,6 +316,11 @@ class _RuleReader(YamlReader):
         token_url = values.get("token_url")
         if token_url is not None and not str(token_url).startswith(("http://", "https://")):
             self.fail(fields["token_url"], f"{what}: token_url must be an http(s) URL")
+        elif token_url is not None and not is_private_channel(str(token_url)):
+            self.fail(
+                fields["token_url"],
+                f"{what}: token_url sends the client secret over plain http:// (use https://)",
+            )
         return Auth(kind, **values)
 
     def stat_policy(self, node: Node | None) -> StatPolicy:

@@ -39,7 +39,7 @@ class Destination:
     """Accepted transfer syntaxes, preferred first; empty means any."""
     max_batch: int
     tls: Tls | None = None
-    """CA and client certificate, for https destinations."""
+    """CA, client certificate (and server name), for https and DICOM TLS destinations."""
     lane: Lane | None = None
     """The destination's own priority: ``stat`` sends everything routed to it in the
     STAT lane unless the rule says otherwise."""

@@ -101,16 +101,23 @@ class YamlReader:
                     f"{', '.join(sorted(allowed))})",
                 )
 
-    def tls(self, node: Node, what: str) -> Tls | None:
-        """A ``tls:`` mapping (CA, client certificate and key files); ``what`` names it."""
+    def tls(self, node: Node, what: str, *, server_name: bool = False) -> Tls | None:
+        """A ``tls:`` mapping (CA, client certificate and key files, and with
+        ``server_name`` the name to check the peer's certificate for); ``what`` names it."""
         fields = self.mapping(node, what)
         if fields is None:
             return None
-        self.unknown_keys(fields, {"ca_file", "cert_file", "key_file"}, what)
-        paths = {k: Path(self.scalar(v, k) or "") for k, v in fields.items()}
+        files = {"ca_file", "cert_file", "key_file"}
+        self.unknown_keys(fields, files | ({"server_name"} if server_name else set()), what)
+        paths = {k: Path(self.scalar(v, k) or "") for k, v in fields.items() if k in files}
         if ("cert_file" in paths) != ("key_file" in paths):
             self.fail(node, f"{what}: cert_file and key_file go together")
-        return Tls(paths.get("ca_file"), paths.get("cert_file"), paths.get("key_file"))
+        name = (
+            self.scalar(fields["server_name"], "server_name") if "server_name" in fields else None
+        )
+        return Tls(
+            paths.get("ca_file"), paths.get("cert_file"), paths.get("key_file"), name or None
+        )
 
 
 def compose(text: str, source: str, error: type[E], what: str) -> Node:

@@ -5,6 +5,13 @@ never block on I/O of their own: each received instance crosses to the event loo
 one bridge (:meth:`DimseReceiver._bridge`) where the claim check runs, and the
 association thread waits for the resulting status.
 
+Two listeners share one AE (and so its association limit): plain DIMSE and DICOM TLS
+(PS3.15 Annex B). On the TLS one the handshake runs in the association's own thread
+(:class:`~radflow_core.tls.DeferredHandshake`), never in the accept loop, so a peer
+that stalls its handshake holds up only itself; a verified client certificate's common
+name becomes the sender's identity (``cert:<CN>``) and may be bound to the calling AE
+titles it is allowed to use.
+
 Datasets are received in pynetdicom's chunked mode: the P-DATA stream is written
 straight to a temporary Part 10 file (``TMPDIR``), so a multi-gigabyte instance costs
 disk, not memory, and is hashed and uploaded from that file. The file meta pynetdicom
@@ -16,7 +23,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
+import threading
 import time
+from collections import Counter
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, cast
 
@@ -31,6 +41,7 @@ from ingest.claimcheck import ClaimCheck, Expected, NotStored, Origin
 from ingest.settings import IngestSettings
 from radflow_core.dicom_status import StoreStatus
 from radflow_core.events import Priority, Protocol, Sender
+from radflow_core.tls import DeferredHandshake, peer_common_name, server_context
 from radflow_core.transfer_syntaxes import ACCEPTED
 
 log = logging.getLogger(__name__)
@@ -38,6 +49,9 @@ log = logging.getLogger(__name__)
 # A-ASSOCIATE-RJ (result, source, diagnostic): rejected-permanent, service-user,
 # calling AE title not recognised (PS3.8 §9.3.4).
 _REJECT_CALLING_AE = (0x01, 0x01, 0x03)
+# Rejected-transient, service-provider (presentation), local limit exceeded: what
+# pynetdicom answers at its own association limit; the sender retries later.
+_REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)
 _DIMSE_PRIORITY = {0: Priority.MEDIUM, 1: Priority.HIGH, 2: Priority.LOW}
 VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
 
@@ -51,8 +65,24 @@ def status_dataset(status: StoreStatus, comment: str | None = None) -> Dataset:
     return ds
 
 
+def certificate_identity(sock: object) -> str | None:
+    """``cert:<CN>`` of the verified client certificate on ``sock``, if any."""
+    if not isinstance(sock, ssl.SSLSocket):
+        return None
+    try:
+        name = peer_common_name(sock.getpeercert())
+    except (ValueError, OSError):
+        return None
+    return f"cert:{name}" if name else None
+
+
+def _socket_of(assoc: Any) -> socket.socket | None:
+    wrapper = assoc.dul.socket
+    return None if wrapper is None else cast(socket.socket | None, wrapper.socket)
+
+
 class DimseReceiver:
-    """Owns the pynetdicom AE and its listening server."""
+    """Owns the pynetdicom AE and its listening servers (plain and DICOM TLS)."""
 
     def __init__(
         self, settings: IngestSettings, claim_check: ClaimCheck, loop: asyncio.AbstractEventLoop
@@ -61,7 +91,14 @@ class DimseReceiver:
         self._claim_check = claim_check
         self._loop = loop
         self._rules = settings.peer_rules
+        self._certificate_peers = settings.certificate_peers
         self._server: ThreadedAssociationServer | None = None
+        self._tls_server: ThreadedAssociationServer | None = None
+        # Open associations per sender, and which sender each association counts for;
+        # written from association threads.
+        self._senders_lock = threading.Lock()
+        self._per_sender: Counter[str] = Counter()
+        self._counted: dict[int, str] = {}
         # pynetdicom reads this process-wide switch when a C-STORE arrives; ingest is
         # the only SCP in its process, so setting it here is the one place it is set.
         _config.STORE_RECV_CHUNKED_DATASET = True
@@ -80,12 +117,26 @@ class DimseReceiver:
 
     @property
     def port(self) -> int:
-        """The bound port (useful when configured as 0)."""
+        """The plain listener's bound port (useful when configured as 0)."""
         if self._server is None:
-            raise RuntimeError("DIMSE receiver not started")
+            raise RuntimeError("plain DIMSE listener not started")
         return int(self._server.server_address[1])
 
+    @property
+    def tls_port(self) -> int:
+        """The DICOM TLS listener's bound port."""
+        if self._tls_server is None:
+            raise RuntimeError("DICOM TLS listener not started")
+        return int(self._tls_server.server_address[1])
+
     def start(self) -> None:
+        """Open the plain listener (unless turned off) and, with a certificate, the
+        DICOM TLS one.
+
+        Raises:
+            TlsFilesUnusable: the certificate, key or client CA cannot be used.
+        """
+        settings = self._settings
         handlers: list[Any] = [
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, self._on_echo),
@@ -93,19 +144,49 @@ class DimseReceiver:
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
         ]
-        self._server = self._ae.start_server(
-            (self._settings.dimse_host, self._settings.dimse_port),
-            block=False,
-            evt_handlers=handlers,
-        )
-        log.info(
-            "DIMSE listening",
-            extra={
-                "host": self._settings.dimse_host,
-                "port": self.port,
-                "called_ae": self._settings.ae_title,
-            },
-        )
+        tls = None
+        if settings.tls_cert_file is not None and settings.tls_key_file is not None:
+            context = server_context(
+                settings.tls_cert_file,
+                settings.tls_key_file,
+                client_ca_file=settings.tls_client_ca_file,
+                require_client_cert=settings.dimse_tls_require_client_cert,
+            )
+            tls = DeferredHandshake(context, timeout_s=settings.acse_timeout_s)
+        if settings.dimse_plain:
+            self._server = self._ae.start_server(
+                (settings.dimse_host, settings.dimse_port), block=False, evt_handlers=handlers
+            )
+            log.info(
+                "DIMSE listening",
+                extra={
+                    "host": settings.dimse_host,
+                    "port": self.port,
+                    "called_ae": settings.ae_title,
+                },
+            )
+        if tls is not None:
+            self._tls_server = self._ae.start_server(
+                (settings.dimse_host, settings.dimse_tls_port),
+                block=False,
+                evt_handlers=handlers,
+                ssl_context=cast(ssl.SSLContext, tls),
+            )
+            log.info(
+                "DICOM TLS listening",
+                extra={
+                    "host": settings.dimse_host,
+                    "port": self.tls_port,
+                    "called_ae": settings.ae_title,
+                    "client": (
+                        "no certificate asked"
+                        if settings.tls_client_ca_file is None
+                        else "certificate required"
+                        if settings.dimse_tls_require_client_cert
+                        else "certificate optional"
+                    ),
+                },
+            )
 
     async def stop(self, grace_s: float) -> None:
         """Stop listening, let open associations finish for ``grace_s``, abort the rest.
@@ -113,47 +194,114 @@ class DimseReceiver:
         An aborted association's in-flight instance was never acknowledged, so its
         sender retries it: nothing is lost.
         """
-        server, self._server = self._server, None
-        if server is None:
-            return
-        await asyncio.to_thread(server.shutdown)
+        servers = [s for s in (self._server, self._tls_server) if s is not None]
+        self._server = self._tls_server = None
+        for server in servers:
+            await asyncio.to_thread(server.shutdown)
         deadline = time.monotonic() + grace_s
+
+        def active() -> list[Any]:
+            return [assoc for server in servers for assoc in server.active_associations]
+
         # pynetdicom exposes open associations only as a thread list: poll it.
-        while server.active_associations and time.monotonic() < deadline:  # noqa: ASYNC110
+        while active() and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.1)
-        for assoc in server.active_associations:
+        for assoc in active():
             assoc.abort()
 
     # Handlers: called in association threads. They return a status or nothing and
     # never raise (pynetdicom would answer 0xC211 and log the dataset otherwise).
 
     def _on_conn_open(self, event: evt.Event) -> None:
-        sock = event.assoc.dul.socket
-        if sock is not None and sock.socket is not None:
-            sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         metrics.ASSOCIATIONS.inc()
+        sock = _socket_of(event.assoc)
+        if sock is None:
+            return
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if isinstance(sock, ssl.SSLSocket) and not self._handshake(
+            sock, event.assoc.requestor.address
+        ):
+            # No A-ASSOCIATE-RQ can come on a closed socket: the association thread
+            # ends now instead of waiting acse_timeout_s for one.
+            event.assoc.acse_timeout = 0
 
-    def _on_conn_close(self, _: evt.Event) -> None:
+    def _handshake(self, sock: ssl.SSLSocket, address: str) -> bool:
+        """Complete the TLS handshake; on failure, close the connection."""
+        try:
+            sock.do_handshake()
+        except (OSError, ValueError) as exc:
+            metrics.TLS_HANDSHAKE_FAILURES.inc()
+            log.warning(
+                "DICOM TLS handshake failed",
+                extra={
+                    "peer_address": address,
+                    "reason": getattr(exc, "reason", None) or type(exc).__name__,
+                },
+            )
+            # Closed, not shut down: an SSLSocket shut down drops its TLS layer, and
+            # the DUL would read the peer's TLS records as PDUs.
+            sock.close()
+            return False
+        # The handshake's timeout served; pynetdicom reads a blocking socket.
+        sock.settimeout(None)
+        return True
+
+    def _on_conn_close(self, event: evt.Event) -> None:
         metrics.ASSOCIATIONS.dec()
+        with self._senders_lock:
+            sender = self._counted.pop(id(event.assoc), None)
+            if sender is not None:
+                self._per_sender[sender] -= 1
+                if self._per_sender[sender] <= 0:
+                    del self._per_sender[sender]
 
     def _on_requested(self, event: evt.Event) -> None:
-        if not self._rules:
-            return
+        """Admit or reject an association request: calling-AE allow-list, then the
+        certificate's allowed AE titles (DICOM TLS), then the per-sender limit."""
+        assoc = event.assoc
         # At EVT_REQUESTED only the A-ASSOCIATE-RQ primitive is populated.
-        primitive = event.assoc.requestor.primitive
+        primitive = assoc.requestor.primitive
         calling = str(primitive.calling_ae_title).strip() if primitive else ""
-        address = event.assoc.requestor.address
-        if any(rule.allows(calling, address) for rule in self._rules):
+        address = assoc.requestor.address
+        sock = _socket_of(assoc)
+        identity = certificate_identity(sock)
+        if self._rules and not any(rule.allows(calling, address) for rule in self._rules):
+            self._reject(assoc, "calling_ae_not_allowed", calling, address, identity)
             return
-        metrics.ASSOCIATIONS_REJECTED.labels("calling_ae_not_allowed").inc()
+        if isinstance(sock, ssl.SSLSocket) and self._certificate_peers:
+            peer = self._certificate_peers.get(identity[len("cert:") :]) if identity else None
+            if peer is None or not peer.allows(calling):
+                self._reject(assoc, "certificate_not_allowed", calling, address, identity)
+                return
+        sender = identity or f"{calling}@{address}"
+        with self._senders_lock:
+            over = self._per_sender[sender] >= self._settings.max_associations_per_sender
+            if not over:
+                self._per_sender[sender] += 1
+                self._counted[id(assoc)] = sender
+        if over:
+            self._reject(assoc, "sender_limit", calling, address, identity)
+
+    def _reject(
+        self, assoc: Any, reason: str, calling: str, address: str, identity: str | None
+    ) -> None:
+        metrics.ASSOCIATIONS_REJECTED.labels(reason).inc()
         log.warning(
-            "association rejected: caller not in allow-list",
-            extra={"calling_ae": calling, "peer_address": address},
+            "association rejected",
+            extra={
+                "reason": reason,
+                "calling_ae": calling,
+                "peer_address": address,
+                "identity": identity,
+            },
         )
-        event.assoc.acse.send_reject(*_REJECT_CALLING_AE)
+        if reason == "sender_limit":
+            assoc.acse.send_reject(*_REJECT_LOCAL_LIMIT)
+        else:
+            assoc.acse.send_reject(*_REJECT_CALLING_AE)
         # As pynetdicom does after its own rejections: let the DUL send the A-ASSOCIATE-RJ
         # before the socket is closed.
-        event.assoc.kill()
+        assoc.kill()
 
     def _on_echo(self, _: evt.Event) -> int:
         return int(StoreStatus.SUCCESS)
@@ -167,6 +315,7 @@ class DimseReceiver:
                 calling_ae=assoc.requestor.ae_title.strip(),
                 called_ae=assoc.acceptor.ae_title.strip(),
                 peer_address=assoc.requestor.address,
+                identity=certificate_identity(_socket_of(assoc)),
             ),
             priority=_DIMSE_PRIORITY.get(int(request.Priority or 0), Priority.MEDIUM),
             expected=Expected(

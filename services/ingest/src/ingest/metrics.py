@@ -37,8 +37,15 @@ RULES_RELOADS = Counter(
 ASSOCIATIONS = Gauge("radflow_ingest_associations_active", "Open DIMSE associations.")
 ASSOCIATIONS_REJECTED = Counter(
     "radflow_ingest_associations_rejected_total",
-    "Association requests refused by the allow-list.",
+    "Association requests refused, by reason: calling_ae_not_allowed (allow-list), "
+    "certificate_not_allowed (DICOM TLS certificate not mapped to the calling AE), "
+    "sender_limit (the sender's concurrent associations).",
     ["reason"],
+)
+TLS_HANDSHAKE_FAILURES = Counter(
+    "radflow_ingest_tls_handshake_failures_total",
+    "DICOM TLS connections whose handshake failed (no, untrusted or expired client "
+    "certificate, no common protocol version, timeout).",
 )
 STOW_REQUESTS = Counter(
     "radflow_ingest_stow_requests_total", "STOW-RS requests by HTTP status.", ["status"]

@@ -154,3 +154,9 @@ class IngestService:
         if self._dimse is None:
             raise RuntimeError("not started")
         return self._dimse.port
+
+    @property
+    def dimse_tls_port(self) -> int:
+        if self._dimse is None:
+            raise RuntimeError("not started")
+        return self._dimse.tls_port

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import ClassVar
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from radflow_core.settings import (
     KafkaSettings,
@@ -54,6 +54,29 @@ class PeerRule:
             return False
 
 
+@dataclass(frozen=True)
+class CertificatePeer:
+    """Which calling AE titles a client certificate may use on the DICOM TLS listener."""
+
+    common_name: str
+    ae_titles: frozenset[str]
+    """Calling AE titles allowed for the certificate; ``*`` for any."""
+
+    @classmethod
+    def parse(cls, text: str) -> CertificatePeer:
+        """Parse ``CN=AE`` or ``CN=AE|AE|...`` (``CN=*``: any calling AE)."""
+        cn, sep, titles = text.partition("=")
+        aes = frozenset(t.strip() for t in titles.split("|") if t.strip())
+        if not sep or not cn.strip() or not aes:
+            raise ValueError(f"{text!r} is not CN=AE or CN=AE|AE")
+        if any(len(ae) > 16 for ae in aes):
+            raise ValueError(f"an AE title in {text!r} is longer than 16 characters")
+        return cls(cn.strip(), aes)
+
+    def allows(self, ae_title: str) -> bool:
+        return "*" in self.ae_titles or ae_title in self.ae_titles
+
+
 class IngestSettings(Section):
     prefix = "INGEST_"
 
@@ -63,6 +86,26 @@ class IngestSettings(Section):
     """Address the DIMSE listener binds to (0.0.0.0 in a container)."""
     dimse_port: int = Field(default=11112, ge=0, le=65535)
     """DIMSE listener port."""
+    dimse_plain: bool = True
+    """Open the plain (unencrypted) DIMSE listener on dimse_port. false: DICOM TLS only
+    (production), which needs tls_cert_file and tls_key_file."""
+    dimse_tls_port: int = Field(default=2762, ge=0, le=65535)
+    """DICOM TLS listener port (PS3.15 Annex B; 2762 is the registered dicom-tls
+    port), on dimse_host. Opened when tls_cert_file and tls_key_file are set."""
+    dimse_tls_require_client_cert: bool = True
+    """With tls_client_ca_file set: the DICOM TLS handshake fails without a client
+    certificate signed by it. false: a certificate is asked for but optional."""
+    dimse_tls_peers: tuple[str, ...] = ()
+    """Comma-separated map of verified client-certificate common names to the calling
+    AE titles each may use on the DICOM TLS listener: 'STORESCU=STORESCU|CT1,site-b=MR2'
+    ('CN=*': any AE). Set: any other certificate, a certificate calling with another AE
+    title, or no certificate is rejected (A-ASSOCIATE-RJ, calling AE not recognised).
+    Empty: any certificate the CA signed, with any calling AE allowed_peers allows."""
+    max_associations_per_sender: int = Field(default=8, ge=1, le=1000)
+    """Concurrent DIMSE associations one sender may hold (a sender: its certificate
+    identity on DICOM TLS, else calling AE title and address); more are rejected as
+    transient (local limit exceeded), so one sender cannot take every slot of
+    max_associations."""
     http_host: str = "127.0.0.1"
     """Address the HTTP listeners (STOW-RS over HTTP and HTTPS, ops) bind to."""
     http_port: int = Field(default=8080, ge=0, le=65535)
@@ -124,7 +167,30 @@ class IngestSettings(Section):
     reload_interval_s: float = Field(default=2.0, gt=0, le=3600)
     """How often the rule file is checked for changes (by content)."""
 
-    _csv = field_validator("allowed_peers", "extra_sop_classes", mode="before")(csv_tuple)
+    _csv = field_validator("allowed_peers", "extra_sop_classes", "dimse_tls_peers", mode="before")(
+        csv_tuple
+    )
+
+    @field_validator("dimse_tls_peers")
+    @classmethod
+    def _certificate_peers_parse(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in value:
+            CertificatePeer.parse(entry)
+        return value
+
+    @model_validator(mode="after")
+    def _some_dimse_listener(self) -> IngestSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError(
+                f"{self.env_name('tls_cert_file')} and {self.env_name('tls_key_file')} go together"
+            )
+        if not self.dimse_plain and self.tls_cert_file is None:
+            raise ValueError(
+                f"{self.env_name('dimse_plain')} is false but no DICOM TLS listener is "
+                f"configured (set {self.env_name('tls_cert_file')} and "
+                f"{self.env_name('tls_key_file')})"
+            )
+        return self
 
     @field_validator("allowed_peers")
     @classmethod
@@ -144,6 +210,12 @@ class IngestSettings(Section):
     @property
     def peer_rules(self) -> tuple[PeerRule, ...]:
         return tuple(PeerRule.parse(entry) for entry in self.allowed_peers)
+
+    @property
+    def certificate_peers(self) -> dict[str, CertificatePeer]:
+        """The dimse_tls_peers map, by common name."""
+        peers = (CertificatePeer.parse(entry) for entry in self.dimse_tls_peers)
+        return {peer.common_name: peer for peer in peers}
 
 
 class AuthMode(StrEnum):

@@ -61,8 +61,6 @@ from report_return.sr import document_from_sr
 log = logging.getLogger(__name__)
 
 RETURNED_MARKER = "returned"
-ACK_KEEP = 4096
-"""Characters of an acknowledgement kept in report.failed."""
 
 Item = tuple[Envelope[Any], ConsumerRecord[bytes, bytes]]
 
@@ -226,8 +224,7 @@ class Outcomes:
             status=status or origin.requested,
             message_control_id=origin.control_id if sent else None,
             ack_code=ack.code if ack is not None and ack.code != "AA" else None,
-            ack_text=(ack.text or None) if ack is not None else None,
-            ack=ack.raw[:ACK_KEEP] if ack is not None else None,
+            ack_errors=ack.errors if ack is not None else (),
             source_topic=record.topic,
             source_partition=record.partition,
             source_offset=record.offset,
@@ -392,7 +389,7 @@ class Returner:
             await self._outcomes.failed(
                 origin,
                 reason,
-                f"{message}: {ack.text}" if ack.text else message,
+                f"{message}: {ack.problem}" if ack.problem else message,
                 retriable=ack.code == "AE",
                 attempts=attempts,
                 status=oru.status,

@@ -22,7 +22,7 @@ from hl7apy.core import Group, Message
 from hl7apy.exceptions import HL7apyException
 from hl7apy.parser import parse_message
 
-from radflow_core.events import ReportStatus
+from radflow_core.events import AckError, ReportStatus
 from radflow_core.report_document import (
     CodedConcept,
     PersonName,
@@ -296,49 +296,48 @@ _ACK_CODES: dict[str, AckCode] = {
 
 @dataclass(frozen=True)
 class Ack:
-    """What the RIS answered."""
+    """What the RIS answered, redacted: its codes, never its words.
+
+    A RIS's free text (MSA-3, ERR-7, ERR-8, the text of a coded value) often quotes the
+    message it refuses, patient name and identifiers included; it is not kept, so it
+    cannot reach an event or a log."""
 
     code: AckCode | None
     """None when the answer is not a readable acknowledgement of our message."""
-    text: str
-    """MSA-3 and each ERR's code and message, unescaped; or why the answer is invalid."""
-    raw: str
-    """The answer as received, segments on lines."""
+    errors: tuple[AckError, ...]
+    """Each ERR segment's coded fields (values that do not fit a code are dropped)."""
+    problem: str
+    """Why the answer is not a valid acknowledgement ('' when it is one); written by
+    report-return, never quoting the answer."""
 
 
 def parse_ack(data: bytes, codec: str, expected_control_id: str) -> Ack:
     """Read an ACK (the bytes inside the MLLP frame); never raises."""
     text = data.decode(codec, errors="replace")
-    raw = "\n".join(s for s in _LINE_BREAK.split(text) if s)
+    segments_text = "\r".join(s for s in _LINE_BREAK.split(text) if s)
     try:
         message = parse_message(
-            "\r".join(raw.splitlines()),
+            segments_text,
             validation_level=VALIDATION_LEVEL.TOLERANT,
             find_groups=False,
         )
         segments = {s.name: s for s in message.children}
         msa = segments.get("MSA")
+        errors = tuple(_err_codes(s) for s in message.children if s.name == "ERR")
     except (HL7apyException, ValueError, KeyError, IndexError, AttributeError, TypeError):
-        return Ack(None, "the answer is not an HL7 message", raw)
+        return Ack(None, (), "the answer is not an HL7 message")
     if msa is None:
-        return Ack(None, "the answer has no MSA segment", raw)
+        return Ack(None, errors, "the answer has no MSA segment")
     code = _ACK_CODES.get(_field(msa, 1))
-    acknowledged = _field(msa, 2)
-    details = [unescape(_field(msa, 3))] if _field(msa, 3) else []
-    for segment in message.children:
-        if segment.name == "ERR":
-            details.append(_err_text(segment))
-    said = "; ".join(d for d in details if d)
     if code is None:
-        return Ack(None, f"MSA-1 is {_field(msa, 1)!r}, not an acknowledgement code. {said}", raw)
-    if acknowledged != expected_control_id:
+        return Ack(None, errors, "MSA-1 is not an acknowledgement code")
+    if _field(msa, 2) != expected_control_id:
         return Ack(
             None,
-            f"the answer acknowledges control ID {acknowledged!r}, not "
-            f"{expected_control_id!r}. {said}",
-            raw,
+            errors,
+            f"MSA-2 does not acknowledge our control ID {expected_control_id!r}",
         )
-    return Ack(code, said, raw)
+    return Ack(code, errors, "")
 
 
 def _field(segment: Any, number: int) -> str:
@@ -350,14 +349,40 @@ def _field(segment: Any, number: int) -> str:
     return ""
 
 
-def _err_text(segment: Any) -> str:
-    """An ERR segment as text: HL7 error code (ERR-3), diagnostics (ERR-7), user message
-    (ERR-8); v2.4's ERR-1 when those are absent."""
-    parts = []
-    for number in (3, 7, 8, 1):
-        value = _field(segment, number)
-        if value:
-            parts.append(" ".join(unescape(p) for p in re.split(r"[\^&]", value) if p))
-        if number == 8 and parts:
-            break
-    return " ".join(parts)
+_CODE = re.compile(r"[0-9]{1,5}")
+ORU_SEGMENTS = frozenset(
+    {"MSH", "SFT", "PID", "PD1", "NTE", "NK1", "PV1", "PV2", "ORC", "OBR", "TQ1", "TQ2"}
+    | {"CTD", "OBX", "FT1", "CTI", "SPM", "DSC"}
+)
+"""Segments of an ORU^R01 (v2.5.1): an error location names one of ours, so any other
+three letters in ERR-2 are the RIS's text, not a location."""
+_POSITION = re.compile(r"[0-9]{0,5}")
+
+
+def _err_codes(segment: Any) -> AckError:
+    """An ERR segment's codes: HL7 error code (ERR-3), severity (ERR-4), location
+    (ERR-2); v2.4's ERR-1 (location and code in one field) when ERR-2 and ERR-3 are
+    absent. The first repetition of each; what does not fit a code's syntax is left out."""
+    location = _first(_field(segment, 2)).split("^")
+    code = _first(_field(segment, 3)).split("^")[0]
+    if not location[0] and not code:
+        legacy = _first(_field(segment, 1)).split("^")
+        location = legacy[:3]
+        code = legacy[3].split("&")[0] if len(legacy) > 3 else ""
+    severity = _first(_field(segment, 4))
+    return AckError(
+        hl7_error_code=code if _CODE.fullmatch(code) else None,
+        severity=severity if severity in ("E", "F", "I", "W") else None,
+        location=_location(location),
+    )
+
+
+def _first(value: str) -> str:
+    return value.split("~", 1)[0]
+
+
+def _location(parts: list[str]) -> str | None:
+    numbers = [p.split("&", 1)[0] for p in parts[1:6]]
+    if parts[0] not in ORU_SEGMENTS or not all(_POSITION.fullmatch(n) for n in numbers):
+        return None
+    return "^".join([parts[0], *numbers]).rstrip("^")

@@ -20,7 +20,9 @@ from email.utils import parsedate_to_datetime
 import httpx
 
 from radflow_core.dicom_status import StoreStatus
+from radflow_core.errors import ConfigurationError
 from radflow_core.events import Lane
+from radflow_core.tls import TlsFilesUnusable, client_context
 from radflow_rules.rules import Destination
 from stow_forwarder.answer import Answer, Outgoing
 from stow_forwarder.auth import TokenUnavailable, build_auth
@@ -32,14 +34,22 @@ RETRIABLE_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
 def tls_context(destination: Destination) -> ssl.SSLContext | bool:
-    if destination.tls is None:
+    """The destination's TLS context (True: the system's trust store).
+
+    Raises:
+        ConfigurationError: its CA, certificate or key cannot be used (the destination
+            is left stopped rather than the forwarder crashing on every request).
+    """
+    tls = destination.tls
+    if tls is None:
         return True
-    context = ssl.create_default_context(
-        cafile=str(destination.tls.ca_file) if destination.tls.ca_file else None
-    )
-    if destination.tls.cert_file and destination.tls.key_file:
-        context.load_cert_chain(str(destination.tls.cert_file), str(destination.tls.key_file))
-    return context
+    try:
+        return client_context(ca_file=tls.ca_file, cert_file=tls.cert_file, key_file=tls.key_file)
+    except (TlsFilesUnusable, OSError, ssl.SSLError) as exc:
+        raise ConfigurationError(
+            f"destination {destination.name!r}: its tls files cannot be used "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
 
 
 def _retry_after(value: str | None) -> float | None:

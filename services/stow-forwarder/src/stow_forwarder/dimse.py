@@ -21,6 +21,12 @@ peer:
   breaker. An association rejected *permanently* (e.g. called AE title not
   recognised) is a configuration error at the destination: refused.
 
+With ``tls:`` the association runs over DICOM TLS (PS3.15 Annex B, TLS 1.2+): the
+peer's certificate is verified against ``ca_file`` (or the system's trust store) for
+``server_name`` or the host, and ``cert_file``/``key_file`` are presented when the
+peer asks. A failed handshake is retried like any lost connection, with its reason
+("TLS: certificate verify failed (...)") in the dead letter if it never succeeds.
+
 pynetdicom is synchronous, so each association runs in a worker thread of the
 client's own (one per lane): it never waits behind the bucket requests that fill the
 event loop's default executor while the next batch is staged.
@@ -29,14 +35,17 @@ event loop's default executor while the next batch is staged.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
+import ssl
 import tempfile
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from enum import Enum
 from pathlib import Path
+from typing import Any, cast
 
 from pydicom.uid import UID, ExplicitVRLittleEndian
 from pynetdicom import AE, _config, evt
@@ -45,11 +54,13 @@ from pynetdicom.association import Association
 from radflow_codecs.codecs import Target
 from radflow_codecs.streaming import normalize_file
 from radflow_core.dicom_status import StoreStatus
-from radflow_core.errors import PipelineError
+from radflow_core.errors import ConfigurationError, PipelineError
 from radflow_core.events import Lane
+from radflow_core.tls import DeferredHandshake, TlsFilesUnusable, client_context
 from radflow_rules.destinations import DimsePeer
 from radflow_rules.rules import Destination
 from stow_forwarder.answer import Answer, Outgoing
+from stow_forwarder.client import no_answer
 from stow_forwarder.metrics import REQUEST_SECONDS
 from stow_forwarder.settings import ForwarderSettings
 
@@ -95,21 +106,52 @@ def proposed_contexts(items: Sequence[Outgoing]) -> list[tuple[str, str]]:
     return list(pairs)[:_MAX_CONTEXTS]
 
 
-def _nodelay(event: evt.Event) -> None:
-    sock = event.assoc.dul.socket
-    if sock is not None and sock.socket is not None:
-        sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+def _on_connected(timeout_s: float, failures: list[str], event: evt.Event) -> None:
+    """Nagle off; over DICOM TLS, the handshake, whose failure is kept in
+    ``failures`` (pynetdicom would log it and report only "no association")."""
+    wrapper = event.assoc.dul.socket
+    sock = None if wrapper is None else wrapper.socket
+    if sock is None:
+        return
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if not isinstance(sock, ssl.SSLSocket):
+        return
+    sock.settimeout(timeout_s)
+    try:
+        sock.do_handshake()
+    except (OSError, ValueError) as exc:
+        failures.append(no_answer(exc))
+        sock.close()
+        return
+    sock.settimeout(None)
 
 
 class DimseClient:
     """A DICOM peer reached by C-STORE (``kind: dimse`` in the rule file)."""
 
     def __init__(self, destination: Destination, settings: ForwarderSettings) -> None:
+        """Raises:
+        ConfigurationError: the destination's CA, certificate or key cannot be used
+            (the forwarder then does not start, or leaves the destination stopped).
+        """
         assert destination.dimse is not None
         self.destination = destination
         self.peer: DimsePeer = destination.dimse
         self._settings = settings
         self._threads = ThreadPoolExecutor(max_workers=len(Lane), thread_name_prefix="dimse")
+        self._tls: tuple[Any, str] | None = None
+        tls = destination.tls
+        if tls is not None:
+            try:
+                context = client_context(
+                    ca_file=tls.ca_file, cert_file=tls.cert_file, key_file=tls.key_file
+                )
+            except (TlsFilesUnusable, OSError, ssl.SSLError) as exc:
+                raise ConfigurationError(
+                    f"destination {destination.name!r}: its tls files cannot be used "
+                    f"({type(exc).__name__}: {exc})"
+                ) from exc
+            self._tls = (DeferredHandshake(context), tls.server_name or self.peer.host)
 
     async def close(self) -> None:
         """Called when no batch is on the wire any more; safe to call twice."""
@@ -141,14 +183,18 @@ class DimseClient:
 
     def _store(self, items: Sequence[Outgoing], priority: int) -> Answer:
         uids = [item.sop_instance_uid for item in items]
+        failures: list[str] = []
+        opened = functools.partial(_on_connected, self._settings.connect_timeout_s, failures)
         assoc = self._ae(items).associate(
             self.peer.host,
             self.peer.port,
             ae_title=self.peer.ae_title,
-            evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)],
+            evt_handlers=[(evt.EVT_CONN_OPEN, opened)],
+            tls_args=cast("tuple[ssl.SSLContext, str] | None", self._tls),
         )
         if not assoc.is_established:
-            return _not_associated(assoc, uids)
+            _close(assoc)
+            return _not_associated(assoc, uids, failures[0] if failures else None)
         answer = Answer(None)
         try:
             for item in items:
@@ -212,7 +258,16 @@ class DimseClient:
             answer.refused[uid] = (code, f"C-STORE status 0x{code:04X}")
 
 
-def _not_associated(assoc: Association, uids: list[str]) -> Answer:
+def _close(assoc: Association) -> None:
+    """Close what pynetdicom leaves open after a failed association (its socket)."""
+    wrapper = assoc.dul.socket
+    if wrapper is not None and wrapper.socket is not None:
+        wrapper.socket.close()
+
+
+def _not_associated(assoc: Association, uids: list[str], tls_failure: str | None) -> Answer:
+    if tls_failure is not None:
+        return Answer(None, retry=dict.fromkeys(uids, tls_failure), peer_unavailable=True)
     rsp = assoc.acceptor.primitive
     if assoc.is_rejected and rsp is not None:
         why = f"association rejected ({rsp.result_str}: {rsp.reason_str})"
