@@ -141,8 +141,12 @@ class Authenticator:
         return (
             f"mode {settings.mode.value}; bearer tokens from {settings.jwt_issuer or 'no issuer'}"
             f"; {len(self._api_keys)} API keys; client certificates "
-            f"{'accepted on HTTPS' if self._client_ca else 'not asked for'}; allow-list "
-            f"{len(settings.allowed_identities) or 'empty (any authenticated identity)'}"
+            f"{'accepted on HTTPS' if self._client_ca else 'not asked for'}; "
+            + (
+                f"{len(settings.allowed_identities)} allowed identity patterns"
+                if settings.allowed_identities
+                else "any authenticated identity allowed"
+            )
         )
 
     async def identify(self, request: web.Request) -> str | None:
