@@ -1,5 +1,6 @@
 """The transfer-syntax corpus: pydicom's bundled files plus two generated with DCMTK
-(one instance per transfer syntax ingest accepts)."""
+(one instance per transfer syntax ingest accepts; Deflated Explicit VR Little Endian is
+refused at ingest, see tests/ingest/test_hostile_inputs.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ from pathlib import Path
 import pydicom
 from pydicom.uid import (
     JPEG2000,
-    DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -30,7 +30,6 @@ BUNDLED = {
     ImplicitVRLittleEndian: "MR_small_implicit.dcm",
     ExplicitVRLittleEndian: "CT_small.dcm",
     ExplicitVRBigEndian: "MR_small_bigendian.dcm",
-    DeflatedExplicitVRLittleEndian: "image_dfl.dcm",
     JPEGBaseline8Bit: "SC_rgb_jpeg_dcmtk.dcm",
     JPEGExtended12Bit: "JPGExtended.dcm",
     JPEGLosslessSV1: "SC_rgb_jpeg_gdcm.dcm",

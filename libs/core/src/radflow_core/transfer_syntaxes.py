@@ -36,3 +36,8 @@ ACCEPTED: tuple[UID, ...] = (
     RLELossless,
 )
 """Every syntax ingest accepts over DIMSE and STOW-RS."""
+
+RECEIVED: tuple[UID, ...] = tuple(ts for ts in ACCEPTED if ts != DeflatedExplicitVRLittleEndian)
+"""What ingest negotiates with and accepts from senders: every accepted syntax but
+Deflated Explicit VR Little Endian, which a sender could use to make a few megabytes
+inflate to gigabytes (docs/security.md, "Limits and structural validation")."""

@@ -45,6 +45,7 @@ from radflow_core.events import BlobRef, InstanceReceived, Lane, Priority, Sende
 from radflow_core.file_meta import CanonicalFile, dataset_offset, encode_file_meta
 from radflow_core.instance_header import InstanceHeader, InvalidInstance, read_header
 from radflow_core.kafka import EventProducer
+from radflow_core.structure import DEFAULT_MAX_DEPTH, check_structure
 
 log = logging.getLogger(__name__)
 
@@ -119,17 +120,22 @@ def check_expected(header: InstanceHeader, expected: Expected) -> None:
         )
 
 
-def inspect(file: BinaryIO, max_bytes: int) -> tuple[HashedFile, InstanceHeader]:
-    """Parse a received file and hash the original ingest stores for it (blocking; run
-    in a worker thread).
+def inspect(
+    file: BinaryIO, max_bytes: int, max_depth: int = DEFAULT_MAX_DEPTH
+) -> tuple[HashedFile, InstanceHeader]:
+    """Validate a received file's whole structure, parse its header and hash the
+    original ingest stores for it (blocking; run in a worker thread).
 
-    The original is ingest's own file meta followed by the received data set bytes
-    (:mod:`radflow_core.file_meta`): the returned file is a view over ``file``, which
-    must stay open until the original is uploaded.
+    The structure is walked first (:mod:`radflow_core.structure`, seeking over values),
+    so pydicom only ever parses a file whose lengths all hold and whose transfer syntax
+    is not deflated. The original is ingest's own file meta followed by the received
+    data set bytes (:mod:`radflow_core.file_meta`): the returned file is a view over
+    ``file``, which must stay open until the original is uploaded.
     """
     received = file.seek(0, io.SEEK_END)
     if received > max_bytes:
         raise InvalidInstance(StoreStatus.INSTANCE_TOO_LARGE, "instance exceeds the size limit")
+    check_structure(file, received, max_depth)
     header = read_header(file, received)
     meta = encode_file_meta(
         header.sop_class_uid, header.sop_instance_uid, header.transfer_syntax_uid
@@ -148,11 +154,14 @@ class ClaimCheck:
         max_instance_bytes: int,
         lookup_above_bytes: int,
         lanes: Lanes | None = None,
+        max_sequence_depth: int = DEFAULT_MAX_DEPTH,
     ) -> None:
         """``lookup_above_bytes``: originals larger than this (the S3 part size, above
         which an upload is a multipart one) are looked up before they are uploaded;
         smaller ones are PUT without asking. ``lanes`` picks each event's lane
-        (routine for every instance without it)."""
+        (routine for every instance without it). ``max_sequence_depth``: deeper
+        nested sequences are refused by the structural validation."""
+        self._max_sequence_depth = max_sequence_depth
         self._lanes = lanes or Lanes(None)
         self._blobs = blobs
         self._producer = producer
@@ -173,7 +182,9 @@ class ClaimCheck:
         protocol = origin.sender.protocol.value
         header: InstanceHeader | None = None
         try:
-            hashed, parsed = await asyncio.to_thread(inspect, file, self._max_instance_bytes)
+            hashed, parsed = await asyncio.to_thread(
+                inspect, file, self._max_instance_bytes, self._max_sequence_depth
+            )
             header = parsed
             check_expected(parsed, origin.expected)
             stored = await self._store_checked(hashed, parsed, origin)

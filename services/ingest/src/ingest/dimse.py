@@ -15,7 +15,10 @@ titles it is allowed to use.
 Datasets are received in pynetdicom's chunked mode: the P-DATA stream is written
 straight to a temporary Part 10 file (``TMPDIR``), so a multi-gigabyte instance costs
 disk, not memory, and is hashed and uploaded from that file. The file meta pynetdicom
-writes there is not kept: the claim check stores ingest's own in its place.
+writes there is not kept: the claim check stores ingest's own in its place. That file
+never grows past ``max_instance_bytes`` (:mod:`ingest.receive_limit`): a larger data
+set is read to its end and dropped, and answered 0xC005. Deflated Explicit VR Little
+Endian is not negotiated (:data:`~radflow_core.transfer_syntaxes.RECEIVED`).
 """
 
 from __future__ import annotations
@@ -38,11 +41,12 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from ingest import metrics
 from ingest.claimcheck import ClaimCheck, Expected, NotStored, Origin
+from ingest.receive_limit import bound_pdu_length, cap_received_datasets, received_too_large
 from ingest.settings import IngestSettings
 from radflow_core.dicom_status import StoreStatus
 from radflow_core.events import Priority, Protocol, Sender
 from radflow_core.tls import DeferredHandshake, peer_common_name, server_context
-from radflow_core.transfer_syntaxes import ACCEPTED
+from radflow_core.transfer_syntaxes import RECEIVED
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +116,7 @@ class DimseReceiver:
         ae.require_called_aet = True
         ae.add_supported_context(VERIFICATION_SOP_CLASS)
         for uid in (*_STORAGE_CLASSES.values(), *settings.extra_sop_classes):
-            ae.add_supported_context(uid, list(ACCEPTED))
+            ae.add_supported_context(uid, list(RECEIVED))
         self._ae = ae
 
     @property
@@ -142,6 +146,7 @@ class DimseReceiver:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_CONN_OPEN, self._on_conn_open),
+            (evt.EVT_CONN_OPEN, self._cap_datasets),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
         ]
         tls = None
@@ -246,6 +251,10 @@ class DimseReceiver:
         sock.settimeout(None)
         return True
 
+    def _cap_datasets(self, event: evt.Event) -> None:
+        cap_received_datasets(event.assoc, self._settings.max_instance_bytes)
+        bound_pdu_length(event.assoc, self._settings.max_pdu_bytes)
+
     def _on_conn_close(self, event: evt.Event) -> None:
         metrics.ASSOCIATIONS.dec()
         with self._senders_lock:
@@ -309,6 +318,22 @@ class DimseReceiver:
     def _on_store(self, event: evt.Event) -> Dataset:
         request = cast(C_STORE, event.request)
         assoc = event.assoc
+        if received_too_large(request):
+            # Its bytes past the limit were never written; the file holds nothing.
+            metrics.INSTANCES.labels(
+                Protocol.DIMSE.value, StoreStatus.INSTANCE_TOO_LARGE.label
+            ).inc()
+            log.warning(
+                "instance not stored",
+                extra={
+                    "status": f"0x{StoreStatus.INSTANCE_TOO_LARGE:04X}",
+                    "reason": "instance exceeds the size limit",
+                    "protocol": Protocol.DIMSE.value,
+                    "calling_ae": assoc.requestor.ae_title.strip(),
+                    "peer_address": assoc.requestor.address,
+                },
+            )
+            return status_dataset(StoreStatus.INSTANCE_TOO_LARGE, "instance exceeds the size limit")
         origin = Origin(
             sender=Sender(
                 protocol=Protocol.DIMSE,

@@ -64,6 +64,7 @@ class IngestService:
             max_instance_bytes=settings.max_instance_bytes,
             lookup_above_bytes=config.s3.part_size,
             lanes=self._lanes,
+            max_sequence_depth=settings.max_sequence_depth,
         )
         problem = None
         try:

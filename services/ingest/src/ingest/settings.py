@@ -134,7 +134,9 @@ class IngestSettings(Section):
     max_associations: int = Field(default=32, ge=1, le=1000)
     """Concurrent DIMSE associations; more are rejected as transient (local limit)."""
     max_pdu_bytes: int = Field(default=1_048_576, ge=0)
-    """Maximum PDU size we receive (0 = unlimited)."""
+    """Maximum PDU size we receive (0 = unlimited). A peer announcing a longer PDU
+    (beyond 1 MiB, whatever this says) has its association aborted before the PDU
+    is read."""
     acse_timeout_s: float = Field(default=30.0, gt=0)
     """Seconds to wait for association negotiation messages."""
     dimse_timeout_s: float = Field(default=60.0, gt=0)
@@ -144,9 +146,16 @@ class IngestSettings(Section):
     extra_sop_classes: tuple[str, ...] = ()
     """Comma-separated private storage SOP Class UIDs to accept besides the standard ones."""
     max_instance_bytes: int = Field(default=4 * 1024**3, ge=1024)
-    """Largest instance accepted, in bytes (larger: status 0xC005 / FailureReason 0xC005)."""
+    """Largest instance accepted, in bytes (larger: status 0xC005 / FailureReason 0xC005).
+    Enforced while receiving: a C-STORE data set stops being written to TMPDIR once it
+    passes this size, and a STOW-RS part stops being spooled."""
     max_request_bytes: int = Field(default=8 * 1024**3, ge=1024)
-    """Largest STOW-RS request body, in bytes (larger: HTTP 413)."""
+    """Largest STOW-RS request body, in bytes, every byte counted (part headers,
+    non-DICOM parts, preamble); larger: HTTP 413, read no further."""
+    max_parts: int = Field(default=10_000, ge=1)
+    """Most parts (DICOM or not) one STOW-RS request may hold; more: HTTP 413."""
+    max_sequence_depth: int = Field(default=32, ge=1, le=256)
+    """Deepest nesting of sequences accepted; deeper: status 0xC000 / HTTP 400."""
     spool_memory_bytes: int = Field(default=8 * 1024 * 1024, ge=0)
     """STOW-RS parts up to this size are held in memory; larger ones spool to TMPDIR."""
     stow_concurrency: int = Field(default=8, ge=1, le=256)

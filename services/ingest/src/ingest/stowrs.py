@@ -12,7 +12,8 @@ The answer is the standard Store Instances Response Module as DICOM JSON:
 - 202: some stored, some failed (FailedSOPSequence with a Failure Reason each).
 - 400: nothing stored, the body or every instance was malformed.
 - 409: nothing stored, for reasons that are not syntax (SOP class, study mismatch…).
-- 413: the body exceeds the configured limit.
+- 413: the body exceeds the configured size (every byte received counted) or holds
+  more parts than the configured number; nothing more of it is read.
 - 415: not multipart/related; type="application/dicom".
 - 503 + Retry-After: nothing stored because the blob store or broker is unavailable.
 """
@@ -23,9 +24,9 @@ import asyncio
 import logging
 import tempfile
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from aiohttp import BodyPartReader, HttpVersion11, MultipartReader, web
+from aiohttp import BodyPartReader, HttpVersion11, MultipartReader, StreamReader, web
 from aiohttp.hdrs import EXPECT
 from aiohttp.helpers import parse_mimetype
 
@@ -55,7 +56,42 @@ IDENTITY: web.RequestKey[str | None] = web.RequestKey("sender_identity")
 
 
 class BodyTooLarge(Exception):
-    """The request body passed the configured limit."""
+    """The request body passed a configured limit (size or number of parts); the
+    message is the answer's text."""
+
+
+class _CountedBody:
+    """The request body as aiohttp's multipart parser reads it, with every byte
+    received counted against ``max_request_bytes``: part headers, preamble, and parts
+    that are read only to be skipped, not just the DICOM parts that are kept.
+
+    Counts what arrived from the network (``StreamReader.total_bytes``), so a limit
+    is noticed at the first read after it is passed, however the parser reads.
+    """
+
+    def __init__(self, content: StreamReader, limit: int) -> None:
+        self._content = content
+        self._limit = limit
+
+    def _check(self) -> None:
+        if self._content.total_bytes > self._limit:
+            raise BodyTooLarge("request body exceeds the configured limit")
+
+    async def read(self, n: int = -1) -> bytes:
+        data = await self._content.read(n)
+        self._check()
+        return data
+
+    async def readline(self, *, max_line_length: int | None = None) -> bytes:
+        data = await self._content.readline(max_line_length=max_line_length)
+        self._check()
+        return data
+
+    def at_eof(self) -> bool:
+        return self._content.at_eof()
+
+    def unread_data(self, data: bytes) -> None:
+        self._content.unread_data(data)
 
 
 @dataclass(frozen=True)
@@ -187,10 +223,9 @@ class StowReceiver:
         )
         results: list[PartResult] = []
         try:
-            reader = await request.multipart()
-            results = await self._read_parts(reader, origin)
-        except BodyTooLarge:
-            return _error(413, "request body exceeds the configured limit")
+            results = await self._read_parts(request, origin)
+        except BodyTooLarge as exc:
+            return _error(413, str(exc))
         except ValueError:
             # aiohttp's multipart parser signals malformed framing with ValueError.
             if not results:
@@ -216,36 +251,40 @@ class StowReceiver:
             response_body(results), status=status, content_type=DICOM_JSON, headers=headers
         )
 
-    async def _read_parts(self, reader: MultipartReader, origin: Origin) -> list[PartResult]:
+    async def _read_parts(self, request: web.Request, origin: Origin) -> list[PartResult]:
         """Spool the parts one after the other, claim-check up to ``stow_concurrency``
         of them at once, and return their results in part order.
 
         Returns (or raises) only once every started claim check has settled.
 
         Raises:
-            BodyTooLarge: the body passed ``max_request_bytes``.
+            BodyTooLarge: the body passed ``max_request_bytes`` or ``max_parts``.
             ValueError: malformed multipart framing.
         """
+        body = _CountedBody(request.content, self._settings.max_request_bytes)
+        reader = MultipartReader(request.headers, cast(StreamReader, body))
         slots = asyncio.Semaphore(self._settings.stow_concurrency)
         results: list[PartResult | asyncio.Task[PartResult]] = []
         try:
-            total = 0
             while (part := await reader.next()) is not None:
+                if len(results) >= self._settings.max_parts:
+                    raise BodyTooLarge("request holds more parts than the configured limit")
                 if not isinstance(part, BodyPartReader):
                     results.append(PartResult(StoreStatus.CANNOT_UNDERSTAND, None, None))
                     continue
                 ctype = part.headers.get("Content-Type", "application/dicom").split(";")[0]
                 if ctype.strip().lower() != "application/dicom":
-                    await part.release()
+                    # Read to its end (counted by ``body``), never kept.
+                    while await part.read_chunk(_CHUNK):
+                        pass
                     results.append(PartResult(StoreStatus.CANNOT_UNDERSTAND, None, None))
                     continue
                 await slots.acquire()
                 try:
-                    spooled, size = await self._spool(part, total)
+                    spooled = await self._spool(part)
                 except BaseException:
                     slots.release()
                     raise
-                total += size
                 if isinstance(spooled, PartResult):
                     slots.release()
                     results.append(spooled)
@@ -258,10 +297,11 @@ class StowReceiver:
         return [r if isinstance(r, PartResult) else r.result() for r in results]
 
     async def _spool(
-        self, part: BodyPartReader, total: int
-    ) -> tuple[tempfile.SpooledTemporaryFile[bytes] | PartResult, int]:
+        self, part: BodyPartReader
+    ) -> tempfile.SpooledTemporaryFile[bytes] | PartResult:
         """Read one part into a spool file; a part over the instance limit is read to
-        its end (the body goes on) but not kept. ``total``: body bytes before it."""
+        its end (the body goes on, counted against the request limit) but the spool
+        stops growing at the limit and is dropped."""
         limit = self._settings.max_instance_bytes
         size = 0
         # Closed here on failure, else by _store_part once its claim check settled.
@@ -269,17 +309,18 @@ class StowReceiver:
         try:
             while chunk := await part.read_chunk(_CHUNK):
                 size += len(chunk)
-                if total + size > self._settings.max_request_bytes:
-                    raise BodyTooLarge
                 if size <= limit:
                     spool.write(chunk)
+                elif spool.tell():
+                    spool.seek(0)
+                    spool.truncate(0)
         except BaseException:
             spool.close()
             raise
         if size > limit:
             spool.close()
-            return PartResult(StoreStatus.INSTANCE_TOO_LARGE, None, None), size
-        return spool, size
+            return PartResult(StoreStatus.INSTANCE_TOO_LARGE, None, None)
+        return spool
 
     async def _store_part(
         self,
