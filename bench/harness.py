@@ -10,6 +10,7 @@ Orthanc run with ``TCP_NODELAY=1`` (see docs/architecture.md on Nagle's algorith
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import json
 import os
@@ -181,6 +182,12 @@ def sop_uid(path: Path) -> str:
 # ---------------------------------------------------------------- real parts
 
 
+BENCH_API_KEY = "radflow-bench-api-key"
+BENCH_API_KEY_SETTING = f"bench:{hashlib.sha256(BENCH_API_KEY.encode()).hexdigest()}"
+STOW_AUTH = {"Authorization": f"ApiKey {BENCH_API_KEY}"}
+"""What the bench sends STOW-RS with (ingest authenticates, as in production)."""
+
+
 @dataclass
 class Service:
     """A started radflow service: its process, HTTP port and (ingest) DIMSE port."""
@@ -250,7 +257,7 @@ class Parts:
         """``python -m module`` on ``st`` with RADFLOW_<SERVICE>_* ``settings``; waits
         until /readyz answers 200."""
         prefix = f"RADFLOW_{ENV_SECTION.get(module, module).upper()}_"
-        http_port = free_port()
+        http_port = ops_port = free_port()
         env = {
             **st.env,
             f"{prefix}HTTP_PORT": str(http_port),
@@ -258,11 +265,13 @@ class Parts:
         }
         dimse_port = None
         if module == "ingest":
-            dimse_port = free_port()
+            dimse_port, ops_port = free_port(), free_port()
             env[f"{prefix}DIMSE_PORT"] = str(dimse_port)
+            env[f"{prefix}OPS_PORT"] = str(ops_port)
+            env.setdefault("RADFLOW_INGEST_AUTH_API_KEYS", BENCH_API_KEY_SETTING)
         name = f"{module}-{len(self.started)}"
         proc = start_service(
-            name, module, env, self.run_dir, f"http://127.0.0.1:{http_port}/readyz", 90
+            name, module, env, self.run_dir, f"http://127.0.0.1:{ops_port}/readyz", 90
         )
         self.started.append(proc)
         return Service(proc, http_port, dimse_port)

@@ -30,6 +30,7 @@ from typing import Any
 import httpx
 from harness import (
     RESULTS,
+    STOW_AUTH,
     Parts,
     TopicFollower,
     ct_series,
@@ -66,7 +67,9 @@ def bodies(files: list[Path], per_request: int) -> list[tuple[bytes, str]]:
     return asyncio.run(build())
 
 
-async def _post_all(url: str, requests: list[tuple[bytes, str]], clients: int) -> float:
+async def _post_all(
+    url: str, requests: list[tuple[bytes, str]], clients: int, auth: dict[str, str] | None = None
+) -> float:
     queue: asyncio.Queue[tuple[bytes, str]] = asyncio.Queue()
     for item in requests:
         queue.put_nowait(item)
@@ -78,7 +81,11 @@ async def _post_all(url: str, requests: list[tuple[bytes, str]], clients: int) -
                 answer = await http.post(
                     url,
                     content=data,
-                    headers={"Content-Type": content_type, "Accept": "application/dicom+json"},
+                    headers={
+                        "Content-Type": content_type,
+                        "Accept": "application/dicom+json",
+                        **(auth or {}),
+                    },
                 )
                 if answer.status_code != 200:
                     raise RuntimeError(f"{url} answered {answer.status_code}: {answer.text[:500]}")
@@ -92,7 +99,9 @@ def _ours(parts: Parts, requests: list[tuple[bytes, str]], count: int, clients: 
     st = parts.slice()
     ingest = parts.service("ingest", st)
     with TopicFollower(st.kafka, st.topic(Topic.INSTANCE_RECEIVED)) as received:
-        elapsed = asyncio.run(_post_all(f"{ingest.url}/dicomweb/studies", requests, clients))
+        elapsed = asyncio.run(
+            _post_all(f"{ingest.url}/dicomweb/studies", requests, clients, STOW_AUTH)
+        )
         received.wait(count, 60)
         assert received.count == count, f"{received.count} events for {count} sent"
     parts.stop(ingest)

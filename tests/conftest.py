@@ -25,6 +25,7 @@ from radflow_devstack.stow_counter import StowCounter
 from support.corpus import build_corpus
 from support.fleet import Fleet
 from support.stack import IngestProcess, Stack, make_stack
+from support.stow import TEST_API_KEY_SETTING
 from support.strict_s3 import StrictS3, start_strict_s3
 
 os.environ.setdefault("TCP_NODELAY", "1")  # DCMTK tools: see docs/architecture.md on Nagle
@@ -146,24 +147,35 @@ def _service_factory(
         for a service expected not to start) for nothing."""
         st = stack_ or stack
         dimse_port, http_port = free_port(), free_port()
+        ops_port = free_port() if module == "ingest" else None
+        # Ingest authenticates STOW-RS in tests too: with the fixtures' API key.
+        auth = {"RADFLOW_INGEST_AUTH_API_KEYS": TEST_API_KEY_SETTING} if ops_port else {}
         env = {
             **st.env,
+            **auth,
             **(env or {}),
             f"{prefix}HTTP_PORT": str(http_port),
             **{f"{prefix}{k.upper()}": v for k, v in settings.items()},
         }
         dimse_tls_port = free_port()
-        if module == "ingest":
+        if ops_port is not None:
             env[f"{prefix}DIMSE_PORT"] = str(dimse_port)
             env[f"{prefix}DIMSE_TLS_PORT"] = str(dimse_tls_port)
-        ready = f"http://127.0.0.1:{http_port}/readyz" if wait_ready else None
+            env[f"{prefix}OPS_PORT"] = str(ops_port)
+        ops = ops_port or http_port
+        ready = f"http://127.0.0.1:{ops}/readyz" if wait_ready else None
         name = f"{module}-{sum(h.proc.name.startswith(f'{module}-') for h in started)}"
         proc = start_service(name, module, env, tmp_path, ready)
         handle = IngestProcess(
-            proc, dimse_port, http_port, extra=settings, dimse_tls_port=dimse_tls_port
+            proc,
+            dimse_port,
+            http_port,
+            extra=settings,
+            dimse_tls_port=dimse_tls_port,
+            ops_port=ops_port,
         )
         if not wait_ready and wait_port:
-            proc.wait_for_port(http_port)
+            proc.wait_for_port(ops)
         started.append(handle)
         return handle
 

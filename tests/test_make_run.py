@@ -13,12 +13,14 @@ from pathlib import Path
 import httpx
 import pytest
 
+from radflow_core.tls import client_context
 from radflow_devstack.kit import procfs
 from radflow_devstack.kit.dcmtk import storescu
 from radflow_devstack.kit.waiting import wait_for
 from radflow_devstack.parts import http_status
 from radflow_devstack.processes import ManagedProcess, free_port
 from support.dicom import bundled_file
+from support.stow import multipart
 
 pytestmark = pytest.mark.pipeline
 
@@ -29,6 +31,9 @@ PORT_NAMES = (
     "dimse",
     "dimse_tls",
     "http",
+    "https",
+    "ops",
+    "issuer",
     "transcode",
     "router",
     "forwarder",
@@ -66,7 +71,7 @@ def _start_devstack(tmp_path: Path, *extra: str) -> tuple[ManagedProcess, dict[s
 def test_run_starts_the_stack_and_a_sent_instance_becomes_event_and_blob(tmp_path: Path) -> None:
     stack, ports = _start_devstack(tmp_path)
     try:
-        stack.wait_until(lambda: http_status(f"http://127.0.0.1:{ports['http']}/readyz") == 200, 90)
+        stack.wait_until(lambda: http_status(f"http://127.0.0.1:{ports['ops']}/readyz") == 200, 90)
         sent = storescu(ports["dimse"], bundled_file("CT_small.dcm"), ts="1.2.840.10008.1.2.1")
         assert sent.returncode == 0, sent.stderr
         env = {
@@ -117,12 +122,33 @@ def test_run_starts_the_stack_and_a_sent_instance_becomes_event_and_blob(tmp_pat
         both = wait_for("the DICOM TLS instance received", received, timeout_s=30)
         identities = {json.loads(e)["event"]["data"]["sender"]["identity"] for e in both}
         assert identities == {None, "cert:STORESCU"}, "plain DIMSE, then DICOM TLS"
+        _stow_with_the_development_token(tmp_path, ports)
     finally:
         code = stack.stop(timeout_s=60)
     out = (tmp_path / "devstack.out").read_text()
     assert code == 0, out
     for name in ("stow-forwarder", "orthanc", "router", "transcode", "ingest", "s3", "tansu"):
         assert f"stopped  {name} (exit 0)" in out
+
+
+def _stow_with_the_development_token(tmp_path: Path, ports: dict[str, int]) -> None:
+    """README's curl lines: STOW-RS needs a token, and ``radflow_devstack token`` prints
+    one ingest accepts, over HTTP and over HTTPS with the development CA."""
+    token = _devstack_args(
+        ["token", "--issuer-port", str(ports["issuer"]), "--folder", str(tmp_path / "auth")],
+        {"PATH": "/usr/bin:/bin"},
+    ).strip()
+    body, ctype = multipart([bundled_file("CT_small.dcm").read_bytes()])
+    headers = {"Content-Type": ctype}
+    plain = f"http://127.0.0.1:{ports['http']}/dicomweb/studies"
+    assert httpx.post(plain, content=body, headers=headers).status_code == 401
+    authorized = {**headers, "Authorization": f"Bearer {token}"}
+    assert httpx.post(plain, content=body, headers=authorized, timeout=30).status_code == 200
+    tls = client_context(ca_file=tmp_path / "tls" / "ca.pem")
+    secure = f"https://127.0.0.1:{ports['https']}/dicomweb/studies"
+    answer = httpx.post(secure, content=body, headers=authorized, verify=tls, timeout=30)
+    assert answer.status_code == 200, answer.text
+    assert http_status(f"http://127.0.0.1:{ports['http']}/metrics") == 404, "ops has its own port"
 
 
 def _send_as_the_banner_shows_over_dicom_tls(banner: Path) -> None:

@@ -8,8 +8,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import httpx
+from aiohttp import web
+
 from radflow_core.settings import OpsSettings
-from radflow_core.shell import Shell, State
+from radflow_core.shell import Door, Shell, State
 
 ORDER: list[str] = []
 
@@ -50,7 +53,7 @@ class FakeConsumer:
         self._stop.set()
 
 
-def _shell() -> Shell:
+def _shell(**more: Any) -> Shell:
     ORDER.clear()
     return Shell(
         "test",
@@ -59,6 +62,7 @@ def _shell() -> Shell:
         ops=OpsSettings(),
         http_host="127.0.0.1",
         http_port=0,
+        **more,
     )
 
 
@@ -146,3 +150,32 @@ async def test_a_consumer_added_while_running_starts_and_a_retired_one_stops() -
     assert ORDER[-1] == "late ended"
     assert shell.state is State.RUNNING
     await shell.stop()
+
+
+async def _hello(_: web.Request) -> web.Response:
+    return web.Response(text="hello")
+
+
+async def test_public_routes_on_their_doors_never_share_the_ops_port() -> None:
+    routes = [web.get("/hello", _hello)]
+    shell = _shell(routes=routes, doors=[Door("public", "127.0.0.1", 0)])
+    await shell.start()
+    try:
+        async with httpx.AsyncClient() as http:
+            door = f"http://127.0.0.1:{shell.ports['public']}"
+            ops = f"http://127.0.0.1:{shell.ports['ops']}"
+            assert (await http.get(f"{door}/hello")).text == "hello"
+            assert (await http.get(f"{door}/metrics")).status_code == 404
+            assert (await http.get(f"{ops}/hello")).status_code == 404
+            assert (await http.get(f"{ops}/healthz")).status_code == 200
+    finally:
+        await shell.stop()
+
+    shell = _shell(routes=routes, doors=[])  # every door closed: the routes are nowhere
+    await shell.start()
+    try:
+        async with httpx.AsyncClient() as http:
+            ops = f"http://127.0.0.1:{shell.ports['ops']}"
+            assert (await http.get(f"{ops}/hello")).status_code == 404
+    finally:
+        await shell.stop()

@@ -31,7 +31,7 @@ from radflow_devstack.kit.waiting import wait_for
 from radflow_devstack.mllp_peer import MllpPeer
 from support.fleet import Fleet
 from support.stack import Stack
-from support.stow import multipart, referenced
+from support.stow import AUTH_HEADERS, multipart, referenced
 
 pytestmark = [
     pytest.mark.pipeline,
@@ -91,7 +91,7 @@ class SlowStow:
             response = httpx.post(
                 self.url,
                 content=self._chunks(),
-                headers={"Content-Type": self.content_type},
+                headers={"Content-Type": self.content_type, **AUTH_HEADERS},
                 timeout=60,
             )
         except httpx.HTTPError as exc:

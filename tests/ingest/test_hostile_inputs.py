@@ -19,7 +19,7 @@ from radflow_devstack.kit.dcmtk import storescu
 from support.dicom import CT_IMAGE_STORAGE, dataset_bytes, make_instance, raw_store
 from support.hostile import deflate_bomb
 from support.stack import IngestProcess, Stack
-from support.stow import failed_reasons, multipart, stow
+from support.stow import AUTH_HEADERS, failed_reasons, multipart, stow
 
 pytestmark = pytest.mark.pipeline
 
@@ -81,7 +81,9 @@ def test_stow_part_flood_and_uncounted_bytes_answer_413_before_anything_is_kept(
     # Six parts, none of them DICOM (each a part all the same).
     flood, ctype = multipart([b"x"] * 6, part_type="text/plain")
     ctype = ctype.replace('type="text/plain"', 'type="application/dicom"')
-    response = httpx.post(ingest.stow_url, content=flood, headers={"Content-Type": ctype})
+    response = httpx.post(
+        ingest.stow_url, content=flood, headers={"Content-Type": ctype, **AUTH_HEADERS}
+    )
     assert response.status_code == 413
     assert "more parts" in response.json()["error"]
     # Non-DICOM parts count: 2 MiB of text with no Content-Length, streamed.
@@ -92,7 +94,9 @@ def test_stow_part_flood_and_uncounted_bytes_answer_413_before_anything_is_kept(
         for start in range(0, len(body), 64 * 1024):
             yield body[start : start + 64 * 1024]
 
-    response = httpx.post(ingest.stow_url, content=chunks(), headers={"Content-Type": ctype})
+    response = httpx.post(
+        ingest.stow_url, content=chunks(), headers={"Content-Type": ctype, **AUTH_HEADERS}
+    )
     assert response.status_code == 413
     assert response.json()["error"] == "request body exceeds the configured limit"
     _assert_nothing_kept(stack)

@@ -14,7 +14,7 @@ from support.dicom import as_stored, bundled_file, make_instance
 from support.metrics import metric
 from support.nesting import deeply_nested
 from support.stack import IngestProcess, Stack
-from support.stow import failed_reasons, multipart, referenced, stow
+from support.stow import AUTH_HEADERS, failed_reasons, multipart, referenced, stow
 
 pytestmark = pytest.mark.pipeline
 
@@ -41,6 +41,7 @@ def test_all_instances_stored_answers_200_with_referenced_sequence(
         # Each part's data set byte for byte, behind ingest's file meta.
         assert stack.assert_event_matches_blob(event) in stored
         assert event["data"]["sender"]["protocol"] == "stow-rs"
+        assert event["data"]["sender"]["identity"] == "apikey:tests"
 
 
 def test_instances_of_another_study_fail_with_409_when_nothing_is_stored(
@@ -105,7 +106,7 @@ def test_wrong_media_types_answer_415(start_ingest, tmp_path: Path) -> None:
     ingest: IngestProcess = start_ingest()
     data = make_instance(tmp_path / "a.dcm").read_bytes()
     not_multipart = httpx.post(
-        ingest.stow_url, content=data, headers={"Content-Type": "application/dicom"}
+        ingest.stow_url, content=data, headers={"Content-Type": "application/dicom", **AUTH_HEADERS}
     )
     assert not_multipart.status_code == 415
     metadata_type = stow(ingest.stow_url, [b"{}"], part_type="application/dicom+json")
@@ -131,11 +132,13 @@ def test_malformed_multipart_answers_400(stack: Stack, start_ingest) -> None:
     no_boundary = httpx.post(
         ingest.stow_url,
         content=b"--x\r\n\r\n",
-        headers={"Content-Type": 'multipart/related; type="application/dicom"'},
+        headers={"Content-Type": 'multipart/related; type="application/dicom"', **AUTH_HEADERS},
     )
     assert no_boundary.status_code == 400
     _, ctype = multipart([b""])
-    empty = httpx.post(ingest.stow_url, content=b"", headers={"Content-Type": ctype})
+    empty = httpx.post(
+        ingest.stow_url, content=b"", headers={"Content-Type": ctype, **AUTH_HEADERS}
+    )
     assert empty.status_code == 400
     bad_study = stow(f"{ingest.stow_url}/not-a-uid", [b""])
     assert bad_study.status_code == 400

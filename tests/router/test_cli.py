@@ -61,3 +61,20 @@ def test_explain_walks_a_folder_and_reports_unreadable_files(tmp_path: Path) -> 
     assert done.returncode == 1
     assert "a.dcm" in done.stdout and "-> pacs-main [routine] by day-reading" in done.stdout
     assert "notes.txt\n  not a readable DICOM file" in done.stdout
+
+
+def test_explain_takes_the_sender_identity(tmp_path: Path) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "version: 1\n"
+        "destinations:\n  research: {url: 'https://research.example/dicomweb'}\n"
+        "rules:\n  - name: partner\n    when: {sender_identity: 'apikey:partner-a'}\n"
+        "    route: [research]\n"
+        "default: {hold: unknown sender}\n"
+    )
+    ct = str(bundled_file("CT_small.dcm"))
+    partner = _router("explain", str(rules), ct, "--sender-identity", "apikey:partner-a")
+    anyone = _router("explain", str(rules), ct)
+    assert partner.returncode == 0, partner.stderr
+    assert "-> research [routine] by partner" in partner.stdout
+    assert "-> HOLD: unknown sender" in anyone.stdout

@@ -102,6 +102,9 @@ class IngestProcess:
     http_port: int
     ae_title: str = "RADFLOW"
     extra: dict[str, str] = field(default_factory=dict)
+    ops_port: int | None = None
+    """Ingest's ops port (/metrics, /readyz), apart from STOW-RS on http_port; the
+    other services serve ops on http_port."""
     expected_exit: int = 0
     """The exit code the fixture expects when it stops the process."""
     dimse_tls_port: int = 0
@@ -109,11 +112,12 @@ class IngestProcess:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        """Where /metrics, /healthz and /readyz are."""
+        return f"http://127.0.0.1:{self.ops_port or self.http_port}"
 
     @property
     def stow_url(self) -> str:
-        return f"{self.url}/dicomweb/studies"
+        return f"http://127.0.0.1:{self.http_port}/dicomweb/studies"
 
     def log(self) -> str:
         return self.proc.log_path.read_text(errors="replace")

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Iterable
 
 import httpx
+
+TEST_API_KEY = "radflow-tests-api-key"
+"""The API key the ingest fixtures accept (STOW-RS authentication stays on in tests)."""
+TEST_API_KEY_SETTING = f"tests:{hashlib.sha256(TEST_API_KEY.encode()).hexdigest()}"
+"""RADFLOW_INGEST_AUTH_API_KEYS for it: identity 'apikey:tests'."""
+TEST_AUTHORIZATION = f"ApiKey {TEST_API_KEY}"
+AUTH_HEADERS = {"Authorization": TEST_AUTHORIZATION}
 
 
 def multipart(parts: Iterable[bytes], part_type: str = "application/dicom") -> tuple[bytes, str]:
@@ -24,13 +32,17 @@ def stow(
     parts: Iterable[bytes],
     part_type: str = "application/dicom",
     content_type: str | None = None,
+    authorization: str | None = TEST_AUTHORIZATION,
     **headers: str,
 ) -> httpx.Response:
+    """POST ``parts``, authenticated with the fixtures' API key unless
+    ``authorization`` says otherwise (None: no Authorization header)."""
     body, ctype = multipart(parts, part_type)
+    auth = {"Authorization": authorization} if authorization is not None else {}
     return httpx.post(
         url,
         content=body,
-        headers={"Content-Type": content_type or ctype, **headers},
+        headers={"Content-Type": content_type or ctype, **auth, **headers},
         timeout=60,
     )
 

@@ -5,7 +5,10 @@ and the shell owns the rest, the same way in all five:
 
 - states: created → starting → running → stopping → stopped (or failed);
 - the operations endpoint (``/healthz``, ``/readyz`` with the broker and blob-store
-  checks plus the service's own, ``/metrics``), and any routes the service adds;
+  checks plus the service's own, ``/metrics``), and any routes the service adds:
+  on the ops port, or, for a service with public doors (ingest's STOW-RS), on
+  listeners of their own, so that probes and scrapes never share a port (or a
+  network policy) with senders;
 - the producer's connection, retried while the broker is away; consumers start once
   it is up;
 - supervision: a consumer or loop that ends with an error while the service runs
@@ -22,7 +25,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
@@ -51,6 +56,19 @@ class State(StrEnum):
     FAILED = "failed"
 
 
+@dataclass(frozen=True)
+class Door:
+    """A listener serving the service's public routes, apart from the ops port."""
+
+    name: str
+    """What it is, for the logs ('STOW-RS HTTP', 'STOW-RS HTTPS')."""
+    host: str
+    port: int
+    """0: any free port (tests read :attr:`Shell.ports`)."""
+    ssl: ssl.SSLContext | None = None
+    """TLS context of an HTTPS door; None: plain HTTP."""
+
+
 class Shell:
     """Lifecycle, supervision, health and the ops server of one service process."""
 
@@ -65,6 +83,7 @@ class Shell:
         http_port: int,
         checks: Mapping[str, ReadinessCheck] | None = None,
         routes: Sequence[web.RouteDef] = (),
+        doors: Sequence[Door] | None = None,
         http_shutdown_s: float = 10.0,
         consumer_grace_s: float = 60.0,
         audit: Auditor | None = None,
@@ -83,13 +102,18 @@ class Shell:
         )
         self._http = (http_host, http_port, http_shutdown_s)
         self._routes = list(routes)
+        self._doors = None if doors is None else list(doors)
+        """None: the routes are served on the ops port; a list (even empty): only on
+        these doors, never on the ops port."""
+        self.ports: dict[str, int] = {}
+        """Bound port of each listener once started: 'ops' and each door's name."""
         self._consumer_grace_s = consumer_grace_s
         self._consumers: dict[EventConsumer[Any], asyncio.Task[None] | None] = {}
         self._loops: dict[str, tuple[Callable[[], Awaitable[None]], bool]] = {}
         self._loop_tasks: list[tuple[asyncio.Task[None], bool]] = []
         self._drain: list[Step] = []
         self._close: list[Step] = []
-        self._runner: web.AppRunner | None = None
+        self._runners: list[web.AppRunner] = []
         self._connect: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
         """Set once the producer is connected (consumers run from then on)."""
@@ -143,8 +167,9 @@ class Shell:
     # -- lifecycle -----------------------------------------------------------------
 
     async def start(self) -> None:
-        """Serve the ops endpoint (and the service's routes), then connect to the broker
-        and start consumers and loops in the background."""
+        """Serve the ops endpoint and the service's routes (with the ops routes, or on
+        the service's doors when it declared any), then connect to the broker and start
+        consumers and loops in the background."""
         if self.failed.is_set():
             return
         self.state = State.STARTING
@@ -154,18 +179,34 @@ class Shell:
             except TlsFilesUnusable as exc:
                 self.cannot_run("audit syslog TLS files unusable", [str(exc)])
                 return
-        host, port, shutdown_s = self._http
-        app = web.Application()
-        app.add_routes(self._routes)
-        app.add_routes(ops_routes(self.health))
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_s)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, host, port).start()
-        log.info("HTTP listening", extra={"host": host, "port": port})
+        host, port, _ = self._http
+        ops = web.Application()
+        ops.add_routes(ops_routes(self.health))
+        if self._doors is not None:
+            public = web.Application()
+            public.add_routes(self._routes)
+            runner = await self._serve(public)
+            for door in self._doors:
+                self.ports[door.name] = await _listen(runner, door.host, door.port, door.ssl)
+                log.info(
+                    "%s listening",
+                    door.name,
+                    extra={"host": door.host, "port": self.ports[door.name]},
+                )
+        else:
+            ops.add_routes(self._routes)
+        self.ports["ops"] = await _listen(await self._serve(ops), host, port, None)
+        log.info("HTTP listening", extra={"host": host, "port": self.ports["ops"]})
         for name, (run, graceful) in self._loops.items():
             self._loop_tasks.append((self._supervised(name, run), graceful))
         self.state = State.RUNNING
         self._connect = asyncio.create_task(self._connected())
+
+    async def _serve(self, app: web.Application) -> web.AppRunner:
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=self._http[2])
+        await runner.setup()
+        self._runners.append(runner)
+        return runner
 
     async def _connected(self) -> None:
         if not await connect_producer(self.producer, self.failed):
@@ -219,8 +260,8 @@ class Shell:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        if self._runner is not None:
-            await self._runner.cleanup()
+        for runner in self._runners:  # the doors first, the ops port last
+            await runner.cleanup()
         for step in self._close:
             await _logged(step)
         if self.audit is not None:
@@ -230,6 +271,17 @@ class Shell:
         self.blobs.close()
         self.state = State.STOPPED
         log.info("stopped")
+
+
+async def _listen(
+    runner: web.AppRunner, host: str, port: int, context: ssl.SSLContext | None
+) -> int:
+    """Open one listener of ``runner``; returns the port it is bound to."""
+    site = web.TCPSite(runner, host, port, ssl_context=context)
+    await site.start()
+    server = site._server
+    sockets = getattr(server, "sockets", None) or ()
+    return int(sockets[0].getsockname()[1]) if sockets else port
 
 
 async def _finish(tasks: Sequence[asyncio.Task[None]], timeout_s: float) -> None:

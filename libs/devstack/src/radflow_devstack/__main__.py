@@ -2,6 +2,9 @@
 
 Starts Tansu on 127.0.0.1:9092, an S3 server on 127.0.0.1:9000 with bucket
 ``radflow``, creates the topics, then starts every service with local settings.
+STOW-RS authentication is on: a development issuer serves its JWKS on 127.0.0.1:8086
+(key under ``.run/auth/``) and ``python -m radflow_devstack token`` prints a token
+ingest accepts; ingest's HTTPS door uses the development CA under ``.run/tls/``.
 Prints what it started and where the logs are. While it runs it watches every child:
 one that dies is reported on the terminal (exit code and the end of its log) and
 started again (see :mod:`radflow_devstack.supervise`). ``--durable-broker`` keeps
@@ -21,6 +24,8 @@ from pathlib import Path
 
 from radflow_core.settings import KafkaSettings, S3Settings
 from radflow_core.topics import Topic
+from radflow_devstack.issuer import DEV_AUDIENCE, DEV_PORT, DEV_SCOPE, Issuer, dev_issuer_url
+from radflow_devstack.issuer import ingest_env as issuer_env
 from radflow_devstack.parts import (
     LOCAL_S3_ACCESS_KEY,
     LOCAL_S3_SECRET_KEY,
@@ -28,6 +33,7 @@ from radflow_devstack.parts import (
     http_status,
     prepare,
     start_broker,
+    start_issuer,
     start_mllp_peer,
     start_orthanc,
     start_s3,
@@ -95,7 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--s3-port", type=int, default=9000)
         p.add_argument("--dimse-port", type=int, default=11112)
         p.add_argument("--dimse-tls-port", type=int, default=2762, help="DICOM TLS")
-        p.add_argument("--http-port", type=int, default=8080)
+        p.add_argument("--http-port", type=int, default=8080, help="STOW-RS over HTTP")
+        p.add_argument("--https-port", type=int, default=8443, help="STOW-RS over HTTPS")
+        p.add_argument("--ops-port", type=int, default=8085, help="ingest's /metrics, /readyz")
+        p.add_argument("--issuer-port", type=int, default=DEV_PORT, help="development JWKS")
         p.add_argument("--transcode-port", type=int, default=8081)
         p.add_argument("--router-port", type=int, default=8082)
         p.add_argument("--forwarder-port", type=int, default=8083)
@@ -120,7 +129,24 @@ def main(argv: list[str] | None = None) -> int:
     events.add_argument("topic", nargs="?", default=Topic.INSTANCE_RECEIVED.value)
     events.add_argument("--follow", "-f", action="store_true", help="wait for new events")
     commands.add_parser("blobs", help="list the objects in the bucket")
+    token = commands.add_parser(
+        "token", help="print a bearer token make run's ingest accepts (STOW-RS)"
+    )
+    token.add_argument("--scope", default=DEV_SCOPE, help=f"space-separated ({DEV_SCOPE})")
+    token.add_argument("--ttl", type=float, default=3600, help="seconds it is valid (3600)")
+    token.add_argument("--subject", default="developer", help="the 'sub' claim (developer)")
+    token.add_argument("--audience", default=DEV_AUDIENCE)
+    token.add_argument("--issuer-port", type=int, default=DEV_PORT)
+    token.add_argument("--folder", type=Path, default=Path(".run/auth"), help="the key's folder")
     args = parser.parse_args(argv)
+    if args.command == "token":
+        issuer = Issuer.kept_in(args.folder, dev_issuer_url(args.issuer_port))
+        print(
+            issuer.token(
+                subject=args.subject, scope=args.scope, audience=args.audience, ttl_s=args.ttl
+            )
+        )
+        return 0
     environ = {**local_env(9092, 9000), **os.environ}
     if args.command == "events":
         return events_command(environ, args.topic, args.follow)
@@ -163,19 +189,31 @@ def run_stack(args: argparse.Namespace) -> int:
             rules.write_text(
                 LOCAL_RULES.read_text().replace("127.0.0.1:8042", f"127.0.0.1:{args.orthanc_port}")
             )
+        run_dir = args.log_dir.parent
+        issuer_proc = start_issuer(args.issuer_port, run_dir / "auth", args.log_dir)
+        started.append(issuer_proc)
+        supervisor.watch(issuer_proc)
+        issuer = dev_issuer_url(args.issuer_port)
+        print(f"issuer   development OAuth2 issuer {issuer}  (key in {run_dir / 'auth'}/)")
         ingest_env = {
             **env,
+            **issuer_env(issuer, f"{issuer}/jwks.json"),
             "RADFLOW_INGEST_DIMSE_PORT": str(args.dimse_port),
             "RADFLOW_INGEST_HTTP_PORT": str(args.http_port),
+            "RADFLOW_INGEST_HTTPS_PORT": str(args.https_port),  # with the TLS files below
+            "RADFLOW_INGEST_OPS_PORT": str(args.ops_port),
             "RADFLOW_INGEST_RULES_FILE": str(rules),  # its stat: policy picks the lane
         }
-        pki = development_pki(args.log_dir.parent / "tls")
+        pki = development_pki(run_dir / "tls")
         ingest_env.update(dicom_tls_env(pki, args.dimse_tls_port))
         http = f"http://127.0.0.1:{args.http_port}"
-        service("ingest", "ingest", ingest_env, args.http_port)
+        ops = f"http://127.0.0.1:{args.ops_port}"
+        service("ingest", "ingest", ingest_env, args.ops_port)
         print(f"ingest   DIMSE  RADFLOW@127.0.0.1:{args.dimse_port}")
         print(f"         DICOM TLS RADFLOW@127.0.0.1:{args.dimse_tls_port} (CA {pki.ca_file})")
-        print(f"         STOW-RS {http}/dicomweb/studies   metrics {http}/metrics")
+        print(f"         STOW-RS {http}/dicomweb/studies  https://127.0.0.1:{args.https_port}/")
+        print("         (authentication on: see README, python -m radflow_devstack token)")
+        print(f"         metrics {ops}/metrics")
         transcode_http = f"http://127.0.0.1:{args.transcode_port}"
         service(
             "transcode",

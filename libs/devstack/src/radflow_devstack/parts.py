@@ -150,6 +150,27 @@ def start_mllp_peer(
     return proc
 
 
+def start_issuer(port: int, folder: Path, log_dir: Path) -> ManagedProcess:
+    """The development OAuth2 issuer (:mod:`radflow_devstack.issuer`) serving its JWKS on
+    127.0.0.1:port, its key kept in ``folder``."""
+    proc = ManagedProcess(
+        "issuer",
+        [
+            sys.executable,
+            "-m",
+            "radflow_devstack.issuer",
+            "--port",
+            str(port),
+            "--folder",
+            str(folder),
+        ],
+        log_dir / "issuer.log",
+    ).start()
+    proc.port = port
+    proc.wait_until(lambda: http_status(f"http://127.0.0.1:{port}/jwks.json") == 200)
+    return proc
+
+
 def http_status(url: str) -> int | None:
     """The HTTP status of a GET to ``url``, or None if nothing answered."""
     try:

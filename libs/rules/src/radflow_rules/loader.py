@@ -59,6 +59,7 @@ EVENT_ATTRIBUTES = {
     "sop_class_uid": "sop_class_uid",
     "calling_ae": "calling_ae",
     "called_ae": "called_ae",
+    "sender_identity": "sender_identity",
     "study_description": "StudyDescription",
     "institution": "InstitutionName",
 }
@@ -77,6 +78,8 @@ _DEST_KEYS = {
 """Keys each kind of destination takes (``tls`` on a DIMSE peer: DICOM TLS)."""
 RESERVED_NAMES = frozenset({"unknown-destinations"})
 """Destination names the forwarder uses for consumer groups of its own."""
+IDENTITY_KINDS = ("jwt:", "apikey:", "cert:")
+"""How an authenticated sender's identity starts (radflow_core.events.Sender.identity)."""
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
 
 
@@ -324,7 +327,7 @@ class _RuleReader(YamlReader):
         if node is None:
             return StatPolicy(from_priority=True, calling_aes=frozenset())
         fields = self.mapping(node, "stat") or {}
-        self.unknown_keys(fields, {"from_priority", "calling_aes"}, "stat")
+        self.unknown_keys(fields, {"from_priority", "calling_aes", "identities"}, "stat")
         from_priority = True
         if "from_priority" in fields:
             from_priority = self.boolean(fields["from_priority"], "from_priority")
@@ -340,7 +343,34 @@ class _RuleReader(YamlReader):
             if "calling_aes" in fields
             else frozenset()
         )
-        return StatPolicy(from_priority, aes)
+        identities = (
+            frozenset(
+                s
+                for s in (
+                    self.identity(n, "stat identities")
+                    for n in self.sequence(fields.get("identities", node), "identities")
+                )
+                if s
+            )
+            if "identities" in fields
+            else frozenset()
+        )
+        return StatPolicy(from_priority, aes, identities)
+
+    def identity(self, node: Node, what: str) -> str | None:
+        """A sender identity as ingest records it (``apikey:site-a``, ``cert:CN``,
+        ``jwt:<issuer>#<subject>``); anything else is a line error."""
+        text = self.scalar(node, what)
+        if text is not None and (
+            not text.startswith(IDENTITY_KINDS) or text.endswith(IDENTITY_KINDS)
+        ):
+            self.fail(
+                node,
+                f"{what}: {text!r} is not a sender identity (expected apikey:<name>, "
+                "cert:<common name> or jwt:<issuer>#<subject>)",
+            )
+            return None
+        return text
 
     def rule(self, node: Node, destinations: dict[str, Destination]) -> Rule | None:
         fields = self.mapping(node, "a rule")
@@ -493,6 +523,10 @@ class _RuleReader(YamlReader):
         return None
 
     def matcher(self, attribute: str, node: Node) -> Condition | None:
+        if attribute == "sender_identity" and isinstance(node, ScalarNode | SequenceNode):
+            listed = node.value if isinstance(node, SequenceNode) else [node]
+            values = tuple(s for s in (self.identity(n, "sender_identity") for n in listed) if s)
+            return Equals(attribute, values)
         if isinstance(node, ScalarNode):
             return Equals(attribute, (str(node.value),))
         if isinstance(node, SequenceNode):
@@ -506,13 +540,12 @@ class _RuleReader(YamlReader):
             )
             return None
         ((op, value),) = fields.items()
+        scalar = self.scalar if attribute != "sender_identity" else self.identity
         if op == "equals":
-            text = self.scalar(value, "equals")
+            text = scalar(value, "equals")
             return Equals(attribute, (text,)) if text is not None else None
         if op == "in":
-            values = tuple(
-                s for s in (self.scalar(n, "in") for n in self.sequence(value, "in")) if s
-            )
+            values = tuple(s for s in (scalar(n, "in") for n in self.sequence(value, "in")) if s)
             return Equals(attribute, values)
         if op == "regex":
             text = self.scalar(value, "regex") or ""

@@ -235,6 +235,9 @@ class Default:
 class StatPolicy:
     from_priority: bool
     calling_aes: frozenset[str]
+    identities: frozenset[str] = frozenset()
+    """Authenticated senders (``apikey:…``, ``cert:…``, ``jwt:…``) whose instances are
+    STAT."""
 
     def is_stat(self, attributes: Mapping[str, str | None], dimse_priority: str | None) -> bool:
         if self.from_priority and (
@@ -242,7 +245,9 @@ class StatPolicy:
             or (attributes.get("RequestedProcedurePriority") or "").upper() == "STAT"
         ):
             return True
-        return (attributes.get("calling_ae") or "") in self.calling_aes
+        return (attributes.get("calling_ae") or "") in self.calling_aes or (
+            attributes.get("sender_identity") or ""
+        ) in self.identities
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,7 @@ class Lanes:
         attributes = {
             "RequestedProcedurePriority": header.requested_procedure_priority,
             "calling_ae": sender.calling_ae,
+            "sender_identity": sender.identity,
         }
         stat = self._rules.current.stat.is_stat(attributes, dimse_priority)
         return Lane.STAT if stat else Lane.ROUTINE

@@ -50,3 +50,10 @@ TLS_HANDSHAKE_FAILURES = Counter(
 STOW_REQUESTS = Counter(
     "radflow_ingest_stow_requests_total", "STOW-RS requests by HTTP status.", ["status"]
 )
+AUTH_FAILURES = Counter(
+    "radflow_ingest_auth_failures_total",
+    "STOW-RS requests refused by authentication, by reason (missing, expired, "
+    "audience, issuer, signature, unknown_key, algorithm, scope, api_key, not_allowed, "
+    "issuer_unavailable, ...).",
+    ["reason"],
+)

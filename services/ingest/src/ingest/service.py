@@ -14,19 +14,42 @@ import functools
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
+from ingest.auth import Authenticator, AuthFailure
 from ingest.claimcheck import ClaimCheck
 from ingest.dimse import DimseReceiver
 from ingest.lanes import Lanes
-from ingest.settings import IngestConfig
+from ingest.settings import IngestConfig, IngestSettings
 from ingest.stowrs import StowReceiver
-from radflow_core.audit import Auditor
+from radflow_core.audit import Auditor, Door
 from radflow_core.blobstore import BlobStore
 from radflow_core.kafka import EventProducer
-from radflow_core.shell import Shell, State
+from radflow_core.shell import Door, Shell, State
+from radflow_core.tls import TlsFilesUnusable, server_context
 
 log = logging.getLogger(__name__)
 
 SERVICE = "ingest"
+
+
+def stow_doors(settings: IngestSettings) -> list[Door]:
+    """STOW-RS's listeners: plain HTTP unless turned off, HTTPS when a certificate is
+    configured (a client certificate optional, verified against the client CA).
+
+    Raises:
+        TlsFilesUnusable: the certificate, key or CA file cannot be used.
+    """
+    doors = []
+    if settings.http_enabled:
+        doors.append(Door("STOW-RS HTTP", settings.http_host, settings.http_port))
+    if settings.tls_cert_file is not None and settings.tls_key_file is not None:
+        context = server_context(
+            settings.tls_cert_file,
+            settings.tls_key_file,
+            client_ca_file=settings.tls_client_ca_file,
+            require_client_cert=False,
+        )
+        doors.append(Door("STOW-RS HTTPS", settings.http_host, settings.https_port, context))
+    return doors
 
 
 class IngestService:
@@ -46,17 +69,34 @@ class IngestService:
             max_sequence_depth=settings.max_sequence_depth,
             audit=self._audit,
         )
+        problem = None
+        try:
+            self._auth = Authenticator(
+                config.auth,
+                client_certificates=settings.tls_client_ca_file is not None,
+                on_failure=self._audit_authentication_failure,
+            )
+            doors = stow_doors(settings)
+        except (TlsFilesUnusable, OSError, ValueError) as exc:
+            self._auth = Authenticator(config.auth.model_copy(update={"api_keys_file": None}))
+            doors, problem = [], f"{type(exc).__name__}: {exc}"
         self.shell = Shell(
             SERVICE,
             producer=self._producer,
             blobs=self._blobs,
             ops=config.ops,
             http_host=settings.http_host,
-            http_port=settings.http_port,
-            routes=StowReceiver(settings, self._claim_check).routes(),
+            http_port=settings.ops_port,
+            routes=StowReceiver(settings, self._claim_check, self._auth).routes(),
+            doors=doors,
             http_shutdown_s=settings.shutdown_grace_s,
             audit=self._audit,
         )
+        if problem is not None:
+            self.shell.cannot_run(
+                "STOW-RS cannot be served as configured (TLS files or API keys file)",
+                [problem],
+            )
         self.health = self.shell.health
         self.failed = self.shell.failed
         self.shell.loop(
@@ -64,6 +104,20 @@ class IngestService:
         )
         self.shell.on_drain(self._close_dimse)
         self.shell.on_close(self._drain_claim_checks)
+        self.shell.on_close(self._auth.close)
+        if not self._auth.enabled:
+            log.warning(
+                "STOW-RS authentication is OFF (RADFLOW_INGEST_AUTH_MODE=none): anyone "
+                "who reaches the STOW-RS port can send instances"
+            )
+        elif not self._auth.configured:
+            log.error(
+                "STOW-RS authentication is on but no method is configured (issuer, API "
+                "keys or client CA): every STOW-RS request is refused"
+            )
+        log.info("STOW-RS authentication: %s", self._auth.describe())
+        if not doors and problem is None:
+            log.warning("STOW-RS is off: plain HTTP is turned off and no TLS certificate is set")
         self._dimse: DimseReceiver | None = None
 
     @property
@@ -83,6 +137,15 @@ class IngestService:
         )
         self._dimse = DimseReceiver(settings, self._claim_check, loop, audit=self._audit)
         self._dimse.start()
+
+    def _audit_authentication_failure(self, failure: AuthFailure) -> None:
+        """The audit trail's User Authentication failure (PS3.15 A.5.3); counting and
+        logging are done by the authenticator already."""
+        self._audit.authentication_failure(
+            Door.STOW_RS,
+            reason=f"HTTP {failure.status}: {failure.reason}",
+            peer_address=failure.peer_address,
+        )
 
     async def _close_dimse(self) -> None:
         if self._dimse is not None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import ClassVar
+from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from radflow_core.settings import (
     AuditSettings,
@@ -106,9 +108,19 @@ class IngestSettings(Section):
     transient (local limit exceeded), so one sender cannot take every slot of
     max_associations."""
     http_host: str = "127.0.0.1"
-    """Address the HTTP listener (STOW-RS, /metrics, /healthz, /readyz) binds to."""
+    """Address the HTTP listeners (STOW-RS over HTTP and HTTPS, ops) bind to."""
     http_port: int = Field(default=8080, ge=0, le=65535)
-    """HTTP listener port."""
+    """STOW-RS plain HTTP listener port."""
+    http_enabled: bool = True
+    """Open the plain HTTP STOW-RS listener. Production sets false and serves STOW-RS
+    over HTTPS only (https_port)."""
+    https_port: int = Field(default=8443, ge=0, le=65535)
+    """STOW-RS HTTPS listener port; opened when tls_cert_file and tls_key_file are set.
+    With tls_client_ca_file, a client may present a certificate (optional: a token or
+    API key serves as well)."""
+    ops_port: int = Field(default=8085, ge=0, le=65535)
+    """Port of /metrics, /healthz and /readyz, apart from STOW-RS so that probes and
+    scrapes never share a door with senders."""
     tls_cert_file: Path | None = None
     """PEM certificate (chain) ingest presents on its TLS listeners (DICOM TLS and
     HTTPS). Unset: no TLS listener is opened."""
@@ -216,11 +228,120 @@ class IngestSettings(Section):
         return {peer.common_name: peer for peer in peers}
 
 
+class AuthMode(StrEnum):
+    REQUIRED = "required"
+    NONE = "none"
+
+
+ASYMMETRIC_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+"""Signature algorithms a bearer token may use: public-key ones only, so that a key
+published in a JWKS can never be used as a shared secret (no 'none', no HS*)."""
+
+
+class IngestAuthSettings(Section):
+    """Who may use STOW-RS (see docs/security.md, "STOW-RS authentication")."""
+
+    prefix = "INGEST_AUTH_"
+
+    mode: AuthMode = AuthMode.REQUIRED
+    """required: every STOW-RS request must authenticate (a bearer token, an API key,
+    or a client certificate on HTTPS); none: anyone who reaches the port may send
+    (logged as a warning at start). With required and no method configured, every
+    STOW-RS request is refused."""
+    jwt_issuer: str = ""
+    """The OAuth2/OIDC issuer whose bearer tokens are accepted (the 'iss' claim must
+    equal it). Empty: bearer tokens are not accepted."""
+    jwt_jwks_url: str = Field(default="", validate_default=True)
+    """The issuer's JSON Web Key Set URL (https://, or http:// on loopback only)."""
+    jwt_audience: str = "radflow-ingest"
+    """The 'aud' a token must carry."""
+    jwt_required_scope: str = "dicom.stow"
+    """The scope ('scope' or 'scp' claim) a token needs to store instances (403
+    insufficient_scope without it). Empty: any valid token."""
+    jwt_algorithms: tuple[str, ...] = ("RS256", "ES256")
+    """Comma-separated signature algorithms accepted; public-key ones only (none and
+    HS* are refused at start)."""
+    jwt_leeway_s: float = Field(default=30.0, ge=0, le=300)
+    """Clock skew allowed on exp and nbf, in seconds."""
+    jwks_cache_s: float = Field(default=3600.0, ge=1)
+    """Seconds a fetched key set is used before it is fetched again."""
+    jwks_min_refresh_s: float = Field(default=30.0, ge=0)
+    """A token with an unknown key id fetches the key set again (key rotation), at
+    most once per this many seconds, so unknown ids cannot hammer the issuer."""
+    jwks_timeout_s: float = Field(default=5.0, gt=0)
+    """Seconds to wait for the key set."""
+    jwks_ca_file: Path | None = None
+    """CA bundle to verify the JWKS server's certificate (default: the system's)."""
+    api_keys: tuple[str, ...] = ()
+    """Comma-separated static API keys as 'name:sha256hex' (the SHA-256 of the key, in
+    hex; the key itself is never configured). Sent as 'Authorization: ApiKey <key>';
+    identity 'apikey:<name>'."""
+    api_keys_file: Path | None = None
+    """A file of more 'name:sha256hex' lines ('#' comments), e.g. a mounted Secret."""
+    allowed_identities: tuple[str, ...] = ()
+    """Comma-separated identities allowed to use STOW-RS, shell-style patterns
+    ('apikey:site-a', 'cert:*.example.org', 'jwt:https://idp.example.org#*'). Empty:
+    every authenticated identity (403 for the others)."""
+
+    _csv = field_validator("jwt_algorithms", "api_keys", "allowed_identities", mode="before")(
+        csv_tuple
+    )
+
+    @field_validator("jwt_algorithms")
+    @classmethod
+    def _public_key_algorithms(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [alg for alg in value if alg not in ASYMMETRIC_ALGORITHMS]
+        if bad:
+            raise ValueError(
+                f"not accepted: {bad}; one of {sorted(ASYMMETRIC_ALGORITHMS)} (never none or HS*)"
+            )
+        if not value:
+            raise ValueError("at least one algorithm")
+        return value
+
+    @field_validator("jwt_jwks_url")
+    @classmethod
+    def _jwks_url_secure(cls, value: str, info: ValidationInfo) -> str:
+        if bool(value) != bool(info.data.get("jwt_issuer")):
+            raise ValueError("the issuer and its JWKS URL are set together")
+        if not value or value.startswith("https://"):
+            return value
+        host = urlsplit(value).hostname or ""
+        if value.startswith("http://") and host in ("127.0.0.1", "::1", "localhost"):
+            return value
+        raise ValueError("expected an https:// URL (http:// only on loopback)")
+
+    @field_validator("api_keys")
+    @classmethod
+    def _api_keys_parse(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in value:
+            parse_api_key(entry)
+        return value
+
+
+def parse_api_key(text: str) -> tuple[str, bytes]:
+    """('name', sha256 digest) from 'name:sha256hex'."""
+    name, _, digest = text.strip().partition(":")
+    name = name.strip()
+    if not name or not all(c.isalnum() or c in "-_." for c in name):
+        raise ValueError(f"API key name in {text.split(':')[0]!r} must be letters, digits, -_.")
+    try:
+        raw = bytes.fromhex(digest.strip())
+    except ValueError:
+        raw = b""
+    if len(raw) != 32:
+        raise ValueError(f"API key {name!r}: expected name:<64 hex digits of its SHA-256>")
+    return name, raw
+
+
 @dataclass(frozen=True)
 class IngestConfig(ServiceConfig):
     """Every section the ingest service reads, built once in ``__main__``."""
 
     ingest: IngestSettings
+    auth: IngestAuthSettings
     kafka: KafkaSettings
     s3: S3Settings
     log: LogSettings
@@ -229,6 +350,7 @@ class IngestConfig(ServiceConfig):
 
     SECTIONS: ClassVar[tuple[type[Section], ...]] = (
         IngestSettings,
+        IngestAuthSettings,
         KafkaSettings,
         S3Settings,
         LogSettings,

@@ -4,6 +4,8 @@ The body is read part by part; each part is spooled (memory up to a threshold, t
 TMPDIR) and handed to the claim check, so request size is bounded by disk, not RAM.
 Up to ``stow_concurrency`` parts are claim-checked at once while the next one is
 spooled; the answer is sent when every part's claim check has settled.
+The sender is authenticated first (:mod:`ingest.auth`), before the body is read:
+401/403 with a ``WWW-Authenticate`` challenge otherwise.
 The answer is the standard Store Instances Response Module as DICOM JSON:
 
 - 200: every instance stored (ReferencedSOPSequence).
@@ -24,10 +26,12 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any, cast
 
-from aiohttp import BodyPartReader, MultipartReader, StreamReader, web
+from aiohttp import BodyPartReader, HttpVersion11, MultipartReader, StreamReader, web
+from aiohttp.hdrs import EXPECT
 from aiohttp.helpers import parse_mimetype
 
 from ingest import metrics
+from ingest.auth import Authenticator, AuthError
 from ingest.claimcheck import ClaimCheck, Expected, NotStored, Origin
 from ingest.settings import IngestSettings
 from radflow_core.dicom_status import StoreStatus
@@ -45,6 +49,10 @@ _SYNTAX_FAILURES = frozenset(
         StoreStatus.INVALID_UID,
     }
 )
+
+
+IDENTITY: web.RequestKey[str | None] = web.RequestKey("sender_identity")
+"""Request key of the identity the sender proved (None with authentication off)."""
 
 
 class BodyTooLarge(Exception):
@@ -146,17 +154,48 @@ def _accepts_dicom_json(accept: str) -> bool:
 
 
 class StowReceiver:
-    def __init__(self, settings: IngestSettings, claim_check: ClaimCheck) -> None:
+    def __init__(
+        self, settings: IngestSettings, claim_check: ClaimCheck, authenticator: Authenticator
+    ) -> None:
         self._settings = settings
         self._claim_check = claim_check
+        self._auth = authenticator
 
     def routes(self) -> list[web.RouteDef]:
         return [
-            web.post("/dicomweb/studies", self.handle),
-            web.post("/dicomweb/studies/{study}", self.handle),
+            web.post(path, self.handle, expect_handler=self._expect)
+            for path in ("/dicomweb/studies", "/dicomweb/studies/{study}")
         ]
 
+    async def _expect(self, request: web.Request) -> web.StreamResponse | None:
+        """``Expect: 100-continue`` (curl sends it for large bodies): authenticate
+        before inviting the body, so a refused sender never uploads it."""
+        refused = await self._authenticate(request)
+        if refused is not None:
+            return refused
+        if request.version != HttpVersion11 or request.headers[EXPECT].lower() != "100-continue":
+            raise web.HTTPExpectationFailed(text="only Expect: 100-continue is understood")
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0
+        return None
+
+    async def _authenticate(self, request: web.Request) -> web.Response | None:
+        """The refusal for a request that may not proceed; None once its identity is
+        in ``request[IDENTITY]``."""
+        if IDENTITY in request:
+            return None
+        try:
+            request[IDENTITY] = await self._auth.identify(request)
+        except AuthError as exc:
+            metrics.STOW_REQUESTS.labels(str(exc.status)).inc()
+            return self._auth.refusal(exc)
+        return None
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        refused = await self._authenticate(request)
+        if refused is not None:
+            return refused
+        identity: str | None = request[IDENTITY]
         study = request.match_info.get("study")
         if study is not None and not is_valid_uid(study):
             return _error(400, "the study in the URL is not a valid UID")
@@ -178,6 +217,7 @@ class StowReceiver:
                 protocol=Protocol.STOW_RS,
                 peer_address=request.remote,
                 client=request.headers.get("User-Agent", "")[:128] or None,
+                identity=identity,
             ),
             expected=Expected(study_instance_uid=study),
         )

@@ -64,6 +64,11 @@ def tools(argv: list[str]) -> int:
     )
     explain.add_argument("--calling-ae", default=None, help="the sender's AE title")
     explain.add_argument(
+        "--sender-identity",
+        default=None,
+        help="who the STOW-RS sender authenticated as (apikey:NAME, cert:CN, jwt:ISSUER#SUB)",
+    )
+    explain.add_argument(
         "--priority",
         choices=("low", "medium", "high"),
         default="medium",
@@ -87,7 +92,9 @@ def tools(argv: list[str]) -> int:
     status = 0
     for path in _files(args.target):
         try:
-            instance = instance_from_file(path, rules, args.calling_ae, args.priority)
+            instance = instance_from_file(
+                path, rules, args.calling_ae, args.priority, args.sender_identity
+            )
         except Exception as exc:  # noqa: BLE001 - report the file, go on with the others
             print(f"{path}\n  not a readable DICOM file ({type(exc).__name__})")
             status = 1

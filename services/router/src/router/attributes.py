@@ -19,7 +19,14 @@ from radflow_core.instance_header import requested_procedure_priority
 from radflow_rules.rules import Instance, RuleSet
 
 EVENT_FIELDS = frozenset(
-    {"modality", "body_part_examined", "sop_class_uid", "calling_ae", "called_ae"}
+    {
+        "modality",
+        "body_part_examined",
+        "sop_class_uid",
+        "calling_ae",
+        "called_ae",
+        "sender_identity",
+    }
 )
 """Attributes the normalized event itself carries; rules on these need no header."""
 _SKIPPED_VR = frozenset({"SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN"})
@@ -88,9 +95,11 @@ def instance_view(
     sop_class_uid: str | None,
     calling_ae: str | None,
     called_ae: str | None,
+    sender_identity: str | None,
     dimse_priority: str | None,
 ) -> Instance:
-    """Header attributes overlaid with the event's fields (what ingest validated)."""
+    """Header attributes overlaid with the event's fields (what ingest validated and
+    who the sender authenticated as)."""
     attributes = dict(header)
     attributes.update(
         {
@@ -99,6 +108,7 @@ def instance_view(
             "sop_class_uid": sop_class_uid,
             "calling_ae": calling_ae,
             "called_ae": called_ae,
+            "sender_identity": sender_identity,
         }
     )
     return Instance(attributes, rules.stat.is_stat(attributes, dimse_priority))
@@ -114,6 +124,7 @@ def event_view(rules: RuleSet, event: InstanceIdentity, header: Dataset | None) 
         sop_class_uid=event.sop_class_uid,
         calling_ae=event.sender.calling_ae,
         called_ae=event.sender.called_ae,
+        sender_identity=event.sender.identity,
         dimse_priority=event.priority.value,
     )
 
@@ -125,6 +136,7 @@ def file_view(
     calling_ae: str | None,
     called_ae: str | None,
     dimse_priority: str | None,
+    sender_identity: str | None = None,
 ) -> Instance:
     """``explain``'s view of a local file, as the router would see it after ingest."""
     header = header_attributes(ds)
@@ -136,5 +148,6 @@ def file_view(
         sop_class_uid=header.get("SOPClassUID"),
         calling_ae=calling_ae,
         called_ae=called_ae,
+        sender_identity=sender_identity,
         dimse_priority=dimse_priority,
     )

@@ -9,12 +9,21 @@ from router.attributes import file_view, parse_header
 
 
 def instance_from_file(
-    path: Path, rules: RuleSet, calling_ae: str | None, dimse_priority: str | None
+    path: Path,
+    rules: RuleSet,
+    calling_ae: str | None,
+    dimse_priority: str | None,
+    sender_identity: str | None = None,
 ) -> Instance:
     with path.open("rb") as file:
         ds = parse_header(file)
     return file_view(
-        rules, ds, calling_ae=calling_ae, called_ae=None, dimse_priority=dimse_priority
+        rules,
+        ds,
+        calling_ae=calling_ae,
+        called_ae=None,
+        dimse_priority=dimse_priority,
+        sender_identity=sender_identity,
     )
 
 
