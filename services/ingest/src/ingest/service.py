@@ -20,7 +20,8 @@ from ingest.dimse import DimseReceiver
 from ingest.lanes import Lanes
 from ingest.settings import IngestConfig, IngestSettings
 from ingest.stowrs import StowReceiver
-from radflow_core.audit import Auditor, Door
+from radflow_core import audit
+from radflow_core.audit import Auditor
 from radflow_core.blobstore import BlobStore
 from radflow_core.kafka import EventProducer
 from radflow_core.shell import Door, Shell, State
@@ -142,7 +143,7 @@ class IngestService:
         """The audit trail's User Authentication failure (PS3.15 A.5.3); counting and
         logging are done by the authenticator already."""
         self._audit.authentication_failure(
-            Door.STOW_RS,
+            audit.Door.STOW_RS,
             reason=f"HTTP {failure.status}: {failure.reason}",
             peer_address=failure.peer_address,
         )
