@@ -1,5 +1,6 @@
-"""The audit trail through real ingest on the real broker: a C-STORE association and a
-refused caller end up as DICOM audit messages on radflow.audit, with no patient data."""
+"""The audit trail through real ingest on the real broker: a C-STORE association, a
+refused caller and a refused STOW-RS request end up as DICOM audit messages on
+radflow.audit."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import httpx
 import pytest
 
 from radflow_core.dicom_status import StoreStatus
@@ -45,11 +47,23 @@ def test_received_instances_and_a_refused_caller_are_audited_without_patient_dat
         timeout=30,
     )
     assert refused.returncode != 0
+    unauthenticated = httpx.post(
+        ingest.stow_url,
+        content=b"",
+        headers={"Content-Type": 'multipart/related; type="application/dicom"'},
+        timeout=10,
+    )
+    assert unauthenticated.status_code == 401
 
     def audited() -> list[dict] | None:
         records = _audit(stack)
         ids = {(r["event_id"], r["event_type"]) for r in records}
-        wanted = {("110100", "110120"), ("110104", None), ("110113", "110126")}
+        wanted = {
+            ("110100", "110120"),
+            ("110104", None),
+            ("110113", "110126"),
+            ("110114", "110122"),
+        }
         return records if wanted <= ids else None
 
     records = wait_for(
@@ -74,6 +88,10 @@ def test_received_instances_and_a_refused_caller_are_audited_without_patient_dat
     intruder = ET.fromstring(alert["message"]).find("ActiveParticipant")
     assert intruder.get("UserID") == "INTRUDER"
     assert intruder.get("UserIsRequestor") == "true"
+
+    (login,) = [r for r in records if r["event_id"] == "110114"]
+    assert login["outcome"] == 4
+    assert "stow-rs: HTTP 401" in login["message"]
 
     ingest.proc.stop()
     stops = [r for r in _audit(stack) if r["event_type"] == "110121"]
