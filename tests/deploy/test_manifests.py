@@ -22,7 +22,7 @@ from deploy.manifests import (
     of_kind,
     render,
 )
-from ingest.settings import IngestConfig
+from ingest.settings import IngestConfig, IngestSettings
 from radflow_core.events import Lane
 from radflow_core.settings import Section
 from radflow_core.topics import Topic
@@ -33,25 +33,10 @@ from transcode.settings import TranscodeConfig, TranscodeSettings
 
 KUBERNETES_VERSIONS = ("1.29", "1.33")
 """Oldest and a recent Kubernetes the manifests are checked against (strict schemas)."""
-AUDIT_TOPIC: str = getattr(Topic, "AUDIT", "radflow.audit")
-"""The audit topic every service writes (issue #17; Topic.AUDIT once it lands in
-radflow_core.topics)."""
-AGREED_SETTINGS = frozenset(
-    {
-        "RADFLOW_INGEST_OPS_PORT",
-        "RADFLOW_INGEST_HTTP_ENABLED",
-        "RADFLOW_INGEST_DIMSE_PLAIN",
-        "RADFLOW_INGEST_AUTH_MODE",
-        "RADFLOW_INGEST_AUTH_JWT_ISSUER",
-        "RADFLOW_INGEST_AUTH_JWT_JWKS_URL",
-        "RADFLOW_INGEST_AUTH_ALLOWED_IDENTITIES",
-    }
-)
-"""Settings the manifests set that issue #17's other branches add to ingest (ops port,
-TLS-only doors, STOW-RS authentication). Remove each once its setting is in the code:
-the test below then checks it like any other."""
+AUDIT_TOPIC: str = Topic.AUDIT.value
+"""The audit topic every service writes."""
 SERVICES = {
-    "radflow-ingest": 8085,
+    "radflow-ingest": IngestSettings.model_fields["ops_port"].default,
     "radflow-transcode": TranscodeSettings.model_fields["http_port"].default,
     "radflow-router": RouterSettings.model_fields["http_port"].default,
     "radflow-stow-forwarder": ForwarderSettings.model_fields["http_port"].default,
@@ -134,7 +119,7 @@ def test_every_topic_has_a_kafka_topic_and_pending_is_compacted_like_its_input(
     objects: list[Obj],
 ) -> None:
     topics = {t["metadata"]["name"]: t["spec"] for t in of_kind(objects, "KafkaTopic")}
-    assert set(topics) == {t.value for t in Topic} | {AUDIT_TOPIC}
+    assert set(topics) == {t.value for t in Topic}
     for name, spec in topics.items():
         assert spec["config"]["min.insync.replicas"] <= spec["replicas"], name
         policy = spec["config"]["cleanup.policy"]
@@ -262,9 +247,7 @@ def test_every_radflow_variable_set_is_a_setting_of_a_service(objects: list[Obj]
         if name.startswith("RADFLOW_REPORT_RETURN_") and not HAS_REPORT_RETURN:
             unchecked.add(name)
             continue
-        assert name in known or name in AGREED_SETTINGS, (
-            f"{where} sets {name}, which no service reads"
-        )
+        assert name in known, f"{where} sets {name}, which no service reads"
     if unchecked:
         print(f"report_return is not installed; not checked: {sorted(unchecked)}")
 
