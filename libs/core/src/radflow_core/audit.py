@@ -12,8 +12,16 @@ message per association and study): the instances of one study from one sender, 
 to one destination, are collected for ``transfer_window_s`` and written as one
 message listing their SOP classes and instances.
 
-No patient identifiers: the events on the bus carry none, and the audit messages do
-not either (the study's UID is the join key to the PACS; see docs/security.md).
+Patient identifiers: PS3.15 A.5.3 requires the patient (ParticipantObjectTypeCode 1,
+role 1, ID type RFC-3881 "2" Patient Number) in DICOM Instances Transferred and Export,
+so those messages carry the Patient ID, and only the ID: it answers "who received or
+sent this patient's images" in the audit record repository; the name would add PHI
+and nothing to that answer. The events on the bus carry no patient identifier, so the
+caller hands the ID over (ingest from the header it parses anyway, report-return from
+the report it sends) or, for a forwarded study, a lookup run once per message when its
+window closes; a patient that cannot be found is left out and counted
+(``radflow_audit_patient_unknown_total{reason}``). Every other message names no
+patient. radflow.audit is therefore a PHI topic (docs/security.md).
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -63,6 +71,20 @@ DROPPED = Counter(
     ["reason"],
 )
 
+PATIENT_UNKNOWN = Counter(
+    "radflow_audit_patient_unknown_total",
+    "Instances Transferred or Export messages written without the patient, by reason "
+    "(absent: the data names none; lookup_failed: reading it failed or took too long).",
+    ["reason"],
+)
+
+PATIENT_LOOKUP_TIMEOUT_S = 10.0
+"""Longest wait for a forwarded study's Patient ID before its message goes without it."""
+
+PatientLookup = Callable[[], Awaitable[str | None]]
+"""Finds a study's Patient ID when its transfer message is written (None: it has none).
+Any exception it raises means the patient is unknown."""
+
 DESCRIPTION_LIMIT = 512
 """Characters of an EventOutcomeDescription kept (radflow's own words, never partner text)."""
 
@@ -79,10 +101,15 @@ class Door(StrEnum):
 class _Batch:
     """Instances of one study collected for one transfer message."""
 
-    make: Callable[[Mapping[str, Sequence[str]]], AuditRecord]
+    make: Callable[[Mapping[str, Sequence[str]], Sequence[str]], AuditRecord]
+    """Builds the message from the instances and the Patient IDs."""
     study: str
     instances: dict[str, list[str]] = field(default_factory=dict)
     count: int = 0
+    patients: dict[str, None] = field(default_factory=dict)
+    """The distinct Patient IDs the instances carried (received), in order of arrival."""
+    lookup: PatientLookup | None = None
+    """Finds the Patient ID when the message is written (sent): one lookup per message."""
 
 
 class Auditor:
@@ -138,10 +165,12 @@ class Auditor:
             return
         for key in list(self._batches):
             self._flush(key, self._batches[key])
-        if self._pending:
-            _, late = await asyncio.wait(set(self._pending), timeout=timeout_s)
-            for task in late:
-                task.cancel()
+        # A patient lookup, once done, hands its message to the producer: wait for both.
+        deadline = self._loop.time() + timeout_s
+        while self._pending and (left := deadline - self._loop.time()) > 0:
+            await asyncio.wait(set(self._pending), timeout=left)
+        for task in set(self._pending):
+            task.cancel()
         if self._syslog is not None:
             await self._syslog.close(timeout_s)
             self._syslog = None
@@ -165,8 +194,12 @@ class Auditor:
         sop_class: str,
         sop_instance: str,
         receiver_ae: str | None = None,
+        patient_id: str | None = None,
     ) -> None:
-        """DICOM Instances Transferred (Create): ingest stored an instance it received."""
+        """DICOM Instances Transferred (Create): ingest stored an instance it received.
+
+        ``patient_id``: the instance's Patient ID, for the message's patient object only
+        (instances of one message with different IDs give one patient object each)."""
         source = ActiveParticipant(
             user_id=sender.calling_ae or sender.identity or sender.peer_address or "unknown",
             user_name=sender.identity if sender.calling_ae else None,
@@ -181,7 +214,10 @@ class Auditor:
             study,
             sop_class,
             sop_instance,
-            lambda instances: self._transfer(Action.CREATE, source, receiver, study, instances),
+            lambda instances, patients: self._transfer(
+                Action.CREATE, source, receiver, study, instances, patients
+            ),
+            patient_id=patient_id,
         )
 
     def instance_sent(
@@ -195,9 +231,13 @@ class Auditor:
         destination_ae: str | None = None,
         calling_ae: str | None = None,
         failure: str | None = None,
+        patient: PatientLookup | None = None,
     ) -> None:
         """DICOM Instances Transferred (Read): the forwarder delivered an instance to a
-        destination, or (``failure``: radflow's reason, e.g. ``rejected``) gave up."""
+        destination, or (``failure``: radflow's reason, e.g. ``rejected``) gave up.
+
+        ``patient``: how to find the study's Patient ID; only the first instance's is
+        kept and it runs once, when the message is written, never while delivering."""
         receiver = ActiveParticipant(
             user_id=destination_ae or destination,
             user_name=destination if destination_ae else None,
@@ -212,9 +252,10 @@ class Auditor:
             study,
             sop_class,
             sop_instance,
-            lambda instances: self._transfer(
-                Action.READ, source, receiver, study, instances, failure
+            lambda instances, patients: self._transfer(
+                Action.READ, source, receiver, study, instances, patients, failure
             ),
+            lookup=patient,
         )
 
     def report_sent(
@@ -226,9 +267,15 @@ class Auditor:
         study: str,
         address: str | None = None,
         failure: str | None = None,
+        patient_id: str | None = None,
     ) -> None:
-        """Export: a report left radflow for a site's RIS (acknowledged, or ``failure``)."""
+        """Export: a report left radflow for a site's RIS (acknowledged, or ``failure``).
+
+        ``patient_id``: the identifier the message gave the RIS (PID-3), without its
+        assigning authority; the patient object is left out (and counted) without it."""
         details = [] if report_version is None else [("ReportVersion", str(report_version))]
+        if not patient_id:
+            PATIENT_UNKNOWN.labels("absent").inc()
         objects = [
             ParticipantObject(
                 object_id=report_id,
@@ -238,6 +285,7 @@ class Auditor:
                 details=[(k, v.encode()) for k, v in details],
             ),
             _study(study, {}),
+            *_patients([patient_id] if patient_id else []),
         ]
         self._record(
             AuditRecord(
@@ -365,6 +413,7 @@ class Auditor:
         destination: ActiveParticipant,
         study: str,
         instances: Mapping[str, Sequence[str]],
+        patients: Sequence[str],
         failure: str | None = None,
     ) -> AuditRecord:
         return AuditRecord(
@@ -374,7 +423,7 @@ class Auditor:
             at=datetime.now(UTC),
             description=_short(failure),
             participants=[source, destination],
-            objects=[_study(study, instances)],
+            objects=[_study(study, instances), *_patients(patients)],
         )
 
     # -- collecting and sending ---------------------------------------------------------
@@ -385,19 +434,25 @@ class Auditor:
         study: str,
         sop_class: str,
         sop_instance: str,
-        make: Callable[[Mapping[str, Sequence[str]]], AuditRecord],
+        make: Callable[[Mapping[str, Sequence[str]], Sequence[str]], AuditRecord],
+        patient_id: str | None = None,
+        lookup: PatientLookup | None = None,
     ) -> None:
-        if not self._on_loop(self._collect, key, study, sop_class, sop_instance, make):
+        if not self._on_loop(
+            self._collect, key, study, sop_class, sop_instance, make, patient_id, lookup
+        ):
             return
         batch = self._batches.get(key)
         if batch is None:
-            batch = self._batches[key] = _Batch(make, study)
+            batch = self._batches[key] = _Batch(make, study, lookup=lookup)
             assert self._loop is not None
             self._loop.call_later(self._settings.transfer_window_s, self._flush, key, batch)
         uids = batch.instances.setdefault(sop_class, [])
         if sop_instance not in uids:
             uids.append(sop_instance)
             batch.count += 1
+        if patient_id:
+            batch.patients[patient_id] = None
         if batch.count >= self._settings.transfer_max_instances:
             self._flush(key, batch)
 
@@ -405,7 +460,30 @@ class Auditor:
         if self._batches.get(key) is not batch:
             return  # already written (full, or at stop)
         del self._batches[key]
-        self._record(batch.make(batch.instances), batch.study)
+        if batch.lookup is None:
+            if not batch.patients:
+                PATIENT_UNKNOWN.labels("absent").inc()
+            self._record(batch.make(batch.instances, list(batch.patients)), batch.study)
+            return
+        task = asyncio.create_task(self._look_up_and_record(batch, batch.lookup))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _look_up_and_record(self, batch: _Batch, lookup: PatientLookup) -> None:
+        found: str | None = None
+        try:
+            async with asyncio.timeout(PATIENT_LOOKUP_TIMEOUT_S):
+                found = await lookup()
+        except Exception as exc:  # noqa: BLE001 - the message goes without the patient
+            PATIENT_UNKNOWN.labels("lookup_failed").inc()
+            log.warning(
+                "patient of an audited transfer not found",
+                extra={"study_instance_uid": batch.study, "reason": type(exc).__name__},
+            )
+        else:
+            if found is None:
+                PATIENT_UNKNOWN.labels("absent").inc()
+        self._record(batch.make(batch.instances, [found] if found else []), batch.study)
 
     def _record(self, record: AuditRecord, study: str | None = None) -> None:
         if not self._on_loop(self._record, record, study):
@@ -477,6 +555,19 @@ def _study(study: str, instances: Mapping[str, Sequence[str]]) -> ParticipantObj
         role=ObjectRole.REPORT,
         sop_classes=instances,
     )
+
+
+def _patients(patient_ids: Sequence[str]) -> list[ParticipantObject]:
+    """The patient objects PS3.15 A.5.3 requires: the ID only, never the name."""
+    return [
+        ParticipantObject(
+            object_id=patient,
+            id_type=Codes.PATIENT_NUMBER,
+            type_code=ObjectType.PERSON,
+            role=ObjectRole.PATIENT,
+        )
+        for patient in patient_ids
+    ]
 
 
 def _short(text: str | None) -> str | None:

@@ -50,6 +50,7 @@ class Codes:
     SOURCE = Code("110153", "DCM", "Source Role ID")
     # ParticipantObjectIDTypeCode (CID 404, RFC 3881)
     STUDY_INSTANCE_UID = Code("110180", "DCM", "Study Instance UID")
+    PATIENT_NUMBER = Code("2", "RFC-3881", "Patient Number")
     REPORT_NUMBER = Code("9", "RFC-3881", "Report Number")
     URI = Code("12", "RFC-3881", "URI")
 
@@ -85,6 +86,7 @@ class ObjectType(StrEnum):
 class ObjectRole(StrEnum):
     """ParticipantObjectTypeCodeRole (the ones we use)."""
 
+    PATIENT = "1"
     REPORT = "3"
     MASTER_FILE = "5"
     SECURITY_RESOURCE = "13"
@@ -107,7 +109,7 @@ class ActiveParticipant:
 
 @dataclass(frozen=True)
 class ParticipantObject:
-    """What the event was about: a study, a report, a configuration file."""
+    """What the event was about: a patient, a study, a report, a configuration file."""
 
     object_id: str
     id_type: Code

@@ -14,6 +14,8 @@ from typing import BinaryIO
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_partial
+from pydicom.tag import BaseTag, Tag
 
 from radflow_core.dicom_status import StoreStatus
 from radflow_core.errors import PipelineError
@@ -21,6 +23,7 @@ from radflow_core.transfer_syntaxes import ACCEPTED
 from radflow_core.uids import is_valid_uid
 
 _DEFER_BYTES = 4096
+_PATIENT_ID = Tag(0x0010, 0x0020)
 
 
 class InvalidInstance(PipelineError):
@@ -74,8 +77,50 @@ def requested_procedure_priority(ds: Dataset) -> str | None:
     return str(value).strip()[:16] or None
 
 
+PATIENT_ID_LIMIT = 1024 * 1024
+"""Bytes of a stored file :func:`read_patient_id` may read: Patient ID (0010,0020)
+follows only the file meta and groups 0008/0009, so one ranged block holds it."""
+
+
+def patient_id(ds: Dataset) -> str | None:
+    """Patient ID (0010,0020), for the audit trail only (PS3.15 A.5.3 requires it in
+    Instances Transferred); None when absent or undecodable. It is PHI: it never goes
+    into an event, a log line or :class:`InstanceHeader`."""
+    try:
+        value = ds.get("PatientID")
+    except Exception:  # noqa: BLE001 - an undecodable value is an unknown patient
+        return None
+    text = str(value).strip("\0 ")[:64] if value is not None else ""
+    return text or None
+
+
+def _past_patient_id(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return bool(tag > _PATIENT_ID)
+
+
+def read_patient_id(file: BinaryIO) -> str | None:
+    """The Patient ID of a stored Part 10 file, parsing nothing after it (for a ranged
+    read of a blob: only the first block is fetched). None when there is none.
+
+    Raises:
+        Any parser error: the caller counts the patient as unknown.
+    """
+    file.seek(0)
+    ds = read_partial(file, stop_when=_past_patient_id, defer_size=_DEFER_BYTES)
+    return patient_id(ds)
+
+
 def read_header(file: BinaryIO, size: int) -> InstanceHeader:
     """Parse a Part 10 file's structure and identifying attributes.
+
+    Raises:
+        InvalidInstance: with the DICOM status that describes what is wrong.
+    """
+    return read_header_and_patient(file, size)[0]
+
+
+def read_header_and_patient(file: BinaryIO, size: int) -> tuple[InstanceHeader, str | None]:
+    """:func:`read_header` and the Patient ID (for the audit trail only), from one parse.
 
     Raises:
         InvalidInstance: with the DICOM status that describes what is wrong.
@@ -123,7 +168,7 @@ def read_header(file: BinaryIO, size: int) -> InstanceHeader:
         if not is_valid_uid(value):
             raise InvalidInstance(StoreStatus.INVALID_UID, f"{keyword} is not a valid UID")
         values[keyword] = value
-    return InstanceHeader(
+    header = InstanceHeader(
         sop_instance_uid=values["SOPInstanceUID"],
         sop_class_uid=values["SOPClassUID"],
         study_instance_uid=values["StudyInstanceUID"],
@@ -133,3 +178,4 @@ def read_header(file: BinaryIO, size: int) -> InstanceHeader:
         body_part_examined=_text(ds, "BodyPartExamined"),
         requested_procedure_priority=requested_procedure_priority(ds),
     )
+    return header, patient_id(ds)

@@ -44,7 +44,11 @@ from radflow_core.dicom_status import StoreStatus
 from radflow_core.errors import PipelineError
 from radflow_core.events import BlobRef, InstanceReceived, Lane, Priority, Sender
 from radflow_core.file_meta import CanonicalFile, dataset_offset, encode_file_meta
-from radflow_core.instance_header import InstanceHeader, InvalidInstance, read_header
+from radflow_core.instance_header import (
+    InstanceHeader,
+    InvalidInstance,
+    read_header_and_patient,
+)
 from radflow_core.kafka import EventProducer
 from radflow_core.structure import DEFAULT_MAX_DEPTH, check_structure
 
@@ -121,9 +125,17 @@ def check_expected(header: InstanceHeader, expected: Expected) -> None:
         )
 
 
-def inspect(
-    file: BinaryIO, max_bytes: int, max_depth: int = DEFAULT_MAX_DEPTH
-) -> tuple[HashedFile, InstanceHeader]:
+@dataclass(frozen=True)
+class Inspected:
+    """What :func:`inspect` found in a received file."""
+
+    hashed: HashedFile
+    header: InstanceHeader
+    patient_id: str | None = field(default=None, repr=False)
+    """(0010,0020), for the audit message only: never in an event or a log line."""
+
+
+def inspect(file: BinaryIO, max_bytes: int, max_depth: int = DEFAULT_MAX_DEPTH) -> Inspected:
     """Validate a received file's whole structure, parse its header and hash the
     original ingest stores for it (blocking; run in a worker thread).
 
@@ -137,14 +149,14 @@ def inspect(
     if received > max_bytes:
         raise InvalidInstance(StoreStatus.INSTANCE_TOO_LARGE, "instance exceeds the size limit")
     check_structure(file, received, max_depth)
-    header = read_header(file, received)
+    header, patient_id = read_header_and_patient(file, received)
     meta = encode_file_meta(
         header.sop_class_uid, header.sop_instance_uid, header.transfer_syntax_uid
     )
     original = CanonicalFile(meta, file, dataset_offset(file))
     if original.size > max_bytes:
         raise InvalidInstance(StoreStatus.INSTANCE_TOO_LARGE, "instance exceeds the size limit")
-    return HashedFile.from_file(original), header  # type: ignore[arg-type]
+    return Inspected(HashedFile.from_file(original), header, patient_id)  # type: ignore[arg-type]
 
 
 class ClaimCheck:
@@ -185,9 +197,10 @@ class ClaimCheck:
         protocol = origin.sender.protocol.value
         header: InstanceHeader | None = None
         try:
-            hashed, parsed = await asyncio.to_thread(
+            inspected = await asyncio.to_thread(
                 inspect, file, self._max_instance_bytes, self._max_sequence_depth
             )
+            hashed, parsed = inspected.hashed, inspected.header
             header = parsed
             check_expected(parsed, origin.expected)
             stored = await self._store_checked(hashed, parsed, origin)
@@ -209,6 +222,7 @@ class ClaimCheck:
                 sop_class=header.sop_class_uid,
                 sop_instance=header.sop_instance_uid,
                 receiver_ae=origin.sender.called_ae,
+                patient_id=inspected.patient_id,
             )
         metrics.INSTANCES.labels(protocol, "duplicate" if stored.duplicate else "stored").inc()
         metrics.BYTES.labels(protocol).inc(hashed.size)

@@ -186,6 +186,7 @@ class Outcomes:
         latency_s: float,
         *,
         replay: bool = False,
+        patient_id: str | None = None,
     ) -> None:
         event = ReportReturned(
             **origin.identity(),
@@ -198,7 +199,7 @@ class Outcomes:
         )
         await self._producer.publish(event, event.key)
         if not replay:
-            self._audit_sent(origin)
+            self._audit_sent(origin, patient_id=patient_id)
         if replay:
             ALREADY_RETURNED.labels(origin.site).inc()
         log.info(
@@ -217,7 +218,9 @@ class Outcomes:
         status: ReportStatus | None = None,
         ack: Ack | None = None,
         sent: bool = False,
+        patient_id: str | None = None,
     ) -> None:
+        """``patient_id``: what PID-3 gave the RIS, for the audit message only."""
         record = origin.record
         event = ReportFailed(
             **origin.identity(),
@@ -236,11 +239,13 @@ class Outcomes:
         )
         await self._producer.publish(event, event.key)
         if sent:
-            self._audit_sent(origin, failure=reason)
+            self._audit_sent(origin, failure=reason, patient_id=patient_id)
         FAILED.labels(origin.site, reason).inc()
         log.warning("report not returned", extra={**origin.log_fields(), "reason": reason})
 
-    def _audit_sent(self, origin: Origin, failure: str | None = None) -> None:
+    def _audit_sent(
+        self, origin: Origin, failure: str | None = None, patient_id: str | None = None
+    ) -> None:
         if self._audit is not None:
             self._audit.report_sent(
                 origin.site,
@@ -248,6 +253,7 @@ class Outcomes:
                 report_version=origin.report_version,
                 study=origin.study_instance_uid,
                 failure=failure,
+                patient_id=patient_id,
             )
 
 
@@ -351,7 +357,7 @@ class Returner:
             await self._blobs.put_bytes(
                 order_marker, oru.control_id.encode(), kind=RETURNED_MARKER, check_existing=False
             )
-        await self._outcomes.returned(origin, status, attempts, latency)
+        await self._outcomes.returned(origin, status, attempts, latency, patient_id=oru.patient_id)
 
     async def _send(self, origin: Origin, oru: Oru) -> tuple[int, float] | None:
         """Send until AA; returns (attempts, ack latency), or None when the report went
@@ -376,6 +382,7 @@ class Returner:
                         attempts=attempts,
                         status=oru.status,
                         sent=True,
+                        patient_id=oru.patient_id,
                     )
                     return None
                 log.warning(
@@ -411,6 +418,7 @@ class Returner:
                 status=oru.status,
                 ack=ack,
                 sent=True,
+                patient_id=oru.patient_id,
             )
             return None
 

@@ -9,6 +9,7 @@ assembles the segments; its own escaping leaves such text unchanged. Line breaks
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from collections.abc import Iterator
@@ -136,13 +137,15 @@ def _xcn(person_id: str | None, name: PersonName, separator: str = "^") -> str:
     return separator.join(escape(p) for p in parts).rstrip(separator)
 
 
-def _patient_id(document: ReportDocument, site: Site) -> str:
+def _patient_id(document: ReportDocument, site: Site) -> tuple[str, str]:
+    """PID-3 (a CX) and its bare identifier."""
     rule = site.patient_identifier
     for identifier in document.patient.identifiers:
         authority = identifier.assigning_authority or rule.assigning_authority
         if rule.assigning_authority is None or authority == rule.assigning_authority:
             type_code = identifier.type_code or rule.type_code
-            return _components(identifier.id, "", "", authority or "", type_code)
+            cx = _components(identifier.id, "", "", authority or "", type_code)
+            return cx, identifier.id
     raise MissingPatientIdentifier(
         f"the report has no patient identifier from {rule.assigning_authority!r}, the "
         f"assigning authority site {site.name!r} expects"
@@ -194,6 +197,8 @@ class Oru:
     """Segments separated by CR."""
     payload: bytes
     """``er7`` in the site's encoding."""
+    patient_id: str | None = dataclasses.field(default=None, repr=False)
+    """PID-3's identifier (CX-1, unescaped), for the Export audit message only."""
 
 
 def build_oru(
@@ -228,7 +233,7 @@ def build_oru(
     patient_result = message.add_group("ORU_R01_PATIENT_RESULT")
     pid = patient_result.add_group("ORU_R01_PATIENT").pid
     pid.pid_1 = "1"
-    pid.pid_3 = _patient_id(document, site)
+    pid.pid_3, patient_id = _patient_id(document, site)
     if document.patient.name is not None and _xpn(document.patient.name):
         pid.pid_5 = _xpn(document.patient.name)
     if document.patient.birth_date is not None:
@@ -255,7 +260,7 @@ def build_oru(
         raise UnencodableText(
             f"the report has characters that {site.encoding} (site {site.name!r}) cannot carry"
         ) from None
-    return Oru(message_control_id, status, er7, payload)
+    return Oru(message_control_id, status, er7, payload, patient_id)
 
 
 def _fill_order(order: Group, document: ReportDocument, site: Site, result: str) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import tempfile
@@ -41,11 +42,13 @@ from radflow_core.audit import Auditor
 from radflow_core.blobstore import BlobStore
 from radflow_core.errors import BlobIntegrityError, BlobNotFound, PipelineError
 from radflow_core.events import (
+    BlobRef,
     Envelope,
     ForwardCompleted,
     ForwardFailed,
     ForwardRequested,
 )
+from radflow_core.instance_header import PATIENT_ID_LIMIT, read_patient_id
 from radflow_core.kafka import EventProducer
 from radflow_core.retry import Turn, current_turn
 from radflow_rules.rules import Destination
@@ -574,7 +577,13 @@ class Deliverer:
             destination_ae=peer.ae_title if peer else None,
             calling_ae=peer.calling_ae_title if peer else None,
             failure=failure,
+            patient=functools.partial(self._patient_of, request.blob),
         )
+
+    async def _patient_of(self, blob: BlobRef) -> str | None:
+        """The Patient ID the audit message needs (events carry none): read from the
+        header of the blob that was sent, one ranged GET, when the message is written."""
+        return await self._blobs.read_partially(blob, read_patient_id, PATIENT_ID_LIMIT)
 
 
 async def _discard(staging: asyncio.Task[Staged]) -> None:
