@@ -3,13 +3,16 @@ distinctive patient data (images refused at the door, delivered, refused by a
 destination, held and dead-lettered; reports
 from the reporting platform and from Structured Reports; a RIS that answers AE and AR
 quoting the patient), then every service's log and every record of every topic, read
-from the beginning, is searched for every marker."""
+from the beginning, is searched for every marker. The one exception is the Patient ID
+in the audit trail, where PS3.15 A.5.3 requires it, and only as the ID of a patient
+participant object."""
 
 from __future__ import annotations
 
 import io
 import json
 import uuid
+import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,7 @@ from radflow_core.topics import Topic
 from radflow_devstack.kit.waiting import wait_for
 from radflow_devstack.mllp_peer import MllpPeer, Reply
 from radflow_devstack.processes import ManagedProcess
+from support.audit import audit_records, patient_ids, without_patient_ids
 from support.dicom import bundled_file, make_instance, pynetdicom_store
 from support.kafka import read_topic
 from support.orthanc import OrthancView
@@ -30,10 +34,11 @@ from support.stack import IngestProcess, Stack
 
 pytestmark = pytest.mark.pipeline
 
-ALLOWED: dict[str, frozenset[str]] = {}
-"""Topic → the markers (by name, as in ``markers()``) that topic may carry. Empty: no
-topic may carry any, the audit topic (radflow.audit) included: its messages identify
-studies by UID, not patients (docs/security.md, Audit trail)."""
+ALLOWED: dict[str, frozenset[str]] = {Topic.AUDIT.value: frozenset({"PatientID"})}
+"""Topic → the markers (by name, as in ``markers()``) that topic may carry, and only as
+the ParticipantObjectID of a patient participant object of a DICOM audit message
+(PS3.15 A.5.3 requires the patient in Instances Transferred and Export; the name is
+left out: docs/security.md, Audit trail). No other topic may carry any."""
 
 TAG = uuid.uuid4().hex[:6].upper()
 
@@ -78,7 +83,7 @@ RIS_SAYS = (
 )
 """What the RIS answers in MSA-3 and ERR-8: it quotes the patient, as real ones do."""
 
-DEBUG = {"RADFLOW_LOG_LEVEL": "DEBUG"}
+DEBUG = {"RADFLOW_LOG_LEVEL": "DEBUG", "RADFLOW_AUDIT_TRANSFER_WINDOW_S": "0.5"}
 
 RULES = """\
 version: 1
@@ -107,6 +112,16 @@ def _with_demographics(path: Path, raw: bytes | None = None) -> Path:
 
 def _found(text: str, allowed: frozenset[str] = frozenset()) -> list[str]:
     return [name for name, value in MARKERS.items() if value in text and name not in allowed]
+
+
+def _outside_patient_objects(value: Any, allowed: frozenset[str]) -> Any:
+    """An audit record with the allowed markers taken out where the standard puts
+    them (a patient object's ID); anything left over is a leak."""
+    data = value.get("data") if isinstance(value, dict) else None
+    if not allowed or not isinstance(data, dict) or "message" not in data:
+        return value
+    only = {MARKERS[name] for name in allowed}
+    return {**value, "data": {**data, "message": without_patient_ids(data["message"], only)}}
 
 
 def _topics(stack: Stack) -> Iterator[tuple[str, str]]:
@@ -228,11 +243,26 @@ def test_no_patient_data_reaches_any_log_or_topic(
     assert {m.answered for m in mllp_peer.received} == {"AE", "AR"}
     assert any(MARKERS["PatientID"] in m.er7 for m in mllp_peer.received), "the RIS got it"
 
+    def patient_audited() -> set[tuple[str, str]] | None:
+        """(EventID, action) of the audit messages naming the patient by ID."""
+        named = {
+            (
+                r["event_id"],
+                ET.fromstring(r["message"]).find("EventIdentification").get("EventActionCode"),
+            )
+            for r in audit_records(stack)
+            if patient_ids(r["message"]) == [MARKERS["PatientID"]]
+        }
+        return named if {("110104", "C"), ("110104", "R"), ("110106", "R")} <= named else None
+
+    wait_for("received, sent and exported audited with the Patient ID", patient_audited)
+
     leaks: list[str] = []
     for name, topic in _topics(stack):
         for record in read_topic(stack.kafka, topic):
-            raw = json.dumps({"key": record["key"], "value": record["value"]})
-            for found in _found(raw, ALLOWED.get(name, frozenset())):
+            value = _outside_patient_objects(record["value"], ALLOWED.get(name, frozenset()))
+            raw = json.dumps({"key": record["key"], "value": value})
+            for found in _found(raw):
                 leaks.append(f"{found} in topic {name} offset {record['offset']}: {raw[:300]}")
     for service in started:
         for number, line in enumerate(service.log().splitlines(), 1):

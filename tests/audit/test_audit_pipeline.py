@@ -1,6 +1,7 @@
 """The audit trail through real ingest on the real broker: a C-STORE association, a
 refused caller and a refused STOW-RS request end up as DICOM audit messages on
-radflow.audit."""
+radflow.audit; the received instances' message names their patient by ID (PS3.15
+A.5.3), and no message names the patient otherwise."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 from radflow_core.dicom_status import StoreStatus
 from radflow_core.topics import Topic
 from radflow_devstack.kit.waiting import wait_for
+from support.audit import patient_ids, without_patient_ids
 from support.dicom import PHI_ID, PHI_NAME, make_instance, pynetdicom_store
 from support.stack import IngestProcess, Stack
 
@@ -26,7 +28,7 @@ def _audit(stack: Stack) -> list[dict]:
     return [event["data"] for event in stack.events(Topic.AUDIT)]
 
 
-def test_received_instances_and_a_refused_caller_are_audited_without_patient_data(
+def test_received_instances_and_a_refused_caller_are_audited_naming_the_patient_by_id_only(
     stack: Stack, start_ingest, tmp_path: Path
 ) -> None:
     ingest: IngestProcess = start_ingest(
@@ -69,7 +71,8 @@ def test_received_instances_and_a_refused_caller_are_audited_without_patient_dat
     records = wait_for(
         "start, transfer and alert on radflow.audit", audited, timeout_s=20, every_s=0.5
     )
-    assert all(PHI_ID not in r["message"] and PHI_NAME not in r["message"] for r in records)
+    assert all(PHI_NAME not in r["message"] for r in records)
+    assert all(PHI_ID not in without_patient_ids(r["message"]) for r in records)
 
     (transfer,) = [r for r in records if r["event_id"] == "110104"]
     assert transfer["study_instance_uid"] == STUDY and transfer["outcome"] == 0
@@ -82,6 +85,10 @@ def test_received_instances_and_a_refused_caller_are_audited_without_patient_dat
     assert study.get("ParticipantObjectID") == STUDY
     instances = sorted(i.get("UID") for i in study.iter("Instance"))
     assert instances == [f"{STUDY}.1", f"{STUDY}.2"]
+    assert patient_ids(message) == [PHI_ID], "the sent Patient ID, once for both"
+    for other in records:
+        if other["event_id"] != "110104":
+            assert patient_ids(other["message"]) == [], other["event_id"]
 
     (alert,) = [r for r in records if r["event_id"] == "110113"]
     assert alert["outcome"] == 4

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
-from radflow_core.audit import DROPPED, Auditor, Door
+from radflow_core.audit import DROPPED, PATIENT_UNKNOWN, Auditor, Door
 from radflow_core.audit_message import (
     Action,
     ActiveParticipant,
@@ -31,6 +31,7 @@ from radflow_core.settings import AuditSettings
 from radflow_core.tls import TlsFilesUnusable
 from radflow_devstack.pki import Authority
 from radflow_devstack.processes import free_port
+from support.audit import patient_ids
 
 SCHEMA = etree.RelaxNG(etree.parse(str(Path(__file__).with_name("dicom-audit-message.rng"))))
 HEADER = re.compile(
@@ -127,14 +128,34 @@ async def test_every_audit_message_reaches_the_repository_framed_and_valid(
     )
     await auditor.start()
     auditor.application_started()
-    for n in (1, 2):
+    lookups = []
+
+    async def patient() -> str:
+        lookups.append(STUDY)
+        return "PID-SENT"
+
+    # Two instances of one study, one sender, one window, with different Patient IDs.
+    for n, patient_id in ((1, "PID-A"), (2, "PID-B"), (3, "PID-A")):
         auditor.instance_received(
-            sender, study=STUDY, sop_class=CT, sop_instance=f"{STUDY}.{n}", receiver_ae="RADFLOW"
+            sender,
+            study=STUDY,
+            sop_class=CT,
+            sop_instance=f"{STUDY}.{n}",
+            receiver_ae="RADFLOW",
+            patient_id=patient_id,
         )
-    auditor.instance_sent(
-        "pacs", study=STUDY, sop_class=CT, sop_instance=f"{STUDY}.1", address="pacs.example"
+    for n in (1, 2):
+        auditor.instance_sent(
+            "pacs",
+            study=STUDY,
+            sop_class=CT,
+            sop_instance=f"{STUDY}.{n}",
+            address="pacs.example",
+            patient=patient,
+        )
+    auditor.report_sent(
+        "site-a", report_id="R-17", report_version=2, study=STUDY, patient_id="PID-RIS"
     )
-    auditor.report_sent("site-a", report_id="R-17", report_version=2, study=STUDY)
     auditor.authentication_failure(
         Door.STOW_RS, reason="expired token", peer_address="10.9.9.9", user="jwt:iss#u"
     )
@@ -182,10 +203,20 @@ async def test_every_audit_message_reaches_the_repository_framed_and_valid(
     )
     assert received.find("EventIdentification").get("EventActionCode") == "C"
     assert sent.find("EventIdentification").get("EventActionCode") == "R"
-    # The two instances of one study from one sender are one message, listing both.
+    # The instances of one study from one sender are one message, listing them all.
     sop = received.find("ParticipantObjectIdentification/ParticipantObjectDescription/SOPClass")
-    assert sop.get("UID") == CT and sop.get("NumberOfInstances") == "2"
-    assert [i.get("UID") for i in sop] == [f"{STUDY}.1", f"{STUDY}.2"]
+    assert sop.get("UID") == CT and sop.get("NumberOfInstances") == "3"
+    assert [i.get("UID") for i in sop] == [f"{STUDY}.1", f"{STUDY}.2", f"{STUDY}.3"]
+    # PS3.15 A.5.3: the patient, one object per distinct Patient ID, the ID only.
+    assert patient_ids(received) == ["PID-A", "PID-B"]
+    assert patient_ids(sent) == ["PID-SENT"]
+    assert lookups == [STUDY], "one lookup per message, not per instance"
+    (export,) = seen[("110106", None)]
+    assert patient_ids(export) == ["PID-RIS"]
+    assert all(d.find(".//ParticipantObjectName") is None for d in frames_as(seen))
+    for kind, documents in seen.items():
+        if kind[0] not in ("110104", "110106"):
+            assert all(patient_ids(d) == [] for d in documents), kind
     roles = {
         p.get("UserID"): p.find("RoleIDCode").get("csd-code")
         for p in received.iter("ActiveParticipant")
@@ -197,6 +228,41 @@ async def test_every_audit_message_reaches_the_repository_framed_and_valid(
     rejected = seen[("110113", "110131")][0].find("EventIdentification")
     assert rejected.get("EventOutcomeIndicator") == "4"
     assert rejected.findtext("EventOutcomeDescription") == "line 3: bad"
+
+
+def frames_as(seen: dict[tuple[str, str | None], list[etree._Element]]) -> list[etree._Element]:
+    return [d for documents in seen.values() for d in documents]
+
+
+async def test_a_patient_lookup_that_fails_leaves_the_patient_out_and_is_counted(
+    tmp_path: Path, authority: Authority, repository: Repository
+) -> None:
+    """Auditing never fails a delivery: the message is written without the patient."""
+    client = authority.issue("radflow-forwarder", server=False)
+    auditor = _auditor(
+        tmp_path,
+        syslog_host="127.0.0.1",
+        syslog_port=repository.port,
+        syslog_ca_file=authority.ca_file,
+        syslog_cert_file=client.cert,
+        syslog_key_file=client.key,
+    )
+
+    async def unreadable() -> str:
+        raise OSError("blob store down")
+
+    before = PATIENT_UNKNOWN.labels("lookup_failed")._value.get()
+    await auditor.start()
+    auditor.instance_sent(
+        "pacs", study=STUDY, sop_class=CT, sop_instance=f"{STUDY}.1", patient=unreadable
+    )
+    await auditor.stop()
+    (frame,) = await repository.wait_for(1)
+    document = etree.fromstring(frame[HEADER.match(frame).end() :])
+    SCHEMA.assertValid(document)
+    assert _codes(document) == ("110104", None)
+    assert patient_ids(document) == []
+    assert PATIENT_UNKNOWN.labels("lookup_failed")._value.get() - before == 1
 
 
 async def test_an_unreachable_repository_costs_the_caller_nothing_but_counted_drops(

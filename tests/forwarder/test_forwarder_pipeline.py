@@ -24,8 +24,8 @@ from radflow_devstack.kit.rules_file import dimse_destination, write_rules
 from radflow_devstack.kit.waiting import wait_for
 from radflow_devstack.pki import Authority
 from radflow_devstack.processes import ManagedProcess, free_port
-from support.audit import audit_records, participant_ids
-from support.dicom import make_instance
+from support.audit import audit_records, participant_ids, patient_ids
+from support.dicom import PHI_ID, make_instance
 from support.dimse_peer import DimsePeer
 from support.metrics import metric, metric_sum
 from support.oauth import OAuthGateway
@@ -268,17 +268,18 @@ def test_a_refusing_destination_dead_letters_while_another_keeps_receiving(
     }
     assert {f["retriable"] for f in failed(stack)} == {False}
 
-    # The audit trail: Instances Transferred (Read), a success to one, a failure to the other.
-    def audited() -> dict[str, int] | None:
+    # The audit trail: Instances Transferred (Read), a success to one, a failure to the
+    # other, each naming the patient by the ID read from the stored instance's header.
+    def audited() -> dict[str, tuple[int, list[str]]] | None:
         outcomes = {}
         for transfer in audit_records(stack, "110104"):
             for name in {"good", "refusing"} & participant_ids(transfer):
-                outcomes[name] = transfer["outcome"]
+                outcomes[name] = (transfer["outcome"], patient_ids(transfer["message"]))
         return outcomes if len(outcomes) == 2 else None
 
     assert wait_for("a transfer audited per destination", audited, every_s=0.5) == {
-        "good": 0,
-        "refusing": 4,
+        "good": (0, [PHI_ID]),
+        "refusing": (4, [PHI_ID]),
     }
 
 
