@@ -5,13 +5,19 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
 
 from radflow_core.dicom_status import StoreStatus
-from radflow_core.instance_header import InvalidInstance, read_header
-from support.dicom import bundled_file, dataset_bytes, make_instance
+from radflow_core.instance_header import (
+    InvalidInstance,
+    read_header,
+    read_header_and_patient,
+    read_patient_id,
+)
+from support.dicom import PHI_ID, bundled_file, dataset_bytes, make_instance
 from support.nesting import deeply_nested
 
 
@@ -92,3 +98,33 @@ def test_requested_procedure_priority_is_found_in_the_request_attributes_sequenc
     item.RequestedProcedurePriority = "STAT"
     path = make_instance(tmp_path / "a.dcm", extra={"RequestAttributesSequence": [item]})
     assert _read(path.read_bytes()).requested_procedure_priority == "STAT"
+
+
+class _Counting(io.BytesIO):
+    """Remembers how far into the file anything was read."""
+
+    furthest = 0
+
+    def read(self, size: int | None = -1) -> bytes:
+        data = super().read(size)
+        self.furthest = max(self.furthest, self.tell())
+        return data
+
+
+def test_the_audit_patient_id_is_read_from_the_start_of_the_file_only(tmp_path: Path) -> None:
+    """The forwarder reads it with ranged GETs: nothing after (0010,0020) is fetched."""
+    data = make_instance(tmp_path / "a.dcm", rows=256, columns=256).read_bytes()
+    counting = _Counting(data)
+    assert read_patient_id(counting) == PHI_ID
+    assert counting.furthest < 2048 < len(data)
+    header, patient = read_header_and_patient(io.BytesIO(data), len(data))
+    assert patient == PHI_ID
+    assert PHI_ID not in repr(header), "the header stays PHI-free"
+
+
+def test_an_instance_without_a_patient_id_has_no_audit_patient(tmp_path: Path) -> None:
+    path = make_instance(tmp_path / "a.dcm")
+    ds = pydicom.dcmread(path)
+    del ds.PatientID
+    ds.save_as(path)
+    assert read_patient_id(io.BytesIO(path.read_bytes())) is None

@@ -559,8 +559,9 @@ class AuditRecorded(EventModel):
     study_instance_uid: Uid | None = None
     """The study the message is about, when there is one (also the record key)."""
     message: str
-    """The ``AuditMessage`` XML document. It carries no patient name, ID or birth date
-    (see docs/security.md for why and what it carries instead)."""
+    """The ``AuditMessage`` XML document. Instances Transferred and Export messages
+    carry the Patient ID (PS3.15 A.5.3 requires it), never the name or birth date: this
+    topic is PHI (docs/security.md, Audit trail)."""
 
 
 PayloadT = TypeVar("PayloadT", bound=EventModel)
