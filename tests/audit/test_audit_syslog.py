@@ -234,7 +234,7 @@ def frames_as(seen: dict[tuple[str, str | None], list[etree._Element]]) -> list[
     return [d for documents in seen.values() for d in documents]
 
 
-async def test_a_patient_lookup_that_fails_leaves_the_patient_out_and_is_counted(
+async def test_a_patient_lookup_that_fails_or_hangs_leaves_the_patient_out_and_is_counted(
     tmp_path: Path, authority: Authority, repository: Repository
 ) -> None:
     """Auditing never fails a delivery: the message is written without the patient."""
@@ -251,18 +251,26 @@ async def test_a_patient_lookup_that_fails_leaves_the_patient_out_and_is_counted
     async def unreadable() -> str:
         raise OSError("blob store down")
 
+    async def hanging() -> str:
+        await asyncio.sleep(60)
+        return "never"
+
     before = PATIENT_UNKNOWN.labels("lookup_failed")._value.get()
     await auditor.start()
-    auditor.instance_sent(
-        "pacs", study=STUDY, sop_class=CT, sop_instance=f"{STUDY}.1", patient=unreadable
-    )
-    await auditor.stop()
-    (frame,) = await repository.wait_for(1)
-    document = etree.fromstring(frame[HEADER.match(frame).end() :])
-    SCHEMA.assertValid(document)
-    assert _codes(document) == ("110104", None)
-    assert patient_ids(document) == []
-    assert PATIENT_UNKNOWN.labels("lookup_failed")._value.get() - before == 1
+    for destination, lookup in (("pacs", unreadable), ("archive", hanging)):
+        auditor.instance_sent(
+            destination, study=STUDY, sop_class=CT, sop_instance=f"{STUDY}.1", patient=lookup
+        )
+    started = time.perf_counter()
+    await auditor.stop(timeout_s=1)
+    assert time.perf_counter() - started < 1.5, "a hanging lookup does not hold up the stop"
+    frames = await repository.wait_for(2)
+    for frame in frames:
+        document = etree.fromstring(frame[HEADER.match(frame).end() :])
+        SCHEMA.assertValid(document)
+        assert _codes(document) == ("110104", None)
+        assert patient_ids(document) == []
+    assert PATIENT_UNKNOWN.labels("lookup_failed")._value.get() - before == 2
 
 
 async def test_an_unreachable_repository_costs_the_caller_nothing_but_counted_drops(

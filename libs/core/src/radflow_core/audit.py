@@ -131,6 +131,7 @@ class Auditor:
         self._thread: int | None = None
         self._pending: set[asyncio.Task[None]] = set()
         self._batches: dict[Hashable, _Batch] = {}
+        self._lookup_timeout_s = PATIENT_LOOKUP_TIMEOUT_S
         self._syslog: SyslogSender | None = None
 
     # -- lifecycle -----------------------------------------------------------------
@@ -143,6 +144,7 @@ class Auditor:
         """
         self._loop = asyncio.get_running_loop()
         self._thread = threading.get_ident()
+        self._lookup_timeout_s = PATIENT_LOOKUP_TIMEOUT_S
         s = self._settings
         if s.syslog_host and self._syslog is None:
             context = client_context(
@@ -163,6 +165,8 @@ class Auditor:
         the repository to take what is queued; safe to call twice."""
         if self._loop is None:
             return
+        # Lookups started now get half the time, so their messages can still be sent.
+        self._lookup_timeout_s = min(PATIENT_LOOKUP_TIMEOUT_S, timeout_s / 2)
         for key in list(self._batches):
             self._flush(key, self._batches[key])
         # A patient lookup, once done, hands its message to the producer: wait for both.
@@ -472,7 +476,7 @@ class Auditor:
     async def _look_up_and_record(self, batch: _Batch, lookup: PatientLookup) -> None:
         found: str | None = None
         try:
-            async with asyncio.timeout(PATIENT_LOOKUP_TIMEOUT_S):
+            async with asyncio.timeout(self._lookup_timeout_s):
                 found = await lookup()
         except Exception as exc:  # noqa: BLE001 - the message goes without the patient
             PATIENT_UNKNOWN.labels("lookup_failed").inc()
