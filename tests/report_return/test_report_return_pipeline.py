@@ -18,7 +18,7 @@ from radflow_devstack.kit.waiting import wait_for
 from radflow_devstack.mllp_peer import MllpPeer, Reply
 from radflow_devstack.processes import free_port
 from report_return.hl7 import control_id
-from support.audit import audit_records
+from support.audit import audit_records, patient_ids
 from support.metrics import metric
 from support.mllp import field, sections
 from support.reports import Publish, document, write_sites
@@ -181,6 +181,8 @@ def test_answers_ar_ae_and_garbage_end_in_report_failed_with_the_ack_s_codes_onl
         "four exports", lambda: len(e := audit_records(stack, "110106")) == 4 and e, every_s=0.5
     )
     assert sorted(e["outcome"] for e in exports) == [0, 4, 4, 4]
+    # PS3.15 A.5.3: each names the patient by the identifier PID-3 gave the RIS.
+    assert [patient_ids(e["message"]) for e in exports] == [["MRN-4711"]] * 4
     assert (
         metric(service.url, "radflow_report_return_failed_total", site="north", reason="rejected")
         == 1
