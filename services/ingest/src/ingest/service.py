@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import tempfile
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
@@ -98,6 +99,13 @@ class IngestService:
                 "STOW-RS cannot be served as configured (TLS files or API keys file)",
                 [problem],
             )
+        try:
+            # Received data sets spool to TMPDIR. tempfile probes the folder on first
+            # use; doing it now makes an unwritable TMPDIR stop ingest at start instead
+            # of failing the first C-STORE (and keeps the probe out of receive time).
+            tempfile.gettempdir()
+        except FileNotFoundError as exc:
+            self.shell.cannot_run("no usable temporary folder for spooling (TMPDIR)", [str(exc)])
         self.health = self.shell.health
         self.failed = self.shell.failed
         self.shell.loop(
