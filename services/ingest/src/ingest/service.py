@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import tempfile
 import logging
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
 from ingest.auth import Authenticator, AuthFailure
