@@ -66,6 +66,13 @@ OPERATOR = {
         "Nothing: the same instance from several C-STORE senders is stored once and "
         "delivered once per destination."
     ),
+    "kill_report_return": (
+        "Nothing: Kubernetes restarts the pod. A report whose AA arrived just before the "
+        "kill, before report-return recorded it, is sent once more under the same MSH-10 "
+        "(MLLP cannot ask the RIS what it holds); the RIS's duplicate check on MSH-10 "
+        "recognises it. `resent_same_control_id` counts those; any other second copy "
+        "counts as duplicated."
+    ),
     "soak": (
         "Watch the dashboard's acknowledgement latency and each pod's memory; both stay "
         "flat under steady load."
@@ -94,11 +101,13 @@ SIGTERM = (
 
 
 def _operator(scenario: str) -> str:
+    if scenario in OPERATOR:
+        return OPERATOR[scenario]
     if scenario.startswith("kill_"):
         return KILL
     if scenario.startswith("sigterm_"):
         return SIGTERM
-    return OPERATOR.get(scenario, "")
+    return ""
 
 
 def _per_destination(values: dict[str, int]) -> str:

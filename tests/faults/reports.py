@@ -79,8 +79,17 @@ class ReportStream:
             for e in self.stack.events(Topic.REPORT_RETURNED)
         }
 
-    def finish(self, scenario: str, title: str, **details: object) -> Result:
-        """Wait until every report is returned, then count what the RIS received."""
+    def finish(
+        self, scenario: str, title: str, *, in_flight_resends: int = 0, **details: object
+    ) -> Result:
+        """Wait until every report is returned, then count what the RIS received.
+
+        ``in_flight_resends``: how many reports the fault may legitimately send twice
+        under the same MSH-10. A SIGKILL after the RIS's AA but before report-return
+        has written its marker resends the one report on the wire with the same
+        control ID (MLLP has no way to ask the RIS what it holds), which is what an
+        HL7 receiver's duplicate check on MSH-10 is for. A second copy of anything
+        else, or a copy under another control ID, is a duplicate."""
         self._thread.join(timeout=size().drain_s)
         assert not self._thread.is_alive(), "publishing never finished"
         drained = time.monotonic()
@@ -95,18 +104,20 @@ class ReportStream:
         received = Counter(m.control_id for m in self.peer.received)
         returned = self.returned()
         expected = {returned[r] for r in self.published if r in returned}
+        resent = sum(n - 1 for n in received.values() if n > 1)
         return Result(
             scenario=scenario,
             title=title,
             acknowledged=len(self.published),
             delivered={"ris": len(self.peer.received)},
             lost={"ris": len(set(self.published) - set(returned))},
-            duplicated={"ris": sum(1 for n in received.values() if n > 1)},
+            duplicated={"ris": max(0, resent - in_flight_resends)},
             dead_letters={Topic.REPORT_FAILED.value: len(self.stack.events(Topic.REPORT_FAILED))},
             drain_s=round(drain, 1),
             details={
                 "reports": self.count,
                 "unexpected_messages": len(set(received) - expected),
+                "resent_same_control_id": resent,
                 "total_s": round(time.monotonic() - self.began, 1),
                 **details,
             },

@@ -144,6 +144,7 @@ def test_report_return_killed_mid_stream_returns_each_report_once(
         result = stream.finish(
             "kill_report_return",
             f"SIGKILL of report-return a third into {stream.count} reports, restarted",
+            in_flight_resends=1,
             received_when_killed=killed_at,
             down_s=DOWN_S,
         )
