@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.filereader import data_element_generator
-from pydicom.filewriter import write_file_meta_info
 from pydicom.sequence import Sequence
 
 from radflow_core.dicom_status import StoreStatus
+from radflow_core.file_meta import encode_file_meta
 from radflow_core.structure import StructureInvalid, check_structure
 from support.dicom import TEST_FILES, _meta_end, bundled_file, make_instance
 from support.hostile import deflate_bomb
@@ -155,13 +155,8 @@ def test_a_length_pointing_past_the_end_is_refused_wherever_it_is(tmp_path: Path
 
 
 def _encapsulated(fragments: bytes) -> bytes:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
-    meta.MediaStorageSOPInstanceUID = "1.2.3.4"
-    meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.50"
     buffer = io.BytesIO()
-    buffer.write(b"\0" * 128 + b"DICM")
-    write_file_meta_info(buffer, meta)
+    buffer.write(encode_file_meta("1.2.840.10008.5.1.4.1.1.7", "1.2.3.4", "1.2.840.10008.1.2.4.50"))
     buffer.write(b"\x28\x00\x10\x00US\x02\x00\x04\x00")  # Rows 4
     buffer.write(b"\xe0\x7f\x10\x00OB\x00\x00\xff\xff\xff\xff")  # Pixel Data, undefined
     buffer.write(fragments)

@@ -6,20 +6,14 @@ import io
 import struct
 import zlib
 
-from pydicom.dataset import FileMetaDataset
-from pydicom.filewriter import write_file_meta_info
+from radflow_core.file_meta import encode_file_meta
 
 
 def deflate_bomb(inflated_bytes: int) -> bytes:
     """A Deflated Explicit VR Little Endian file whose data set inflates to
     ``inflated_bytes`` (an OB element of zeros) from about a thousandth of that."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
-    meta.MediaStorageSOPInstanceUID = "1.2.3.4"
-    meta.TransferSyntaxUID = "1.2.840.10008.1.2.1.99"
     out = io.BytesIO()
-    out.write(b"\0" * 128 + b"DICM")
-    write_file_meta_info(out, meta)
+    out.write(encode_file_meta("1.2.840.10008.5.1.4.1.1.7", "1.2.3.4", "1.2.840.10008.1.2.1.99"))
     deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
     value = inflated_bytes - 12
     header = b"\x09\x00\x10\x10OB\0\0" + struct.pack("<L", value)

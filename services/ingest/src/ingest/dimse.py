@@ -70,15 +70,19 @@ def status_dataset(status: StoreStatus, comment: str | None = None) -> Dataset:
     return ds
 
 
-def certificate_identity(sock: object) -> str | None:
-    """``cert:<CN>`` of the verified client certificate on ``sock``, if any."""
+def certificate_cn(sock: object) -> str | None:
+    """The common name of the verified client certificate on ``sock``, if any."""
     if not isinstance(sock, ssl.SSLSocket):
         return None
     try:
-        name = peer_common_name(sock.getpeercert())
+        return peer_common_name(sock.getpeercert())
     except (ValueError, OSError):
         return None
-    return f"cert:{name}" if name else None
+
+
+def certificate_identity(common_name: str | None) -> str | None:
+    """The sender identity a verified client certificate gives: ``cert:<CN>``."""
+    return f"cert:{common_name}" if common_name else None
 
 
 def _socket_of(assoc: Any) -> socket.socket | None:
@@ -283,12 +287,13 @@ class DimseReceiver:
         calling = str(primitive.calling_ae_title).strip() if primitive else ""
         address = assoc.requestor.address
         sock = _socket_of(assoc)
-        identity = certificate_identity(sock)
+        common_name = certificate_cn(sock)
+        identity = certificate_identity(common_name)
         if self._rules and not any(rule.allows(calling, address) for rule in self._rules):
             self._reject(assoc, "calling_ae_not_allowed", calling, address, identity)
             return
         if isinstance(sock, ssl.SSLSocket) and self._certificate_peers:
-            peer = self._certificate_peers.get(identity[len("cert:") :]) if identity else None
+            peer = self._certificate_peers.get(common_name) if common_name else None
             if peer is None or not peer.allows(calling):
                 self._reject(assoc, "certificate_not_allowed", calling, address, identity)
                 return
@@ -354,7 +359,7 @@ class DimseReceiver:
                 calling_ae=assoc.requestor.ae_title.strip(),
                 called_ae=assoc.acceptor.ae_title.strip(),
                 peer_address=assoc.requestor.address,
-                identity=certificate_identity(_socket_of(assoc)),
+                identity=certificate_identity(certificate_cn(_socket_of(assoc))),
             ),
             priority=_DIMSE_PRIORITY.get(int(request.Priority or 0), Priority.MEDIUM),
             expected=Expected(
