@@ -21,6 +21,8 @@ import ssl
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+from radflow_core.retry import backoff_delay
+
 log = logging.getLogger(__name__)
 
 FACILITY_AUTHPRIV = 10
@@ -120,14 +122,14 @@ class SyslogSender:
         await self._disconnect()
 
     async def _run(self) -> None:
-        pause = 0.5
+        failures = 0
         while True:
             message = await self._queue.get()
             try:
                 while True:
                     try:
                         await self._write(octet_counted(message))
-                        pause = 0.5
+                        failures = 0
                         break
                     except (OSError, ssl.SSLError, TimeoutError) as exc:
                         await self._disconnect()
@@ -139,8 +141,8 @@ class SyslogSender:
                                 "error_type": type(exc).__name__,
                             },
                         )
-                        await asyncio.sleep(pause)
-                        pause = min(pause * 2, self._max_pause_s)
+                        failures += 1
+                        await asyncio.sleep(backoff_delay(failures, 0.5, self._max_pause_s))
             finally:
                 self._queue.task_done()
 
