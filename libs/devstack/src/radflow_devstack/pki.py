@@ -46,13 +46,16 @@ class Authority:
         name: str = "radflow test CA",
         *,
         days: int = 1,
+        ca_file: Path | None = None,
         key: ec.EllipticCurvePrivateKey | None = None,
         cert: x509.Certificate | None = None,
     ) -> None:
+        """A new CA named ``name`` (its certificate written to ``ca_file``, by default
+        ``<name>.pem`` in ``folder``), or, given ``key`` and ``cert``, an existing one."""
         self.folder = folder
         self.days = days
         folder.mkdir(parents=True, exist_ok=True)
-        self.ca_file = folder / f"{name.replace(' ', '-')}.pem"
+        self.ca_file = ca_file or folder / f"{name.replace(' ', '-')}.pem"
         if key is not None and cert is not None:
             self._key, self._cert = key, cert
             return
@@ -98,12 +101,8 @@ class Authority:
             key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
             fresh = cert.not_valid_after_utc > dt.datetime.now(dt.UTC) + dt.timedelta(days=1)
             if fresh and isinstance(key, ec.EllipticCurvePrivateKey):
-                authority = cls(folder, days=days, key=key, cert=cert)
-                authority.ca_file = cert_path
-                return authority
-        authority = cls(folder, "radflow development CA", days=days)
-        authority.ca_file.rename(cert_path)
-        authority.ca_file = cert_path
+                return cls(folder, days=days, ca_file=cert_path, key=key, cert=cert)
+        authority = cls(folder, "radflow development CA", days=days, ca_file=cert_path)
         _write_key(authority._key, key_path)
         return authority
 
