@@ -45,12 +45,14 @@ from harness import (
     Parts,
     Slice,
     TopicFollower,
+    blob_requests,
     ct_series,
     fmt,
     loadavg,
     machine,
     median,
     orthanc_count,
+    requests_per_instance,
     run_dir,
     small_mix,
     timestamp,
@@ -145,6 +147,9 @@ def _forwarder(
         forwarder = parts.service("stow_forwarder", st, rules_file=str(rules))
         ready = time.time()
         completed.wait(len(files), 600)
+        requests = requests_per_instance(
+            {}, {"stow_forwarder": blob_requests(forwarder)}, len(files)
+        )
     done = completed.events()
     failed = TopicFollower(st.kafka, st.topic(Topic.FORWARD_FAILED))
     with failed:
@@ -164,6 +169,8 @@ def _forwarder(
         "start_to_ready_s": round(ready - started, 2),
         "start_to_first_delivery_s": round(delivered[0] - started, 2),
         "curve": [(round(t - started, 2), n) for t, n in poller.points],
+        "s3_requests_per_instance": requests["total"],
+        "s3_requests_by_operation": requests["stages"]["stow_forwarder"]["by_operation"],
     }
     if len(files) > first_batch:
         steady = delivered[-1] - delivered[first_batch - 1]

@@ -195,6 +195,8 @@ class Service:
     proc: ManagedProcess
     http_port: int
     dimse_port: int | None = None
+    ops_port: int | None = None
+    """Where /metrics is served, when not on ``http_port`` (ingest)."""
 
     @property
     def url(self) -> str:
@@ -274,7 +276,7 @@ class Parts:
             name, module, env, self.run_dir, f"http://127.0.0.1:{ops_port}/readyz", 90
         )
         self.started.append(proc)
-        return Service(proc, http_port, dimse_port)
+        return Service(proc, http_port, dimse_port, ops_port)
 
     def orthanc(self) -> ManagedProcess:
         """A fresh Orthanc (empty storage) with DICOMweb, DIMSE AE title ORTHANC."""
@@ -291,6 +293,54 @@ class Parts:
             self.started.remove(managed)
         if isinstance(managed, ManagedProcess) and managed.name.startswith("orthanc-"):
             shutil.rmtree(self.run_dir / managed.name, ignore_errors=True)
+
+
+HEALTH_OPERATIONS = frozenset({"ping", "ensure_bucket"})
+"""Blob store operations that readiness checks and start-up make, whatever the load."""
+
+
+def blob_requests(service: Service) -> dict[str, int]:
+    """S3 requests a service has sent so far, by ``operation method`` (from its
+    ``radflow_blob_requests_total``), without readiness checks and start-up."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    port = service.ops_port or service.http_port
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+    counts: dict[str, int] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "radflow_blob_requests":
+            continue
+        for sample in family.samples:
+            if not sample.name.endswith("_total"):
+                continue
+            operation = sample.labels["operation"]
+            if operation in HEALTH_OPERATIONS:
+                continue
+            name = f"{operation} {sample.labels['method']}"
+            counts[name] = counts.get(name, 0) + int(sample.value)
+    return counts
+
+
+def requests_per_instance(
+    before: dict[str, dict[str, int]], after: dict[str, dict[str, int]], delivered: int
+) -> dict[str, Any]:
+    """S3 requests per delivered instance, per stage and per operation, from two
+    :func:`blob_requests` readings of every stage taken around the measured work."""
+    stages: dict[str, Any] = {}
+    for stage, counts in after.items():
+        start = before.get(stage, {})
+        per = {
+            op: round((n - start.get(op, 0)) / delivered, 3)
+            for op, n in sorted(counts.items())
+            if n - start.get(op, 0) > 0
+        }
+        stages[stage] = {"total": round(sum(per.values()), 3), "by_operation": per}
+    return {
+        "delivered": delivered,
+        "total": round(sum(s["total"] for s in stages.values()), 3),
+        "stages": stages,
+    }
 
 
 def orthanc_count(proc: ManagedProcess) -> int:

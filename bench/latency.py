@@ -46,11 +46,13 @@ from harness import (
     RESULTS,
     Parts,
     TopicFollower,
+    blob_requests,
     ct_series,
     fmt,
     loadavg,
     machine,
     percentile,
+    requests_per_instance,
     run_dir,
     sop_uid,
     timestamp,
@@ -168,15 +170,19 @@ def run(rate: float, seconds: float, backlog: int, rows: int) -> dict[str, Any]:
             TopicFollower(st.kafka, st.topic(Topic.FORWARD_REQUESTED_STAT)) as routed_stat,
         ):
             ingest = parts.service("ingest", st, rules_file=str(rules))
-            parts.service("transcode", st)
-            parts.service("router", st, rules_file=str(rules))
-            parts.service("stow_forwarder", st, rules_file=str(rules))
+            services = {
+                "ingest": ingest,
+                "transcode": parts.service("transcode", st),
+                "router": parts.service("router", st, rules_file=str(rules)),
+                "stow_forwarder": parts.service("stow_forwarder", st, rules_file=str(rules)),
+            }
             assert ingest.dimse_port is not None
             port = ingest.dimse_port
 
             # 1. warm-up
             PacedSender(port, "MODALITY1", routine_files[:1], 1, "warmup", "routine").start().join()
             completed.wait(1, 120)
+            requests_before = {name: blob_requests(svc) for name, svc in services.items()}
 
             # 2. steady routine + STAT beside it
             stat_iter = iter(stat_files)
@@ -217,6 +223,7 @@ def run(rate: float, seconds: float, backlog: int, rows: int) -> dict[str, Any]:
             expected = routine_total + len(stat.sent) + len(stat_b.sent)
             completed.wait(expected, 300)
             drained = time.time()
+            requests_after = {name: blob_requests(svc) for name, svc in services.items()}
             # Each topic is read by its own thread: the earlier stages' events can be
             # read after the completed ones.
             uids = {s.sop_instance_uid for s in sent}
@@ -309,6 +316,9 @@ def run(rate: float, seconds: float, backlog: int, rows: int) -> dict[str, Any]:
         "seconds": seconds,
         "backlog": backlog,
         "backlog_drain_s": round(drained - backlog_started, 1),
+        "s3_requests_per_instance": requests_per_instance(
+            requests_before, requests_after, expected - 1
+        ),
         "groups": groups,
         "targets": {
             "routine_p99_under_0.5s": routine_p99 < 0.5,

@@ -13,12 +13,13 @@ else.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import io
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import BinaryIO, TypeVar
+from typing import Any, BinaryIO, TypeVar
 from urllib.parse import urlsplit
 
 import certifi
@@ -50,6 +51,36 @@ BLOB_OPS = Histogram(
 BLOB_BYTES = Counter(
     "radflow_blob_uploaded_bytes_total", "Bytes uploaded to the blob store.", ["kind"]
 )
+BLOB_REQUESTS = Counter(
+    "radflow_blob_requests_total",
+    "HTTP requests sent to the blob store (each ranged GET, multipart part, list page and "
+    "retry counts), by the operation that sent them and the HTTP method.",
+    ["operation", "method"],
+)
+_OPERATION: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "radflow_blob_operation", default="other"
+)
+"""The operation a request belongs to; set in :meth:`BlobStore._call` and carried into
+its worker thread by :func:`asyncio.to_thread`."""
+
+
+class _CountedHTTPConnectionPool(urllib3.HTTPConnectionPool):
+    """Counts every request it puts on the wire: one operation of ours can be several
+    (a multipart upload's parts, a header read's ranged GETs, urllib3's retries), and
+    it is requests that the S3 server pays for."""
+
+    def _make_request(self, conn: Any, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+        BLOB_REQUESTS.labels(_OPERATION.get(), method).inc()
+        return super()._make_request(conn, method, url, *args, **kwargs)
+
+
+class _CountedHTTPSConnectionPool(urllib3.HTTPSConnectionPool):
+    __doc__ = _CountedHTTPConnectionPool.__doc__
+
+    def _make_request(self, conn: Any, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+        BLOB_REQUESTS.labels(_OPERATION.get(), method).inc()
+        return super()._make_request(conn, method, url, *args, **kwargs)
+
 
 _NOT_FOUND_CODES = frozenset({"NoSuchKey", "NoSuchObject", "NotFound"})
 MISCONFIGURED_CODES = frozenset(
@@ -93,6 +124,20 @@ def map_error(exc: BaseException, operation: str) -> PipelineError:
         # minio raises ValueError for malformed server answers (e.g. a proxy's HTML page).
         return BlobStoreUnavailable(f"{operation}: unexpected answer ({type(exc).__name__})")
     return BlobStoreUnavailable(f"{operation}: {type(exc).__name__}")
+
+
+@dataclass(frozen=True)
+class Listed:
+    """One object of a listing."""
+
+    key: str
+    size: int
+    etag: str
+    """Without quotes; changes whenever the object is written with other bytes."""
+
+
+def _etag(value: str | None) -> str:
+    return (value or "").strip('"')
 
 
 @dataclass(frozen=True)
@@ -220,6 +265,10 @@ class BlobStore:
             cert_reqs="CERT_REQUIRED" if url.scheme == "https" else "CERT_NONE",
             ca_certs=str(settings.ca_file) if settings.ca_file else certifi.where(),
         )
+        http.pool_classes_by_scheme = {
+            "http": _CountedHTTPConnectionPool,
+            "https": _CountedHTTPSConnectionPool,
+        }
         self._http = http
         self._client = Minio(
             url.netloc,
@@ -234,6 +283,7 @@ class BlobStore:
     async def _call(self, operation: str, fn: Callable[[], _T]) -> _T:
         started = time.perf_counter()
         outcome = "error"
+        label = _OPERATION.set(operation)
         try:
             result = await asyncio.to_thread(fn)
             outcome = "ok"
@@ -245,6 +295,7 @@ class BlobStore:
             outcome = mapped.reason
             raise mapped from exc
         finally:
+            _OPERATION.reset(label)
             BLOB_OPS.labels(operation, outcome).observe(time.perf_counter() - started)
 
     async def ensure_bucket(self) -> None:
@@ -318,6 +369,38 @@ class BlobStore:
         return await self.put_file(
             key, HashedFile.from_bytes(data), kind, check_existing=check_existing
         )
+
+    async def list(self, prefix: str) -> list[Listed]:
+        """Every object under ``prefix`` (one request per 1,000), for bookkeeping
+        objects kept together under a common prefix (e.g. a study's delivery markers).
+
+        Raises:
+            BlobStoreUnavailable, BlobStoreMisconfigured
+        """
+
+        def listing() -> list[Listed]:
+            return [
+                Listed(obj.object_name or "", obj.size or 0, _etag(obj.etag))
+                for obj in self._client.list_objects(self.bucket, prefix=prefix, recursive=True)
+            ]
+
+        return await self._call("list", listing)
+
+    async def put_marker(self, key: str, data: bytes) -> str:
+        """Write a small bookkeeping object (replacing any under ``key``) in one
+        request; returns its ETag, so a later listing shows whether it changed.
+
+        Raises:
+            BlobStoreUnavailable, BlobStoreMisconfigured
+        """
+
+        def upload() -> str:
+            result = self._client.put_object(
+                self.bucket, key, io.BytesIO(data), len(data), content_type="text/plain"
+            )
+            return _etag(result.etag)
+
+        return await self._call("put_marker", upload)
 
     async def exists(self, key: str) -> bool:
         return await self.size_of(key) is not None

@@ -1,0 +1,129 @@
+"""S3 requests per delivered instance, by stage and operation (issue 18): the whole
+pipeline (ingest → transcode → router → stow-forwarder → Orthanc by STOW-RS) on a
+few CT studies sent by storescu, with the rule file ``make run`` uses (STAT by
+priority, Structured Reports to the RIS, everything to Orthanc). Writes
+bench/results/s3_requests.json and prints a table.
+
+    python bench/s3_requests.py [--studies 4] [--slices 40] [--rows 256]
+
+Method. Every service counts the HTTP requests it sends to S3 in
+``radflow_blob_requests_total{operation,method}`` (each ranged GET, multipart part,
+list page and retry is one). Each service's /metrics is read after one warm-up
+instance has been delivered and again when every instance is delivered; the
+difference over the instances delivered in between is the figure. Readiness pings
+and start-up are left out (they do not grow with the load).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from harness import (
+    RESULTS,
+    Parts,
+    Service,
+    TopicFollower,
+    blob_requests,
+    ct_series,
+    loadavg,
+    machine,
+    requests_per_instance,
+    run_dir,
+    write_result,
+)
+
+from radflow_core.topics import Topic
+from radflow_devstack.kit.dcmtk import nodelay_env, storescu_argv
+
+STAGES = ("ingest", "transcode", "router", "stow_forwarder")
+RULES = """version: 1
+timezone: UTC
+destinations:
+  orthanc:
+    url: {url}
+stat:
+  from_priority: true
+rules:
+  - name: reports-to-orthanc
+    when: {{modality: SR}}
+    route: [orthanc]
+  - name: everything-to-orthanc
+    route: [orthanc]
+default:
+  hold: "no rule matched"
+"""
+
+
+def run(studies: int, slices: int, rows: int) -> dict[str, Any]:
+    info = machine()
+    with run_dir() as tmp, Parts(tmp) as parts:
+        files = [ct_series(tmp / f"study{n}", slices, rows, seed=n + 1) for n in range(studies + 1)]
+        st = parts.slice()
+        orthanc = parts.orthanc()
+        rules = tmp / "rules.yaml"
+        rules.write_text(RULES.format(url=f"http://127.0.0.1:{orthanc.port}/dicom-web"))
+        with TopicFollower(st.kafka, st.topic(Topic.FORWARD_COMPLETED)) as completed:
+            services: dict[str, Service] = {
+                "ingest": parts.service("ingest", st, rules_file=str(rules)),
+                "transcode": parts.service("transcode", st),
+                "router": parts.service("router", st, rules_file=str(rules)),
+                "stow_forwarder": parts.service("stow_forwarder", st, rules_file=str(rules)),
+            }
+            port = services["ingest"].dimse_port
+            assert port is not None
+
+            def send(batch: list[Path]) -> None:
+                subprocess.run(
+                    storescu_argv(port, batch, called_ae="RADFLOW", calling_ae="BENCHSCU"),
+                    check=True,
+                    env=nodelay_env(),
+                    capture_output=True,
+                    timeout=600,
+                )
+
+            send(files[0])  # warm-up study: connections, codec workers, group joins
+            completed.wait(slices, 300)
+            before = {name: blob_requests(s) for name, s in services.items()}
+            for batch in files[1:]:
+                send(batch)
+            delivered = studies * slices
+            completed.wait(slices + delivered, 600)
+            after = {name: blob_requests(s) for name, s in services.items()}
+    return {
+        **info,
+        "load_at_end": loadavg(),
+        "studies": studies,
+        "slices": slices,
+        "rows": rows,
+        "requests_per_instance": requests_per_instance(before, after, delivered),
+    }
+
+
+def table(result: dict[str, Any]) -> str:
+    counts = result["requests_per_instance"]
+    lines = ["| stage | requests per delivered instance | by operation |", "|---|---|---|"]
+    for stage in STAGES:
+        one = counts["stages"].get(stage, {"total": 0, "by_operation": {}})
+        ops = ", ".join(f"{op} {n:g}" for op, n in one["by_operation"].items()) or "none"
+        lines.append(f"| {stage} | {one['total']:g} | {ops} |")
+    lines.append(f"| **all** | **{counts['total']:g}** | |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--studies", type=int, default=4)
+    parser.add_argument("--slices", type=int, default=40, help="CT slices per study")
+    parser.add_argument("--rows", type=int, default=256, help="CT slice size (rows x rows)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "s3_requests.json")
+    args = parser.parse_args()
+    result = run(args.studies, args.slices, args.rows)
+    write_result(args.out, result)
+    print(table(result))
+
+
+if __name__ == "__main__":
+    main()
