@@ -22,8 +22,9 @@ from radflow_rules.rules import Destination
 from stow_forwarder.answer import Outgoing
 from stow_forwarder.auth import ClientCredentials
 from stow_forwarder.client import StowClient, classify
-from stow_forwarder.delivery import bounded, chunks, marker_key
+from stow_forwarder.delivery import bounded, chunks
 from stow_forwarder.flow import Circuit, CircuitBreaker, StatFirst
+from stow_forwarder.markers import State, decode, encode, merge, study_prefix
 from stow_forwarder.settings import ForwarderSettings
 from stow_forwarder.stow import MultipartBody, parse_response
 
@@ -299,7 +300,7 @@ def _dimse(peer: DimsePeer) -> Destination:
     return Destination("pacs", str(peer), None, (), 50, kind=DestinationKind.DIMSE, dimse=peer)
 
 
-KEY = "0" * 64
+STUDY = "1.2.3.4"
 
 
 def test_a_delivery_marker_follows_the_destinations_address_not_its_name() -> None:
@@ -315,7 +316,7 @@ def test_a_delivery_marker_follows_the_destinations_address_not_its_name() -> No
         Destination("renamed", base.url, None, (), 50),
     ]
     for destination in same:
-        assert marker_key(destination, KEY) == marker_key(base, KEY), destination
+        assert study_prefix(destination, STUDY) == study_prefix(base, STUDY), destination
     other = [
         _stow("https://pacs2.example.org/dicom-web"),
         _stow("https://pacs.example.org:8443/dicom-web"),
@@ -323,7 +324,25 @@ def test_a_delivery_marker_follows_the_destinations_address_not_its_name() -> No
         _stow("https://pacs.example.org/other/dicom-web"),
     ]
     for destination in other:
-        assert marker_key(destination, KEY) != marker_key(base, KEY), destination
+        assert study_prefix(destination, STUDY) != study_prefix(base, STUDY), destination
+
+
+def test_a_study_has_one_marker_prefix_per_destination() -> None:
+    base = _stow("https://pacs.example.org/dicom-web")
+    assert study_prefix(base, STUDY) != study_prefix(base, "1.2.3.5")
+    assert study_prefix(base, STUDY).endswith("/")
+    assert STUDY not in study_prefix(base, STUDY), "no raw UID in a key"
+
+
+def test_a_request_delivered_in_any_batch_marker_stays_delivered() -> None:
+    a, b, c = "a" * 64, "b" * 64, "c" * 64
+    first = decode(encode({a: State.DELIVERED, b: State.SENDING}))
+    assert first == {a: State.DELIVERED, b: State.SENDING}
+    found: dict[str, State] = {}
+    merge(found, first)
+    merge(found, {a: State.SENDING, b: State.DELIVERED, c: State.SENDING})
+    assert found == {a: State.DELIVERED, b: State.DELIVERED, c: State.SENDING}
+    assert decode(b"garbage\n" + encode({c: State.SENDING})) == {c: State.SENDING}
 
 
 def test_a_dimse_destinations_identity_is_its_host_port_and_called_ae_title() -> None:
@@ -337,7 +356,7 @@ def test_a_dimse_destinations_identity_is_its_host_port_and_called_ae_title() ->
         DimsePeer("pacs.local", 11112, "PACS"),
         DimsePeer("pacs.local", 104, "ARCHIVE"),
     ):
-        assert marker_key(_dimse(peer), KEY) != marker_key(base, KEY), peer
+        assert study_prefix(_dimse(peer), STUDY) != study_prefix(base, STUDY), peer
 
 
 async def test_a_tls_alert_read_with_the_answer_is_retried_as_tls_not_an_unexpected_error(

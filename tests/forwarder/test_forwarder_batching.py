@@ -15,7 +15,7 @@ from pydicom.uid import generate_uid
 from radflow_core.topics import Topic
 from radflow_devstack.kit.waiting import wait_for
 from radflow_devstack.processes import ManagedProcess
-from stow_forwarder.delivery import DELIVERED_MARKER
+from stow_forwarder.markers import DELIVERED_MARKER, State, decode, merge
 from support.dicom import make_instance
 from support.forward import routed
 from support.metrics import metric, metric_sum
@@ -127,14 +127,18 @@ def test_a_forwarder_stopped_mid_backlog_leaves_no_accepted_instance_unacknowled
     assert len(held) < len(files), "stopped too late to test anything"
     acknowledged = {d["sop_instance_uid"] for d in completed(stack)}
     assert held == acknowledged
-    # A delivery marker is empty; one still holding the intent was not acknowledged.
-    markers = {
-        key
-        for key in stack.keys(f"{DELIVERED_MARKER}/")
-        if stack.minio().stat_object(stack.s3.bucket, key).size == 0
-    }
+    # What a batch marker records as delivered was acknowledged; what it records as
+    # sending was not (or not yet recorded).
+    states: dict[str, State] = {}
+    for key in stack.keys(f"{DELIVERED_MARKER}/"):
+        answer = stack.minio().get_object(stack.s3.bucket, key)
+        try:
+            merge(states, decode(answer.read()))
+        finally:
+            answer.close()
+            answer.release_conn()
     marked = {
-        r.sop_instance_uid for r in requests if any(m.endswith(r.idempotency_key) for m in markers)
+        r.sop_instance_uid for r in requests if states.get(r.idempotency_key) is State.DELIVERED
     }
     assert marked == held
     start_forwarder(rules_file=rule_file)

@@ -2,14 +2,16 @@
 bytes, conversion when the destination needs another syntax, retries within a
 budget, and one outcome event per instance.
 
-Order of effects for each instance: intent marker in the bucket → send → destination
-acknowledges → delivery marker (the same key, emptied) → ``dicom.forward.completed`` →
-offset committed. A replayed request finds the delivery marker and is not sent again.
-One that finds only the intent was perhaps sent by a process that crashed before the
-answer came or before the marker was written: the destination is asked first
-(QIDO-RS), and what it already has is recorded as delivered instead of sent a second
-time. (A DIMSE destination is not asked; it gets the instance again and answers
-0x0111 or stores it once.)
+Order of effects for each batch: intent in the batch's marker (every request
+``sending``) → send → destination acknowledges → the same marker rewritten with what
+was accepted ``delivered`` → ``dicom.forward.completed`` per instance → offset
+committed (:mod:`stow_forwarder.markers`: one LIST per batch to check, one PUT to
+state the intent, one per answer to record it). A replayed request that a marker of
+its study records as delivered is not sent again. One that is only ``sending`` was
+perhaps sent by a process that crashed before the answer came or before the marker
+was written: the destination is asked first (QIDO-RS), and what it already has is
+recorded as delivered instead of sent a second time. (A DIMSE destination is not
+asked; it gets the instance again and answers 0x0111 or stores it once.)
 
 The per-instance bucket and broker work is what keeps a destination waiting, so it
 runs concurrently (``io_concurrency`` at a time) and beside the request on the wire:
@@ -23,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hashlib
 import logging
 import tempfile
 import time
@@ -54,6 +55,7 @@ from radflow_core.retry import Turn, current_turn
 from radflow_rules.rules import Destination
 from stow_forwarder.answer import Answer, DestinationClient, Outgoing
 from stow_forwarder.flow import CircuitBreaker, StatFirst
+from stow_forwarder.markers import BatchMarker, MarkerBook, State
 from stow_forwarder.metrics import (
     BATCH_SIZE,
     DELIVERED,
@@ -67,11 +69,6 @@ from stow_forwarder.settings import ForwarderSettings
 
 log = logging.getLogger(__name__)
 
-DELIVERED_MARKER = "delivered"
-INTENT = b"sending"
-"""The marker's content from staging until the destination's answer; a delivered
-marker is empty (as every marker written before intents existed)."""
-
 _T = TypeVar("_T")
 _R = TypeVar("_R")
 
@@ -84,6 +81,8 @@ class Prepared:
     size: int
     suspect: bool = False
     """An intent marker was found: an earlier process may have sent it already."""
+    marker: BatchMarker | None = None
+    """The marker of the batch it is sent in."""
 
     def outgoing(self) -> Outgoing:
         return Outgoing(
@@ -157,15 +156,6 @@ async def bounded(items: Sequence[_T], work: Callable[[_T], Awaitable[_R]], limi
     return done
 
 
-def marker_key(destination: Destination, idempotency_key: str) -> str:
-    """Where the delivery of one request to ``destination`` is recorded: scoped by the
-    destination's :attr:`~router.rules.Destination.identity` (its address), not its
-    name, so a destination that now points at another server receives everything
-    again instead of having it skipped as delivered."""
-    scope = hashlib.sha256(destination.identity.encode("utf-8")).hexdigest()[:16]
-    return f"{DELIVERED_MARKER}/{scope}/{idempotency_key}"
-
-
 def chunks(
     requests: Sequence[ForwardRequested], max_count: int, max_bytes: int
 ) -> Iterator[list[ForwardRequested]]:
@@ -223,6 +213,7 @@ class Deliverer:
             destination.name, settings.breaker_failures, settings.breaker_cooldown_s
         )
         self._gate = StatFirst()
+        self._markers = MarkerBook(blobs, destination)
 
     async def handle_batch(
         self, items: list[tuple[Envelope[ForwardRequested], ConsumerRecord[bytes, bytes]]]
@@ -262,33 +253,44 @@ class Deliverer:
                 await asyncio.to_thread(staged.close)
 
     async def _stage(self, chunk: list[ForwardRequested], fetch: Fetch) -> Staged:
-        """Markers checked and bytes downloaded (and converted), ``io_concurrency`` at a
-        time; requests already delivered or unsendable get their outcome here."""
+        """The study's markers checked (one LIST), bytes downloaded (and converted)
+        ``io_concurrency`` at a time, and the intent to send them recorded in one
+        marker; requests already delivered or unsendable get their outcome here."""
         spool = tempfile.TemporaryDirectory(prefix="radflow-forward-")
         try:
+            # A chunk is one study's (chunks()).
+            states = await self._markers.states(chunk[0].study_instance_uid)
             ready = await bounded(
-                chunk, lambda request: self._prepare(request, Path(spool.name)), fetch.limit
+                chunk,
+                lambda request: self._prepare(
+                    request, states.get(request.idempotency_key), Path(spool.name)
+                ),
+                fetch.limit,
             )
+            prepared = [p for p in ready if p is not None]
+            if prepared:
+                marker = self._markers.batch(
+                    chunk[0].study_instance_uid, [p.request.idempotency_key for p in prepared]
+                )
+                await marker.write()
+                for p in prepared:
+                    p.marker = marker
         except BaseException:
             spool.cleanup()
             raise
-        return Staged([p for p in ready if p is not None], spool)
+        return Staged(prepared, spool)
 
-    async def _prepare(self, request: ForwardRequested, spool: Path) -> Prepared | None:
-        """The bytes to send, verified, in the requested syntax, with the intent to send
-        them recorded; None if already delivered or dead-lettered."""
-        key = marker_key(self.destination, request.idempotency_key)
-        marker = await self._blobs.size_of(key)
-        if marker == 0:
+    async def _prepare(
+        self, request: ForwardRequested, state: State | None, spool: Path
+    ) -> Prepared | None:
+        """The bytes to send, verified, in the requested syntax; None if already
+        delivered or dead-lettered."""
+        if state is State.DELIVERED:
             SKIPPED.labels(self.name).inc()
             await self._completed(request, request.transfer_syntax_uid, 0, 1, replay=True)
             return None
         prepared = await self._bytes_to_send(request, spool)
-        if prepared is None:
-            return None
-        if marker is None:
-            await self._blobs.put_bytes(key, INTENT, kind=DELIVERED_MARKER, check_existing=False)
-        else:
+        if prepared is not None and state is State.SENDING:
             prepared.suspect = True
         return prepared
 
@@ -406,16 +408,24 @@ class Deliverer:
             "already at the destination after an interrupted send; not sent again",
             extra={"destination": self.name, "count": len(found)},
         )
-        fetch.settle(bounded(found, self._already_there, fetch.limit))
+        fetch.settle(self._record(found, 1, fetch.limit, replay=True))
 
-    async def _already_there(self, p: Prepared) -> None:
-        await self._blobs.put_bytes(
-            marker_key(self.destination, p.request.idempotency_key),
-            b"",
-            kind=DELIVERED_MARKER,
-            check_existing=False,
-        )
-        await self._completed(p.request, p.transfer_syntax_uid, 0, 1, replay=True)
+    async def _record(
+        self, accepted: list[Prepared], attempt: int, limit: int, replay: bool = False
+    ) -> None:
+        """Acknowledged requests: their batch's marker says delivered (one PUT per
+        batch), then each gets its completed event."""
+        markers = {id(p.marker): p.marker for p in accepted if p.marker is not None}
+        for marker in markers.values():
+            await marker.delivered(
+                p.request.idempotency_key for p in accepted if p.marker is marker
+            )
+
+        async def completed(p: Prepared) -> None:
+            size = 0 if replay else p.size
+            await self._completed(p.request, p.transfer_syntax_uid, size, attempt, replay=replay)
+
+        await bounded(accepted, completed, limit)
 
     def _settle(
         self, pending: dict[str, Prepared], answer: Answer, attempt: int, fetch: Fetch
@@ -425,15 +435,6 @@ class Deliverer:
         accepted = [pending.pop(uid) for uid in answer.delivered]
         fetch.accepted.update(p.request.idempotency_key for p in accepted)
         refused = [(pending.pop(uid), reason) for uid, reason in answer.refused.items()]
-
-        async def deliver(p: Prepared) -> None:
-            await self._blobs.put_bytes(
-                marker_key(self.destination, p.request.idempotency_key),
-                b"",
-                kind=DELIVERED_MARKER,
-                check_existing=False,
-            )
-            await self._completed(p.request, p.transfer_syntax_uid, p.size, attempt)
 
         async def refuse(item: tuple[Prepared, tuple[int | None, str]]) -> None:
             p, (status, message) = item
@@ -448,7 +449,7 @@ class Deliverer:
             )
 
         if accepted:
-            fetch.settle(bounded(accepted, deliver, fetch.limit))
+            fetch.settle(self._record(accepted, attempt, fetch.limit))
         if refused:
             fetch.settle(bounded(refused, refuse, fetch.limit))
 
