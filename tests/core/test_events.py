@@ -12,8 +12,11 @@ import pytest
 from radflow_core.errors import EventDecodeError
 from radflow_core.events import (
     BlobRef,
+    DecodeStatus,
+    InstanceNormalized,
     InstanceReceived,
     Protocol,
+    RoutingAttributes,
     Sender,
     decode,
     encode,
@@ -70,6 +73,43 @@ def test_wrong_schema_version_is_rejected() -> None:
     parsed["dataschema"] = "radflow:dicom.instance.received:v2"
     with pytest.raises(EventDecodeError, match="dataschema"):
         decode(json.dumps(parsed).encode(), InstanceReceived)
+
+
+def normalized(**overrides: object) -> InstanceNormalized:
+    base = received()
+    return InstanceNormalized(
+        **base.identity(),
+        original=base.blob,
+        original_transfer_syntax_uid=base.transfer_syntax_uid,
+        canonical=base.blob,
+        canonical_transfer_syntax_uid=base.transfer_syntax_uid,
+        decode_status=DecodeStatus.ALREADY_CANONICAL,
+        normalized_at=datetime(2026, 11, 23, 12, 0, 1, tzinfo=UTC),
+        **overrides,  # type: ignore[arg-type]
+    )
+
+
+def test_a_v1_normalized_event_is_read_as_v2_without_routing_attributes() -> None:
+    v2 = encode(
+        wrap(normalized(routing=RoutingAttributes(requested_procedure_priority="STAT")), "t")
+    )
+    assert json.loads(v2)["dataschema"] == "radflow:dicom.instance.normalized:v2"
+    assert decode(v2, InstanceNormalized).data.routing == RoutingAttributes(
+        requested_procedure_priority="STAT"
+    )
+    parsed = json.loads(encode(wrap(normalized(), "t")))
+    del parsed["data"]["routing"]
+    parsed["dataschema"] = "radflow:dicom.instance.normalized:v1"
+    assert decode(json.dumps(parsed).encode(), InstanceNormalized).data.routing is None
+    parsed["dataschema"] = "radflow:dicom.instance.normalized:v3"
+    with pytest.raises(EventDecodeError, match="dataschema"):
+        decode(json.dumps(parsed).encode(), InstanceNormalized)
+
+
+def test_routing_attributes_name_only_coded_and_device_values() -> None:
+    for name in RoutingAttributes.model_fields:
+        assert not any(word in name for word in ("patient", "description", "institution")), name
+    assert set(RoutingAttributes.KEYWORDS.values()) == set(RoutingAttributes.model_fields)
 
 
 def test_events_have_no_demographic_fields() -> None:

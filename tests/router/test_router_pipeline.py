@@ -4,22 +4,28 @@ restarts, STAT goes to its own lane, rule files reload live."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import io
+import json
 import time
-from datetime import datetime
+import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
+from radflow_core.kafka import EventProducer
 from radflow_core.topics import Topic
 from radflow_devstack.kit import rules_file
 from radflow_devstack.kit.waiting import wait_for
 from support.audit import audit_records
 from support.bad_rules import BAD_RULE_FILES, GOOD_HEAD
 from support.dicom import make_instance, pynetdicom_store
-from support.metrics import metric
+from support.metrics import metric, metric_sum
 from support.stack import IngestProcess, Stack
 
 pytestmark = pytest.mark.pipeline
@@ -227,7 +233,7 @@ default:
   hold: unrouted
 """,
     )
-    start_router(rules_file=str(rules))
+    router = start_router(rules_file=str(rules))
     backlog = send_series(pipeline, tmp_path, generate_uid(), 20)
     by_ae = send_series(pipeline, tmp_path, generate_uid(), 1, calling_ae="ER_CT1")
     by_priority = send_series(pipeline, tmp_path, generate_uid(), 1, priority="high")
@@ -245,6 +251,39 @@ default:
     assert sorted(r["sop_instance_uid"] for r in stat) == sorted(by_ae + by_priority + by_tag)
     assert {r["lane"] for r in stat} == {"stat"}
     assert sorted(r["sop_instance_uid"] for r in requests(stack)) == sorted(backlog)
+    # Priorities came with the normalized events (v2): no header was read from S3.
+    assert metric_sum(router.url, "radflow_blob_requests_total", operation="get_range") == 0
+
+
+def test_a_v1_normalized_event_is_still_routed_from_the_header_in_the_blob(
+    stack: Stack, start_router, tmp_path: Path
+) -> None:
+    """An event written before transcode carried the routing attributes (v1) has the
+    router read the header: its Requested Procedure Priority still makes it STAT."""
+    rules = site_rules(
+        tmp_path / "rules.yaml",
+        """
+stat:
+  from_priority: true
+rules:
+  - name: all-to-pacs
+    route: [pacs]
+default:
+  hold: unrouted
+""",
+    )
+    router = start_router(rules_file=str(rules))
+    study = generate_uid()
+    path = make_instance(
+        tmp_path / "stat.dcm",
+        study_instance_uid=study,
+        extra={"RequestedProcedurePriority": "STAT"},
+    )
+    event = v1_normalized(stack, path)
+    wait_for("the STAT request", lambda: stack.routed(routine=0, stat=1), timeout_s=60)
+    (request,) = requests(stack, Topic.FORWARD_REQUESTED_STAT)
+    assert request["sop_instance_uid"] == event["sop_instance_uid"]
+    assert metric_sum(router.url, "radflow_blob_requests_total", operation="get_range") >= 1
 
 
 def test_rules_on_header_attributes_and_tags_route_and_unmatched_instances_are_held(
@@ -393,3 +432,56 @@ def test_no_kind_of_bad_rule_file_stops_a_running_router(
     wait_for("routed by the last valid rules", lambda: len(requests(stack)) == 1, timeout_s=60)
     (request,) = requests(stack)
     assert (request["sop_instance_uid"], request["rules"]) == (sent[0], ["good"])
+
+
+def v1_normalized(stack: Stack, path: Path) -> dict[str, Any]:
+    """Store ``path`` and publish a ``dicom.instance.normalized`` v1 record for it, as
+    transcode wrote them before v2 (no ``routing``); returns its payload."""
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    study = str(ds.StudyInstanceUID)
+    key = f"canonical/{hashlib.sha256(study.encode()).hexdigest()[:24]}/{digest}.dcm"
+    stack.minio().put_object(stack.s3.bucket, key, io.BytesIO(data), len(data))
+    blob = {"bucket": stack.s3.bucket, "key": key, "size": len(data), "sha256": digest}
+    now = datetime.now(UTC).isoformat()
+    payload = {
+        "sop_instance_uid": str(ds.SOPInstanceUID),
+        "sop_class_uid": str(ds.SOPClassUID),
+        "study_instance_uid": study,
+        "series_instance_uid": str(ds.SeriesInstanceUID),
+        "modality": str(ds.get("Modality") or "") or None,
+        "sender": {"protocol": "dimse", "calling_ae": "PYSCU", "called_ae": "RADFLOW"},
+        "received_at": now,
+        "original": blob,
+        "original_transfer_syntax_uid": str(ds.file_meta.TransferSyntaxUID),
+        "canonical": blob,
+        "canonical_transfer_syntax_uid": str(ds.file_meta.TransferSyntaxUID),
+        "decode_status": "already_canonical",
+        "normalized_at": now,
+    }
+    envelope = {
+        "specversion": "1.0",
+        "id": str(uuid.uuid4()),
+        "type": "dicom.instance.normalized",
+        "source": "/radflow/transcode/before-v2",
+        "time": now,
+        "datacontenttype": "application/json",
+        "dataschema": "radflow:dicom.instance.normalized:v1",
+        "data": payload,
+    }
+
+    async def send() -> None:
+        producer = EventProducer(stack.kafka, "test-transcode")
+        await producer.start()
+        try:
+            await producer.send(
+                stack.topic(Topic.INSTANCE_NORMALIZED),
+                study.encode(),
+                json.dumps(envelope).encode(),
+            )
+        finally:
+            await producer.stop()
+
+    asyncio.run(send())
+    return payload

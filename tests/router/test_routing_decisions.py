@@ -16,11 +16,19 @@ from radflow_core.events import (
     InstanceNormalized,
     Lane,
     Protocol,
+    RoutingAttributes,
     Sender,
 )
+from radflow_core.instance_header import routing_attributes
 from radflow_rules.loader import load_text
 from radflow_rules.rules import Instance, evaluate
-from router.attributes import UnreadableHeader, header_attributes, needs_header, parse_header
+from router.attributes import (
+    UnreadableHeader,
+    event_view,
+    header_attributes,
+    needs_header,
+    parse_header,
+)
 from router.routing import forward_request, idempotency_key, variant_for
 from support.dicom import PHI_ID, PHI_NAME, make_instance
 
@@ -141,3 +149,38 @@ def test_the_header_is_read_only_when_a_rule_or_the_stat_policy_needs_it():
     assert not needs_header(load_text(head + event_only))
     assert needs_header(load_text(head + event_only.replace("false", "true")))
     assert needs_header(load_text(head + event_only.replace("modality", "StudyDescription")))
+
+
+def test_a_v2_event_carries_what_the_stat_policy_and_common_rules_read():
+    head = 'version: 1\ndestinations: {p: {url: "https://p"}}\ndefault: {hold: x}\n'
+    rules = (
+        "stat: {from_priority: true}\nrules:\n  - name: a\n"
+        "    when: {all: [{Manufacturer: ACME}, {SeriesInstanceUID: {exists: true}}]}\n"
+        "    route: [p]\n"
+    )
+    v1 = _event()
+    v2 = v1.model_copy(
+        update={
+            "routing": RoutingAttributes(requested_procedure_priority="STAT", manufacturer="ACME")
+        }
+    )
+    assert not needs_header(load_text(head + rules), v2)
+    assert needs_header(load_text(head + rules), v1)
+    assert needs_header(load_text(head + rules.replace("Manufacturer", "StudyDescription")), v2)
+    view = event_view(load_text(head + rules), v2, None)
+    assert view.stat
+    assert view.get("Manufacturer") == "ACME"
+    assert view.get("SeriesInstanceUID") == v2.series_instance_uid
+
+
+def test_the_event_and_the_header_give_rules_the_same_text():
+    ds = Dataset()
+    ds.Manufacturer = "ACME Medical "
+    ds.StationName = "CT01"
+    ds.RequestAttributesSequence = [Dataset()]
+    ds.RequestAttributesSequence[0].RequestedProcedurePriority = "STAT"
+    carried = routing_attributes(ds)
+    header = header_attributes(ds)
+    for keyword in ("Manufacturer", "StationName", "RequestedProcedurePriority"):
+        assert carried[keyword] == header[keyword], keyword
+    assert carried["ManufacturerModelName"] is None

@@ -134,6 +134,10 @@ class Normalized:
     decode_s: float = 0.0
     encode_s: float = 0.0
     verify_s: float = 0.0
+    routing: dict[str, str | None] | None = None
+    """The original's routing attributes by keyword
+    (:func:`radflow_core.instance_header.routing_attributes`), read from the dataset
+    parsed for the codec work anyway; set by :func:`streaming.normalize_file`."""
 
 
 def decoding_plugin(transfer_syntax: str) -> str:

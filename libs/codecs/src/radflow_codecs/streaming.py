@@ -11,6 +11,7 @@ frame iterator cannot read but its whole-array decoder can (odd encapsulation).
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 import time
 from collections.abc import Iterator
@@ -42,6 +43,7 @@ from radflow_codecs.codecs import (
     normalize,
     summary,
 )
+from radflow_core.instance_header import routing_attributes
 
 _PIXEL_DATA = 0x7FE00010
 _PADDING = 0xFFFCFFFC
@@ -184,6 +186,12 @@ def normalize_file(src: Path, dst: Path, target: Target) -> Normalized:
     is ALREADY_CANONICAL or NON_IMAGE (then the original is canonical).
     """
     ds, raw = _read_header(src)
+    return dataclasses.replace(
+        _normalize(src, dst, target, ds, raw), routing=routing_attributes(ds)
+    )
+
+
+def _normalize(src: Path, dst: Path, target: Target, ds: Dataset, raw: Any) -> Normalized:
     source_ts = UID(str(ds.file_meta.get("TransferSyntaxUID", "")))
     if not has_pixels(ds):
         return Normalized(None, source_ts, Outcome.NON_IMAGE, None)

@@ -35,6 +35,9 @@ class EventModel(BaseModel):
     """Schema version; bumped on any incompatible change."""
     topic: ClassVar[Topic | None] = None
     """The topic this payload is published on; None where the caller chooses it."""
+    reads: ClassVar[tuple[int, ...]] = ()
+    """Earlier versions this model also decodes: their fields are a subset of this
+    version's, and what they lack has a default that says so (e.g. None)."""
 
 
 class BlobRef(EventModel):
@@ -169,12 +172,44 @@ class DecodeStatus(StrEnum):
     """No pixel data; passed through unchanged."""
 
 
+class RoutingAttributes(EventModel):
+    """Header attributes that routing rules read most and the event's identity does
+    not carry, so that the router need not read the header from the blob store.
+    Coded and device values only: no patient data, descriptions or institution."""
+
+    requested_procedure_priority: str | None = None
+    """(0040,1003) Requested Procedure Priority, at the top level or in the first
+    Request Attributes Sequence item that has it (STAT, HIGH, ROUTINE, MEDIUM, LOW)."""
+    manufacturer: str | None = None
+    """(0008,0070) Manufacturer of the modality."""
+    manufacturer_model_name: str | None = None
+    """(0008,1090) Manufacturer's Model Name."""
+    station_name: str | None = None
+    """(0008,1010) Station Name of the modality."""
+
+    KEYWORDS: ClassVar[dict[str, str]] = {
+        "RequestedProcedurePriority": "requested_procedure_priority",
+        "Manufacturer": "manufacturer",
+        "ManufacturerModelName": "manufacturer_model_name",
+        "StationName": "station_name",
+    }
+    """DICOM keyword (as rules name it) → field."""
+
+    def by_keyword(self) -> dict[str, str | None]:
+        return {keyword: getattr(self, name) for keyword, name in self.KEYWORDS.items()}
+
+
 class InstanceNormalized(InstanceIdentity):
-    """``dicom.instance.normalized`` v1 (and ``.stat``): the canonical lossless variant
-    is stored. Published on the lane's topic the received event came from."""
+    """``dicom.instance.normalized`` v2 (and ``.stat``): the canonical lossless variant
+    is stored. Published on the lane's topic the received event came from.
+
+    v2 (from v1): ``routing``, the header attributes rules read most, so the router
+    reads no header from the blob store for them. v1 records are still read (as v2
+    with ``routing`` None)."""
 
     type_name: ClassVar[str] = "dicom.instance.normalized"
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2
+    reads: ClassVar[tuple[int, ...]] = (1,)
     topic: ClassVar[Topic | None] = Topic.INSTANCE_NORMALIZED
 
     original: BlobRef
@@ -191,6 +226,9 @@ class InstanceNormalized(InstanceIdentity):
     """Geometry, for image instances."""
     normalized_at: AwareDatetime
     """When transcode finished (UTC)."""
+    routing: RoutingAttributes | None = None
+    """The header attributes rules read most (v2; always written by transcode). None
+    only in a v1 event: then the router reads them from the header."""
 
 
 class Lane(StrEnum):
@@ -590,8 +628,8 @@ class Envelope(BaseModel, Generic[PayloadT]):
     """The payload."""
 
 
-def schema_name(model: type[EventModel]) -> str:
-    return f"radflow:{model.type_name}:v{model.version}"
+def schema_name(model: type[EventModel], version: int | None = None) -> str:
+    return f"radflow:{model.type_name}:v{model.version if version is None else version}"
 
 
 @functools.cache
@@ -634,6 +672,8 @@ def decode(raw: bytes, model: type[PayloadT]) -> Envelope[PayloadT]:
     except ValidationError as exc:
         fields = sorted({".".join(str(p) for p in e["loc"]) for e in exc.errors()})
         raise EventDecodeError(f"not a valid {model.__name__} event: {fields}") from None
-    if envelope.dataschema != schema_name(model):
+    if envelope.dataschema != schema_name(model) and envelope.dataschema not in {
+        schema_name(model, version) for version in model.reads
+    }:
         raise EventDecodeError(f"unexpected dataschema {envelope.dataschema!r}")
     return envelope

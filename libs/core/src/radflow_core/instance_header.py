@@ -77,6 +77,41 @@ def requested_procedure_priority(ds: Dataset) -> str | None:
     return str(value).strip()[:16] or None
 
 
+ATTRIBUTE_TEXT_LIMIT = 1024
+"""Characters of an attribute's value that routing rules see."""
+
+
+def attribute_text(value: object) -> str | None:
+    """An attribute's value as routing rules see it, wherever it was read (the header
+    by the router, the dataset by transcode for the event): the same text either way."""
+    return None if value is None else str(value)[:ATTRIBUTE_TEXT_LIMIT]
+
+
+ROUTING_KEYWORDS = (
+    "RequestedProcedurePriority",
+    "Manufacturer",
+    "ManufacturerModelName",
+    "StationName",
+)
+"""The header attributes the normalized event carries for routing
+(:class:`radflow_core.events.RoutingAttributes`)."""
+
+
+def routing_attributes(ds: Dataset) -> dict[str, str | None]:
+    """:data:`ROUTING_KEYWORDS` of a dataset by keyword, as :func:`attribute_text` reads
+    them (None when absent or undecodable). Reads those elements only, so a dataset with
+    its Pixel Data deferred keeps it deferred."""
+    values: dict[str, str | None] = {}
+    for keyword in ROUTING_KEYWORDS:
+        try:
+            values[keyword] = attribute_text(ds.get(keyword))
+        except Exception:  # noqa: BLE001 - one undecodable value does not stop routing
+            values[keyword] = None
+    if not values["RequestedProcedurePriority"]:
+        values["RequestedProcedurePriority"] = requested_procedure_priority(ds)
+    return values
+
+
 PATIENT_ID_LIMIT = 1024 * 1024
 """Bytes of a stored file :func:`read_patient_id` may read: Patient ID (0010,0020)
 follows only the file meta and groups 0008/0009, so one ranged block holds it."""

@@ -1,5 +1,6 @@
-"""What an instance looks like to the rules: the event's routing fields, plus the
-dataset header's attributes when a rule (or the STAT policy) needs them.
+"""What an instance looks like to the rules: the event's routing fields (and, from a
+v2 normalized event, the header attributes rules read most), plus the dataset
+header's attributes when a rule needs one the event does not carry.
 
 The same function serves the running router (header read from S3) and ``explain``
 (header read from a local file), so an engineer's dry run sees exactly what the
@@ -14,8 +15,12 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from radflow_core.errors import PipelineError
-from radflow_core.events import InstanceIdentity
-from radflow_core.instance_header import requested_procedure_priority
+from radflow_core.events import InstanceIdentity, InstanceNormalized
+from radflow_core.instance_header import (
+    ATTRIBUTE_TEXT_LIMIT,
+    ROUTING_KEYWORDS,
+    requested_procedure_priority,
+)
 from radflow_rules.rules import Instance, RuleSet
 
 EVENT_FIELDS = frozenset(
@@ -26,11 +31,19 @@ EVENT_FIELDS = frozenset(
         "calling_ae",
         "called_ae",
         "sender_identity",
+        "Modality",
+        "BodyPartExamined",
+        "SOPClassUID",
+        "SOPInstanceUID",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
     }
 )
-"""Attributes the normalized event itself carries; rules on these need no header."""
+"""Attributes every normalized event carries (v1 too); rules on these need no header."""
+ROUTING_FIELDS = EVENT_FIELDS | frozenset(ROUTING_KEYWORDS)
+"""Attributes a v2 normalized event carries (``routing``)."""
 _SKIPPED_VR = frozenset({"SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN"})
-_MAX_VALUE = 1024
+_MAX_VALUE = ATTRIBUTE_TEXT_LIMIT
 
 
 class UnreadableHeader(PipelineError):
@@ -40,9 +53,12 @@ class UnreadableHeader(PipelineError):
     reason = "unreadable_header"
 
 
-def needs_header(rules: RuleSet) -> bool:
-    """True when a condition reads an attribute the event does not carry, or the STAT
-    policy looks at Requested Procedure Priority."""
+def needs_header(rules: RuleSet, event: InstanceNormalized | None = None) -> bool:
+    """True when a condition reads an attribute the event does not carry, or (v1
+    event, or no event: ``explain``) the STAT policy looks at Requested Procedure
+    Priority."""
+    if event is not None and event.routing is not None:
+        return not rules.attributes <= ROUTING_FIELDS
     return rules.stat.from_priority or not rules.attributes <= EVENT_FIELDS
 
 
@@ -115,10 +131,25 @@ def instance_view(
 
 
 def event_view(rules: RuleSet, event: InstanceIdentity, header: Dataset | None) -> Instance:
-    """The running router's view of one normalized event."""
+    """The running router's view of one normalized event: the header's attributes
+    when it was read, overlaid with what the event carries."""
+    attributes = header_attributes(header) if header is not None else {}
+    routing = getattr(event, "routing", None)
+    if routing is not None:
+        attributes.update(routing.by_keyword())
+    attributes.update(
+        {
+            "Modality": event.modality,
+            "BodyPartExamined": event.body_part_examined,
+            "SOPClassUID": event.sop_class_uid,
+            "SOPInstanceUID": event.sop_instance_uid,
+            "StudyInstanceUID": event.study_instance_uid,
+            "SeriesInstanceUID": event.series_instance_uid,
+        }
+    )
     return instance_view(
         rules,
-        header_attributes(header) if header is not None else {},
+        attributes,
         modality=event.modality,
         body_part_examined=event.body_part_examined,
         sop_class_uid=event.sop_class_uid,

@@ -111,7 +111,7 @@ class Router:
         event = envelope.data
         rules = self._rules.current  # one snapshot for the whole decision
         header = None
-        if needs_header(rules):
+        if needs_header(rules, event):
             header = await self._blobs.read_partially(
                 event.canonical, parse_header, self._header_limit
             )
