@@ -10,6 +10,14 @@ retriable failure (S3 or the broker unreachable) records are started one at a ti
 until one succeeds, so an outage does not run through a whole window of records and
 dead-letter them all.
 
+Only records that may have been done before ask for the normalized marker (one HEAD
+each): those of the first :data:`REPLAY_WINDOW` offsets of a partition after it is
+assigned (a process that had it before committed after each fetch, so what it may
+have done without committing lies there), and a second record of the same SOP
+Instance UID in one fetch. The others were never seen by this consumer group; a
+record asked for wrongly would only be normalized again and announced again, which
+is recognised downstream.
+
 Failures are settled as the consumer settles them for one record at a time: a
 retriable one is retried with capped backoff for as long as it lasts (the partition
 is paused meanwhile, the consumer keeps polling); any other is dead-lettered with its
@@ -26,7 +34,7 @@ import functools
 import logging
 from collections.abc import Awaitable, Callable
 
-from aiokafka import ConsumerRecord
+from aiokafka import ConsumerRecord, TopicPartition
 
 from radflow_core.consumer import CONSUMED, dead_letter
 from radflow_core.errors import PipelineError
@@ -38,7 +46,13 @@ from transcode.window import Window
 
 log = logging.getLogger(__name__)
 
-Work = Callable[[InstanceReceived], Awaitable[None]]
+Work = Callable[[InstanceReceived, bool], Awaitable[None]]
+"""Normalize one instance; the flag says whether it may have been done before."""
+REPLAY_WINDOW = 200
+"""Offsets after a partition's first record since it was assigned that another
+process may have settled without committing: it commits after each fetch, and a
+fetch holds at most 100 records of a partition (the consumer's ``max_records``),
+doubled for a margin."""
 Item = tuple[Envelope[InstanceReceived], ConsumerRecord[bytes, bytes]]
 
 
@@ -67,6 +81,15 @@ class InFlight:
         self._backoff_max_s = backoff_max_s
         self._degraded = False
         """A retriable failure happened and no success since: start one at a time."""
+        self._replay_until: dict[TopicPartition, int] = {}
+        """Per partition, the offset from which no record can have been done before."""
+
+    async def assigned(self, partitions: set[TopicPartition]) -> None:
+        """A partition (re)assigned may start with records done by its last owner."""
+        for tp in partitions:
+            self._replay_until.pop(tp, None)
+
+    revoked = assigned
 
     async def handle_batch(self, items: list[Item]) -> None:
         """Settle every record of ``items`` (one partition's, in offset order).
@@ -78,6 +101,10 @@ class InFlight:
         hand_back = current_turn().hand_back
         tasks: list[asyncio.Task[None]] = []
         latest: dict[str, asyncio.Task[None]] = {}
+        if items:
+            first = items[0][1]
+            tp = TopicPartition(first.topic, first.partition)
+            replay_until = self._replay_until.setdefault(tp, first.offset + REPLAY_WINDOW)
         try:
             for envelope, record in items:
                 received = envelope.data
@@ -86,7 +113,8 @@ class InFlight:
                     self._window.release(weight)
                     break
                 before = latest.get(received.sop_instance_uid)
-                task = asyncio.create_task(self._run(received, record, before))
+                may_be_done = before is not None or record.offset < replay_until
+                task = asyncio.create_task(self._run(received, record, before, may_be_done))
                 task.add_done_callback(functools.partial(self._released, weight))
                 tasks.append(task)
                 latest[received.sop_instance_uid] = task
@@ -94,12 +122,21 @@ class InFlight:
         except asyncio.CancelledError:
             for task in tasks:
                 task.cancel()
+            self._read_again(items)
             raise
         for result in results:
             if isinstance(result, BaseException):
+                self._read_again(items)
                 raise result
         if len(tasks) < len(items):
+            self._read_again(items)
             raise HandedBack(f"{len(items) - len(tasks)} of {len(items)} not started")
+
+    def _read_again(self, items: list[Item]) -> None:
+        """This fetch will be read again, some of it done: its records ask for markers."""
+        last = items[-1][1]
+        tp = TopicPartition(last.topic, last.partition)
+        self._replay_until[tp] = max(self._replay_until.get(tp, 0), last.offset + 1)
 
     def _released(self, weight: int, _: asyncio.Task[None]) -> None:
         self._window.release(weight)
@@ -109,6 +146,7 @@ class InFlight:
         received: InstanceReceived,
         record: ConsumerRecord[bytes, bytes],
         before: asyncio.Task[None] | None,
+        may_be_done: bool,
     ) -> None:
         if before is not None:
             await asyncio.wait([before])
@@ -116,19 +154,19 @@ class InFlight:
                 raise HandedBack("an earlier record of this instance was not settled")
         metrics.IN_FLIGHT.inc()
         try:
-            await self._settle(received, record)
+            await self._settle(received, record, may_be_done)
         finally:
             metrics.IN_FLIGHT.dec()
 
     async def _settle(
-        self, received: InstanceReceived, record: ConsumerRecord[bytes, bytes]
+        self, received: InstanceReceived, record: ConsumerRecord[bytes, bytes], may_be_done: bool
     ) -> None:
         turn = current_turn()
         attempt = 0
         while True:
             attempt += 1
             try:
-                await self._work(received)
+                await self._work(received, may_be_done)
                 self._degraded = False
             except PipelineError as exc:
                 self._degraded = self._degraded or exc.retriable

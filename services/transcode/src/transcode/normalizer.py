@@ -8,11 +8,15 @@ no process holds a whole large instance in memory.
 Idempotent: after the normalized event is acknowledged a marker is written; a
 replayed received event that finds it does no work. Without the marker the work is
 redone, and since the encoders are deterministic the canonical bytes, and so their
-content-addressed key, are the same.
+content-addressed key, are the same; the event announced again is recognised
+downstream (the router's idempotency keys, the forwarder's delivery markers). So the
+marker saves work and is only asked for where a replay is possible
+(:class:`transcode.inflight.InFlight` says where).
 
-S3 requests per instance: the marker HEAD and the GET of the original (at the same
-time, for originals up to :data:`SMALL_BYTES`), the PUT of the canonical, the marker
-PUT after the event is acknowledged.
+S3 requests per instance: the GET of the original, the PUT of the canonical (none
+when the original is canonical), the marker PUT after the event is acknowledged; and
+the marker HEAD (at the same time as the GET, for originals up to
+:data:`SMALL_BYTES`) for a record that may have been done before.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from radflow_core.events import (
     InstanceReceived,
     Lane,
     PixelInfo,
+    RoutingAttributes,
 )
 from radflow_core.kafka import EventProducer
 from transcode import metrics
@@ -73,8 +78,9 @@ class Normalizer:
         self._codecs = codecs
         self._lane = lane
 
-    async def normalize(self, received: InstanceReceived) -> None:
+    async def normalize(self, received: InstanceReceived, may_be_done: bool = True) -> None:
         """Store the canonical variant, publish its event, then mark the instance done.
+        ``may_be_done``: ask for the marker first (a replay is possible).
 
         Raises:
             PipelineError: retriable (S3 or broker unreachable) or not (the reason
@@ -88,7 +94,7 @@ class Normalizer:
         with tempfile.TemporaryDirectory(prefix="transcode-") as tmp:
             src, dst = Path(tmp) / "original.dcm", Path(tmp) / "canonical.dcm"
             try:
-                if await self._fetch(received.blob, marker, src):
+                if await self._fetch(received.blob, marker if may_be_done else None, src):
                     metrics.INSTANCES.labels("replay_skipped", self._target.name).inc()
                     return
                 result = await self._codecs.run(
@@ -112,10 +118,14 @@ class Normalizer:
         await self._blobs.put_bytes(marker, b"", NORMALIZED_MARKER, check_existing=False)
         self._count(received, result, canonical)
 
-    async def _fetch(self, original: BlobRef, marker: str, src: Path) -> bool:
+    async def _fetch(self, original: BlobRef, marker: str | None, src: Path) -> bool:
         """True if the instance was done before (its marker exists); otherwise its
         original is now in ``src``. A small original is fetched while the marker is
-        asked for; a large one only once the marker is known to be absent."""
+        asked for; a large one only once the marker is known to be absent; with no
+        marker to ask for, the original is fetched at once."""
+        if marker is None:
+            await self._download(original, src)
+            return False
         if original.size > SMALL_BYTES:
             if await self._blobs.exists(marker):
                 return True
@@ -165,6 +175,7 @@ class Normalizer:
             decode_status=_STATUS[result.outcome],
             pixels=pixels,
             normalized_at=datetime.now(UTC),
+            routing=_routing(result),
         )
 
     def _count(self, received: InstanceReceived, result: Normalized, canonical: BlobRef) -> None:
@@ -192,3 +203,16 @@ class Normalizer:
                 "size": canonical.size,
             },
         )
+
+
+def _routing(result: Normalized) -> RoutingAttributes | None:
+    """What the codec worker read of the routing attributes; None (the router then
+    reads the header itself) if it read none."""
+    if result.routing is None:
+        return None
+    return RoutingAttributes(
+        **{
+            field: result.routing.get(keyword)
+            for keyword, field in RoutingAttributes.KEYWORDS.items()
+        }
+    )

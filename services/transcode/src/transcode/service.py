@@ -74,6 +74,8 @@ class TranscodeService:
                     topics=[config.kafka.topic(lane.topic(Topic.INSTANCE_RECEIVED))],
                     model=InstanceReceived,
                     batch_handler=inflight.handle_batch,
+                    on_assigned=inflight.assigned,
+                    on_revoked=inflight.revoked,
                     producer=self._producer,
                     dead_letter_topic=dead_letter_topic,
                 )
