@@ -5,13 +5,19 @@ priority, Structured Reports to the RIS, everything to Orthanc). Writes
 bench/results/s3_requests.json and prints a table.
 
     python bench/s3_requests.py [--studies 4] [--slices 40] [--rows 256]
+                                [--warmup-studies 32] [--warmup-slices 24]
 
 Method. Every service counts the HTTP requests it sends to S3 in
 ``radflow_blob_requests_total{operation,method}`` (each ranged GET, multipart part,
-list page and retry is one). Each service's /metrics is read after one warm-up
-instance has been delivered and again when every instance is delivered; the
-difference over the instances delivered in between is the figure. Readiness pings
-and start-up are left out (they do not grow with the load).
+list page and retry is one). Each service's /metrics is read after a warm-up has been
+delivered and again when the measured studies are delivered; the difference over the
+instances delivered in between is the figure. Readiness pings and start-up are left
+out (they do not grow with the load).
+
+The warm-up is long enough (768 instances over 32 studies, so over every partition)
+to take each partition past transcode's replay window (the first 200 records after
+it is assigned, where transcode asks whether an instance was done before): the
+figure is the steady state. ``--warmup-studies 1`` measures the start instead.
 """
 
 from __future__ import annotations
@@ -57,10 +63,16 @@ default:
 """
 
 
-def run(studies: int, slices: int, rows: int) -> dict[str, Any]:
+def run(
+    studies: int, slices: int, rows: int, warmup_studies: int, warmup_slices: int
+) -> dict[str, Any]:
     info = machine()
     with run_dir() as tmp, Parts(tmp) as parts:
-        files = [ct_series(tmp / f"study{n}", slices, rows, seed=n + 1) for n in range(studies + 1)]
+        warmup = [
+            ct_series(tmp / f"warmup{n}", warmup_slices, rows, seed=1000 + n)
+            for n in range(warmup_studies)
+        ]
+        files = [ct_series(tmp / f"study{n}", slices, rows, seed=n + 1) for n in range(studies)]
         st = parts.slice()
         orthanc = parts.orthanc()
         rules = tmp / "rules.yaml"
@@ -84,13 +96,16 @@ def run(studies: int, slices: int, rows: int) -> dict[str, Any]:
                     timeout=600,
                 )
 
-            send(files[0])  # warm-up study: connections, codec workers, group joins
-            completed.wait(slices, 300)
+            # Warm-up: connections, codec workers, group joins, replay windows.
+            for batch in warmup:
+                send(batch)
+            warm = warmup_studies * warmup_slices
+            completed.wait(warm, 900)
             before = {name: blob_requests(s) for name, s in services.items()}
-            for batch in files[1:]:
+            for batch in files:
                 send(batch)
             delivered = studies * slices
-            completed.wait(slices + delivered, 600)
+            completed.wait(warm + delivered, 600)
             after = {name: blob_requests(s) for name, s in services.items()}
     return {
         **info,
@@ -98,6 +113,7 @@ def run(studies: int, slices: int, rows: int) -> dict[str, Any]:
         "studies": studies,
         "slices": slices,
         "rows": rows,
+        "warmup_instances": warmup_studies * warmup_slices,
         "requests_per_instance": requests_per_instance(before, after, delivered),
     }
 
@@ -118,9 +134,11 @@ def main() -> None:
     parser.add_argument("--studies", type=int, default=4)
     parser.add_argument("--slices", type=int, default=40, help="CT slices per study")
     parser.add_argument("--rows", type=int, default=256, help="CT slice size (rows x rows)")
+    parser.add_argument("--warmup-studies", type=int, default=32)
+    parser.add_argument("--warmup-slices", type=int, default=24)
     parser.add_argument("--out", type=Path, default=RESULTS / "s3_requests.json")
     args = parser.parse_args()
-    result = run(args.studies, args.slices, args.rows)
+    result = run(args.studies, args.slices, args.rows, args.warmup_studies, args.warmup_slices)
     write_result(args.out, result)
     print(table(result))
 
