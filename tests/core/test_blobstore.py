@@ -9,6 +9,7 @@ import io
 import minio.error
 import pytest
 import urllib3
+from prometheus_client import REGISTRY
 
 from radflow_core.blobstore import BlobStore, HashedFile, content_key, map_error
 from radflow_core.errors import (
@@ -242,3 +243,42 @@ def test_an_s3_outage_inside_a_partial_read_is_an_outage_not_an_unreadable_heade
     view = _RangedBlob(DownClient(), ref, limit=1000)  # type: ignore[arg-type]
     with pytest.raises(BlobStoreUnavailable):
         view.read(10)
+
+
+def _requests(operation: str, method: str) -> float:
+    return (
+        REGISTRY.get_sample_value(
+            "radflow_blob_requests_total", {"operation": operation, "method": method}
+        )
+        or 0.0
+    )
+
+
+async def test_every_http_request_is_counted_not_just_every_operation(stack: Stack) -> None:
+    """A multipart upload is several requests, a header read several ranged GETs, a
+    listing one GET per page: it is requests that an S3 server pays for."""
+    stack.make_bucket()
+    settings = S3Settings.from_env({**stack.env, "RADFLOW_S3_PART_SIZE": str(5 * 1024 * 1024)})
+    blobs = BlobStore(settings)
+    data = hashlib.sha256(b"parts").digest() * (12 * 1024 * 1024 // 32)  # 3 parts
+    before = {
+        key: _requests(*key)
+        for key in (("put", "POST"), ("put", "PUT"), ("get_range", "GET"), ("list", "GET"))
+    }
+    stored = await blobs.put_file(
+        "original/x/counted.dcm", HashedFile.from_bytes(data), "original", check_existing=False
+    )
+    # Initiate and complete (POST), one PUT per part.
+    assert _requests("put", "POST") - before["put", "POST"] == 2
+    assert _requests("put", "PUT") - before["put", "PUT"] == 3
+
+    def read_three_blocks(file: io.RawIOBase) -> int:
+        return len(file.read(600 * 1024) or b"")
+
+    assert await blobs.read_partially(stored.ref, read_three_blocks, 1024 * 1024) == 600 * 1024
+    assert _requests("get_range", "GET") - before["get_range", "GET"] == 3  # 256 KiB blocks
+    await blobs.put_marker("marker/a", b"a")
+    await blobs.put_marker("marker/b", b"b")
+    assert [m.key for m in await blobs.list("marker/")] == ["marker/a", "marker/b"]
+    assert _requests("list", "GET") - before["list", "GET"] == 1
+    blobs.close()

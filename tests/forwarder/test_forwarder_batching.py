@@ -17,7 +17,7 @@ from radflow_devstack.kit.waiting import wait_for
 from radflow_devstack.processes import ManagedProcess
 from stow_forwarder.markers import DELIVERED_MARKER, State, decode, merge
 from support.dicom import make_instance
-from support.forward import routed
+from support.forward import publish, routed
 from support.metrics import metric, metric_sum
 from support.orthanc import OrthancView
 from support.stack import Stack
@@ -69,7 +69,7 @@ def test_interleaved_studies_in_one_fetch_go_one_request_per_study_up_to_max_bat
 ) -> None:
     orthanc = OrthancView(start_orthanc_server())
     files = studies(tmp_path, count=3, per_study=12)
-    routed(stack, files, "orthanc")
+    requests = routed(stack, files, "orthanc")
     forwarder = start_forwarder(rules_file=str(rules(tmp_path / "rules.yaml", orthanc, 20)))
     wait_for("36 deliveries", lambda: len(completed(stack)) == 36, timeout_s=60)
     assert orthanc.count() == 36
@@ -77,6 +77,22 @@ def test_interleaved_studies_in_one_fetch_go_one_request_per_study_up_to_max_bat
     batches = "radflow_forwarder_batch_instances"
     assert metric(forwarder.url, f"{batches}_count", destination="orthanc") == 3
     assert metric(forwarder.url, f"{batches}_sum", destination="orthanc") == 36
+
+    def s3(operation: str) -> float:
+        return metric_sum(forwarder.url, "radflow_blob_requests_total", operation=operation)
+
+    # Markers per batch: one LIST to check, one PUT of the intent, one of the answer;
+    # no request per instance but the download of its bytes.
+    assert (s3("list"), s3("put_marker"), s3("stat"), s3("get")) == (3, 6, 0, 36)
+    # Replayed, every request is found delivered by listings alone (one per study
+    # and fetch): no marker is written, none of this process's own is read again, no
+    # bytes are downloaded.
+    publish(stack, requests)
+    wait_for("72 acknowledgements", lambda: len(completed(stack)) == 72, timeout_s=60)
+    assert sum(d["already_delivered"] for d in completed(stack)) == 36
+    assert s3("list") > 3
+    assert (s3("put_marker"), s3("get_marker"), s3("get"), s3("stat")) == (6, 0, 36, 0)
+    assert orthanc.count() == 36
 
 
 def test_a_request_repeated_within_one_fetch_is_sent_once_and_acknowledged_twice(

@@ -61,7 +61,16 @@ _OPERATION: contextvars.ContextVar[str] = contextvars.ContextVar(
     "radflow_blob_operation", default="other"
 )
 """The operation a request belongs to; set in :meth:`BlobStore._call` and carried into
-its worker thread by :func:`asyncio.to_thread`."""
+its worker thread by :func:`asyncio.to_thread`. minio uploads a multipart object's
+parts from threads of its own, which do not carry it: a part (``partNumber`` in the
+query) is counted under ``put``, the only operation that uploads in parts."""
+
+
+def _count(method: str, url: str) -> None:
+    operation = _OPERATION.get()
+    if operation == "other" and "partNumber=" in url:
+        operation = "put"
+    BLOB_REQUESTS.labels(operation, method).inc()
 
 
 class _CountedHTTPConnectionPool(urllib3.HTTPConnectionPool):
@@ -70,7 +79,7 @@ class _CountedHTTPConnectionPool(urllib3.HTTPConnectionPool):
     it is requests that the S3 server pays for."""
 
     def _make_request(self, conn: Any, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
-        BLOB_REQUESTS.labels(_OPERATION.get(), method).inc()
+        _count(method, url)
         return super()._make_request(conn, method, url, *args, **kwargs)
 
 
@@ -78,7 +87,7 @@ class _CountedHTTPSConnectionPool(urllib3.HTTPSConnectionPool):
     __doc__ = _CountedHTTPConnectionPool.__doc__
 
     def _make_request(self, conn: Any, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
-        BLOB_REQUESTS.labels(_OPERATION.get(), method).inc()
+        _count(method, url)
         return super()._make_request(conn, method, url, *args, **kwargs)
 
 
