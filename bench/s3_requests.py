@@ -12,7 +12,8 @@ Method. Every service counts the HTTP requests it sends to S3 in
 list page and retry is one). Each service's /metrics is read after a warm-up has been
 delivered and again when the measured studies are delivered; the difference over the
 instances delivered in between is the figure. Readiness pings and start-up are left
-out (they do not grow with the load).
+out (they do not grow with the load). The broker's and the S3 server's CPU time over
+the same window, per delivered instance, is reported beside it.
 
 The warm-up is long enough (768 instances over 32 studies, so over every partition)
 to take each partition past transcode's replay window (the first 200 records after
@@ -102,11 +103,13 @@ def run(
             warm = warmup_studies * warmup_slices
             completed.wait(warm, 900)
             before = {name: blob_requests(s) for name, s in services.items()}
+            cpu_before = parts.cpu()
             for batch in files:
                 send(batch)
             delivered = studies * slices
             completed.wait(warm + delivered, 600)
             after = {name: blob_requests(s) for name, s in services.items()}
+            cpu_after = parts.cpu()
     return {
         **info,
         "load_at_end": loadavg(),
@@ -115,6 +118,10 @@ def run(
         "rows": rows,
         "warmup_instances": warmup_studies * warmup_slices,
         "requests_per_instance": requests_per_instance(before, after, delivered),
+        "cpu_ms_per_instance": {
+            name: round((cpu_after[name] - cpu_before[name]) * 1000 / delivered, 2)
+            for name in cpu_after
+        },
     }
 
 
@@ -126,6 +133,8 @@ def table(result: dict[str, Any]) -> str:
         ops = ", ".join(f"{op} {n:g}" for op, n in one["by_operation"].items()) or "none"
         lines.append(f"| {stage} | {one['total']:g} | {ops} |")
     lines.append(f"| **all** | **{counts['total']:g}** | |")
+    cpu = ", ".join(f"{name} {ms:g} ms" for name, ms in result["cpu_ms_per_instance"].items())
+    lines.append(f"\nCPU per delivered instance: {cpu}")
     return "\n".join(lines)
 
 
