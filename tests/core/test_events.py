@@ -108,7 +108,9 @@ def test_a_v1_normalized_event_is_read_as_v2_without_routing_attributes() -> Non
 
 def test_routing_attributes_name_only_coded_and_device_values() -> None:
     for name in RoutingAttributes.model_fields:
-        assert not any(word in name for word in ("patient", "description", "institution")), name
+        assert not any(
+            word in name for word in ("patient", "description", "institution", "station")
+        ), name
     assert set(RoutingAttributes.KEYWORDS.values()) == set(RoutingAttributes.model_fields)
 
 

@@ -176,11 +176,11 @@ def test_a_v2_event_carries_what_the_stat_policy_and_common_rules_read():
 def test_the_event_and_the_header_give_rules_the_same_text():
     ds = Dataset()
     ds.Manufacturer = "ACME Medical "
-    ds.StationName = "CT01"
+    ds.ManufacturerModelName = "Scanner 9"
     ds.RequestAttributesSequence = [Dataset()]
     ds.RequestAttributesSequence[0].RequestedProcedurePriority = "STAT"
     carried = routing_attributes(ds)
     header = header_attributes(ds)
-    for keyword in ("Manufacturer", "StationName", "RequestedProcedurePriority"):
+    for keyword in ("Manufacturer", "ManufacturerModelName", "RequestedProcedurePriority"):
         assert carried[keyword] == header[keyword], keyword
-    assert carried["ManufacturerModelName"] is None
+    assert set(carried) == {"Manufacturer", "ManufacturerModelName", "RequestedProcedurePriority"}

@@ -175,7 +175,8 @@ class DecodeStatus(StrEnum):
 class RoutingAttributes(EventModel):
     """Header attributes that routing rules read most and the event's identity does
     not carry, so that the router need not read the header from the blob store.
-    Coded and device values only: no patient data, descriptions or institution."""
+    Coded and device-model values only: no patient data, descriptions, institution or
+    station (PS3.15's de-identification profile removes Station Name)."""
 
     requested_procedure_priority: str | None = None
     """(0040,1003) Requested Procedure Priority, at the top level or in the first
@@ -184,14 +185,11 @@ class RoutingAttributes(EventModel):
     """(0008,0070) Manufacturer of the modality."""
     manufacturer_model_name: str | None = None
     """(0008,1090) Manufacturer's Model Name."""
-    station_name: str | None = None
-    """(0008,1010) Station Name of the modality."""
 
     KEYWORDS: ClassVar[dict[str, str]] = {
         "RequestedProcedurePriority": "requested_procedure_priority",
         "Manufacturer": "manufacturer",
         "ManufacturerModelName": "manufacturer_model_name",
-        "StationName": "station_name",
     }
     """DICOM keyword (as rules name it) → field."""
 

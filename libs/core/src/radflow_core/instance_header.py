@@ -91,7 +91,6 @@ ROUTING_KEYWORDS = (
     "RequestedProcedurePriority",
     "Manufacturer",
     "ManufacturerModelName",
-    "StationName",
 )
 """The header attributes the normalized event carries for routing
 (:class:`radflow_core.events.RoutingAttributes`)."""
