@@ -146,7 +146,11 @@ def main() -> None:
     parser.add_argument("--warmup-studies", type=int, default=32)
     parser.add_argument("--warmup-slices", type=int, default=24)
     parser.add_argument("--out", type=Path, default=RESULTS / "s3_requests.json")
+    parser.add_argument("--quick", action="store_true", help="a few instances, no long warm-up")
     args = parser.parse_args()
+    if args.quick:
+        args.studies, args.slices, args.rows = 2, 5, 64
+        args.warmup_studies, args.warmup_slices = 1, 3
     result = run(args.studies, args.slices, args.rows, args.warmup_studies, args.warmup_slices)
     write_result(args.out, result)
     print(table(result))

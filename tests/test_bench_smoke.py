@@ -63,6 +63,8 @@ def test_forward_rate_benchmark_delivers_the_backlog_by_stow_rs_and_dimse(
         for kind in ("stow-rs", "dimse"):
             assert r[kind]["instances_per_s"] > 0 and r[f"{kind}_vs_storescu"] > 0
             assert r[kind]["start_to_first_delivery_s"] > 0
+            # Every delivery downloads its bytes from S3 at least once.
+            assert r[kind]["s3_requests_per_instance"] >= 1
     assert (tmp_path / "forward_throughput.png").stat().st_size > 0
 
 
@@ -74,6 +76,9 @@ def test_latency_benchmark_reports_percentiles_per_lane(tmp_path: Path) -> None:
         lat = g["latency_s"]
         assert lat["count"] > 0 and 0 < lat["p50"] <= lat["p95"] <= lat["p99"]
     assert {s["lane"] for s in result["samples"]} == {"routine", "stat"}
+    stages = result["s3_requests_per_instance"]["stages"]
+    assert set(stages) == {"ingest", "transcode", "router", "stow_forwarder"}
+    assert stages["ingest"]["total"] >= 1 and stages["stow_forwarder"]["total"] >= 1
     for png in ("latency_histogram.png", "latency_throughput.png"):
         assert (tmp_path / png).stat().st_size > 0
 
@@ -86,3 +91,17 @@ def test_memory_benchmark_samples_every_service(tmp_path: Path) -> None:
         assert all(p["peak_mb"] > 0 for p in processes.values())
     assert result["large"]["size_mb"] > 10
     assert (tmp_path / "memory_rss.png").stat().st_size > 0
+
+
+def test_s3_requests_benchmark_counts_requests_per_stage_and_operation(tmp_path: Path) -> None:
+    result = run_bench("s3_requests", tmp_path)
+    counts = result["requests_per_instance"]
+    assert counts["delivered"] == 10
+    stages = counts["stages"]
+    assert set(stages) == {"ingest", "transcode", "router", "stow_forwarder"}
+    # Each instance is stored once and downloaded by transcode and the forwarder.
+    assert stages["ingest"]["by_operation"]["put PUT"] >= 1
+    assert stages["transcode"]["by_operation"]["get GET"] >= 1
+    assert stages["stow_forwarder"]["by_operation"]["get GET"] >= 1
+    assert counts["total"] == round(sum(s["total"] for s in stages.values()), 3)
+    assert result["cpu_ms_per_instance"]["s3"] > 0
