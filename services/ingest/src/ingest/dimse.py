@@ -38,6 +38,7 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import _STORAGE_CLASSES
 from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.utils import make_target
 
 from ingest import metrics
 from ingest.claimcheck import ClaimCheck, Expected, NotStored, Origin
@@ -90,6 +91,26 @@ def _socket_of(assoc: Any) -> socket.socket | None:
     return None if wrapper is None else cast(socket.socket | None, wrapper.socket)
 
 
+class _SharedPortServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server; in a worker (``worker`` set) bound with
+    SO_REUSEPORT so that every worker listens on the same port and the kernel spreads
+    the connections, and counting the connections each worker accepts."""
+
+    def __init__(self, *args: Any, worker: int | None, **kwargs: Any) -> None:
+        self.reuse_port = worker is not None
+        self._connections = metrics.WORKER_CONNECTIONS.labels(worker=str(worker or 0))
+        super().__init__(*args, **kwargs)  # binds: reuse_port must be set before
+
+    def server_bind(self) -> None:
+        if self.reuse_port and self.socket is not None:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self._connections.inc()
+        super().process_request(request, client_address)
+
+
 class DimseReceiver:
     """Owns the pynetdicom AE and its listening servers (plain and DICOM TLS)."""
 
@@ -99,8 +120,14 @@ class DimseReceiver:
         claim_check: ClaimCheck,
         loop: asyncio.AbstractEventLoop,
         audit: Auditor | None = None,
+        *,
+        worker: int | None = None,
     ) -> None:
         self._settings = settings
+        self._worker = worker
+        """This process's index among ingest's workers (RADFLOW_INGEST_WORKERS > 1):
+        its listeners share their ports with the other workers' (SO_REUSEPORT).
+        None: the only process."""
         self._audit = audit
         self._claim_check = claim_check
         self._loop = loop
@@ -169,9 +196,7 @@ class DimseReceiver:
             )
             tls = DeferredHandshake(context, timeout_s=settings.acse_timeout_s)
         if settings.dimse_plain:
-            self._server = self._ae.start_server(
-                (settings.dimse_host, settings.dimse_port), block=False, evt_handlers=handlers
-            )
+            self._server = self._serve((settings.dimse_host, settings.dimse_port), handlers)
             log.info(
                 "DIMSE listening",
                 extra={
@@ -181,11 +206,10 @@ class DimseReceiver:
                 },
             )
         if tls is not None:
-            self._tls_server = self._ae.start_server(
+            self._tls_server = self._serve(
                 (settings.dimse_host, settings.dimse_tls_port),
-                block=False,
-                evt_handlers=handlers,
-                ssl_context=cast(ssl.SSLContext, tls),
+                handlers,
+                cast(ssl.SSLContext, tls),
             )
             log.info(
                 "DICOM TLS listening",
@@ -202,6 +226,29 @@ class DimseReceiver:
                     ),
                 },
             )
+
+    def _serve(
+        self,
+        address: tuple[str, int],
+        handlers: list[Any],
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> ThreadedAssociationServer:
+        """``AE.start_server(block=False)``, with our server class (SO_REUSEPORT for
+        workers, connections counted per worker)."""
+        server = self._ae.make_server(
+            address,
+            evt_handlers=handlers,
+            ssl_context=ssl_context,
+            server_class=_SharedPortServer,
+            worker=self._worker,
+        )
+        thread = threading.Thread(
+            target=make_target(server.serve_forever),
+            name=f"AcceptorServer@{address[1]}",
+            daemon=True,
+        )
+        thread.start()
+        return server
 
     async def stop(self, grace_s: float) -> None:
         """Stop listening, let open associations finish for ``grace_s``, abort the rest.

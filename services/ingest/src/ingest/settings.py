@@ -81,6 +81,13 @@ class CertificatePeer:
 class IngestSettings(Section):
     prefix = "INGEST_"
 
+    workers: int = Field(default=1, ge=1, le=64)
+    """Ingest processes sharing the public ports (DIMSE, DICOM TLS, STOW-RS HTTP and
+    HTTPS, bound with SO_REUSEPORT: the kernel spreads connections across them), each a
+    full ingest with its own broker and S3 clients. 1: one process, no supervisor. More:
+    a parent process supervises them (restarts one that dies, stops them all on
+    SIGTERM) and serves the pod's one ops port. About one per CPU core of the pod's
+    limit. max_associations and max_associations_per_sender apply per worker."""
     ae_title: str = Field(default="RADFLOW", min_length=1, max_length=16)
     """Our AE title; senders must call it exactly (A-ASSOCIATE-RJ reason 7 otherwise)."""
     dimse_host: str = "127.0.0.1"
@@ -194,6 +201,17 @@ class IngestSettings(Section):
             raise ValueError(
                 f"{self.env_name('tls_cert_file')} and {self.env_name('tls_key_file')} go together"
             )
+        if self.workers > 1:
+            unset = [
+                self.env_name(name)
+                for name in ("dimse_port", "dimse_tls_port", "http_port", "https_port")
+                if getattr(self, name) == 0
+            ]
+            if unset:
+                raise ValueError(
+                    f"{self.env_name('workers')} > 1 needs fixed ports: port 0 would give "
+                    f"each worker a port of its own ({', '.join(unset)})"
+                )
         if not self.dimse_plain and self.tls_cert_file is None:
             raise ValueError(
                 f"{self.env_name('dimse_plain')} is false but no DICOM TLS listener is "
