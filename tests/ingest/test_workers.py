@@ -56,9 +56,7 @@ def _send_concurrently(port: int, folder: Path, tag: str) -> set[str]:
     ]
     with ThreadPoolExecutor(ASSOCIATIONS) as pool:
         # One calling AE per association: max_associations_per_sender is not the subject.
-        results = list(
-            pool.map(lambda a: _send(port, batches[a], f"SCU{a}"), range(ASSOCIATIONS))
-        )
+        results = list(pool.map(lambda a: _send(port, batches[a], f"SCU{a}"), range(ASSOCIATIONS)))
     assert all(s == StoreStatus.SUCCESS for r in results for s in r), results
     return {str(pydicom.dcmread(f).SOPInstanceUID) for batch in batches for f in batch}
 
