@@ -20,6 +20,7 @@ from radflow_devstack.kit.waiting import wait_for
 from support.dicom import make_instance
 from support.metrics import metric_sum
 from support.stack import IngestProcess, Stack
+from support.stow import stow
 
 pytestmark = pytest.mark.pipeline
 
@@ -27,6 +28,7 @@ ASSOCIATIONS = 16
 """Concurrent associations sent at once. The kernel picks a worker by a hash of each
 connection's addresses and ports: all 16 on one of two workers has odds of 2**-15."""
 PER_ASSOCIATION = 2
+STOW_REQUESTS = 6
 
 
 def _send(port: int, files: list[Path], calling_ae: str) -> list[int]:
@@ -84,6 +86,12 @@ def test_two_workers_share_the_dimse_port_and_store_every_concurrent_association
     assert len({w["pid"] for w in workers.values()}) == 2
 
     sent = _send_concurrently(ingest.dimse_port, tmp_path, "a")
+    # STOW-RS's port is shared too: requests on new connections, all stored.
+    posted = [make_instance(tmp_path / f"stow-{i}.dcm") for i in range(STOW_REQUESTS)]
+    with ThreadPoolExecutor(STOW_REQUESTS) as pool:
+        answers = list(pool.map(lambda f: stow(ingest.stow_url, [f.read_bytes()]), posted))
+    assert [a.status_code for a in answers] == [200] * STOW_REQUESTS
+    sent |= {str(pydicom.dcmread(f).SOPInstanceUID) for f in posted}
 
     events = stack.events()
     announced = [e["data"]["sop_instance_uid"] for e in events]
@@ -93,6 +101,7 @@ def test_two_workers_share_the_dimse_port_and_store_every_concurrent_association
     # One /metrics for the pod: the workers' counters summed, and both workers served.
     stored = metric_sum(ingest.url, "radflow_ingest_instances_total", outcome="stored")
     assert stored == len(sent)
+    assert metric_sum(ingest.url, "radflow_ingest_stow_requests_total") == STOW_REQUESTS
     served = {
         worker: metric_sum(ingest.url, "radflow_ingest_worker_connections_total", worker=worker)
         for worker in ("0", "1")

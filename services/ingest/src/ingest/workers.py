@@ -335,6 +335,8 @@ class WorkerPool:
         """Alive while every worker that has announced itself answers (one starting or
         waiting for its restart is the pool's business, not a reason to restart the
         pod; one whose event loop hangs is)."""
+        if self._stopping.is_set():  # workers close their ops ports as they stop
+            return web.json_response({"alive": True, "workers": "stopping"})
         answers = await asyncio.gather(
             *(self._ask(w, "/healthz", ALIVE_TIMEOUT_S) for w in self._workers)
         )
