@@ -16,11 +16,15 @@ from pynetdicom import AE
 from ingest.settings import IngestSettings
 from radflow_core.dicom_status import StoreStatus
 from radflow_core.errors import ConfigurationError
+from radflow_core.tls import client_context
+from radflow_devstack.kit.dcmtk import storescu
 from radflow_devstack.kit.waiting import wait_for
+from radflow_devstack.pki import Authority
+from radflow_devstack.processes import free_port
 from support.dicom import make_instance
 from support.metrics import metric_sum
 from support.stack import IngestProcess, Stack
-from support.stow import stow
+from support.stow import AUTH_HEADERS, multipart, stow
 
 pytestmark = pytest.mark.pipeline
 
@@ -29,6 +33,7 @@ ASSOCIATIONS = 16
 connection's addresses and ports: all 16 on one of two workers has odds of 2**-15."""
 PER_ASSOCIATION = 2
 STOW_REQUESTS = 6
+TLS_ASSOCIATIONS = 12
 
 
 def _send(port: int, files: list[Path], calling_ae: str) -> list[int]:
@@ -164,3 +169,42 @@ def test_more_than_one_worker_needs_fixed_ports() -> None:
     with pytest.raises(ConfigurationError, match="RADFLOW_INGEST_WORKERS > 1 needs fixed ports"):
         IngestSettings.from_env({"RADFLOW_INGEST_WORKERS": "2", "RADFLOW_INGEST_DIMSE_PORT": "0"})
     assert IngestSettings.from_env({"RADFLOW_INGEST_DIMSE_PORT": "0"}).workers == 1
+
+
+def test_two_workers_share_the_dicom_tls_and_https_ports(
+    stack: Stack, start_ingest, tmp_path: Path
+) -> None:
+    ca = Authority(tmp_path / "ca")
+    server = ca.issue("ingest", server=True, hosts=("127.0.0.1",))
+    client = ca.issue("STORESCU", server=False, file_stem="client")
+    https_port = free_port()
+    ingest: IngestProcess = start_ingest(
+        workers="2",
+        https_port=str(https_port),
+        tls_cert_file=str(server.cert),
+        tls_key_file=str(server.key),
+        tls_client_ca_file=str(ca.ca_file),
+    )
+    trusted = ["+tls", str(client.key), str(client.cert), "+cf", str(ca.ca_file)]
+    files = [make_instance(tmp_path / f"tls-{i}.dcm") for i in range(TLS_ASSOCIATIONS)]
+    with ThreadPoolExecutor(TLS_ASSOCIATIONS) as pool:
+        results = list(pool.map(lambda f: storescu(ingest.dimse_tls_port, f, extra=trusted), files))
+    assert all(r.returncode == 0 for r in results), [r.stderr for r in results]
+    posted = make_instance(tmp_path / "https.dcm")
+    body, ctype = multipart([posted.read_bytes()])
+    answer = httpx.post(
+        f"https://127.0.0.1:{https_port}/dicomweb/studies",
+        content=body,
+        headers={"Content-Type": ctype, **AUTH_HEADERS},
+        verify=client_context(ca_file=ca.ca_file),
+        timeout=30,
+    )
+    assert answer.status_code == 200, answer.text
+
+    sent = {str(pydicom.dcmread(f).SOPInstanceUID) for f in [*files, posted]}
+    assert sorted(e["data"]["sop_instance_uid"] for e in stack.events()) == sorted(sent)
+    served = [
+        metric_sum(ingest.url, "radflow_ingest_worker_connections_total", worker=w)
+        for w in ("0", "1")
+    ]
+    assert sum(served) == TLS_ASSOCIATIONS and all(served), served
