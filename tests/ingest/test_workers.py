@@ -138,13 +138,34 @@ def test_a_killed_worker_is_restarted_and_ingest_keeps_accepting(
     assert announced == sorted(sent)
 
 
-def test_sigterm_stops_every_worker_and_the_parent_exits_0(start_ingest, tmp_path: Path) -> None:
+def test_sigterm_drains_every_worker_and_the_parent_exits_0(
+    stack: Stack, start_ingest, tmp_path: Path
+) -> None:
+    """An association open at SIGTERM still gets its instance stored (the worker's own
+    graceful stop: listeners closed, open associations given their grace)."""
     ingest: IngestProcess = start_ingest(workers="2")
     pids = [w["pid"] for w in _workers(ingest).values()]
     assert all(_alive(pid) for pid in pids)
+    late = pydicom.dcmread(make_instance(tmp_path / "late.dcm"))
+    ae = AE(ae_title="HELD")
+    ae.add_requested_context(late.SOPClassUID, [late.file_meta.TransferSyntaxUID])
+    held = ae.associate("127.0.0.1", ingest.dimse_port, ae_title="RADFLOW")
+    assert held.is_established
+
+    ingest.proc.terminate()
+    wait_for(
+        "the pod no longer ready",
+        lambda: httpx.get(f"{ingest.url}/readyz", timeout=15).status_code == 503,
+        30,
+    )
+    status = held.send_c_store(late)
+    held.release()
+    assert status is not None and int(status.Status) == StoreStatus.SUCCESS
 
     assert ingest.proc.stop(timeout_s=60) == 0
     assert not any(_alive(pid) for pid in pids)
+    (event,) = stack.events()
+    assert event["data"]["sop_instance_uid"] == late.SOPInstanceUID
     log = ingest.log()
     assert log.count("worker stopped") == 2, log
     assert "ingest workers stopped" in log
