@@ -18,12 +18,14 @@ import io
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import BinaryIO, TypeVar
 from urllib.parse import urlsplit
 
 import certifi
 import urllib3
 from minio import Minio
+from minio.credentials import Credentials
 from minio.error import MinioException, S3Error
 from prometheus_client import Counter, Histogram
 
@@ -50,6 +52,35 @@ BLOB_OPS = Histogram(
 BLOB_BYTES = Counter(
     "radflow_blob_uploaded_bytes_total", "Bytes uploaded to the blob store.", ["kind"]
 )
+
+CONTENT_SHA256 = "x-amz-content-sha256"
+
+
+class _Minio(Minio):
+    """A minio client that signs a request with the payload hash it is given.
+
+    minio hashes every request body for SigV4 (or, over TLS, sends UNSIGNED-PAYLOAD
+    and computes a Content-MD5 instead). A blob's sha256 is computed anyway, for its
+    content key and its event, so a single-part PUT passes it as the
+    ``x-amz-content-sha256`` header and the body is not hashed a second time; the
+    server still checks the body against it.
+    """
+
+    def _build_headers(
+        self,
+        host: str,
+        headers: dict[str, str | list[str] | tuple[str]] | None = None,
+        body: bytes | None = None,
+        creds: Credentials | None = None,
+    ) -> tuple[dict[str, str | list[str] | tuple[str]], datetime]:
+        known = (headers or {}).get(CONTENT_SHA256)
+        if known is None or creds is None or not body:
+            return super()._build_headers(host, headers, body, creds)  # type: ignore[no-any-return]
+        built, date = super()._build_headers(host, headers, None, creds)
+        built["Content-Length"] = str(len(body))
+        built[CONTENT_SHA256] = known
+        return built, date
+
 
 _NOT_FOUND_CODES = frozenset({"NoSuchKey", "NoSuchObject", "NotFound"})
 MISCONFIGURED_CODES = frozenset(
@@ -221,7 +252,7 @@ class BlobStore:
             ca_certs=str(settings.ca_file) if settings.ca_file else certifi.where(),
         )
         self._http = http
-        self._client = Minio(
+        self._client = _Minio(
             url.netloc,
             access_key=settings.access_key,
             secret_key=settings.secret_key.get_secret_value(),
@@ -290,11 +321,18 @@ class BlobStore:
         With ``check_existing=False`` the existence check (one HEAD) is skipped, for
         small objects where writing them again costs less than asking. The sha256 is
         recorded as object metadata too, so the bucket alone can be audited against the
-        events.
+        events. An object sent in one part is signed with that sha256 as its payload
+        hash: the bytes are hashed once, by whoever built ``blob``, and a body that
+        does not match it is refused by the server.
         """
         ref = BlobRef(bucket=self.bucket, key=key, size=blob.size, sha256=blob.sha256)
         if check_existing and await self.size_of(key) == blob.size:
             return StoredBlob(ref, created=False)
+
+        headers: dict[str, str | list[str] | tuple[str]] = {"sha256": blob.sha256}
+        if blob.size <= self._settings.part_size:
+            # Only the single request of a one-part upload carries exactly these bytes.
+            headers[CONTENT_SHA256] = blob.sha256
 
         def upload() -> None:
             blob.file.seek(0)
@@ -304,7 +342,7 @@ class BlobStore:
                 blob.file,
                 blob.size,
                 content_type=content_type,
-                metadata={"sha256": blob.sha256},
+                metadata=headers,
                 part_size=self._settings.part_size,
             )
 

@@ -3,8 +3,7 @@ shell.
 
 On stop, readiness turns false first (Kubernetes stops sending), the DIMSE listener
 closes and open associations get a grace period, in-flight STOW-RS requests finish,
-pending work is drained, and only then the producer flushes and closes. The broker
-connection is retried in the background; until it is up, senders get 0xA7xx / 503.
+and only then the producer flushes and closes. The broker connection is retried in the background; until it is up, senders get 0xA7xx / 503.
 """
 
 from __future__ import annotations
@@ -124,7 +123,6 @@ class IngestService:
             "rule file watcher", functools.partial(self._lanes.watch, settings.reload_interval_s)
         )
         self.shell.on_drain(self._close_dimse)
-        self.shell.on_close(self._drain_claim_checks)
         self.shell.on_close(self._auth.close)
         if not self._auth.enabled:
             log.warning(
@@ -179,9 +177,6 @@ class IngestService:
     async def _close_dimse(self) -> None:
         if self._dimse is not None:
             await self._dimse.stop(self._config.ingest.shutdown_grace_s)
-
-    async def _drain_claim_checks(self) -> None:
-        await self._claim_check.drain(timeout_s=5.0)
 
     async def stop(self) -> None:
         await self.shell.stop()
