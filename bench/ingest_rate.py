@@ -24,6 +24,11 @@ the references: the first value is ``ours``, each other one ``ours-w<N>`` (its C
 counted over the parent and every worker). ``--references`` leaves out references not
 needed for a question (the ratio to the bare SCP needs only pynetdicom).
 
+CPU per instance is read from /proc (user + system seconds) for ingest, the S3
+server, the broker, the bare SCP and storescp, over the same window; the ratio of
+ingest's to the bare SCP's is the "ingest CPU per instance" target (at most 1.3
+times), from the medians of the repeated runs.
+
 Every receiver is fresh for every run (new bucket and topics, new Orthanc, new
 folders), so none of them sees a duplicate. Runs are interleaved receiver by
 receiver and repeated; the table shows the median, and the ratios are ours over
@@ -218,6 +223,10 @@ def run(
                     row["target_orthanc_met"] = row["ours_vs_orthanc"] >= 1.0
                 if "pynetdicom" in references:
                     row["target_pynetdicom_met"] = row["ours_vs_pynetdicom"] >= 0.9
+                cpu = row["cpu_ms_per_instance"]
+                if "ingest" in cpu and "bare-scp" in cpu:
+                    row["ingest_cpu_vs_bare_scp"] = round(cpu["ingest"] / cpu["bare-scp"], 2)
+                    row["target_cpu_met"] = row["ingest_cpu_vs_bare_scp"] <= 1.3
                 rows.append(row)
     return {
         **info,
@@ -252,9 +261,10 @@ def table(result: dict[str, Any]) -> str:
     head = (
         "| set | assoc | ours inst/s (MB/s) | pynetdicom floor | Orthanc | storescp "
         "| ours/pynetdicom (≥0.9) | ours/Orthanc (≥1.0) | ours/storescp "
-        "| CPU ms/instance: ingest, S3, broker; floor, storescp |"
+        "| CPU ms/instance: ingest, S3, broker; floor, storescp "
+        "| ingest CPU/floor CPU (≤1.3) |"
     )
-    lines = [head, "|" + "---|" * 10]
+    lines = [head, "|" + "---|" * 11]
     for r in result["rows"]:
 
         def cell(name: str, row: dict[str, Any] = r) -> str:
@@ -263,13 +273,15 @@ def table(result: dict[str, Any]) -> str:
         cpu = r["cpu_ms_per_instance"]
         ok_p = "met" if r["target_pynetdicom_met"] else "**missed**"
         ok_o = "met" if r["target_orthanc_met"] else "**missed**"
+        ok_c = "met" if r["target_cpu_met"] else "**missed**"
         lines.append(
             f"| {r['set']} ({r['instances']}, {r['mb']} MB) | {r['associations']} "
             f"| {cell('ours')} | {cell('pynetdicom')} | {cell('orthanc')} | {cell('storescp')} "
             f"| {r['ours_vs_pynetdicom']:.2f} {ok_p} | {r['ours_vs_orthanc']:.2f} {ok_o} "
             f"| {r['ours_vs_storescp']:.2f} "
             f"| {cpu['ingest']:.1f}, {cpu['s3']:.1f}, {cpu['tansu']:.1f}; "
-            f"{cpu['bare-scp']:.1f}, {cpu['storescp']:.1f} |"
+            f"{cpu['bare-scp']:.1f}, {cpu['storescp']:.1f} "
+            f"| {r['ingest_cpu_vs_bare_scp']:.2f} {ok_c} |"
         )
     return "\n".join(lines)
 

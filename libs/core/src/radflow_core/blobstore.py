@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import certifi
 import urllib3
 from minio import Minio
-from minio.credentials import Credentials
+from minio.credentials.credentials import Credentials
 from minio.error import MinioException, S3Error
 from prometheus_client import Counter, Histogram
 
@@ -75,7 +75,7 @@ class _Minio(Minio):
     ) -> tuple[dict[str, str | list[str] | tuple[str]], datetime]:
         known = (headers or {}).get(CONTENT_SHA256)
         if known is None or creds is None or not body:
-            return super()._build_headers(host, headers, body, creds)  # type: ignore[no-any-return]
+            return super()._build_headers(host, headers, body, creds)
         built, date = super()._build_headers(host, headers, None, creds)
         built["Content-Length"] = str(len(body))
         built[CONTENT_SHA256] = known

@@ -152,7 +152,8 @@ def inspect(file: BinaryIO, max_bytes: int, max_depth: int = DEFAULT_MAX_DEPTH) 
     so pydicom only ever parses a file whose lengths all hold and whose transfer syntax
     is not deflated. The original is ingest's own file meta followed by the received
     data set bytes (:mod:`radflow_core.file_meta`): the returned file is a view over
-    ``file``, which must stay open until the original is uploaded.
+    ``file`` (or ``file`` itself, when it is such a view already), which must stay
+    open until the original is uploaded.
     """
     received = file.seek(0, io.SEEK_END)
     if received > max_bytes:
@@ -162,7 +163,11 @@ def inspect(file: BinaryIO, max_bytes: int, max_depth: int = DEFAULT_MAX_DEPTH) 
     meta = encode_file_meta(
         header.sop_class_uid, header.sop_instance_uid, header.transfer_syntax_uid
     )
-    original = CanonicalFile(meta, file, dataset_offset(file))
+    original: CanonicalFile
+    if isinstance(file, CanonicalFile) and file.meta == meta:
+        original = file  # a C-STORE's data set, already behind this very file meta
+    else:
+        original = CanonicalFile(meta, file, dataset_offset(file))
     if original.size > max_bytes:
         raise InvalidInstance(StoreStatus.INSTANCE_TOO_LARGE, "instance exceeds the size limit")
     return Inspected(HashedFile.from_file(original), header, patient_id)  # type: ignore[arg-type]

@@ -12,18 +12,21 @@ that stalls its handshake holds up only itself; a verified client certificate's 
 name becomes the sender's identity (``cert:<CN>``) and may be bound to the calling AE
 titles it is allowed to use.
 
-Datasets are received in pynetdicom's chunked mode: the P-DATA stream is written
-straight to a temporary Part 10 file (``TMPDIR``), so a multi-gigabyte instance costs
-disk, not memory, and is hashed and uploaded from that file. The file meta pynetdicom
-writes there is not kept: the claim check stores ingest's own in its place. That file
-never grows past ``max_instance_bytes`` (:mod:`ingest.receive_limit`): a larger data
-set is read to its end and dropped, and answered 0xC005. Deflated Explicit VR Little
-Endian is not negotiated (:data:`~radflow_core.transfer_syntaxes.RECEIVED`).
+A data set is received into a :class:`~ingest.receive_limit.ReceivedDataSet`: in
+memory up to ``spool_memory_bytes`` (so a CT slice never makes a round trip through
+a file), in an anonymous temporary file (``TMPDIR``) beyond, so a multi-gigabyte
+instance costs disk, not memory; never past ``max_instance_bytes``: a larger data set
+is read to its end and dropped, and answered 0xC005. The claim check reads it behind
+ingest's own file meta (:mod:`radflow_core.file_meta`); pynetdicom's chunked mode,
+which writes a file meta of its own to a named file and flushes every fragment, is
+not used. Deflated Explicit VR Little Endian is not negotiated
+(:data:`~radflow_core.transfer_syntaxes.RECEIVED`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import socket
 import ssl
@@ -31,7 +34,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any, cast
+from typing import Any, BinaryIO, cast
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, evt
@@ -42,11 +45,12 @@ from pynetdicom.utils import make_target
 
 from ingest import metrics
 from ingest.claimcheck import ClaimCheck, Expected, NotStored, Origin
-from ingest.receive_limit import bound_pdu_length, cap_received_datasets, received_too_large
+from ingest.receive_limit import ReceivedDataSet, bound_pdu_length, receive_datasets
 from ingest.settings import IngestSettings
 from radflow_core.audit import Auditor, Door
 from radflow_core.dicom_status import StoreStatus
 from radflow_core.events import Priority, Protocol, Sender
+from radflow_core.file_meta import CanonicalFile, encode_file_meta
 from radflow_core.tls import DeferredHandshake, peer_common_name, server_context
 from radflow_core.transfer_syntaxes import RECEIVED
 
@@ -142,7 +146,8 @@ class DimseReceiver:
         self._counted: dict[int, str] = {}
         # pynetdicom reads this process-wide switch when a C-STORE arrives; ingest is
         # the only SCP in its process, so setting it here is the one place it is set.
-        _config.STORE_RECV_CHUNKED_DATASET = True
+        # Off: data sets go to the ReceivedDataSet that receive_datasets installs.
+        _config.STORE_RECV_CHUNKED_DATASET = False
 
         ae = AE(ae_title=settings.ae_title)
         ae.maximum_associations = settings.max_associations
@@ -313,7 +318,9 @@ class DimseReceiver:
         return True
 
     def _cap_datasets(self, event: evt.Event) -> None:
-        cap_received_datasets(event.assoc, self._settings.max_instance_bytes)
+        receive_datasets(
+            event.assoc, self._settings.max_instance_bytes, self._settings.spool_memory_bytes
+        )
         bound_pdu_length(event.assoc, self._settings.max_pdu_bytes)
 
     def _on_conn_close(self, event: evt.Event) -> None:
@@ -384,8 +391,9 @@ class DimseReceiver:
     def _on_store(self, event: evt.Event) -> Dataset:
         request = cast(C_STORE, event.request)
         assoc = event.assoc
-        if received_too_large(request):
-            # Its bytes past the limit were never written; the file holds nothing.
+        data = request.DataSet
+        if isinstance(data, ReceivedDataSet) and data.over:
+            data.discard()  # nothing of it was kept
             metrics.INSTANCES.labels(
                 Protocol.DIMSE.value, StoreStatus.INSTANCE_TOO_LARGE.label
             ).inc()
@@ -414,11 +422,30 @@ class DimseReceiver:
                 sop_instance_uid=str(request.AffectedSOPInstanceUID),
             ),
         )
-        return self._bridge(str(event.dataset_path), origin)
+        received = data.received() if isinstance(data, ReceivedDataSet) else data
+        if received is None:
+            received = io.BytesIO()
+        received.seek(0)
+        # The data set behind ingest's file meta, in the negotiated transfer syntax:
+        # the Part 10 file the claim check reads, built without copying the data set.
+        part10 = CanonicalFile(
+            encode_file_meta(
+                str(request.AffectedSOPClassUID),
+                str(request.AffectedSOPInstanceUID),
+                str(event.context.transfer_syntax),
+            ),
+            received,
+            0,
+        )
+        try:
+            return self._bridge(cast(BinaryIO, part10), origin)
+        finally:
+            if isinstance(data, ReceivedDataSet):
+                data.discard()
 
-    def _bridge(self, path: str, origin: Origin) -> Dataset:
+    def _bridge(self, part10: BinaryIO, origin: Origin) -> Dataset:
         """The one crossing from a pynetdicom thread to the event loop."""
-        future = asyncio.run_coroutine_threadsafe(self._store(path, origin), self._loop)
+        future = asyncio.run_coroutine_threadsafe(self._store(part10, origin), self._loop)
         try:
             return future.result(timeout=self._settings.store_timeout_s)
         except FutureTimeout:
@@ -431,10 +458,9 @@ class DimseReceiver:
             log.exception("claim check failed")
             return status_dataset(StoreStatus.OUT_OF_RESOURCES, "receiver unavailable; retry")
 
-    async def _store(self, path: str, origin: Origin) -> Dataset:
+    async def _store(self, part10: BinaryIO, origin: Origin) -> Dataset:
         try:
-            with open(path, "rb") as file:  # noqa: ASYNC230 - local spool file, read in a thread
-                await self._claim_check.store(file, origin)
+            await self._claim_check.store(part10, origin)
         except NotStored as exc:
             return status_dataset(exc.status, exc.detail)
         return status_dataset(StoreStatus.SUCCESS)

@@ -3,7 +3,8 @@ shell.
 
 On stop, readiness turns false first (Kubernetes stops sending), the DIMSE listener
 closes and open associations get a grace period, in-flight STOW-RS requests finish,
-and only then the producer flushes and closes. The broker connection is retried in the background; until it is up, senders get 0xA7xx / 503.
+and only then the producer flushes and closes. The broker connection is retried in
+the background; until it is up, senders get 0xA7xx / 503.
 """
 
 from __future__ import annotations

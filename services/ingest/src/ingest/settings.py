@@ -165,7 +165,9 @@ class IngestSettings(Section):
     max_sequence_depth: int = Field(default=32, ge=1, le=256)
     """Deepest nesting of sequences accepted; deeper: status 0xC000 / HTTP 400."""
     spool_memory_bytes: int = Field(default=8 * 1024 * 1024, ge=0)
-    """STOW-RS parts up to this size are held in memory; larger ones spool to TMPDIR."""
+    """STOW-RS parts and C-STORE data sets up to this size are held in memory; larger
+    ones spool to TMPDIR. At most one per open association and stow_concurrency per
+    STOW-RS request is held at once."""
     stow_concurrency: int = Field(default=8, ge=1, le=256)
     """Parts of one STOW-RS request whose claim checks run at once (1: one after the
     other); the next part is spooled while earlier ones are stored. A request holds at
