@@ -62,8 +62,11 @@ class _Minio(Minio):
     minio hashes every request body for SigV4 (or, over TLS, sends UNSIGNED-PAYLOAD
     and computes a Content-MD5 instead). A blob's sha256 is computed anyway, for its
     content key and its event, so a single-part PUT passes it as the
-    ``x-amz-content-sha256`` header and the body is not hashed a second time; the
-    server still checks the body against it.
+    ``x-amz-content-sha256`` header and the body is not hashed a second time. It is
+    signed either way; a server that checks payload hashes (AWS S3, MinIO) refuses a
+    body that does not match it (XAmzContentSHA256Mismatch). SeaweedFS 4.48 and moto
+    do not check (tried with a wrong hash); the consumers' sha256 check on download is
+    what catches a corrupted upload there, as it did before.
     """
 
     def _build_headers(
@@ -322,8 +325,8 @@ class BlobStore:
         small objects where writing them again costs less than asking. The sha256 is
         recorded as object metadata too, so the bucket alone can be audited against the
         events. An object sent in one part is signed with that sha256 as its payload
-        hash: the bytes are hashed once, by whoever built ``blob``, and a body that
-        does not match it is refused by the server.
+        hash: the bytes are hashed once, by whoever built ``blob`` (see
+        :class:`_Minio` on which servers check it).
         """
         ref = BlobRef(bucket=self.bucket, key=key, size=blob.size, sha256=blob.sha256)
         if check_existing and await self.size_of(key) == blob.size:
