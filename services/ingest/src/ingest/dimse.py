@@ -26,7 +26,6 @@ not used. Deflated Explicit VR Little Endian is not negotiated
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import socket
 import ssl
@@ -422,10 +421,9 @@ class DimseReceiver:
                 sop_instance_uid=str(request.AffectedSOPInstanceUID),
             ),
         )
-        received = data.received() if isinstance(data, ReceivedDataSet) else data
-        if received is None:
-            received = io.BytesIO()
-        received.seek(0)
+        if not isinstance(data, ReceivedDataSet):
+            # Not received through receive_datasets: nothing of ours to release.
+            data = ReceivedDataSet.holding(data)
         # The data set behind ingest's file meta, in the negotiated transfer syntax:
         # the Part 10 file the claim check reads, built without copying the data set.
         part10 = CanonicalFile(
@@ -434,18 +432,14 @@ class DimseReceiver:
                 str(request.AffectedSOPInstanceUID),
                 str(event.context.transfer_syntax),
             ),
-            received,
+            data.received(),
             0,
         )
-        try:
-            return self._bridge(cast(BinaryIO, part10), origin)
-        finally:
-            if isinstance(data, ReceivedDataSet):
-                data.discard()
+        return self._bridge(cast(BinaryIO, part10), data, origin)
 
-    def _bridge(self, part10: BinaryIO, origin: Origin) -> Dataset:
+    def _bridge(self, part10: BinaryIO, received: ReceivedDataSet, origin: Origin) -> Dataset:
         """The one crossing from a pynetdicom thread to the event loop."""
-        future = asyncio.run_coroutine_threadsafe(self._store(part10, origin), self._loop)
+        future = asyncio.run_coroutine_threadsafe(self._store(part10, received, origin), self._loop)
         try:
             return future.result(timeout=self._settings.store_timeout_s)
         except FutureTimeout:
@@ -458,9 +452,14 @@ class DimseReceiver:
             log.exception("claim check failed")
             return status_dataset(StoreStatus.OUT_OF_RESOURCES, "receiver unavailable; retry")
 
-    async def _store(self, part10: BinaryIO, origin: Origin) -> Dataset:
+    async def _store(self, part10: BinaryIO, received: ReceivedDataSet, origin: Origin) -> Dataset:
         try:
             await self._claim_check.store(part10, origin)
         except NotStored as exc:
             return status_dataset(exc.status, exc.detail)
+        finally:
+            # Here, not in the association thread: after a timeout the claim check
+            # must never go on with the bytes emptied under it (it ends here, and a
+            # worker thread still reading them only produces a result nobody uses).
+            received.discard()
         return status_dataset(StoreStatus.SUCCESS)

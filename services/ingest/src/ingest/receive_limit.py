@@ -75,6 +75,15 @@ class ReceivedDataSet(io.BytesIO):
         self._size = size
         return length
 
+    @classmethod
+    def holding(cls, data: io.BytesIO | None) -> ReceivedDataSet:
+        """One over a data set pynetdicom collected itself (a message that started
+        before :func:`receive_datasets` was installed)."""
+        held = cls(limit=2**63, memory_bytes=2**63)
+        if data is not None:
+            held.write(data.getbuffer())
+        return held
+
     @property
     def size(self) -> int:
         """Bytes of the data set received so far."""
