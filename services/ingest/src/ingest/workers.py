@@ -24,8 +24,8 @@ client. It
   :data:`CRASH_WINDOW_S`, it stops the others and exits 3, so Kubernetes restarts the
   pod instead of it serving on at a fraction of its capacity;
 - on SIGTERM sends SIGTERM to every worker, each of which stops as a single ingest
-  does (readiness false, listeners closed, associations and requests finished, claim
-  checks drained, producer flushed), waits for all, and exits 0.
+  does (readiness false, listeners closed, associations and requests finished,
+  producer flushed), waits for all, and exits 0.
 
 A worker dies with its parent (PR_SET_PDEATHSIG): a parent killed outright leaves no
 worker serving the ports without supervision. Audit Application Start/Stop messages
