@@ -43,6 +43,8 @@ def test_ingest_rate_benchmark_compares_ours_with_three_receivers(tmp_path: Path
         for receiver in ("ours", "pynetdicom", "orthanc", "storescp"):
             assert r[receiver]["instances_per_s"] > 0
         assert all(r[f"ours_vs_{ref}"] > 0 for ref in ("pynetdicom", "orthanc", "storescp"))
+        cpu = r["cpu_ms_per_instance"]
+        assert r["ingest_cpu_vs_bare_scp"] == round(cpu["ingest"] / cpu["bare-scp"], 2)
     assert result["dcmtk"] != "missing" and result["orthanc"] != "missing"
 
 

@@ -59,6 +59,47 @@ async def test_large_upload_streams_in_parts_and_reads_back_intact(stack: Stack)
     assert await blobs.read(stored.ref) == data
 
 
+class _CountingSha256:
+    """Counts the bytes every sha256 in this process is fed (minio's included)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.hashed = 0
+        real = hashlib.sha256
+        counter = self
+
+        class Counted:
+            def __init__(self, data: bytes = b"", **kwargs: object) -> None:
+                self._h = real(**kwargs)  # type: ignore[arg-type]
+                self.update(data)
+
+            def update(self, data: bytes) -> None:
+                counter.hashed += len(data)
+                self._h.update(data)
+
+            def __getattr__(self, name: str) -> object:
+                return getattr(self._h, name)
+
+        monkeypatch.setattr(hashlib, "sha256", Counted)
+
+
+async def test_a_one_part_upload_reuses_the_sha256_instead_of_hashing_the_body_again(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stack.make_bucket()
+    blobs = BlobStore(stack.s3)
+    data = hashlib.sha256(b"ct").digest() * (512 * 1024 // 32)  # a 0.5 MiB CT slice
+    hashed = HashedFile.from_file(io.BytesIO(data))
+    counting = _CountingSha256(monkeypatch)
+    stored = await blobs.put_file("original/x/ct.dcm", hashed, "original", check_existing=False)
+    # What is left is SigV4 signing: the canonical request and the string to sign.
+    assert counting.hashed < 16 * 1024, f"{counting.hashed} bytes hashed for {len(data)}"
+    # The same PUT through a plain minio client hashes the body: the count would see it.
+    stack.minio().put_object(stack.s3.bucket, "original/x/plain.dcm", io.BytesIO(data), len(data))
+    assert counting.hashed >= len(data)
+    monkeypatch.undo()
+    assert await blobs.read(stored.ref) == data
+
+
 async def test_tampered_or_missing_blob_is_detected(stack: Stack) -> None:
     stack.make_bucket()
     blobs = BlobStore(stack.s3)

@@ -92,3 +92,34 @@ def test_conformance_statement_names_the_implementation_written() -> None:
     text = " ".join(conformance.read_text().split())
     assert f"Implementation Class UID `{IMPLEMENTATION_CLASS_UID}`" in text
     assert f"Implementation Version Name `{IMPLEMENTATION_VERSION_NAME}`" in text
+
+
+def _pydicom_meta(sop_class: str, sop_instance: str, syntax: str) -> bytes:
+    meta = FileMetaDataset()
+    meta.FileMetaInformationVersion = b"\x00\x01"
+    meta.MediaStorageSOPClassUID = UID(sop_class)
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance)
+    meta.TransferSyntaxUID = UID(syntax)
+    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    buffer = io.BytesIO()
+    buffer.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(buffer, meta, enforce_standard=True)  # type: ignore[arg-type]
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("sop_instance", "syntax"),
+    [
+        ("1.2.3.4.5", "1.2.840.10008.1.2.1"),  # odd length: padded
+        ("1.2.3.4.56", "1.2.840.10008.1.2"),  # even length
+        ("1." + "2" * 62, "1.2.840.10008.1.2.4.80"),  # 64 characters
+        ("1.2.840.113619.2.55.3.604688119.969.1268071029.320", "1.2.840.10008.1.2.4.90"),
+    ],
+)
+def test_meta_bytes_are_pydicoms_exactly(sop_instance: str, syntax: str) -> None:
+    # Every stored original's sha256 depends on these bytes: the hand encoding must
+    # never drift from what pydicom wrote for the originals stored before it.
+    assert encode_file_meta(SOP_CLASS, sop_instance, syntax) == _pydicom_meta(
+        SOP_CLASS, sop_instance, syntax
+    )

@@ -161,6 +161,26 @@ def test_each_service_runs_non_root_read_only_with_probes_limits_and_a_scratch_v
         assert env["TMPDIR"] == "/tmp" and "emptyDir" in volumes[mounts["/tmp"]], name
 
 
+def test_ingest_runs_no_more_workers_than_its_cpu_limit_has_cores() -> None:
+    """A worker is one Python process, about one core busy at most: more workers than
+    cores of the limit only share the same quota, fewer leave cores paid for unused."""
+    for overlay in OVERLAYS:
+        (container,) = named(render(overlay), "Deployment", "radflow-ingest")["spec"]["template"][
+            "spec"
+        ]["containers"]
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        workers = int(env.get("RADFLOW_INGEST_WORKERS") or 1)
+        limit = _cores(container["resources"]["limits"]["cpu"])
+        assert workers >= 2, (overlay, "one worker cannot use a pod's cores")
+        assert workers <= limit < workers + 1, (overlay, workers, limit)
+        assert _cores(container["resources"]["requests"]["cpu"]) <= limit
+
+
+def _cores(quantity: str | int | float) -> float:
+    text = str(quantity)
+    return int(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
 def test_termination_grace_outlasts_each_service_s_shutdown() -> None:
     """ingest: preStop + association grace + STOW-RS grace + drain + producer flush;
     consumers: the 60 s their stop() waits for the work in hand, plus closing."""

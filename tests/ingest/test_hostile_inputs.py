@@ -108,8 +108,11 @@ def test_hostile_dimse_data_sets_are_refused_while_received_and_nothing_kept(
     spool_dir = tmp_path / "spool"
     spool_dir.mkdir()
     limit = 1 << 20
+    # Data sets move from memory to a spool file past 64 KiB, and are dropped past 1 MiB.
     ingest: IngestProcess = start_ingest(
-        env={"TMPDIR": str(spool_dir)}, max_instance_bytes=str(limit)
+        env={"TMPDIR": str(spool_dir)},
+        max_instance_bytes=str(limit),
+        spool_memory_bytes=str(64 << 10),
     )
     good = make_instance(tmp_path / "good.dcm")
     raw = good.read_bytes()
@@ -129,7 +132,7 @@ def test_hostile_dimse_data_sets_are_refused_while_received_and_nothing_kept(
     sending = True
 
     def watch() -> None:
-        # Only pynetdicom's spools (``tmp*.dcm``): ingest's first temporary file also
+        # Only the data set spools (``tmp*.dcm``): ingest's first temporary file also
         # makes Python's tempfile probe TMPDIR with a 4-byte file it deletes at once,
         # which a loaded machine leaves there long enough to be seen.
         while sending:

@@ -107,3 +107,33 @@ def test_a_replayed_received_event_does_no_new_work(
     )
     assert len(_normalized(stack)) == 1
     assert stack.keys("canonical/") == keys
+
+
+def test_the_same_bytes_to_a_restarted_ingest_are_announced_again_and_normalized_once(
+    stack: Stack, start_ingest, start_transcode
+) -> None:
+    # Ingest remembers what it announced only in its process (no marker round trip on
+    # the acknowledgement path): a new process announces the same bytes again, and
+    # transcode's marker makes that a no-op downstream.
+    data = bundled_file("CT_small.dcm").read_bytes()
+    transcode = start_transcode()
+    first: IngestProcess = start_ingest()
+    assert stow(first.stow_url, [data]).status_code == 200
+    assert stow(first.stow_url, [data]).status_code == 200  # remembered: no second event
+    wait_for("the normalized event", lambda: len(_normalized(stack)) == 1, timeout_s=60)
+    assert len(stack.events()) == 1
+    first.proc.stop()
+    again: IngestProcess = start_ingest()
+    assert stow(again.stow_url, [data]).status_code == 200
+    received = stack.events()
+    assert len(received) == 2
+    assert received[0]["data"]["blob"] == received[1]["data"]["blob"]
+    wait_for(
+        "the repeat to be consumed",
+        lambda: (
+            'radflow_transcode_instances_total{outcome="replay_skipped"'
+            in httpx.get(f"{transcode.url}/metrics").text
+        ),
+        timeout_s=60,
+    )
+    assert len(_normalized(stack)) == 1

@@ -19,12 +19,14 @@ import io
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, BinaryIO, TypeVar
 from urllib.parse import urlsplit
 
 import certifi
 import urllib3
 from minio import Minio
+from minio.credentials.credentials import Credentials
 from minio.error import MinioException, S3Error
 from prometheus_client import Counter, Histogram
 
@@ -89,6 +91,38 @@ class _CountedHTTPSConnectionPool(urllib3.HTTPSConnectionPool):
     def _make_request(self, conn: Any, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
         _count(method, url)
         return super()._make_request(conn, method, url, *args, **kwargs)
+
+
+CONTENT_SHA256 = "x-amz-content-sha256"
+
+
+class _Minio(Minio):
+    """A minio client that signs a request with the payload hash it is given.
+
+    minio hashes every request body for SigV4 (or, over TLS, sends UNSIGNED-PAYLOAD
+    and computes a Content-MD5 instead). A blob's sha256 is computed anyway, for its
+    content key and its event, so a single-part PUT passes it as the
+    ``x-amz-content-sha256`` header and the body is not hashed a second time. It is
+    signed either way; a server that checks payload hashes (AWS S3, MinIO) refuses a
+    body that does not match it (XAmzContentSHA256Mismatch). SeaweedFS 4.48 and moto
+    do not check (tried with a wrong hash); the consumers' sha256 check on download is
+    what catches a corrupted upload there, as it did before.
+    """
+
+    def _build_headers(
+        self,
+        host: str,
+        headers: dict[str, str | list[str] | tuple[str]] | None = None,
+        body: bytes | None = None,
+        creds: Credentials | None = None,
+    ) -> tuple[dict[str, str | list[str] | tuple[str]], datetime]:
+        known = (headers or {}).get(CONTENT_SHA256)
+        if known is None or creds is None or not body:
+            return super()._build_headers(host, headers, body, creds)
+        built, date = super()._build_headers(host, headers, None, creds)
+        built["Content-Length"] = str(len(body))
+        built[CONTENT_SHA256] = known
+        return built, date
 
 
 _NOT_FOUND_CODES = frozenset({"NoSuchKey", "NoSuchObject", "NotFound"})
@@ -279,7 +313,7 @@ class BlobStore:
             "https": _CountedHTTPSConnectionPool,
         }
         self._http = http
-        self._client = Minio(
+        self._client = _Minio(
             url.netloc,
             access_key=settings.access_key,
             secret_key=settings.secret_key.get_secret_value(),
@@ -350,11 +384,18 @@ class BlobStore:
         With ``check_existing=False`` the existence check (one HEAD) is skipped, for
         small objects where writing them again costs less than asking. The sha256 is
         recorded as object metadata too, so the bucket alone can be audited against the
-        events.
+        events. An object sent in one part is signed with that sha256 as its payload
+        hash: the bytes are hashed once, by whoever built ``blob`` (see
+        :class:`_Minio` on which servers check it).
         """
         ref = BlobRef(bucket=self.bucket, key=key, size=blob.size, sha256=blob.sha256)
         if check_existing and await self.size_of(key) == blob.size:
             return StoredBlob(ref, created=False)
+
+        headers: dict[str, str | list[str] | tuple[str]] = {"sha256": blob.sha256}
+        if blob.size <= self._settings.part_size:
+            # Only the single request of a one-part upload carries exactly these bytes.
+            headers[CONTENT_SHA256] = blob.sha256
 
         def upload() -> None:
             blob.file.seek(0)
@@ -364,7 +405,7 @@ class BlobStore:
                 blob.file,
                 blob.size,
                 content_type=content_type,
-                metadata={"sha256": blob.sha256},
+                metadata=headers,
                 part_size=self._settings.part_size,
             )
 

@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 import traceback
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -75,6 +76,10 @@ SAFE_FIELDS = frozenset(
         "control_id",
         "ack_code",
         "sites",
+        "worker",
+        "pid",
+        "exit_code",
+        "restarts",
     }
 )
 """Keys that may appear in a log line; patient demographics are never among them."""
@@ -108,6 +113,17 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, separators=(",", ":"))
 
 
+class _Stamp(logging.Filter):
+    def __init__(self, fields: Mapping[str, str | int]) -> None:
+        super().__init__()
+        self._fields = dict(fields)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for name, value in self._fields.items():
+            setattr(record, name, value)
+        return True
+
+
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         fields = " ".join(
@@ -116,12 +132,19 @@ class TextFormatter(logging.Formatter):
         return f"{record.levelname:<7} {record.name}: {record.getMessage()} {fields}".rstrip()
 
 
-def configure_logging(settings: LogSettings, service: str) -> None:
-    """Route all logging to stderr in the configured format (called once, in main)."""
+def configure_logging(
+    settings: LogSettings, service: str, fields: Mapping[str, str | int] | None = None
+) -> None:
+    """Route all logging to stderr in the configured format (called once, in main).
+
+    ``fields`` (safe fields only) go on every line: ingest's workers log their index,
+    so that the lines of several processes sharing one stderr can be told apart."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         JsonFormatter(service) if settings.format is LogFormat.JSON else TextFormatter()
     )
+    if fields:
+        handler.addFilter(_Stamp(fields))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.level)

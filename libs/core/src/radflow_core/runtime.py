@@ -82,8 +82,10 @@ def run_main(
     load: Callable[[Mapping[str, str]], Any],
     build: Callable[[Any], Service],
     argv: Sequence[str] | None = None,
+    log_fields: Mapping[str, str | int] | None = None,
 ) -> int:
-    """Parse arguments, load settings from the environment, and serve."""
+    """Parse arguments, load settings from the environment, and serve (``log_fields``
+    on every log line)."""
     parser = argparse.ArgumentParser(
         prog=f"python -m {name}",
         description=description,
@@ -104,7 +106,7 @@ def run_main(
     if args.check_config:
         print(f"{name}: settings are valid")
         return 0
-    configure_logging(config.log, name)
+    configure_logging(config.log, name, log_fields)
     # pydicom warns (unstructured, to stderr) about recoverable oddities in senders' data.
     warnings.filterwarnings("ignore", module="pydicom")
     return asyncio.run(serve(lambda: build(config)))

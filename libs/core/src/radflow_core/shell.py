@@ -67,6 +67,9 @@ class Door:
     """0: any free port (tests read :attr:`Shell.ports`)."""
     ssl: ssl.SSLContext | None = None
     """TLS context of an HTTPS door; None: plain HTTP."""
+    reuse_port: bool = False
+    """Bind with SO_REUSEPORT, so that several processes (ingest's workers) share the
+    port and the kernel spreads connections across them."""
 
 
 class Shell:
@@ -187,7 +190,9 @@ class Shell:
             public.add_routes(self._routes)
             runner = await self._serve(public)
             for door in self._doors:
-                self.ports[door.name] = await _listen(runner, door.host, door.port, door.ssl)
+                self.ports[door.name] = await _listen(
+                    runner, door.host, door.port, door.ssl, reuse_port=door.reuse_port
+                )
                 log.info(
                     "%s listening",
                     door.name,
@@ -274,10 +279,15 @@ class Shell:
 
 
 async def _listen(
-    runner: web.AppRunner, host: str, port: int, context: ssl.SSLContext | None
+    runner: web.AppRunner,
+    host: str,
+    port: int,
+    context: ssl.SSLContext | None,
+    *,
+    reuse_port: bool = False,
 ) -> int:
     """Open one listener of ``runner``; returns the port it is bound to."""
-    site = web.TCPSite(runner, host, port, ssl_context=context)
+    site = web.TCPSite(runner, host, port, ssl_context=context, reuse_port=reuse_port or None)
     await site.start()
     server = site._server
     sockets = getattr(server, "sockets", None) or ()

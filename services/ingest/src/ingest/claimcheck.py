@@ -12,18 +12,22 @@ as received (:mod:`radflow_core.file_meta`): the sender's file meta (or, for a
 C-STORE, the one pynetdicom writes) is replaced, so the same data set has the same
 bytes and sha256 whichever protocol and sender brought it.
 
-Duplicates: after the event is acknowledged a small marker object is written under
-``announced/``. The same bytes again find the marker and succeed without a new event.
-Without the marker (first announce failed) the event is sent again: at-least-once,
-and consumers are idempotent on sha256. Claim checks of the same bytes that overlap
-in this process (one STOW-RS request carrying an instance twice, two associations)
-wait for the first one instead of announcing it twice.
+Duplicates: every claim check announces, unless this process announced the same bytes
+(the same content key) recently: a bounded set of the last :data:`RECENT_ANNOUNCED`
+keys acknowledged by the broker answers that, with no round trip. A repeat it does
+not remember (another process or worker, a restart, long ago) is announced again;
+that is safe because every consumer is idempotent on the sha256: transcode finds its
+``normalized/`` marker for the same bytes and target and publishes nothing, and a
+normalized event that does get through twice carries the same idempotency key per
+destination, which the forwarder's delivery markers send once. Claim checks of the
+same bytes that overlap in this process (one STOW-RS request carrying an instance
+twice, two associations) wait for the first one instead of announcing it twice.
 
-Round trips: an original up to the S3 part size is PUT without asking first (writing
-the same bytes to their content-addressed key again costs less than a HEAD), while
-the marker HEAD runs beside the PUT; a larger one is looked up first, so it is never
-uploaded twice. The acknowledgement waits for the PUT (or lookup), the marker HEAD
-and the event; the marker PUT runs in the background.
+Round trips: one PUT and one send before the answer, nothing else. An original up
+to the S3 part size is PUT without asking first (writing the same bytes to their
+content-addressed key again costs less than a HEAD; the PUT reuses the sha256
+computed here as its signed payload hash, :meth:`BlobStore.put_file`); a larger
+one is looked up first, so it is never uploaded twice.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import asyncio
 import io
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import BinaryIO
@@ -55,7 +60,11 @@ from radflow_core.structure import DEFAULT_MAX_DEPTH, check_structure
 log = logging.getLogger(__name__)
 
 ORIGINAL = "original"
-ANNOUNCED = "announced"
+RECENT_ANNOUNCED = 4096
+"""Content keys of announced originals a claim check remembers (about 0.5 MB): a
+sender's retry of an instance it did not hear back about, or an instance sent
+twice in one study, is recognised without an event; older repeats are announced
+again, which the consumers tolerate."""
 
 
 @dataclass(frozen=True)
@@ -143,7 +152,8 @@ def inspect(file: BinaryIO, max_bytes: int, max_depth: int = DEFAULT_MAX_DEPTH) 
     so pydicom only ever parses a file whose lengths all hold and whose transfer syntax
     is not deflated. The original is ingest's own file meta followed by the received
     data set bytes (:mod:`radflow_core.file_meta`): the returned file is a view over
-    ``file``, which must stay open until the original is uploaded.
+    ``file`` (or ``file`` itself, when it is such a view already), which must stay
+    open until the original is uploaded.
     """
     received = file.seek(0, io.SEEK_END)
     if received > max_bytes:
@@ -153,7 +163,11 @@ def inspect(file: BinaryIO, max_bytes: int, max_depth: int = DEFAULT_MAX_DEPTH) 
     meta = encode_file_meta(
         header.sop_class_uid, header.sop_instance_uid, header.transfer_syntax_uid
     )
-    original = CanonicalFile(meta, file, dataset_offset(file))
+    original: CanonicalFile
+    if isinstance(file, CanonicalFile) and file.meta == meta:
+        original = file  # a C-STORE's data set, already behind this very file meta
+    else:
+        original = CanonicalFile(meta, file, dataset_offset(file))
     if original.size > max_bytes:
         raise InvalidInstance(StoreStatus.INSTANCE_TOO_LARGE, "instance exceeds the size limit")
     return Inspected(HashedFile.from_file(original), header, patient_id)  # type: ignore[arg-type]
@@ -182,10 +196,11 @@ class ClaimCheck:
         self._producer = producer
         self._max_instance_bytes = max_instance_bytes
         self._lookup_above_bytes = lookup_above_bytes
-        self._markers: set[asyncio.Task[None]] = set()
         self._announcing: dict[str, asyncio.Future[bool]] = {}
-        """Marker key → resolved True once announced, False if that claim check failed;
-        held from the start of a claim check until its marker is written."""
+        """Content key → resolved True once announced, False if that claim check
+        failed; held while a claim check of those bytes runs."""
+        self._announced: OrderedDict[str, None] = OrderedDict()
+        """The last :data:`RECENT_ANNOUNCED` content keys announced, oldest first."""
 
     async def store(self, file: BinaryIO, origin: Origin) -> Stored:
         """Store and announce one received Part 10 file.
@@ -270,7 +285,6 @@ class ClaimCheck:
         self, hashed: HashedFile, header: InstanceHeader, origin: Origin
     ) -> Stored:
         key = content_key(ORIGINAL, header.study_instance_uid, hashed.sha256)
-        marker = content_key(ANNOUNCED, header.study_instance_uid, hashed.sha256)
         ref = BlobRef(bucket=self._blobs.bucket, key=key, size=hashed.size, sha256=hashed.sha256)
         event = InstanceReceived(
             sop_instance_uid=header.sop_instance_uid,
@@ -285,69 +299,43 @@ class ClaimCheck:
             received_at=datetime.now(UTC),
             blob=ref,
         )
-        while (earlier := self._announcing.get(marker)) is not None:
+        while (earlier := self._announcing.get(key)) is not None:
             if await asyncio.shield(earlier):
                 return Stored(header, event, duplicate=True)
         announced = asyncio.get_running_loop().create_future()
-        self._announcing[marker] = announced
+        self._announcing[key] = announced
         try:
             lane = self._lanes.lane(header, origin.sender, origin.priority.value)
-            duplicate = await self._store_and_announce(hashed, key, marker, event, lane)
+            duplicate = await self._store_and_announce(hashed, key, event, lane)
         except BaseException:
             announced.set_result(False)
-            del self._announcing[marker]
             raise
-        announced.set_result(True)
+        else:
+            announced.set_result(True)
+        finally:
+            del self._announcing[key]
         if duplicate:
-            del self._announcing[marker]
             return Stored(header, event, duplicate=True)
-        task = asyncio.create_task(self._mark_announced(marker))
-        self._markers.add(task)
-        task.add_done_callback(self._markers.discard)
-        task.add_done_callback(lambda _: self._announcing.pop(marker, None))
+        self._announced[key] = None
+        if len(self._announced) > RECENT_ANNOUNCED:
+            self._announced.popitem(last=False)
         return Stored(header, event, duplicate=False, lane=lane)
 
     async def _store_and_announce(
-        self, hashed: HashedFile, key: str, marker: str, event: InstanceReceived, lane: Lane
+        self, hashed: HashedFile, key: str, event: InstanceReceived, lane: Lane
     ) -> bool:
-        """Store the original and, unless its marker says it was announced before,
-        publish ``event`` in ``lane``. Returns True for a duplicate (nothing published).
+        """Store the original and, unless this process announced it recently, publish
+        ``event`` in ``lane``. Returns True for a duplicate (nothing published).
 
-        The blob and the marker are asked for at once; the event waits for the blob.
+        The original is stored even then: the key is remembered, not its object, and
+        a PUT of bytes already there costs what a HEAD would.
         """
-        stored, seen = await asyncio.gather(
-            self._blobs.put_file(
-                key, hashed, ORIGINAL, check_existing=hashed.size > self._lookup_above_bytes
-            ),
-            self._blobs.exists(marker),
-            return_exceptions=True,
+        await self._blobs.put_file(
+            key, hashed, ORIGINAL, check_existing=hashed.size > self._lookup_above_bytes
         )
-        if isinstance(stored, BaseException):
-            raise stored
-        if isinstance(seen, PipelineError):
-            # Announcing again is harmless (consumers are idempotent on sha256).
-            log.warning("announce marker not read", extra={"reason": seen.reason})
-            seen = False
-        elif isinstance(seen, BaseException):
-            raise seen
-        if seen:
+        if key in self._announced:
+            self._announced.move_to_end(key)
             return True
         await self._producer.publish(event, key=event.key, lane=lane)
         metrics.LANES.labels(lane.value).inc()
         return False
-
-    async def _mark_announced(self, marker: str) -> None:
-        try:
-            await self._blobs.put_bytes(marker, b"", ANNOUNCED, check_existing=False)
-        except PipelineError as exc:
-            # Only costs a repeated event if the same bytes arrive again.
-            log.warning("announce marker not written", extra={"reason": exc.reason})
-
-    async def drain(self, timeout_s: float) -> None:
-        """Wait up to ``timeout_s`` for pending marker writes (called on shutdown).
-
-        A marker that is not written only means a repeated event if the same bytes
-        arrive again, so shutdown does not wait on a hanging blob store for it.
-        """
-        if self._markers:
-            await asyncio.wait(set(self._markers), timeout=timeout_s)

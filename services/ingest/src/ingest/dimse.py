@@ -12,13 +12,15 @@ that stalls its handshake holds up only itself; a verified client certificate's 
 name becomes the sender's identity (``cert:<CN>``) and may be bound to the calling AE
 titles it is allowed to use.
 
-Datasets are received in pynetdicom's chunked mode: the P-DATA stream is written
-straight to a temporary Part 10 file (``TMPDIR``), so a multi-gigabyte instance costs
-disk, not memory, and is hashed and uploaded from that file. The file meta pynetdicom
-writes there is not kept: the claim check stores ingest's own in its place. That file
-never grows past ``max_instance_bytes`` (:mod:`ingest.receive_limit`): a larger data
-set is read to its end and dropped, and answered 0xC005. Deflated Explicit VR Little
-Endian is not negotiated (:data:`~radflow_core.transfer_syntaxes.RECEIVED`).
+A data set is received into a :class:`~ingest.receive_limit.ReceivedDataSet`: in
+memory up to ``spool_memory_bytes`` (so a CT slice never makes a round trip through
+a file), in an anonymous temporary file (``TMPDIR``) beyond, so a multi-gigabyte
+instance costs disk, not memory; never past ``max_instance_bytes``: a larger data set
+is read to its end and dropped, and answered 0xC005. The claim check reads it behind
+ingest's own file meta (:mod:`radflow_core.file_meta`); pynetdicom's chunked mode,
+which writes a file meta of its own to a named file and flushes every fragment, is
+not used. Deflated Explicit VR Little Endian is not negotiated
+(:data:`~radflow_core.transfer_syntaxes.RECEIVED`).
 """
 
 from __future__ import annotations
@@ -31,21 +33,23 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any, cast
+from typing import Any, BinaryIO, cast
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import _STORAGE_CLASSES
 from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.utils import make_target
 
 from ingest import metrics
 from ingest.claimcheck import ClaimCheck, Expected, NotStored, Origin
-from ingest.receive_limit import bound_pdu_length, cap_received_datasets, received_too_large
+from ingest.receive_limit import ReceivedDataSet, bound_pdu_length, receive_datasets
 from ingest.settings import IngestSettings
 from radflow_core.audit import Auditor, Door
 from radflow_core.dicom_status import StoreStatus
 from radflow_core.events import Priority, Protocol, Sender
+from radflow_core.file_meta import CanonicalFile, encode_file_meta
 from radflow_core.tls import DeferredHandshake, peer_common_name, server_context
 from radflow_core.transfer_syntaxes import RECEIVED
 
@@ -90,6 +94,26 @@ def _socket_of(assoc: Any) -> socket.socket | None:
     return None if wrapper is None else cast(socket.socket | None, wrapper.socket)
 
 
+class _SharedPortServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server; in a worker (``worker`` set) bound with
+    SO_REUSEPORT so that every worker listens on the same port and the kernel spreads
+    the connections, and counting the connections each worker accepts."""
+
+    def __init__(self, *args: Any, worker: int | None, **kwargs: Any) -> None:
+        self.reuse_port = worker is not None
+        self._connections = metrics.WORKER_CONNECTIONS.labels(worker=str(worker or 0))
+        super().__init__(*args, **kwargs)  # binds: reuse_port must be set before
+
+    def server_bind(self) -> None:
+        if self.reuse_port and self.socket is not None:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self._connections.inc()
+        super().process_request(request, client_address)
+
+
 class DimseReceiver:
     """Owns the pynetdicom AE and its listening servers (plain and DICOM TLS)."""
 
@@ -99,8 +123,14 @@ class DimseReceiver:
         claim_check: ClaimCheck,
         loop: asyncio.AbstractEventLoop,
         audit: Auditor | None = None,
+        *,
+        worker: int | None = None,
     ) -> None:
         self._settings = settings
+        self._worker = worker
+        """This process's index among ingest's workers (RADFLOW_INGEST_WORKERS > 1):
+        its listeners share their ports with the other workers' (SO_REUSEPORT).
+        None: the only process."""
         self._audit = audit
         self._claim_check = claim_check
         self._loop = loop
@@ -115,7 +145,8 @@ class DimseReceiver:
         self._counted: dict[int, str] = {}
         # pynetdicom reads this process-wide switch when a C-STORE arrives; ingest is
         # the only SCP in its process, so setting it here is the one place it is set.
-        _config.STORE_RECV_CHUNKED_DATASET = True
+        # Off: data sets go to the ReceivedDataSet that receive_datasets installs.
+        _config.STORE_RECV_CHUNKED_DATASET = False
 
         ae = AE(ae_title=settings.ae_title)
         ae.maximum_associations = settings.max_associations
@@ -169,9 +200,7 @@ class DimseReceiver:
             )
             tls = DeferredHandshake(context, timeout_s=settings.acse_timeout_s)
         if settings.dimse_plain:
-            self._server = self._ae.start_server(
-                (settings.dimse_host, settings.dimse_port), block=False, evt_handlers=handlers
-            )
+            self._server = self._serve((settings.dimse_host, settings.dimse_port), handlers)
             log.info(
                 "DIMSE listening",
                 extra={
@@ -181,11 +210,10 @@ class DimseReceiver:
                 },
             )
         if tls is not None:
-            self._tls_server = self._ae.start_server(
+            self._tls_server = self._serve(
                 (settings.dimse_host, settings.dimse_tls_port),
-                block=False,
-                evt_handlers=handlers,
-                ssl_context=cast(ssl.SSLContext, tls),
+                handlers,
+                cast(ssl.SSLContext, tls),
             )
             log.info(
                 "DICOM TLS listening",
@@ -202,6 +230,29 @@ class DimseReceiver:
                     ),
                 },
             )
+
+    def _serve(
+        self,
+        address: tuple[str, int],
+        handlers: list[Any],
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> ThreadedAssociationServer:
+        """``AE.start_server(block=False)``, with our server class (SO_REUSEPORT for
+        workers, connections counted per worker)."""
+        server = self._ae.make_server(
+            address,
+            evt_handlers=handlers,
+            ssl_context=ssl_context,
+            server_class=_SharedPortServer,
+            worker=self._worker,
+        )
+        thread = threading.Thread(
+            target=make_target(server.serve_forever),
+            name=f"AcceptorServer@{address[1]}",
+            daemon=True,
+        )
+        thread.start()
+        return server
 
     async def stop(self, grace_s: float) -> None:
         """Stop listening, let open associations finish for ``grace_s``, abort the rest.
@@ -266,7 +317,9 @@ class DimseReceiver:
         return True
 
     def _cap_datasets(self, event: evt.Event) -> None:
-        cap_received_datasets(event.assoc, self._settings.max_instance_bytes)
+        receive_datasets(
+            event.assoc, self._settings.max_instance_bytes, self._settings.spool_memory_bytes
+        )
         bound_pdu_length(event.assoc, self._settings.max_pdu_bytes)
 
     def _on_conn_close(self, event: evt.Event) -> None:
@@ -337,8 +390,9 @@ class DimseReceiver:
     def _on_store(self, event: evt.Event) -> Dataset:
         request = cast(C_STORE, event.request)
         assoc = event.assoc
-        if received_too_large(request):
-            # Its bytes past the limit were never written; the file holds nothing.
+        data = request.DataSet
+        if isinstance(data, ReceivedDataSet) and data.over:
+            data.discard()  # nothing of it was kept
             metrics.INSTANCES.labels(
                 Protocol.DIMSE.value, StoreStatus.INSTANCE_TOO_LARGE.label
             ).inc()
@@ -367,11 +421,25 @@ class DimseReceiver:
                 sop_instance_uid=str(request.AffectedSOPInstanceUID),
             ),
         )
-        return self._bridge(str(event.dataset_path), origin)
+        if not isinstance(data, ReceivedDataSet):
+            # Not received through receive_datasets: nothing of ours to release.
+            data = ReceivedDataSet.holding(data)
+        # The data set behind ingest's file meta, in the negotiated transfer syntax:
+        # the Part 10 file the claim check reads, built without copying the data set.
+        part10 = CanonicalFile(
+            encode_file_meta(
+                str(request.AffectedSOPClassUID),
+                str(request.AffectedSOPInstanceUID),
+                str(event.context.transfer_syntax),
+            ),
+            data.received(),
+            0,
+        )
+        return self._bridge(cast(BinaryIO, part10), data, origin)
 
-    def _bridge(self, path: str, origin: Origin) -> Dataset:
+    def _bridge(self, part10: BinaryIO, received: ReceivedDataSet, origin: Origin) -> Dataset:
         """The one crossing from a pynetdicom thread to the event loop."""
-        future = asyncio.run_coroutine_threadsafe(self._store(path, origin), self._loop)
+        future = asyncio.run_coroutine_threadsafe(self._store(part10, received, origin), self._loop)
         try:
             return future.result(timeout=self._settings.store_timeout_s)
         except FutureTimeout:
@@ -384,10 +452,14 @@ class DimseReceiver:
             log.exception("claim check failed")
             return status_dataset(StoreStatus.OUT_OF_RESOURCES, "receiver unavailable; retry")
 
-    async def _store(self, path: str, origin: Origin) -> Dataset:
+    async def _store(self, part10: BinaryIO, received: ReceivedDataSet, origin: Origin) -> Dataset:
         try:
-            with open(path, "rb") as file:  # noqa: ASYNC230 - local spool file, read in a thread
-                await self._claim_check.store(file, origin)
+            await self._claim_check.store(part10, origin)
         except NotStored as exc:
             return status_dataset(exc.status, exc.detail)
+        finally:
+            # Here, not in the association thread: after a timeout the claim check
+            # must never go on with the bytes emptied under it (it ends here, and a
+            # worker thread still reading them only produces a result nobody uses).
+            received.discard()
         return status_dataset(StoreStatus.SUCCESS)

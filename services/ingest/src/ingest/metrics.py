@@ -1,4 +1,10 @@
-"""Ingest metrics (Prometheus). Names are part of the dashboards' contract."""
+"""Ingest metrics (Prometheus). Names are part of the dashboards' contract.
+
+With RADFLOW_INGEST_WORKERS > 1 every worker writes its values to files shared with
+the parent (prometheus_client's multiprocess mode), which serves one /metrics for the
+pod: counters and histograms are summed across workers (dead ones included, so
+totals never go back), and each gauge says how its workers' values combine.
+"""
 
 from __future__ import annotations
 
@@ -23,18 +29,32 @@ LANES = Counter(
 )
 RULES_GENERATION = Gauge(
     "radflow_ingest_rules_generation",
-    "Rule-file versions applied since start (ingest reads its STAT policy).",
+    "Rule-file versions applied since start (ingest reads its STAT policy); with "
+    "workers, the highest among the living ones.",
+    multiprocess_mode="livemax",
 )
 RULES_VALID = Gauge(
     "radflow_ingest_rules_valid",
     "1 while the rule file in force is the file on disk (or none is configured); 0 "
     "after a rejected change, or while no valid file was seen (every instance then "
-    "takes the routine lane).",
+    "takes the routine lane). With workers: 0 if any living worker's is 0.",
+    multiprocess_mode="livemin",
 )
 RULES_RELOADS = Counter(
     "radflow_ingest_rules_reloads_total", "Rule-file changes, by outcome.", ["outcome"]
 )
-ASSOCIATIONS = Gauge("radflow_ingest_associations_active", "Open DIMSE associations.")
+ASSOCIATIONS = Gauge(
+    "radflow_ingest_associations_active",
+    "Open DIMSE associations (of every living worker).",
+    multiprocess_mode="livesum",
+)
+WORKER_CONNECTIONS = Counter(
+    "radflow_ingest_worker_connections_total",
+    "Connections accepted on the DIMSE listeners (plain and TLS), by worker process "
+    "(0 to RADFLOW_INGEST_WORKERS-1; 0 when there is one): how evenly the kernel "
+    "spreads senders across the workers sharing the ports.",
+    ["worker"],
+)
 ASSOCIATIONS_REJECTED = Counter(
     "radflow_ingest_associations_rejected_total",
     "Association requests refused, by reason: calling_ae_not_allowed (allow-list), "

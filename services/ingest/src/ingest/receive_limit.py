@@ -1,12 +1,16 @@
-"""The instance size limit, enforced while a C-STORE data set is being received.
+"""Where a C-STORE data set is received, and the instance size limit enforced on it.
 
-pynetdicom (chunked receive mode) writes each P-DATA fragment of a C-STORE data set
-to a temporary file as it arrives and hands the C-STORE handler the finished file.
-Checking the size in the handler would let a sender fill TMPDIR first. So once the
-file exists, it is replaced by a :class:`CappedSpool` that passes writes through up to
-the limit and, past it, truncates the file to nothing and drops the rest: the
-association goes on, the rest of the data set is read from the network and
-discarded, and the handler answers 0xC005 (the sender learns why and does not retry).
+pynetdicom collects a received data set in the message's ``data_set`` BytesIO (or, in
+its chunked mode, writes it to a temporary file it creates and fills with its own
+file meta first, flushing every fragment). Neither fits: memory must stay bounded for
+a 1 GB instance, and a file round trip costs more CPU than receiving the bytes for a
+0.5 MB CT slice. So every incoming message gets a :class:`ReceivedDataSet` in place
+of that BytesIO: it holds the data set in memory up to ``memory_bytes``, moves it to
+a temporary file (TMPDIR, removed when closed) past that, and past ``limit`` drops it
+altogether: the association goes on, the rest of the data set is read from the
+network and discarded, and the handler answers 0xC005 (the sender learns why and
+does not retry). Checking the size in the handler instead would let a sender fill
+memory or TMPDIR first.
 
 The hook is one wrapper around the association's ``DIMSEServiceProvider.
 receive_primitive`` (the one place P-DATA enters DIMSE), installed per association;
@@ -20,74 +24,102 @@ more): the association is aborted (A-ABORT) before the PDU's body is read.
 
 from __future__ import annotations
 
+import io
 import logging
-from typing import Any
+import tempfile
+from typing import IO, Any, BinaryIO
 
 from pynetdicom.association import Association
+from pynetdicom.dimse_messages import DIMSEMessage
 
 log = logging.getLogger(__name__)
 
 
-class CappedSpool:
-    """Stands in for pynetdicom's temporary file of one C-STORE data set (the
-    ``write``/``file.flush``/``close``/``name`` it uses); never lets it grow past
-    ``limit`` bytes."""
+class ReceivedDataSet(io.BytesIO):
+    """Stands in for the BytesIO pynetdicom writes one message's data set into (it
+    accepts only a BytesIO); never holds more than ``memory_bytes`` in memory, nor
+    more than ``limit`` bytes anywhere."""
 
-    def __init__(self, spool: Any, limit: int) -> None:
-        self._spool = spool
+    def __init__(self, limit: int, memory_bytes: int) -> None:
+        super().__init__()
         self._limit = limit
-        self._size = spool.tell()
-        self.name: str = spool.name
-        self.file = self
+        self._memory_bytes = memory_bytes
+        self._size = 0
+        self._spill: IO[bytes] | None = None
         self.over = False
-        """True once the data set passed the limit (the file is then empty)."""
-        if self._size > limit:
-            self._overflow()
+        """True once the data set passed the limit (nothing of it is then kept)."""
 
-    def _overflow(self) -> None:
-        self.over = True
-        self._spool.seek(0)
-        self._spool.truncate(0)
-        self._spool.flush()
+    def write(self, data: Any) -> int:
+        length = len(data)
+        if self.over:
+            return length
+        size = self._size + length
+        if size > self._limit:
+            # Emptied, not closed: the handler discards it once the rest has been read.
+            self.over = True
+            if self._spill is not None:
+                self._spill.seek(0)
+                self._spill.truncate(0)
+            super().seek(0)
+            super().truncate(0)
+            return length
+        if self._spill is None and size > self._memory_bytes:
+            self._spill = tempfile.NamedTemporaryFile(suffix=".dcm")  # noqa: SIM115 - discard()
+            self._spill.write(self.getvalue())
+            super().seek(0)
+            super().truncate(0)
+        if self._spill is not None:
+            self._spill.write(data)
+        else:
+            super().write(data)
+        self._size = size
+        return length
 
-    def write(self, data: bytes) -> int:
-        if not self.over:
-            if self._size + len(data) > self._limit:
-                self._overflow()
-            else:
-                self._spool.write(data)
-                self._size += len(data)
-        return len(data)
+    @classmethod
+    def holding(cls, data: io.BytesIO | None) -> ReceivedDataSet:
+        """One over a data set pynetdicom collected itself (a message that started
+        before :func:`receive_datasets` was installed)."""
+        held = cls(limit=2**63, memory_bytes=2**63)
+        if data is not None:
+            held.write(data.getbuffer())
+        return held
 
-    def flush(self) -> None:
-        if not self.over:
-            self._spool.flush()
+    @property
+    def size(self) -> int:
+        """Bytes of the data set received so far."""
+        return self._size
 
-    def close(self) -> None:
-        self._spool.close()
+    def received(self) -> BinaryIO:
+        """The data set as received, rewound: this buffer, or its temporary file."""
+        file: BinaryIO = self if self._spill is None else self._spill  # type: ignore[assignment]
+        file.seek(0)
+        return file
+
+    def discard(self) -> None:
+        """Drop what was received (the temporary file goes with it)."""
+        if self._spill is not None:
+            self._spill.close()
+            self._spill = None
+        super().seek(0)
+        super().truncate(0)
 
 
-def cap_received_datasets(assoc: Association, limit: int) -> None:
-    """Cap every C-STORE data set received on ``assoc`` at ``limit`` bytes on disk
-    (file meta included, as the claim check counts them)."""
+def receive_datasets(assoc: Association, limit: int, memory_bytes: int) -> None:
+    """Receive every data set on ``assoc`` into a :class:`ReceivedDataSet` capped at
+    ``limit`` bytes, in memory up to ``memory_bytes``."""
     dimse = assoc.dimse
     receive = dimse.receive_primitive
 
-    def _cap() -> None:
-        message = dimse.message
-        spool = getattr(message, "_data_set_file", None) if message is not None else None
-        if spool is not None and not isinstance(spool, CappedSpool):
-            message._data_set_file = CappedSpool(spool, limit)  # type: ignore[union-attr]
-
-    def receive_capped(primitive: Any) -> None:
-        # Before: the data set file of a message under way gets its cap before more
-        # is written. After: a file created by this very primitive (the command's
-        # last fragment) gets it before the next one.
-        _cap()
+    def receive_bounded(primitive: Any) -> None:
+        # pynetdicom starts a new message when none is under way; starting it here
+        # gives it our data set buffer before its first fragment is written.
+        if dimse.message is None:
+            message = DIMSEMessage()
+            message.data_set = ReceivedDataSet(limit, memory_bytes)
+            dimse.message = message
         receive(primitive)
-        _cap()
 
-    dimse.receive_primitive = receive_capped  # type: ignore[method-assign]
+    dimse.receive_primitive = receive_bounded  # type: ignore[method-assign]
 
 
 class PduTooLong(Exception):
@@ -129,7 +161,7 @@ def bound_pdu_length(assoc: Association, max_pdu_bytes: int) -> None:
     sock.recv = recv_bounded  # type: ignore[method-assign]
 
 
-def received_too_large(request: Any) -> bool:
-    """True if the C-STORE request's data set passed the cap while it was received."""
-    spool = getattr(request, "_dataset_file", None)
-    return isinstance(spool, CappedSpool) and spool.over
+def received_data_set(request: Any) -> ReceivedDataSet | None:
+    """The C-STORE request's data set as :func:`receive_datasets` received it."""
+    data = getattr(request, "DataSet", None)
+    return data if isinstance(data, ReceivedDataSet) else None

@@ -3,8 +3,8 @@ shell.
 
 On stop, readiness turns false first (Kubernetes stops sending), the DIMSE listener
 closes and open associations get a grace period, in-flight STOW-RS requests finish,
-pending work is drained, and only then the producer flushes and closes. The broker
-connection is retried in the background; until it is up, senders get 0xA7xx / 503.
+and only then the producer flushes and closes. The broker connection is retried in
+the background; until it is up, senders get 0xA7xx / 503.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from ingest.dimse import DimseReceiver
 from ingest.lanes import Lanes
 from ingest.settings import IngestConfig, IngestSettings
 from ingest.stowrs import StowReceiver
+from ingest.workers import WorkerRole
 from radflow_core import audit
 from radflow_core.audit import Auditor
 from radflow_core.blobstore import BlobStore
@@ -33,16 +34,19 @@ log = logging.getLogger(__name__)
 SERVICE = "ingest"
 
 
-def stow_doors(settings: IngestSettings) -> list[Door]:
+def stow_doors(settings: IngestSettings, *, shared: bool = False) -> list[Door]:
     """STOW-RS's listeners: plain HTTP unless turned off, HTTPS when a certificate is
     configured (a client certificate optional, verified against the client CA).
+    ``shared``: bound with SO_REUSEPORT, as every worker binds them.
 
     Raises:
         TlsFilesUnusable: the certificate, key or CA file cannot be used.
     """
     doors = []
     if settings.http_enabled:
-        doors.append(Door("STOW-RS HTTP", settings.http_host, settings.http_port))
+        doors.append(
+            Door("STOW-RS HTTP", settings.http_host, settings.http_port, reuse_port=shared)
+        )
     if settings.tls_cert_file is not None and settings.tls_key_file is not None:
         context = server_context(
             settings.tls_cert_file,
@@ -50,13 +54,21 @@ def stow_doors(settings: IngestSettings) -> list[Door]:
             client_ca_file=settings.tls_client_ca_file,
             require_client_cert=False,
         )
-        doors.append(Door("STOW-RS HTTPS", settings.http_host, settings.https_port, context))
+        doors.append(
+            Door(
+                "STOW-RS HTTPS", settings.http_host, settings.https_port, context, reuse_port=shared
+            )
+        )
     return doors
 
 
 class IngestService:
-    def __init__(self, config: IngestConfig) -> None:
+    def __init__(self, config: IngestConfig, worker: WorkerRole | None = None) -> None:
+        """``worker``: run as one of RADFLOW_INGEST_WORKERS processes (ingest.workers):
+        the public ports shared with the other workers, the operations endpoint on a
+        loopback port of its own, announced to the parent that serves the pod's."""
         self._config = config
+        self._worker = worker
         settings = config.ingest
         self._blobs = BlobStore(config.s3)
         self._producer = EventProducer(config.kafka, SERVICE)
@@ -78,7 +90,7 @@ class IngestService:
                 client_certificates=settings.tls_client_ca_file is not None,
                 on_failure=self._audit_authentication_failure,
             )
-            doors = stow_doors(settings)
+            doors = stow_doors(settings, shared=worker is not None)
         except (TlsFilesUnusable, OSError, ValueError) as exc:
             self._auth = Authenticator(config.auth.model_copy(update={"api_keys_file": None}))
             doors, problem = [], f"{type(exc).__name__}: {exc}"
@@ -87,8 +99,8 @@ class IngestService:
             producer=self._producer,
             blobs=self._blobs,
             ops=config.ops,
-            http_host=settings.http_host,
-            http_port=settings.ops_port,
+            http_host=settings.http_host if worker is None else "127.0.0.1",
+            http_port=settings.ops_port if worker is None else 0,
             routes=StowReceiver(settings, self._claim_check, self._auth).routes(),
             doors=doors,
             http_shutdown_s=settings.shutdown_grace_s,
@@ -112,7 +124,6 @@ class IngestService:
             "rule file watcher", functools.partial(self._lanes.watch, settings.reload_interval_s)
         )
         self.shell.on_drain(self._close_dimse)
-        self.shell.on_close(self._drain_claim_checks)
         self.shell.on_close(self._auth.close)
         if not self._auth.enabled:
             log.warning(
@@ -144,8 +155,16 @@ class IngestService:
         loop.set_default_executor(
             ThreadPoolExecutor(2 * settings.max_associations + 8, thread_name_prefix="blob-io")
         )
-        self._dimse = DimseReceiver(settings, self._claim_check, loop, audit=self._audit)
+        self._dimse = DimseReceiver(
+            settings,
+            self._claim_check,
+            loop,
+            audit=self._audit,
+            worker=None if self._worker is None else self._worker.index,
+        )
         self._dimse.start()
+        if self._worker is not None and "ops" in self.shell.ports:
+            self._worker.announce(self.shell.ports["ops"])
 
     def _audit_authentication_failure(self, failure: AuthFailure) -> None:
         """The audit trail's User Authentication failure (PS3.15 A.5.3); counting and
@@ -159,9 +178,6 @@ class IngestService:
     async def _close_dimse(self) -> None:
         if self._dimse is not None:
             await self._dimse.stop(self._config.ingest.shutdown_grace_s)
-
-    async def _drain_claim_checks(self) -> None:
-        await self._claim_check.drain(timeout_s=5.0)
 
     async def stop(self) -> None:
         await self.shell.stop()

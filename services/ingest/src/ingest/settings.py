@@ -81,6 +81,13 @@ class CertificatePeer:
 class IngestSettings(Section):
     prefix = "INGEST_"
 
+    workers: int = Field(default=1, ge=1, le=64)
+    """Ingest processes sharing the public ports (DIMSE, DICOM TLS, STOW-RS HTTP and
+    HTTPS, bound with SO_REUSEPORT: the kernel spreads connections across them), each a
+    full ingest with its own broker and S3 clients. 1: one process, no supervisor. More:
+    a parent process supervises them (restarts one that dies, stops them all on
+    SIGTERM) and serves the pod's one ops port. About one per CPU core of the pod's
+    limit. max_associations and max_associations_per_sender apply per worker."""
     ae_title: str = Field(default="RADFLOW", min_length=1, max_length=16)
     """Our AE title; senders must call it exactly (A-ASSOCIATE-RJ reason 7 otherwise)."""
     dimse_host: str = "127.0.0.1"
@@ -158,7 +165,9 @@ class IngestSettings(Section):
     max_sequence_depth: int = Field(default=32, ge=1, le=256)
     """Deepest nesting of sequences accepted; deeper: status 0xC000 / HTTP 400."""
     spool_memory_bytes: int = Field(default=8 * 1024 * 1024, ge=0)
-    """STOW-RS parts up to this size are held in memory; larger ones spool to TMPDIR."""
+    """STOW-RS parts and C-STORE data sets up to this size are held in memory; larger
+    ones spool to TMPDIR. At most one per open association and stow_concurrency per
+    STOW-RS request is held at once."""
     stow_concurrency: int = Field(default=8, ge=1, le=256)
     """Parts of one STOW-RS request whose claim checks run at once (1: one after the
     other); the next part is spooled while earlier ones are stored. A request holds at
@@ -194,6 +203,17 @@ class IngestSettings(Section):
             raise ValueError(
                 f"{self.env_name('tls_cert_file')} and {self.env_name('tls_key_file')} go together"
             )
+        if self.workers > 1:
+            unset = [
+                self.env_name(name)
+                for name in ("dimse_port", "dimse_tls_port", "http_port", "https_port")
+                if getattr(self, name) == 0
+            ]
+            if unset:
+                raise ValueError(
+                    f"{self.env_name('workers')} > 1 needs fixed ports: port 0 would give "
+                    f"each worker a port of its own ({', '.join(unset)})"
+                )
         if not self.dimse_plain and self.tls_cert_file is None:
             raise ValueError(
                 f"{self.env_name('dimse_plain')} is false but no DICOM TLS listener is "

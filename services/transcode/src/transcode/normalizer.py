@@ -11,7 +11,10 @@ redone, and since the encoders are deterministic the canonical bytes, and so the
 content-addressed key, are the same; the event announced again is recognised
 downstream (the router's idempotency keys, the forwarder's delivery markers). So the
 marker saves work and is only asked for where a replay is possible
-(:class:`transcode.inflight.InFlight` says where).
+(:class:`transcode.inflight.InFlight` says where). The same bytes announced again by
+ingest (another worker or replica, a restart) reach the same partition (the key is
+the study), so the process that normalized them recently remembers them
+(:data:`REMEMBERED`) and does nothing, without asking S3.
 
 S3 requests per instance: the GET of the original, the PUT of the canonical (none
 when the original is canonical), the marker PUT after the event is acknowledged; and
@@ -24,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import tempfile
+from collections import OrderedDict
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -53,6 +57,9 @@ SMALL_BYTES = 16 * 1024 * 1024
 trip that would avoid it: the original is fetched while the marker is asked for (a
 replay throws it away), and the canonical is written without asking first whether
 the same bytes are already stored under its content-addressed key."""
+REMEMBERED = 16384
+"""Markers this process wrote lately (about 1.5 MB): a repeat of one of them is known
+done without a request."""
 _STATUS = {
     Outcome.ENCODED: DecodeStatus.VERIFIED,
     Outcome.ALREADY_CANONICAL: DecodeStatus.ALREADY_CANONICAL,
@@ -77,6 +84,8 @@ class Normalizer:
         self._target = target
         self._codecs = codecs
         self._lane = lane
+        self._done: OrderedDict[str, None] = OrderedDict()
+        """Markers written lately, oldest first."""
 
     async def normalize(self, received: InstanceReceived, may_be_done: bool = True) -> None:
         """Store the canonical variant, publish its event, then mark the instance done.
@@ -91,11 +100,16 @@ class Normalizer:
             received.study_instance_uid,
             f"{received.blob.sha256}.{self._target.value}",
         )
+        if marker in self._done:
+            self._done.move_to_end(marker)
+            metrics.INSTANCES.labels("replay_skipped", self._target.name).inc()
+            return
         with tempfile.TemporaryDirectory(prefix="transcode-") as tmp:
             src, dst = Path(tmp) / "original.dcm", Path(tmp) / "canonical.dcm"
             try:
                 if await self._fetch(received.blob, marker if may_be_done else None, src):
                     metrics.INSTANCES.labels("replay_skipped", self._target.name).inc()
+                    self._remember(marker)
                     return
                 result = await self._codecs.run(
                     normalize_file, src, dst, self._target, urgent=self._lane is Lane.STAT
@@ -116,7 +130,13 @@ class Normalizer:
         event = self._event(received, result, canonical)
         await self._producer.publish(event, key=event.key, lane=self._lane)
         await self._blobs.put_bytes(marker, b"", NORMALIZED_MARKER, check_existing=False)
+        self._remember(marker)
         self._count(received, result, canonical)
+
+    def _remember(self, marker: str) -> None:
+        self._done[marker] = None
+        if len(self._done) > REMEMBERED:
+            self._done.popitem(last=False)
 
     async def _fetch(self, original: BlobRef, marker: str | None, src: Path) -> bool:
         """True if the instance was done before (its marker exists); otherwise its
