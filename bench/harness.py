@@ -2,7 +2,7 @@
 a topic follower, RSS sampling, and the machine's description. What they share with
 the tests (rule files, waiting, storescu, /proc readings) is in radflow_devstack.kit.
 
-Every benchmark starts its own broker (Tansu) and S3 server (moto), gives each run a
+Every benchmark starts its own broker (Tansu) and S3 server (SeaweedFS), gives each run a
 fresh topic prefix and bucket, and stops everything it started. DCMTK tools and
 Orthanc run with ``TCP_NODELAY=1`` (see docs/architecture.md on Nagle's algorithm).
 """
@@ -52,6 +52,7 @@ from radflow_devstack.parts import (
     start_service,
 )
 from radflow_devstack.processes import ManagedProcess, free_port
+from radflow_devstack.s3server import weed_binary
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
@@ -462,7 +463,6 @@ def machine() -> dict[str, Any]:
     """Machine, load and the versions of everything measured."""
     import aiokafka
     import httpx
-    import moto
     import pynetdicom
 
     cpu = "cpu"
@@ -479,7 +479,7 @@ def machine() -> dict[str, Any]:
         "pynetdicom": pynetdicom.__version__,
         "aiokafka": aiokafka.__version__,
         "httpx": httpx.__version__,
-        "moto": moto.__version__,
+        "seaweedfs": _version([str(weed_binary()), "version"], r"version \S+ (\S+)"),
         "dcmtk": _version(["storescu", "--version"], r"v(\d+\.\d+\.\d+)"),
         "orthanc": _version(["Orthanc", "--version"], r"Orthanc (\d+\.\d+\.\d+)"),
         "orthanc_dicomweb": _dpkg("orthanc-dicomweb"),
