@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import pydicom
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from minio import Minio
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
@@ -219,6 +220,20 @@ class Slice:
         return self.kafka.topic(topic)
 
 
+def _warm_up(s3: S3Settings) -> None:
+    """Write and delete one object: SeaweedFS grows a new bucket's storage on its first
+    PUT (~0.2 s), which would otherwise land on the first instance measured."""
+    client = Minio(
+        s3.endpoint.split("://", 1)[1],
+        access_key=s3.access_key,
+        secret_key=s3.secret_key.get_secret_value(),
+        secure=False,
+        region=s3.region,
+    )
+    client.put_object(s3.bucket, "warm-up", io.BytesIO(b"warm-up"), 7)
+    client.remove_object(s3.bucket, "warm-up")
+
+
 @dataclass
 class Parts:
     """Broker and S3 server for one benchmark process, and whatever it starts on them."""
@@ -252,6 +267,7 @@ class Parts:
         env["RADFLOW_LOG_LEVEL"] = "WARNING"
         st = Slice(env, KafkaSettings.from_env(env), S3Settings.from_env(env))
         prepare(st.kafka, st.s3, [st.topic(t) for t in Topic])
+        _warm_up(st.s3)
         return st
 
     def service(self, module: str, st: Slice, **settings: str) -> Service:
