@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import urllib3
-from harness import RESULTS, fmt, machine, write_result
+from harness import RESULTS, fmt, loadavg, machine, write_result
 from minio import Minio
 
 from radflow_devstack.kit.procfs import cpu_seconds, status_kb
@@ -255,6 +255,7 @@ def run(objects: int, repeat: int, installed: Installed) -> dict[str, Any]:
             }
     return {
         **info,
+        "load_at_end": loadavg(),
         "versions": versions,
         "objects": objects,
         "object_bytes": OBJECT_BYTES,
