@@ -106,7 +106,8 @@ class SeaweedS3(ManagedProcess):
         }
         super().__init__(
             name,
-            [str(weed_binary()), "mini", *(f"-{k}={v}" for k, v in flags.items())],
+            # -logtostderr: into log_path only, not also into files in /tmp
+            [str(weed_binary()), "-logtostderr", "mini", *(f"-{k}={v}" for k, v in flags.items())],
             log_path,
         )
         self.port = port
