@@ -88,3 +88,17 @@ def test_memory_benchmark_samples_every_service(tmp_path: Path) -> None:
         assert all(p["peak_mb"] > 0 for p in processes.values())
     assert result["large"]["size_mb"] > 10
     assert (tmp_path / "memory_rss.png").stat().st_size > 0
+
+
+def test_s3_server_benchmark_measures_seaweedfs_and_accounts_for_every_candidate(
+    tmp_path: Path,
+) -> None:
+    result = run_bench("s3_servers", tmp_path)
+    candidates = result["candidates"]
+    assert set(candidates) == {"seaweedfs", "moto", "rclone"}
+    seaweedfs = candidates["seaweedfs"]
+    for key in ("put_cpu_ms", "head_cpu_ms", "get_cpu_ms", "parallel_put_per_s", "startup_s"):
+        assert seaweedfs[key] > 0, key
+    for name in ("moto", "rclone"):  # measured if installed, else skipped with a reason
+        assert "runs" in candidates[name] or candidates[name]["skipped"], name
+    assert result["versions"]["seaweedfs"] not in ("missing", "unknown")
