@@ -2,7 +2,7 @@
 a topic follower, RSS sampling, and the machine's description. What they share with
 the tests (rule files, waiting, storescu, /proc readings) is in radflow_devstack.kit.
 
-Every benchmark starts its own broker (Tansu) and S3 server (moto), gives each run a
+Every benchmark starts its own broker (Tansu) and S3 server (SeaweedFS), gives each run a
 fresh topic prefix and bucket, and stops everything it started. DCMTK tools and
 Orthanc run with ``TCP_NODELAY=1`` (see docs/architecture.md on Nagle's algorithm).
 """
@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import pydicom
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from minio import Minio
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
@@ -52,6 +53,7 @@ from radflow_devstack.parts import (
     start_service,
 )
 from radflow_devstack.processes import ManagedProcess, free_port
+from radflow_devstack.s3server import weed_binary
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
@@ -220,6 +222,20 @@ class Slice:
         return self.kafka.topic(topic)
 
 
+def _warm_up(s3: S3Settings) -> None:
+    """Write and delete one object: SeaweedFS grows a new bucket's storage on its first
+    PUT (~0.2 s), which would otherwise land on the first instance measured."""
+    client = Minio(
+        s3.endpoint.split("://", 1)[1],
+        access_key=s3.access_key,
+        secret_key=s3.secret_key.get_secret_value(),
+        secure=False,
+        region=s3.region,
+    )
+    client.put_object(s3.bucket, "warm-up", io.BytesIO(b"warm-up"), 7)
+    client.remove_object(s3.bucket, "warm-up")
+
+
 @dataclass
 class Parts:
     """Broker and S3 server for one benchmark process, and whatever it starts on them."""
@@ -253,6 +269,7 @@ class Parts:
         env["RADFLOW_LOG_LEVEL"] = "WARNING"
         st = Slice(env, KafkaSettings.from_env(env), S3Settings.from_env(env))
         prepare(st.kafka, st.s3, [st.topic(t) for t in Topic])
+        _warm_up(st.s3)
         return st
 
     def service(self, module: str, st: Slice, **settings: str) -> Service:
@@ -512,7 +529,6 @@ def machine() -> dict[str, Any]:
     """Machine, load and the versions of everything measured."""
     import aiokafka
     import httpx
-    import moto
     import pynetdicom
 
     cpu = "cpu"
@@ -529,7 +545,7 @@ def machine() -> dict[str, Any]:
         "pynetdicom": pynetdicom.__version__,
         "aiokafka": aiokafka.__version__,
         "httpx": httpx.__version__,
-        "moto": moto.__version__,
+        "seaweedfs": _version([str(weed_binary()), "version"], r"version \S+ (\S+)"),
         "dcmtk": _version(["storescu", "--version"], r"v(\d+\.\d+\.\d+)"),
         "orthanc": _version(["Orthanc", "--version"], r"Orthanc (\d+\.\d+\.\d+)"),
         "orthanc_dicomweb": _dpkg("orthanc-dicomweb"),

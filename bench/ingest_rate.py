@@ -12,7 +12,7 @@ association, and split over 4 concurrent storescu processes (4 associations). Th
 time is the wall time from starting the first storescu to the exit of the last: when
 storescu exits, every instance has been answered with success. Receivers:
 
-- ours: ``python -m ingest`` — success only after the blob is in S3 (moto server) and
+- ours: ``python -m ingest`` — success only after the blob is in S3 (SeaweedFS) and
   the dicom.instance.received event is acknowledged by the broker (Tansu, acks=all).
   Afterwards the received events are counted.
 - pynetdicom floor: ``bench/bare_scp.py``, writes each dataset to disk and nothing else.

@@ -1,4 +1,4 @@
-"""Session fixtures: the real broker (Tansu) and S3 server (moto), started once on free
+"""Session fixtures: the real broker (Tansu) and S3 server (SeaweedFS), started once on free
 loopback ports; per-test topics and bucket; the ingest service as a real process."""
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ def s3_server(run_dir: Path) -> Iterator[ManagedProcess]:
 
 @pytest.fixture(scope="session")
 def strict_s3(run_dir: Path) -> Iterator[StrictS3]:
-    """A second S3 server, one that checks access keys and signatures (the shared one
-    accepts any): for the tests of a wrong secret or an unknown key."""
+    """A second S3 server, with random keys (the shared one has make run's, which are
+    the settings' defaults): for the tests of a wrong secret or an unknown key."""
     server = start_strict_s3(run_dir)
     yield server
     server.proc.stop()

@@ -107,3 +107,17 @@ def test_s3_requests_benchmark_counts_requests_per_stage_and_operation(tmp_path:
     assert stages["stow_forwarder"]["by_operation"]["get GET"] >= 1
     assert counts["total"] == round(sum(s["total"] for s in stages.values()), 3)
     assert result["cpu_ms_per_instance"]["s3"] > 0
+
+
+def test_s3_server_benchmark_measures_seaweedfs_and_accounts_for_every_candidate(
+    tmp_path: Path,
+) -> None:
+    result = run_bench("s3_servers", tmp_path)
+    candidates = result["candidates"]
+    assert set(candidates) == {"seaweedfs", "moto", "rclone"}
+    seaweedfs = candidates["seaweedfs"]
+    for key in ("put_cpu_ms", "head_cpu_ms", "get_cpu_ms", "parallel_put_per_s", "startup_s"):
+        assert seaweedfs[key] > 0, key
+    for name in ("moto", "rclone"):  # measured if installed, else skipped with a reason
+        assert "runs" in candidates[name] or candidates[name]["skipped"], name
+    assert result["versions"]["seaweedfs"] not in ("missing", "unknown")

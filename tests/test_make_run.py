@@ -198,7 +198,9 @@ def _child_pid(parent: int, module: str) -> int:
     raise AssertionError(f"no child {module} of {parent}")
 
 
-def test_run_reports_a_killed_service_and_broker_and_starts_them_again(tmp_path: Path) -> None:
+def test_run_reports_a_killed_service_broker_and_s3_server_and_starts_them_again(
+    tmp_path: Path,
+) -> None:
     stack, ports = _start_devstack(tmp_path, "--durable-broker")
     out = tmp_path / "devstack.out"
     try:
@@ -225,6 +227,13 @@ def test_run_reports_a_killed_service_and_broker_and_starts_them_again(tmp_path:
         wait_for(
             "the broker restarted",
             lambda: "ok       tansu is ready again (restart 1)" in out.read_text(),
+            60,
+        )
+        os.kill(_child_pid(stack.proc.pid, "weed"), signal.SIGKILL)  # objects on disk
+
+        wait_for(
+            "the S3 server restarted, the broker's log still in it",
+            lambda: "ok       s3 is ready again (restart 1)" in out.read_text(),
             60,
         )
         sent = storescu(ports["dimse"], bundled_file("CT_small.dcm"), ts="1.2.840.10008.1.2.1")

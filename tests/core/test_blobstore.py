@@ -1,4 +1,4 @@
-"""The blob store against a real S3 server (moto), and its error mapping."""
+"""The blob store against a real S3 server (SeaweedFS), and its error mapping."""
 
 from __future__ import annotations
 

@@ -15,7 +15,6 @@ from faults.harness import (
     Sent,
     assert_exactly_once,
     make_series,
-    mode,
     outcome,
     send_in_background,
     size,
@@ -31,21 +30,14 @@ BROKER_AWAY_S = 8.0
 for the broker to acknowledge an announcement (5 s), so that senders are refused."""
 
 
-DEV_BROKER_STALLS = (
-    "the development broker cannot run this reliably: on the durable broker (Tansu 0.6 "
-    "over S3) the consumers tail their partitions in trickles: transcode advanced one "
-    "or two records every 10-30 s at 4% CPU, with no "
-    "error and no wait shown, so 60 instances were not through after the 180 s drain "
-    "(59 normalized, 55 delivered, none lost or duplicated). A fresh consumer reading the "
-    "partition from the start stalled for 14 s at the first offset written after the "
-    "restart while one seeking straight to it got records in 0.8 s; consistent with "
-    "Tansu answering no fetch past a wrongly computed high watermark (the end-offset "
-    "issue in radflow_devstack.broker). Transcode already trickled before the restart. "
-    "Runs in make faults (RADFLOW_FAULTS=full), where a stall shows as a failure."
-)
+# Skipped in CI while the local S3 server was moto: consumers on the durable broker
+# trickled after the restart (one of two CI-sized runs by hand stalled, nothing lost,
+# not drained in 180 s), consistent with Tansu's end-offset issue on S3 (see
+# radflow_devstack.broker). On SeaweedFS six CI-sized runs in a row passed in 38-53 s
+# (2026-12-01, load average ~7), so it runs in CI again. The end-offset issue itself
+# is still there on SeaweedFS: a stall here would be it.
 
 
-@pytest.mark.skipif(mode() == "ci", reason=DEV_BROKER_STALLS)
 def test_a_hard_broker_restart_under_load_delivers_everything_acknowledged_once(
     durable_broker: Broker, durable_stack: Stack, start_pipeline, tmp_path: Path
 ) -> None:

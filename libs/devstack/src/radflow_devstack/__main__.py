@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -170,10 +171,15 @@ def run_stack(args: argparse.Namespace) -> int:
         supervisor.watch(proc, lambda: http_status(ready) == 200)
 
     try:
-        s3 = start_s3(args.s3_port, args.log_dir)
+        s3_data = args.log_dir.parent / "s3"
+        shutil.rmtree(s3_data, ignore_errors=True)  # every make run starts with an empty store
+        s3 = start_s3(args.s3_port, args.log_dir, s3_data)
         started.append(s3)
-        supervisor.watch(s3, restart=False, not_restarted_because=lost_on_restart)
-        print(f"s3       moto S3 server     http://127.0.0.1:{args.s3_port}  bucket radflow")
+        supervisor.watch(s3, s3.answers)  # its objects are on disk: a restart keeps them
+        print(
+            f"s3       SeaweedFS S3 server http://127.0.0.1:{args.s3_port}  bucket radflow  "
+            f"(data in {s3_data}/)"
+        )
         storage = broker_storage(args.s3_port, BROKER_BUCKET) if args.durable_broker else None
         broker = start_broker(args.broker_port, args.log_dir, storage=storage)
         started.append(broker)

@@ -8,18 +8,19 @@ engines are not compiled in. A durable broker is therefore Tansu over the S3 ser
 the stack already runs: kill it, start it again with the same bucket, and records and
 committed offsets are all still there (tests/test_durable_broker.py proves it).
 
-One limitation of Tansu 0.6 on S3, measured against moto: ListOffsets for the latest
+One limitation of Tansu 0.6 on S3, measured against moto and again against SeaweedFS
+(the local S3 server since; the same answers): ListOffsets for the latest
 offset (the high watermark a consumer's ``end_offsets()`` asks for) is wrong when
 several batches of a partition were written within the same second — 30 one-record
 batches over three partitions, all stored and fetchable with ``watermark.json`` saying
 ``high: 10`` each, were reported as end offsets 1/1/1 or 3/3/2; the answer is right
 once the newest batch is alone in its second (a batch sent 1.5 s later: 11/11/11). A
 guess at the cause (the newest record object picked by its S3 LastModified, which
-moto gives to the second) is not confirmed: a moto patched to give milliseconds did
-not fix it. Fetch, produce and committed group offsets are unaffected. Whatever
-reads "up to the end offsets" on a durable broker stops early: the tests read its
-topics until idle instead; the router's restore of pending studies from its
-changelog and the consumer-lag gauge read end offsets too.
+moto and SeaweedFS give to the second) is not confirmed: a moto patched to give
+milliseconds did not fix it. Fetch, produce and committed group offsets are
+unaffected. Whatever reads "up to the end offsets" on a durable broker stops early:
+the tests read its topics until idle instead; the router's restore of pending
+studies from its changelog and the consumer-lag gauge read end offsets too.
 """
 
 from __future__ import annotations

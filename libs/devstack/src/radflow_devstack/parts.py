@@ -16,6 +16,7 @@ from radflow_core.kafka import ensure_topics
 from radflow_core.settings import KafkaSettings, S3Settings
 from radflow_devstack.broker import Broker, S3Storage
 from radflow_devstack.processes import ManagedProcess
+from radflow_devstack.s3server import SeaweedS3
 
 LOCAL_S3_ACCESS_KEY = "radflow"
 LOCAL_S3_SECRET_KEY = "radflow-secret"  # noqa: S105 - the loopback dev server's key
@@ -61,15 +62,32 @@ def broker_storage(s3_port: int, bucket: str) -> S3Storage:
     return storage
 
 
-def start_s3(port: int, log_dir: Path) -> ManagedProcess:
-    """moto's S3-compatible server on 127.0.0.1:port (in memory)."""
-    proc = ManagedProcess(
-        "s3",
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        log_dir / "s3.log",
+def start_s3(
+    port: int,
+    log_dir: Path,
+    data_dir: Path | None = None,
+    *,
+    name: str = "s3",
+    access_key: str = LOCAL_S3_ACCESS_KEY,
+    secret_key: str = LOCAL_S3_SECRET_KEY,
+    timeout_s: float = 30.0,
+) -> SeaweedS3:
+    """SeaweedFS's S3 server on 127.0.0.1:port (see :mod:`radflow_devstack.s3server`),
+    its objects in ``data_dir`` (default ``log_dir/<name>-data``), accepting only
+    ``access_key``/``secret_key``; returns once a signed request succeeds."""
+    proc = SeaweedS3(
+        port,
+        data_dir or log_dir / f"{name}-data",
+        log_dir / f"{name}.log",
+        access_key=access_key,
+        secret_key=secret_key,
+        name=name,
     ).start()
-    proc.port = port
-    proc.wait_until(lambda: http_status(f"http://127.0.0.1:{port}/moto-api/") == 200)
+    try:
+        proc.wait_until(proc.answers, timeout_s)
+    except BaseException:
+        proc.stop()
+        raise
     return proc
 
 

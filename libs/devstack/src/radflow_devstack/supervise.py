@@ -5,9 +5,10 @@ keeps saying everything is up. The supervisor polls each child; when one has exi
 it prints its name, exit code (or signal) and the last lines of its log, then starts
 it again after a backoff that doubles for each crash that follows a short run (1 s,
 2 s, 4 s … up to 30 s), so a crash-looping service neither spins nor floods the
-terminal. A part whose state lived only in its memory (the in-memory broker, the S3
-server) is reported but not restarted: a fresh one would have lost its topics or
-objects, and the honest fix is to start ``make run`` again.
+terminal. A part whose state lived only in its memory (the in-memory broker) is
+reported but not restarted: a fresh one would have lost its topics, and the honest fix
+is to start ``make run`` again. The S3 server keeps its objects on disk and is
+restarted like a service.
 """
 
 from __future__ import annotations
