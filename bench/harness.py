@@ -24,10 +24,12 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -295,10 +297,15 @@ class Parts:
         self.started.append(proc)
         return Service(proc, http_port, dimse_port, ops_port)
 
-    def orthanc(self) -> ManagedProcess:
-        """A fresh Orthanc (empty storage) with DICOMweb, DIMSE AE title ORTHANC."""
+    def orthanc(self, config: dict[str, Any] | None = None) -> ManagedProcess:
+        """A fresh Orthanc (empty storage) with DICOMweb, DIMSE AE title ORTHANC;
+        ``config`` adds or overrides configuration keys (Orthanc as a router)."""
         proc = start_orthanc(
-            free_port(), free_port(), self.run_dir, name=f"orthanc-{len(self.started)}"
+            free_port(),
+            free_port(),
+            self.run_dir,
+            name=f"orthanc-{len(self.started)}",
+            config=config,
         )
         self.started.append(proc)
         return proc
@@ -366,6 +373,84 @@ def orthanc_count(proc: ManagedProcess) -> int:
     answer = httpx.get(f"http://127.0.0.1:{proc.port}/statistics", timeout=30)
     answer.raise_for_status()
     return int(answer.json()["CountInstances"])
+
+
+def orthanc_syntaxes(proc: ManagedProcess) -> dict[str, int]:
+    """How many of the instances Orthanc holds are stored in each transfer syntax (its
+    ``TransferSyntax`` metadata, read per instance)."""
+    import httpx
+
+    found: Counter[str] = Counter()
+    with httpx.Client(base_url=f"http://127.0.0.1:{proc.port}", timeout=30) as client:
+        ids = client.get("/instances")
+        ids.raise_for_status()
+        for instance in ids.json():
+            ts = client.get(f"/instances/{instance}/metadata/TransferSyntax")
+            found[ts.text.strip() if ts.status_code == 200 else "unknown"] += 1
+    return dict(found)
+
+
+def _serve_counter(target: str, conn: Connection) -> None:
+    from radflow_devstack.stow_counter import StowCounter
+
+    with StowCounter(target) as counter:
+        conn.send(counter.port)
+        while (command := conn.recv()) != "stop":
+            if command == "count":
+                conn.send(len(counter.first_delivered_at()))
+            else:
+                conn.send(
+                    {
+                        "deliveries": dict(counter.deliveries()),
+                        "attempts": dict(counter.attempts()),
+                        "first_delivered_at": counter.first_delivered_at(),
+                        "posts": counter.posts,
+                    }
+                )
+
+
+class CountingProxy:
+    """radflow_devstack's StowCounter in front of a destination, in a process of its own
+    so that parsing every STOW-RS body does not take the benchmark's GIL from its sender.
+    It stamps when the destination's answer storing each instance reached it: the same
+    arrival time whatever sends to the destination (our forwarder or another Orthanc)."""
+
+    def __init__(self, target: str) -> None:
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        self._conn, child = context.Pipe()
+        self._proc = context.Process(target=_serve_counter, args=(target, child), daemon=True)
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> CountingProxy:
+        self._proc.start()
+        if not self._conn.poll(60):
+            raise TimeoutError("the counting proxy did not start")
+        self.port = int(self._conn.recv())
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self._proc.is_alive():
+            self._conn.send("stop")
+            self._proc.join(10)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(5)
+
+    def arrived(self) -> int:
+        """Instances the destination has stored so far (each counted once)."""
+        self._conn.send("count")
+        return int(self._conn.recv())
+
+    def report(self) -> dict[str, Any]:
+        """deliveries and attempts (per SOP Instance UID), first_delivered_at, posts."""
+        self._conn.send("report")
+        return dict(self._conn.recv())
 
 
 # ---------------------------------------------------------------- events

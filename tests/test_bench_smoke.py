@@ -121,3 +121,27 @@ def test_s3_server_benchmark_measures_seaweedfs_and_accounts_for_every_candidate
     for name in ("moto", "rclone"):  # measured if installed, else skipped with a reason
         assert "runs" in candidates[name] or candidates[name]["skipped"], name
     assert result["versions"]["seaweedfs"] not in ("missing", "unknown")
+
+
+def test_pipeline_vs_orthanc_benchmark_routes_the_same_workload_through_both(
+    tmp_path: Path,
+) -> None:
+    result = run_bench("pipeline_vs_orthanc", tmp_path, timeout=600)
+    routers = ["ours", "orthanc-sync", "orthanc-jobs"]
+    assert result["routers"] == routers
+    throughput, latency = result["throughput"], result["latency"]
+    for r in routers:
+        assert throughput[r]["instances_per_s"] > 0
+        for run in throughput["runs"][r]:
+            # every instance arrived at B exactly once, and B holds it as JPEG-LS lossless
+            # (Orthanc A's IngestTranscoding really transcoded; so did ours)
+            assert run["arrived"] == throughput["instances"]
+            assert run["arrived_more_than_once"] == 0
+            assert run["destination_instances"] == throughput["instances"] + 1
+            assert run["all_jpeg_ls_lossless"], run["destination_syntaxes"]
+        lat = latency[r]["latency_s"]
+        assert lat["count"] > 0 and 0 < lat["p50"] <= lat["p95"] <= lat["p99"]
+        assert latency[r]["arrived_more_than_once"] == 0
+    assert all(throughput[f"ours_vs_{r}"] > 0 for r in routers[1:])
+    assert all(latency[f"p99_ours_vs_{r}"] > 0 for r in routers[1:])
+    assert result["load_at_start"] and result["load_at_end"]

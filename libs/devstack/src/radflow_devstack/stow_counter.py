@@ -21,6 +21,7 @@ import email.message
 import io
 import json
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterable
 from typing import Literal
@@ -112,6 +113,7 @@ class StowCounter:
         self._lock = threading.Lock()
         self._attempts: Counter[str] = Counter()
         self._deliveries: Counter[str] = Counter()
+        self._first_delivered_at: dict[str, float] = {}
         self._mode: DownMode | None = None
         self._retry_after_s: int | None = None
         self.posts = 0
@@ -157,6 +159,13 @@ class StowCounter:
         """Instances the destination stored, by SOP Instance UID, once per delivery."""
         with self._lock:
             return Counter(self._deliveries)
+
+    def first_delivered_at(self) -> dict[str, float]:
+        """When the destination's answer storing each instance first reached the proxy
+        (``time.time()``), by SOP Instance UID: the arrival time a benchmark measures
+        latency to, the same way whichever sender is behind the proxy."""
+        with self._lock:
+            return dict(self._first_delivered_at)
 
     def duplicates(self) -> dict[str, int]:
         """The instances delivered more than once, with their delivery counts."""
@@ -260,8 +269,11 @@ class StowCounter:
             answer = await upstream.read()
             if is_stow:
                 stored = stored_uids(upstream.status, answer, sent)
+                answered_at = time.time()
                 with self._lock:
                     self._deliveries.update(stored)
+                    for uid in stored:
+                        self._first_delivered_at.setdefault(uid, answered_at)
             return web.Response(
                 status=upstream.status,
                 reason=upstream.reason,
