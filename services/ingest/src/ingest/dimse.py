@@ -252,6 +252,9 @@ class DimseReceiver:
             daemon=True,
         )
         thread.start()
+        # As start_server does: the AE knows its servers (its shutdown and
+        # active_associations use the list, and the server's shutdown removes itself).
+        self._ae._servers.append(server)
         return server
 
     async def stop(self, grace_s: float) -> None:
