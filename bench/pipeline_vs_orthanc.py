@@ -110,7 +110,8 @@ class Router:
     name: str
     dimse_port: int
     called_ae: str
-    cpu: Callable[[], float]
+    cpu: Callable[[], dict[str, float]]
+    """CPU seconds used so far by each of the router's processes, by name."""
 
 
 @contextmanager
@@ -131,8 +132,10 @@ def ours(parts: Parts, tmp: Path, destination: str) -> Iterator[Router]:
         port = services[0].dimse_port
         assert port is not None
 
-        def cpu() -> float:
-            return sum(cpu_seconds(s.pid) for s in services) + sum(parts.cpu().values())
+        def cpu() -> dict[str, float]:
+            return {
+                s.proc.name.rsplit("-", 1)[0]: cpu_seconds(s.pid) for s in services
+            } | parts.cpu()
 
         yield Router("ours", port, "RADFLOW", cpu)
     finally:
@@ -164,7 +167,9 @@ def orthanc_router(
     try:
         assert a.proc is not None
         pid = a.proc.pid
-        yield Router(f"orthanc-{mode}", a.dicom_port, "ORTHANC", lambda: cpu_seconds(pid))
+        yield Router(
+            f"orthanc-{mode}", a.dicom_port, "ORTHANC", lambda: {"orthanc-a": cpu_seconds(pid)}
+        )
     finally:
         parts.stop(a)
 
@@ -232,7 +237,9 @@ def throughput_run(
             max(300.0, 2.0 * len(files)),
             every_s=0.05,
         )
-        cpu_s = router.cpu() - cpu_before
+        cpu_after = router.cpu()
+        cpu_by_process = {k: cpu_after[k] - cpu_before.get(k, 0.0) for k in cpu_after}
+        cpu_s = sum(cpu_by_process.values())
         report = proxy.report()
         last = max(report["first_delivered_at"][u] for u in uids)
         window = last - t0
@@ -243,6 +250,9 @@ def throughput_run(
             "send_s": round(send_s, 2),
             "accepted_per_s": round(len(files) / send_s, 2),
             "cpu_ms_per_instance": round(1000 * cpu_s / len(files), 1),
+            "cpu_ms_per_instance_by_process": {
+                k: round(1000 * v / len(files), 1) for k, v in sorted(cpu_by_process.items())
+            },
             **checks(b, report, uids),
         }
 
@@ -328,6 +338,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         r: {
             "instances_per_s": median([x["instances_per_s"] for x in runs[r]]),
             "cpu_ms_per_instance": median([x["cpu_ms_per_instance"] for x in runs[r]]),
+            "cpu_ms_per_instance_by_process": {
+                k: median([x["cpu_ms_per_instance_by_process"][k] for x in runs[r]])
+                for k in runs[r][0]["cpu_ms_per_instance_by_process"]
+            },
         }
         for r in routers
     }
