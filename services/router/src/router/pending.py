@@ -14,6 +14,14 @@ reading changelog partition *p* from the start, before it is handed any input
 record, and releases each group when nothing new arrived for its quiet period
 (measured from the router's own clock at arrival, so a restart does not reset it).
 
+A crash can leave input records whose requests are in the changelog uncommitted: the
+new owner reads them again after its restore. While their group is held they are
+recognised as members; but when the restart took longer than the quiet period, the
+restored group is released at the first tick, possibly before those records come
+back. So each entry keeps its input offset, and a released request's key is
+remembered until a later input offset shows its record cannot come again: a replay
+is then recognised, not held and released a second time.
+
 What is left: a crash in the milliseconds between a release's publishes and its
 tombstones releases that group again after the restart, with the same idempotency
 keys, which the forwarder recognises. A graceful stop always finishes a release.
@@ -54,6 +62,9 @@ class PendingEntry(BaseModel):
     quiet_seconds: int
     arrived_at: AwareDatetime
     request: ForwardRequested
+    offset: int | None = None
+    """Offset of the input record the request came from (None in records written before
+    it was kept)."""
 
 
 @dataclass
@@ -64,6 +75,8 @@ class Group:
     last_arrival: datetime
     members: dict[str, ForwardRequested] = field(default_factory=dict)
     """Idempotency key → request, in arrival order."""
+    offsets: dict[str, int | None] = field(default_factory=dict)
+    """Idempotency key → offset of its input record."""
 
     @property
     def due(self) -> datetime:
@@ -106,6 +119,9 @@ class PendingStudies:
         self._changelog = changelog
         self._emit = emit
         self._groups: dict[int, dict[str, Group]] = {}
+        self._released: dict[int, dict[str, int | None]] = {}
+        """Per partition, idempotency key → input offset of the requests released whose
+        input record may still be read again (it was not yet passed)."""
         self._lock = asyncio.Lock()
 
     @property
@@ -116,9 +132,16 @@ class PendingStudies:
         return [g for groups in self._groups.values() for g in groups.values()]
 
     async def add(
-        self, partition: int, request: ForwardRequested, wait: StudyComplete, now: datetime
+        self,
+        partition: int,
+        request: ForwardRequested,
+        wait: StudyComplete,
+        now: datetime,
+        offset: int | None = None,
     ) -> None:
         """Hold ``request`` until its group is quiet; returns once the changelog has it.
+        ``offset`` is its input record's: records of a partition come in offset order,
+        so one at ``offset`` means none before it will be read again.
 
         Raises:
             BrokerUnavailable: not recorded (the input record will be handled again).
@@ -130,8 +153,15 @@ class PendingStudies:
             quiet_seconds=wait.quiet_seconds,
             arrived_at=now,
             request=request,
+            offset=offset,
         )
         async with self._lock:
+            released = self._released.setdefault(partition, {})
+            if offset is not None and released:
+                for passed in [k for k, o in released.items() if o is not None and o < offset]:
+                    del released[passed]
+            if request.idempotency_key in released:
+                return  # a replayed input record: already released
             group = self._groups.setdefault(partition, {}).get(key)
             if group is not None and request.idempotency_key in group.members:
                 return  # a replayed input record: already held
@@ -153,6 +183,7 @@ class PendingStudies:
             )
             groups[entry.group] = group
         group.members[entry.request.idempotency_key] = entry.request
+        group.offsets[entry.request.idempotency_key] = entry.offset
         group.last_arrival = max(group.last_arrival, entry.arrived_at)
 
     async def restore(self, partitions: set[int]) -> None:
@@ -202,6 +233,7 @@ class PendingStudies:
         async with self._lock:
             for partition, entries in restored.items():
                 self._groups[partition] = {}
+                self._released[partition] = {}
                 for entry in entries.values():
                     self._apply(partition, entry)
             self._update_gauges()
@@ -226,6 +258,7 @@ class PendingStudies:
         async with self._lock:
             for partition in partitions:
                 self._groups.pop(partition, None)
+                self._released.pop(partition, None)
             self._update_gauges()
 
     async def release_due(self, now: datetime | None = None) -> int:
@@ -244,6 +277,7 @@ class PendingStudies:
                         )
                         return released
                     del groups[group.key]
+                    self._released.setdefault(partition, {}).update(group.offsets)
                     released += 1
             self._update_gauges()
         return released

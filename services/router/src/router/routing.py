@@ -130,7 +130,7 @@ class Router:
                     immediate.append(request)
             for request, route in waiting:
                 assert route.wait is not None
-                await self._pending.add(record.partition, request, route.wait, now)
+                await self._pending.add(record.partition, request, route.wait, now, record.offset)
             await asyncio.gather(*(self.emit(r) for r in immediate))
         for name, result in decision.trace:
             if result.matched:
