@@ -50,7 +50,7 @@ lint: install
 # Side-by-side benchmarks (see bench/README.md); needs DCMTK and Orthanc like the
 # tests. About 30 minutes on 2 cores; run it on a quiet machine. Results in
 # bench/results/*.json, plots in bench/plots/.
-BENCHMARKS := codecs ingest_rate stow_rate forward_rate latency memory pipeline_vs_orthanc
+BENCHMARKS := codecs s3_servers ingest_rate stow_rate forward_rate latency memory s3_requests pipeline_vs_orthanc
 bench: install system-deps
 	@for b in $(BENCHMARKS); do echo "== bench/$$b.py"; $(PY) bench/$$b.py || exit 1; done
 
