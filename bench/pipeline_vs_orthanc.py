@@ -314,7 +314,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     info = machine()
     _config.STORE_SEND_CHUNKED_DATASET = True
     routers = ["ours", *(f"orthanc-{m}" for m in args.orthanc)]
-    with run_dir() as tmp, Parts(tmp) as parts:
+    with run_dir(keep=args.keep) as tmp, Parts(tmp) as parts:
+        if args.keep:
+            progress(f"keeping the run folder (every process's log): {tmp}")
         files = ct_series(tmp / "burst", args.instances, seed=1)
         uids = [sop_uid(f) for f in files]
         instance_kb = round(files[0].stat().st_size / 1024, 1)
@@ -445,6 +447,11 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="a few instances, a few seconds")
     parser.add_argument("--out", type=Path, help="default: bench/results/pipeline_vs_orthanc.json")
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the run folder with every process's log (to find why a sender was cut off)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.instances, args.repeat, args.rate, args.seconds = 8, 1, 4.0, 2.0
