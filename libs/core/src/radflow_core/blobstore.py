@@ -75,22 +75,22 @@ def _count(method: str, url: str) -> None:
     BLOB_REQUESTS.labels(operation, method).inc()
 
 
-class _CountedHTTPConnectionPool(urllib3.HTTPConnectionPool):
-    """Counts every request it puts on the wire: one operation of ours can be several
-    (a multipart upload's parts, a header read's ranged GETs, urllib3's retries), and
-    it is requests that the S3 server pays for."""
+class _CountsRequests:
+    """Counts every request a connection pool puts on the wire: one operation of ours
+    can be several (a multipart upload's parts, a header read's ranged GETs, urllib3's
+    retries), and it is requests that the S3 server pays for."""
 
     def _make_request(self, conn: Any, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
         _count(method, url)
-        return super()._make_request(conn, method, url, *args, **kwargs)
+        return super()._make_request(conn, method, url, *args, **kwargs)  # type: ignore[misc]
 
 
-class _CountedHTTPSConnectionPool(urllib3.HTTPSConnectionPool):
-    __doc__ = _CountedHTTPConnectionPool.__doc__
+class _CountedHTTPConnectionPool(_CountsRequests, urllib3.HTTPConnectionPool):
+    pass
 
-    def _make_request(self, conn: Any, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
-        _count(method, url)
-        return super()._make_request(conn, method, url, *args, **kwargs)
+
+class _CountedHTTPSConnectionPool(_CountsRequests, urllib3.HTTPSConnectionPool):
+    pass
 
 
 CONTENT_SHA256 = "x-amz-content-sha256"
