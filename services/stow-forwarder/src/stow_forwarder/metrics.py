@@ -72,3 +72,23 @@ RULES_RELOADS = Counter(
     "Rule file changes seen, by outcome (applied, rejected).",
     ["outcome"],
 )
+SLO_DELIVERIES = Counter(
+    "radflow_forwarder_slo_deliveries_total",
+    "Instances of a destination and lane that has a latency objective, by outcome: "
+    "within (acknowledged within the objective's seconds of ingest receiving it), over "
+    "(acknowledged later) or failed (sent to dicom.forward.failed). Exact, unlike "
+    "interpolating the latency histogram's buckets: the burn-rate alerts read it.",
+    ["destination", "lane", "outcome"],
+)
+SLO_TARGET = Gauge(
+    "radflow_forwarder_slo_target_seconds",
+    "The latency objective's threshold from the rule file (slo.<lane>.within_s), by "
+    "destination and lane.",
+    ["destination", "lane"],
+)
+SLO_OBJECTIVE = Gauge(
+    "radflow_forwarder_slo_objective_ratio",
+    "Share of instances that must be delivered within the threshold (slo.<lane>.percent "
+    "/ 100), by destination and lane; 1 minus it is the error budget.",
+    ["destination", "lane"],
+)
