@@ -4,6 +4,7 @@ in the autoscalers parses as PromQL."""
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import pytest
@@ -102,6 +103,40 @@ def test_the_overview_shows_what_operators_were_promised() -> None:
     titles = {p["title"].lower() for p in _panels(overview)}
     missing = {title: what for title, what in PROMISED.items() if title not in titles}
     assert not missing, f"panels missing: {missing}"
+
+
+DESTINATION_ROW = {
+    "deliveries and failures / s": "radflow_forwarder_delivered_total",
+    "latency p50 / p95 / p99 and objective": "radflow_forwarder_slo_target_seconds",
+    "backlog": "radflow_consumer_lag",
+    "waiting since": "radflow_consumer_waiting_since_timestamp_seconds",
+    "verification failures": "radflow_forwarder_verification_failures_total",
+    "latency objective burn rate": "radflow:slo_burn_rate1h",
+}
+"""Panel of the per-destination row (after "$destination: ") → a series it must read."""
+
+
+def test_the_overview_repeats_a_row_per_destination_with_what_issue_19_asked() -> None:
+    overview = dashboards()["radflow-overview.json"]
+    panels = overview["panels"]
+    (row,) = [p for p in panels if p["type"] == "row" and p.get("repeat")]
+    assert row["repeat"] == "destination"
+    (variable,) = [v for v in overview["templating"]["list"] if v["name"] == "destination"]
+    assert variable["multi"] or variable["includeAll"], "a row repeats over several values"
+    # A repeated row takes the panels below it up to the next row (or its own panels
+    # when collapsed).
+    after = panels[panels.index(row) + 1 :]
+    inside = row["panels"] or [p for p in itertools.takewhile(lambda p: p["type"] != "row", after)]
+    titles = {p["title"].removeprefix("$destination: "): p for p in inside}
+    assert set(titles) == set(DESTINATION_ROW)
+    for title, series in DESTINATION_ROW.items():
+        queries = [t["expr"] for t in titles[title]["targets"]]
+        assert any(series in selectors(q) for q in queries), f"{title} does not read {series}"
+        for query in queries:
+            matched = [labels for labels in selectors(query).values()]
+            assert all("destination" in labels or "group" in labels for labels in matched), (
+                f"{title}: {query} is not limited to the row's destination"
+            )
 
 
 def test_every_query_parses_as_promql() -> None:
