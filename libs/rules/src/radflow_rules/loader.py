@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import re
 from datetime import time
 from pathlib import Path
@@ -302,7 +303,7 @@ class _RuleReader(YamlReader):
         except ValueError:
             self.fail(node, f"{what} must be a number (got {text!r})")
             return None
-        if value != value or value in (float("inf"), float("-inf")):
+        if not math.isfinite(value):
             self.fail(node, f"{what} must be a finite number (got {text!r})")
             return None
         return value
