@@ -246,7 +246,15 @@ def render(report: WhatIf, heading: str) -> str:
         "",
     ]
     dest_rows = [
-        [name, t.requested, t.would, t.kept, t.added, t.removed, t.lane_changed]
+        [
+            name,
+            t.requested,
+            t.would,
+            t.kept,
+            t.added,
+            t.removed,
+            "-" if name == HELD else t.lane_changed,
+        ]
         for name, t in sorted(report.destinations.items())
     ]
     lines += _table(
