@@ -3,21 +3,31 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pydicom.uid import generate_uid
 
+from radflow_core.events import (
+    DecodeStatus,
+    ForwardRequested,
+    InstanceNormalized,
+    encode,
+    wrap,
+)
+from radflow_core.kafka import EventProducer
 from radflow_core.topics import Topic
 from radflow_devstack.kit.rules_file import write_rules
 from radflow_devstack.kit.waiting import wait_for
+from support import forward
 from support.dicom import PHI_ID, PHI_NAME, make_instance, pynetdicom_store
 from support.metrics import metric
 from support.stack import IngestProcess, Stack
@@ -154,3 +164,76 @@ def test_the_what_if_of_a_rule_change_lists_exactly_the_instances_whose_destinat
     assert PHI_ID not in readable.stdout and PHI_NAME not in readable.stdout
     assert len(stack.events(Topic.FORWARD_REQUESTED)) == 5, "the replay sent nothing"
     assert stack.events(Topic.FORWARD_REQUESTED_STAT) == []
+
+
+NIGHT_RULES = """
+rules:
+  - name: acme-at-night
+    when:
+      all:
+        - Manufacturer: ACME
+        - time: {between: "18:00-07:00"}
+    route: [second]
+    continue: true
+  - name: everything
+    route: [pacs]
+default: {hold: unrouted}
+"""
+
+
+def normalized_v1(request: ForwardRequested) -> bytes:
+    """The v1 normalized event (no routing attributes) the request was made from."""
+    event = InstanceNormalized(
+        **request.identity(),
+        original=request.blob,
+        original_transfer_syntax_uid=request.transfer_syntax_uid,
+        canonical=request.blob,
+        canonical_transfer_syntax_uid=request.transfer_syntax_uid,
+        decode_status=DecodeStatus.ALREADY_CANONICAL,
+        normalized_at=request.received_at,
+    )
+    envelope = json.loads(encode(wrap(event, "transcode")))
+    envelope["dataschema"] = "radflow:dicom.instance.normalized:v1"
+    del envelope["data"]["routing"]
+    return json.dumps(envelope).encode()
+
+
+def test_a_v1_event_is_judged_on_its_stored_header_at_the_hour_the_router_decided(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """Manufacturer is not in a v1 event: it is read from the blob store. The window
+    rule sees each request's routed_at, not the time of the replay."""
+    rules = write_rules(tmp_path / "night.yaml", DESTINATIONS, rules=NIGHT_RULES, timezone="UTC")
+    files = {
+        name: make_instance(tmp_path / f"{name}.dcm", extra={"Manufacturer": maker})
+        for name, maker in (("acme-night", "ACME"), ("acme-day", "ACME"), ("other", "OTHER"))
+    }
+    requests = dict(zip(files, forward.stored(stack, list(files.values()), "pacs"), strict=True))
+    yesterday = datetime.now(UTC).replace(microsecond=0) - timedelta(days=1)
+    hours = {"acme-night": 22, "acme-day": 10, "other": 23}
+    decided = {
+        name: r.model_copy(update={"routed_at": yesterday.replace(hour=hours[name], minute=0)})
+        for name, r in requests.items()
+    }
+    since = datetime.now(UTC)
+
+    async def publish() -> None:
+        async with EventProducer(stack.kafka, "test") as producer:
+            for request in decided.values():
+                topic = stack.topic(Topic.INSTANCE_NORMALIZED)
+                await producer.send(topic, request.key, normalized_v1(request))
+                await producer.send(
+                    stack.topic(Topic.FORWARD_REQUESTED),
+                    request.key,
+                    encode(wrap(request, "router")),
+                )
+
+    asyncio.run(publish())
+    done = replay(stack, rules, since, "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert (report["compared"], report["unevaluated"]) == (3, [])
+    (change,) = report["changes"]
+    assert change["sop_instance_uid"] == decided["acme-night"].sop_instance_uid
+    assert (change["added"], change["removed"]) == (["second"], [])
+    assert datetime.fromisoformat(change["at"]) == decided["acme-night"].routed_at
