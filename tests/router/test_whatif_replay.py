@@ -38,7 +38,13 @@ DESTINATIONS = {
     "pacs": "url: http://127.0.0.1:1/dicom-web",
     "second": "url: http://127.0.0.1:2/dicom-web",
 }
-OLD = """
+STAT = """
+stat:
+  calling_aes: [ER_CT1]
+"""
+OLD = (
+    STAT
+    + """
 rules:
   - name: us-waits
     when: {modality: US}
@@ -49,7 +55,10 @@ rules:
     route: [pacs]
 default: {hold: unrouted}
 """
-NEW = """
+)
+NEW = (
+    STAT
+    + """
 rules:
   - name: us
     when: {modality: US}
@@ -65,9 +74,17 @@ rules:
     route: [pacs]
 default: {hold: unrouted}
 """
+)
 
 
-def send(ingest: IngestProcess, tmp_path: Path, study: str, modality: str, **extra: Any) -> str:
+def send(
+    ingest: IngestProcess,
+    tmp_path: Path,
+    study: str,
+    modality: str,
+    calling_ae: str = "PYSCU",
+    **extra: Any,
+) -> str:
     uid = generate_uid()
     path = make_instance(
         tmp_path / f"{uid}.dcm",
@@ -76,7 +93,7 @@ def send(ingest: IngestProcess, tmp_path: Path, study: str, modality: str, **ext
         modality=modality,
         extra=extra or None,
     )
-    assert pynetdicom_store(ingest.dimse_port, path).status == 0
+    assert pynetdicom_store(ingest.dimse_port, path, calling_ae=calling_ae).status == 0
     return uid
 
 
@@ -98,7 +115,7 @@ def test_the_what_if_of_a_rule_change_lists_exactly_the_instances_whose_destinat
 ) -> None:
     old = write_rules(tmp_path / "old.yaml", DESTINATIONS, rules=OLD)
     new = write_rules(tmp_path / "new.yaml", DESTINATIONS, rules=NEW)
-    ingest: IngestProcess = start_ingest(wait_ready=False, wait_port=False)
+    ingest: IngestProcess = start_ingest(rules_file=str(old), wait_ready=False, wait_port=False)
     transcode = start_transcode(wait_ready=False, wait_port=False)
     router = start_router(rules_file=str(old), wait_ready=False, wait_port=False)
     for service in (ingest, transcode, router):
@@ -115,10 +132,11 @@ def test_the_what_if_of_a_rule_change_lists_exactly_the_instances_whose_destinat
     waiting = send(ingest, tmp_path, study, "US")
     knee = send(ingest, tmp_path, other, "MR", StudyDescription="KNEE")
     held = send(ingest, tmp_path, other, "OT")
+    stat = send(ingest, tmp_path, other, "CT", calling_ae="ER_CT1")  # the STAT lane's topics
     wait_for(
-        "4 more requests, a hold and a study waiting",
+        "4 more requests, a STAT one, a hold and a study waiting",
         lambda: (
-            len(stack.events(Topic.FORWARD_REQUESTED)) == 5
+            stack.routed(routine=5, stat=1)
             and len(stack.events(Topic.INSTANCE_HELD)) == 1
             and metric(router.url, "radflow_router_pending_instances", lane="routine") == 1
         ),
@@ -129,23 +147,30 @@ def test_the_what_if_of_a_rule_change_lists_exactly_the_instances_whose_destinat
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     changes = {c["sop_instance_uid"]: (c["added"], c["removed"]) for c in report["changes"]}
-    assert changes == {ct[0]: (["second"], []), ct[1]: (["second"], []), knee: ([], ["pacs"])}
-    assert (report["instances"], report["compared"], report["undecided"]) == (6, 6, [])
+    assert changes == {
+        ct[0]: (["second"], []),
+        ct[1]: (["second"], []),
+        stat: (["second"], []),
+        knee: ([], ["pacs"]),
+    }
+    (stat_change,) = [c for c in report["changes"] if c["sop_instance_uid"] == stat]
+    assert stat_change["after"]["destinations"]["second"]["lane"] == "stat"
+    assert (report["instances"], report["compared"], report["undecided"]) == (7, 7, [])
     assert before not in changes and report["unevaluated"] == []
     dests = report["destinations"]
     assert (dests["pacs"]["requested"], dests["pacs"]["would"], dests["pacs"]["removed"]) == (
+        6,
         5,
-        4,
         1,
     )
-    assert (dests["second"]["requested"], dests["second"]["would"]) == (0, 2)
+    assert (dests["second"]["requested"], dests["second"]["would"]) == (0, 3)
     assert (dests["(held)"]["requested"], dests["(held)"]["would"]) == (1, 2)
     by_rule = {(r["destination"], r["rule"]): (r["requested"], r["would"]) for r in report["rules"]}
-    assert by_rule[("pacs", "ct-mr")] == (4, 0)
+    assert by_rule[("pacs", "ct-mr")] == (5, 0)
     assert by_rule[("pacs", "us-waits")] == (1, 0)  # still waiting: read from the changelog
     assert by_rule[("pacs", "us")] == (0, 1)
     assert by_rule[("pacs", "brain-mr")] == (0, 1)  # StudyDescription: read from the header
-    assert by_rule[("second", "ct-also-second")] == (0, 2)
+    assert by_rule[("second", "ct-also-second")] == (0, 3)
     assert by_rule[("(held)", "unrouted")] == (1, 2)
     assert brain not in changes and waiting not in changes and held not in changes
 
@@ -153,17 +178,16 @@ def test_the_what_if_of_a_rule_change_lists_exactly_the_instances_whose_destinat
     same = replay(stack, old, started, "--json")
     assert same.returncode == 0, same.stderr
     unchanged = json.loads(same.stdout)
-    assert (unchanged["compared"], unchanged["changes"]) == (7, [])
+    assert (unchanged["compared"], unchanged["changes"]) == (8, [])
 
     readable = replay(stack, new, window)
     assert readable.returncode == 0, readable.stderr
-    assert "3 instance(s) change destination:" in readable.stdout
+    assert "4 instance(s) change destination:" in readable.stdout
     listed = readable.stdout.split("change destination:")[1]
-    assert all(uid in listed for uid in (*ct, knee))
+    assert all(uid in listed for uid in (*ct, stat, knee))
     assert not any(uid in listed for uid in (before, brain, waiting, held))
     assert PHI_ID not in readable.stdout and PHI_NAME not in readable.stdout
-    assert len(stack.events(Topic.FORWARD_REQUESTED)) == 5, "the replay sent nothing"
-    assert stack.events(Topic.FORWARD_REQUESTED_STAT) == []
+    assert stack.routed(routine=5, stat=1), "the replay sent nothing"
 
 
 NIGHT_RULES = """
