@@ -63,8 +63,8 @@ class Seen:
     decided_at: list[datetime] = field(default_factory=list)
 
     def outcome(self) -> Outcome | None:
-        """Requests win over a hold: an instance held and routed again after a rules
-        change (its normalized event replayed) went where it was last sent."""
+        """Requests win over a hold: an instance held, then routed after a rules fix
+        (its normalized event replayed), went where its requests sent it."""
         if self.routes:
             return Outcome(dict(self.routes))
         if self.hold is not None:
@@ -130,7 +130,8 @@ class History:
         """Each normalized instance's decisions, holds matched by the canonical variant."""
         found: dict[InstanceKey, Seen] = {}
         for key, (event, _) in self.normalized.items():
-            seen = self.seen.get(key, Seen())
+            requested = self.seen.get(key, Seen())
+            seen = Seen(dict(requested.routes), None, list(requested.decided_at))
             hold = self.held.get((event.sop_instance_uid, event.canonical.sha256))
             if hold is not None:
                 seen.hold = hold[0]
