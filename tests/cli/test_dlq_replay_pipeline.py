@@ -1,0 +1,121 @@
+"""``radflow dlq`` against the real pipeline, run as the operator runs it (a
+subprocess): a destination that refuses, fixed by a rules change, gets each instance
+exactly once from ``radflow dlq replay``, and a second replay sends nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+
+from forwarder.test_forwarder_pipeline import completed, failed, send, series
+from radflow_core.topics import Topic
+from radflow_devstack.kit.rules_file import write_rules
+from radflow_devstack.kit.waiting import wait_for
+from radflow_devstack.processes import ManagedProcess
+from radflow_devstack.stow_counter import StowCounter
+from support.metrics import metric
+from support.orthanc import OrthancView
+from support.stack import Stack
+
+pytestmark = pytest.mark.pipeline
+
+RADFLOW = Path(sys.executable).with_name("radflow")
+"""The console script the venv installs."""
+
+
+def radflow(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(RADFLOW), *args],
+        env={**os.environ, **stack.env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def lines(done: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def test_a_refusing_destination_fixed_by_a_rules_change_gets_each_instance_once_by_replay(
+    stack: Stack,
+    pipeline: Callable[[Path], Any],
+    start_forwarder: Callable[..., Any],
+    start_orthanc_server: Callable[..., ManagedProcess],
+    stow_counter: Callable[[ManagedProcess], StowCounter],
+    tmp_path: Path,
+) -> None:
+    server = start_orthanc_server()
+    orthanc, counter = OrthancView(server), stow_counter(server)
+    rules = write_rules(
+        tmp_path / "rules.yaml", {"pacs": f"url: {counter.url}/no-such-dicomweb-root"}, ["pacs"]
+    )
+    ingest = pipeline(rules)
+    forwarder = start_forwarder(rules_file=str(rules), reload_interval_s="0.5")
+    files = series(tmp_path, 6)
+    uids = sorted(pydicom.dcmread(f).SOPInstanceUID for f in files)
+    send(ingest, files)
+    wait_for("6 dead letters", lambda: len(failed(stack)) == 6, timeout_s=180)
+    assert completed(stack) == [] and orthanc.count() == 0
+
+    listed = lines(radflow(stack, "dlq", "list", "--json", "--destination", "pacs"))
+    assert sorted(x["instance"] for x in listed) == uids
+    assert {(x["topic"], x["reason"]) for x in listed} == {("dicom.forward.failed", "rejected")}
+    assert {x["replay_to"] for x in listed} == {stack.topic(Topic.FORWARD_REQUESTED)}
+    assert lines(radflow(stack, "dlq", "list", "--json", "--reason", "retries_*")) == []
+    table = radflow(stack, "dlq", "list")
+    assert table.returncode == 0 and "6 dead letters" in table.stdout
+    shown = radflow(stack, "dlq", "show", listed[0]["id"])
+    assert shown.returncode == 0 and listed[0]["instance"] in shown.stdout
+    assert '"type": "dicom.forward.requested"' in shown.stdout  # the original request
+
+    generation = metric(forwarder.url, "radflow_forwarder_rules_generation")
+    assert generation is not None
+    write_rules(rules, {"pacs": f"url: {counter.url}/dicom-web"}, ["pacs"])
+    wait_for(
+        "the forwarder to apply the fixed rules",
+        lambda: (metric(forwarder.url, "radflow_forwarder_rules_generation") or 0) > generation,
+        timeout_s=60,
+    )
+
+    dry = lines(radflow(stack, "dlq", "replay", "--dry-run", "--json"))
+    assert [x["outcome"] for x in dry] == ["replay"] * 6
+    assert len(stack.events(Topic.FORWARD_REQUESTED)) == 6  # a dry run publishes nothing
+
+    first = radflow(stack, "dlq", "replay", "--destination", "pacs")
+    assert first.returncode == 0, first.stderr
+    assert "replayed 6, skipped 0, not replayable 0" in first.stdout
+    wait_for("6 deliveries", lambda: len(completed(stack)) == 6, timeout_s=120)
+    assert sorted(counter.deliveries()) == uids
+    assert set(counter.deliveries().values()) == {1}
+    assert orthanc.count() == 6
+    sent = sum(counter.attempts().values())
+
+    second = radflow(stack, "dlq", "replay", "--destination", "pacs")
+    assert second.returncode == 0, second.stderr
+    assert "replayed 0, skipped 6, not replayable 0" in second.stdout
+    assert second.stdout.count("already delivered") == 6
+    assert len(stack.events(Topic.FORWARD_REQUESTED)) == 12  # 6 routed + 6 replayed once
+
+    # Past the CLI's check, the forwarder's markers still keep a replay from sending.
+    forced = radflow(stack, "dlq", "replay", "--ignore-completed", "--json")
+    assert [x["outcome"] for x in lines(forced)] == ["replay"] * 6
+    wait_for(
+        "6 replays recognised as delivered",
+        lambda: sum(d["already_delivered"] for d in completed(stack)) == 6,
+        timeout_s=120,
+    )
+    assert sum(counter.attempts().values()) == sent
+    assert set(counter.deliveries().values()) == {1}
+    assert orthanc.count() == 6
+    assert len(failed(stack)) == 6
