@@ -160,6 +160,7 @@ def test_generic_dead_letters_report_failed_and_held_instances_are_letters_too()
         Topic.REPORT_FAILED, record(Topic.REPORT_FAILED, 0, encode(wrap(report, "rr")))
     )
     assert letter.destination == "north" and letter.original is None  # as a v2 is read
+    assert letter.settled_by == "report:north|r-1|1"
     assert letter.lookup == Lookup((Topic.REPORTS_FINALIZED,), partition=4, offset=1234)
     v3 = report.model_copy(update={"original_key": "1.2.3", "original_value": "{}"})
     letter = letter_of(Topic.REPORT_FAILED, record(Topic.REPORT_FAILED, 1, encode(wrap(v3, "rr"))))
@@ -246,13 +247,13 @@ def test_a_replay_skips_the_delivered_publishes_each_request_once_and_names_the_
     again = letter_of(  # the same request as a, failed again after a replay
         Topic.FORWARD_FAILED, record(Topic.FORWARD_FAILED, 3, forward_failed(request()), minute=20)
     )
-    assert b.idempotency_key is not None
-    actions = plan([a, b, c, again], {b.idempotency_key: "2026-12-01T08:06:00Z"}, {})
+    assert b.settled_by == f"delivery:{b.idempotency_key}"
+    actions = plan([a, b, c, again], {b.settled_by: "delivered (dicom.forward.completed)"}, {})
     outcome = {x.letter.id: (x.outcome, x.why) for x in actions}
     assert [x.letter.id for x in actions] == [a.id, b.id, c.id, again.id]
     assert outcome[again.id][0] is Outcome.REPLAY  # the newest letter stands for the request
     assert outcome[a.id] == (Outcome.SKIP, f"the same request is replayed by {again.id}")
-    assert outcome[b.id][0] is Outcome.SKIP and "already delivered" in outcome[b.id][1]
+    assert outcome[b.id] == (Outcome.SKIP, "already delivered (dicom.forward.completed)")
     assert outcome[c.id][0] is Outcome.CANNOT
 
     v1 = letter_of(

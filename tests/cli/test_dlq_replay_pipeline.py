@@ -49,7 +49,9 @@ def lines(done: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
 
 def test_a_refusing_destination_fixed_by_a_rules_change_gets_each_instance_once_by_replay(
     stack: Stack,
-    pipeline: Callable[[Path], Any],
+    start_ingest: Callable[..., Any],
+    start_transcode: Callable[..., Any],
+    start_router: Callable[..., Any],
     start_forwarder: Callable[..., Any],
     start_orthanc_server: Callable[..., ManagedProcess],
     stow_counter: Callable[[ManagedProcess], StowCounter],
@@ -60,7 +62,9 @@ def test_a_refusing_destination_fixed_by_a_rules_change_gets_each_instance_once_
     rules = write_rules(
         tmp_path / "rules.yaml", {"pacs": f"url: {counter.url}/no-such-dicomweb-root"}, ["pacs"]
     )
-    ingest = pipeline(rules)
+    ingest = start_ingest()
+    start_transcode()
+    start_router(rules_file=str(rules))
     forwarder = start_forwarder(rules_file=str(rules), reload_interval_s="0.5")
     files = series(tmp_path, 6)
     uids = sorted(pydicom.dcmread(f).SOPInstanceUID for f in files)
@@ -119,3 +123,72 @@ def test_a_refusing_destination_fixed_by_a_rules_change_gets_each_instance_once_
     assert set(counter.deliveries().values()) == {1}
     assert orthanc.count() == 6
     assert len(failed(stack)) == 6
+
+
+HOLD_MR = """rules:
+  - name: ct
+    when: {modality: CT}
+    route: [pacs]
+default: {hold: no rule for this modality}
+"""
+ROUTE_MR = """rules:
+  - name: ct-and-mr
+    when: {modality: {in: [CT, MR]}}
+    route: [pacs]
+default: {hold: no rule for this modality}
+"""
+
+
+def test_held_instances_are_routed_by_replay_once_a_rule_routes_them(
+    stack: Stack,
+    start_ingest: Callable[..., Any],
+    start_transcode: Callable[..., Any],
+    start_router: Callable[..., Any],
+    start_forwarder: Callable[..., Any],
+    start_orthanc_server: Callable[..., ManagedProcess],
+    stow_counter: Callable[[ManagedProcess], StowCounter],
+    tmp_path: Path,
+) -> None:
+    server = start_orthanc_server()
+    counter = stow_counter(server)
+    pacs = {"pacs": f"url: {counter.url}/dicom-web"}
+    rules = write_rules(tmp_path / "rules.yaml", pacs, rules=HOLD_MR)
+    ingest = start_ingest()
+    start_transcode()
+    router = start_router(rules_file=str(rules), reload_interval_s="0.5")
+    start_forwarder(rules_file=str(rules))
+    files = series(tmp_path, 4, modality="MR")
+    uids = sorted(pydicom.dcmread(f).SOPInstanceUID for f in files)
+    send(ingest, files)
+    wait_for("4 held", lambda: len(stack.events(Topic.INSTANCE_HELD)) == 4, timeout_s=180)
+
+    held = lines(radflow(stack, "dlq", "list", "--json", "--topic", "dicom.instance.held"))
+    assert sorted(x["instance"] for x in held) == uids
+    assert {x["reason"] for x in held} == {"no rule for this modality"}
+    assert lines(radflow(stack, "dlq", "list", "--json", "--topic", "dicom.forward.failed")) == []
+
+    generation = metric(router.url, "radflow_router_rules_generation")
+    assert generation is not None
+    write_rules(rules, pacs, rules=ROUTE_MR)
+    wait_for(
+        "the router to apply the rule for MR",
+        lambda: (metric(router.url, "radflow_router_rules_generation") or 0) > generation,
+        timeout_s=60,
+    )
+    replay = lines(radflow(stack, "dlq", "replay", "--json", "--topic", "dicom.instance.held"))
+    assert [x["outcome"] for x in replay] == ["replay"] * 4
+    assert {x["topic"] for x in replay} == {stack.topic(Topic.INSTANCE_NORMALIZED)}
+    wait_for("4 deliveries", lambda: len(completed(stack)) == 4, timeout_s=120)
+    assert sorted(counter.deliveries()) == uids
+    assert len(stack.events(Topic.INSTANCE_HELD)) == 4  # the new rules held none again
+
+    # Held letters have no completion to check: a second replay routes them again, and
+    # the requests' idempotency keys keep the forwarder from sending them twice.
+    again = radflow(stack, "dlq", "replay", "--topic", "dicom.instance.held")
+    assert again.returncode == 0 and "replayed 4" in again.stdout
+    wait_for(
+        "4 replays recognised as delivered",
+        lambda: sum(d["already_delivered"] for d in completed(stack)) == 4,
+        timeout_s=120,
+    )
+    assert set(counter.deliveries().values()) == {1}

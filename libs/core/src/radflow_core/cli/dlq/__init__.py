@@ -22,7 +22,7 @@ from typing import Any
 from radflow_core.cli.dlq import output
 from radflow_core.cli.dlq.letters import LETTER_TOPICS, Filters, Letter, parse_id
 from radflow_core.cli.dlq.replay import Outcome, plan
-from radflow_core.cli.dlq.source import delivered, find_originals, publish, read_letters
+from radflow_core.cli.dlq.source import find_originals, publish, read_letters, settled
 from radflow_core.errors import PipelineError
 from radflow_core.settings import KafkaSettings
 from radflow_core.topics import Topic
@@ -201,8 +201,8 @@ def _replay(args: argparse.Namespace) -> int:
         )
         missing = sorted(set(ids) - {x.id for x in letters})
         originals = await find_originals(kafka, letters, args.idle_s)
-        keys = {x.idempotency_key for x in letters if x.idempotency_key}
-        done = {} if args.ignore_completed else await delivered(kafka, keys, args.idle_s)
+        keys = {x.settled_by for x in letters if x.settled_by}
+        done = {} if args.ignore_completed else await settled(kafka, keys, args.idle_s)
         actions = plan(letters, done, originals)
         published = 0 if args.dry_run else await publish(kafka, actions)
         if args.json:

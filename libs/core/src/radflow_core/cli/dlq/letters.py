@@ -39,6 +39,20 @@ the router's default held (not failures, but what an operator releases the same 
 UNKNOWN_DESTINATION = "unknown_destination:"
 """Hold reason the forwarder gives a request for a destination the rule file lacks."""
 
+SETTLING_TOPICS = (Topic.FORWARD_COMPLETED, Topic.REPORT_RETURNED)
+"""Where a stage says it finally did what a letter's original asked for."""
+
+
+def delivery_key(idempotency_key: str) -> str:
+    """What ``dicom.forward.completed`` and a delivery's letter have in common."""
+    return f"delivery:{idempotency_key}"
+
+
+def report_key(site: str, report_id: str, version: int | None) -> str:
+    """What ``report.returned`` and a report's letter have in common: one report
+    version (an SR's report id is its SOP Instance UID, without a version)."""
+    return f"report:{site}|{report_id}|{'' if version is None else version}"
+
 
 @dataclass(frozen=True, slots=True)
 class Original:
@@ -110,6 +124,10 @@ class Letter:
     """SOP Instance UID, or a report's id."""
     idempotency_key: str | None = None
     """For a delivery: the request's key, which ``dicom.forward.completed`` repeats."""
+    settled_by: str | None = None
+    """The key (:func:`delivery_key`, :func:`report_key`) under which a
+    ``SETTLING_TOPICS`` event would say the original was done after all; None when no
+    such event exists for it (a held instance, a transcode failure)."""
     original: Original | None = None
     lookup: Lookup | None = None
     not_replayable: str | None = None
@@ -215,6 +233,7 @@ def _dead_letter(base: dict[str, Any], letter: DeadLetter) -> Letter:
         study=letter.original_key or _text(data.get("study_instance_uid")),
         instance=_text(data.get("sop_instance_uid") or data.get("report_id")),
         idempotency_key=_text(data.get("idempotency_key")),
+        settled_by=_settled_by(data),
         original=Original(letter.source_topic, letter.original_key, letter.original_value),
     )
 
@@ -229,6 +248,7 @@ def _forward_failed(base: dict[str, Any], failed: ForwardFailed) -> Letter:
         "study": failed.study_instance_uid,
         "instance": failed.sop_instance_uid,
         "idempotency_key": failed.idempotency_key,
+        "settled_by": delivery_key(failed.idempotency_key),
     }
     if failed.source_topic is not None and failed.original_value is not None:
         original = Original(failed.source_topic, failed.original_key, failed.original_value)
@@ -248,6 +268,7 @@ def _report_failed(base: dict[str, Any], failed: ReportFailed) -> Letter:
         "destination": failed.site,
         "study": failed.study_instance_uid,
         "instance": failed.sop_instance_uid or failed.report_id,
+        "settled_by": report_key(failed.site, failed.report_id, failed.report_version),
     }
     if failed.original_value is not None:
         original = Original(failed.source_topic, failed.original_key, failed.original_value)
@@ -294,6 +315,17 @@ def _logical(name: str) -> Topic | None:
     for topic in sorted(Topic, key=lambda t: -len(t.value)):
         if name == topic.value or name.endswith(f".{topic.value}"):
             return topic
+    return None
+
+
+def _settled_by(data: dict[str, Any]) -> str | None:
+    """A generic dead letter's settling key, from the original event's fields."""
+    key, site, report = data.get("idempotency_key"), data.get("site"), data.get("report_id")
+    if isinstance(key, str):
+        return delivery_key(key)
+    if isinstance(site, str) and isinstance(report, str):
+        version = data.get("report_version")
+        return report_key(site, report, version if isinstance(version, int) else None)
     return None
 
 

@@ -46,7 +46,7 @@ def letter_detail(letter: Letter, out: TextIO) -> None:
         out.write("original record:\n")
         out.write(_pretty(letter.original.value))
     out.write("dead letter:\n")
-    out.write(json.dumps(letter.envelope, indent=2) + "\n")
+    out.write(json.dumps(_without_original(letter.envelope), indent=2) + "\n")
 
 
 def actions_table(actions: Sequence[Action], out: TextIO, dry_run: bool) -> None:
@@ -68,6 +68,14 @@ def actions_table(actions: Sequence[Action], out: TextIO, dry_run: bool) -> None
 def json_lines(items: Sequence[dict[str, Any]], out: TextIO) -> None:
     for item in items:
         out.write(json.dumps(item, sort_keys=True) + "\n")
+
+
+def _without_original(envelope: dict[str, Any]) -> dict[str, Any]:
+    """The dead letter as printed after its original: the original not twice."""
+    data = envelope.get("data")
+    if not isinstance(data, dict) or data.get("original_value") is None:
+        return envelope
+    return {**envelope, "data": {**data, "original_value": "(the original record, above)"}}
 
 
 def _short(text: str) -> str:

@@ -21,7 +21,8 @@ class Outcome(StrEnum):
     REPLAY = "replay"
     """Published again to its source topic with its original key."""
     SKIP = "skip"
-    """Nothing to do: already delivered, or the same request is replayed by another letter."""
+    """Nothing to do: already delivered (or returned), or the same request is replayed
+    by another letter."""
     CANNOT = "cannot"
     """Not replayable (no original, or it is no longer retained)."""
 
@@ -49,14 +50,15 @@ class Action:
 
 def plan(
     letters: Iterable[Letter],
-    delivered: Mapping[str, str],
+    settled: Mapping[str, str],
     found: Mapping[str, Original],
 ) -> list[Action]:
     """One action per letter, in the letters' order.
 
-    ``delivered``: idempotency key → when ``dicom.forward.completed`` says it was
-    delivered (empty to let the forwarder's own markers decide); ``found``: letter id →
-    the original a lookup found on the retained topics.
+    ``settled``: a letter's ``settled_by`` key → what says it was done after all
+    (``delivered (dicom.forward.completed at …)``; empty to let the consumers' own
+    markers decide); ``found``: letter id → the original a lookup found on the
+    retained topics.
     """
     ordered = list(letters)
     replayed_by: dict[str, str] = {}
@@ -72,9 +74,9 @@ def plan(
             )
             decided[letter.id] = Action(letter, Outcome.CANNOT, why)
             continue
-        key = letter.idempotency_key
-        if key is not None and key in delivered:
-            why = f"already delivered (dicom.forward.completed at {delivered[key]})"
+        key = letter.settled_by
+        if key is not None and key in settled:
+            why = f"already {settled[key]}"
             decided[letter.id] = Action(letter, Outcome.SKIP, why, original)
             continue
         same = key or _fingerprint(original)

@@ -8,7 +8,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 
-from radflow_core.cli.dlq.letters import Filters, Letter, Original, letter_of
+from radflow_core.cli.dlq.letters import (
+    Filters,
+    Letter,
+    Original,
+    delivery_key,
+    letter_of,
+    report_key,
+)
 from radflow_core.cli.dlq.replay import Action, Outcome
 from radflow_core.history import read_history
 from radflow_core.kafka import EventProducer
@@ -36,22 +43,40 @@ async def read_letters(
     return sorted(letters, key=lambda x: (x.appended_at, x.topic.value, x.partition, x.offset))
 
 
-async def delivered(
-    kafka: KafkaSettings, keys: Iterable[str], idle_s: float = 1.5
-) -> dict[str, str]:
-    """Idempotency key → when ``dicom.forward.completed`` first says it was delivered
-    (a replay recognised by the forwarder counts), for the keys asked about."""
+async def settled(kafka: KafkaSettings, keys: Iterable[str], idle_s: float = 1.5) -> dict[str, str]:
+    """Settling key → what first says it was done after all (``delivered
+    (dicom.forward.completed at …)``, ``returned (report.returned at …)``), for the keys
+    asked about. A replay the consumer recognised as done counts."""
     wanted = set(keys)
+    topics = [
+        topic
+        for topic, prefix in (
+            (Topic.FORWARD_COMPLETED, "delivery:"),
+            (Topic.REPORT_RETURNED, "report:"),
+        )
+        if any(key.startswith(prefix) for key in wanted)
+    ]
     found: dict[str, str] = {}
-    if not wanted:
+    if not topics:
         return found
-    async for record in read_history(kafka, [Topic.FORWARD_COMPLETED], idle_s=idle_s):
+    completed = kafka.topic(Topic.FORWARD_COMPLETED)
+    async for record in read_history(kafka, topics, idle_s=idle_s):
         data = (record.envelope() or {}).get("data")
         if not isinstance(data, dict):
             continue
-        key = data.get("idempotency_key")
+        if record.topic == completed:
+            key = delivery_key(str(data.get("idempotency_key")))
+            said = f"delivered ({Topic.FORWARD_COMPLETED.value} at {data.get('delivered_at')})"
+        else:
+            version = data.get("report_version")
+            key = report_key(
+                str(data.get("site")),
+                str(data.get("report_id")),
+                version if isinstance(version, int) else None,
+            )
+            said = f"returned ({Topic.REPORT_RETURNED.value} at {data.get('acked_at')})"
         if key in wanted and key not in found:
-            found[key] = str(data.get("delivered_at", record.appended_at.isoformat()))
+            found[key] = said
     return found
 
 
