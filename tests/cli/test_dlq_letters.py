@@ -7,7 +7,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
@@ -28,6 +32,7 @@ from radflow_core.events import (
 )
 from radflow_core.history import HistoryRecord
 from radflow_core.topics import Topic
+from radflow_devstack.processes import free_port
 
 PREFIX = "site1."
 T0 = datetime(2026, 12, 1, 8, 0, tzinfo=UTC)
@@ -262,3 +267,25 @@ def test_a_replay_skips_the_delivered_publishes_each_request_once_and_names_the_
     lost, found = plan([v1], {}, {}), plan([v1], {}, {v1.id: a.original})  # type: ignore[dict-item]
     assert lost[0].outcome is Outcome.CANNOT and "no longer retained" in lost[0].why
     assert found[0].outcome is Outcome.REPLAY and found[0].original == a.original
+
+
+def test_no_broker_bad_settings_and_a_bad_id_are_told_with_an_exit_status() -> None:
+    radflow = Path(sys.executable).with_name("radflow")
+
+    def run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(radflow), "dlq", *args],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    nobody = run("list", RADFLOW_KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{free_port()}")
+    assert nobody.returncode == 3 and "the broker cannot be used" in nobody.stderr
+    assert "Traceback" not in nobody.stderr
+    bad = run("list", RADFLOW_KAFKA_FETCH_MAX_WAIT_MS="soon")
+    assert bad.returncode == 3 and "RADFLOW_KAFKA_FETCH_MAX_WAIT_MS" in bad.stderr
+    wrong = run("show", "dicom.forward.requested:0:1")
+    assert wrong.returncode == 1 and "<topic>:<partition>:<offset>" in wrong.stderr

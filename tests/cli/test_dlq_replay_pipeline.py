@@ -83,6 +83,12 @@ def test_a_refusing_destination_fixed_by_a_rules_change_gets_each_instance_once_
     assert shown.returncode == 0 and listed[0]["instance"] in shown.stdout
     assert '"type": "dicom.forward.requested"' in shown.stdout  # the original request
 
+    # Replayed before the fix, each request fails again: a second letter for each.
+    early = radflow(stack, "dlq", "replay")
+    assert early.returncode == 0 and "replayed 6, skipped 0" in early.stdout, early.stderr
+    wait_for("6 more dead letters", lambda: len(failed(stack)) == 12, timeout_s=120)
+    assert counter.deliveries() == {}
+
     generation = metric(forwarder.url, "radflow_forwarder_rules_generation")
     assert generation is not None
     write_rules(rules, {"pacs": f"url: {counter.url}/dicom-web"}, ["pacs"])
@@ -93,12 +99,14 @@ def test_a_refusing_destination_fixed_by_a_rules_change_gets_each_instance_once_
     )
 
     dry = lines(radflow(stack, "dlq", "replay", "--dry-run", "--json"))
-    assert [x["outcome"] for x in dry] == ["replay"] * 6
-    assert len(stack.events(Topic.FORWARD_REQUESTED)) == 6  # a dry run publishes nothing
+    assert sorted(x["outcome"] for x in dry) == ["replay"] * 6 + ["skip"] * 6
+    assert len(stack.events(Topic.FORWARD_REQUESTED)) == 12  # a dry run publishes nothing
 
+    # Each request once, from its newest letter; the older are the same request.
     first = radflow(stack, "dlq", "replay", "--destination", "pacs")
     assert first.returncode == 0, first.stderr
-    assert "replayed 6, skipped 0, not replayable 0" in first.stdout
+    assert "replayed 6, skipped 6, not replayable 0" in first.stdout
+    assert first.stdout.count("the same request is replayed by") == 6
     wait_for("6 deliveries", lambda: len(completed(stack)) == 6, timeout_s=120)
     assert sorted(counter.deliveries()) == uids
     assert set(counter.deliveries().values()) == {1}
@@ -107,13 +115,13 @@ def test_a_refusing_destination_fixed_by_a_rules_change_gets_each_instance_once_
 
     second = radflow(stack, "dlq", "replay", "--destination", "pacs")
     assert second.returncode == 0, second.stderr
-    assert "replayed 0, skipped 6, not replayable 0" in second.stdout
-    assert second.stdout.count("already delivered") == 6
-    assert len(stack.events(Topic.FORWARD_REQUESTED)) == 12  # 6 routed + 6 replayed once
+    assert "replayed 0, skipped 12, not replayable 0" in second.stdout
+    assert second.stdout.count("already delivered") == 12
+    assert len(stack.events(Topic.FORWARD_REQUESTED)) == 18  # routed, replayed twice
 
     # Past the CLI's check, the forwarder's markers still keep a replay from sending.
     forced = radflow(stack, "dlq", "replay", "--ignore-completed", "--json")
-    assert [x["outcome"] for x in lines(forced)] == ["replay"] * 6
+    assert sorted(x["outcome"] for x in lines(forced)) == ["replay"] * 6 + ["skip"] * 6
     wait_for(
         "6 replays recognised as delivered",
         lambda: sum(d["already_delivered"] for d in completed(stack)) == 6,
@@ -122,7 +130,7 @@ def test_a_refusing_destination_fixed_by_a_rules_change_gets_each_instance_once_
     assert sum(counter.attempts().values()) == sent
     assert set(counter.deliveries().values()) == {1}
     assert orthanc.count() == 6
-    assert len(failed(stack)) == 6
+    assert len(failed(stack)) == 12
 
 
 HOLD_MR = """rules:

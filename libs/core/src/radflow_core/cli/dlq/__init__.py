@@ -19,6 +19,8 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from aiokafka.errors import KafkaError
+
 from radflow_core.cli.dlq import output
 from radflow_core.cli.dlq.letters import LETTER_TOPICS, Filters, Letter, parse_id
 from radflow_core.cli.dlq.replay import Outcome, plan
@@ -141,6 +143,9 @@ def _run(args: argparse.Namespace, work: Any) -> int:
         status: int = asyncio.run(work(kafka))
     except PipelineError as exc:
         print(f"radflow dlq: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except KafkaError as exc:  # from the history reader, which does not map them
+        print(f"radflow dlq: the broker cannot be used: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     return status
 
