@@ -186,12 +186,26 @@ def test_generic_dead_letters_report_failed_and_held_instances_are_letters_too()
         record(Topic.INSTANCE_NORMALIZED_STAT, 0, encode(wrap(n, "t"))),
         Topic.INSTANCE_NORMALIZED_STAT,
     )
+    # A request held for an undefined destination names the variant it would have sent:
+    # the original, here; replaying it routes the instance again.
+    other = n.model_copy(update={"canonical": n.canonical.model_copy(update={"sha256": "e" * 64})})
     unknown = held.model_copy(update={"reason": "unknown_destination: ai"})
     letter = letter_of(
         Topic.INSTANCE_HELD, record(Topic.INSTANCE_HELD, 1, encode(wrap(unknown, "f")))
     )
-    assert letter.destination == "ai" and letter.lookup is None
-    assert letter.not_replayable is not None
+    assert letter.destination == "ai" and letter.not_replayable is None
+    assert letter.lookup is not None
+    assert letter.lookup.matches(
+        record(Topic.INSTANCE_NORMALIZED, 0, encode(wrap(other, "t"))), Topic.INSTANCE_NORMALIZED
+    )
+    assert not letter.lookup.matches(
+        record(
+            Topic.INSTANCE_NORMALIZED,
+            0,
+            encode(wrap(n.model_copy(update={"sop_instance_uid": "1.2.9"}), "t")),
+        ),
+        Topic.INSTANCE_NORMALIZED,
+    )
 
 
 def test_a_record_that_is_no_event_is_listed_as_unreadable_not_fatal() -> None:

@@ -74,7 +74,8 @@ class Lookup:
     offset: int | None = None
     idempotency_key: str | None = None
     sop_instance_uid: str | None = None
-    canonical_sha256: str | None = None
+    variant_sha256: str | None = None
+    """A normalized event's canonical or original sha256 (a held request names either)."""
 
     def matches(self, record: HistoryRecord, logical: Topic) -> bool:
         if logical not in self.topics:
@@ -94,9 +95,9 @@ class Lookup:
             self.sop_instance_uid
         ):
             return False
-        canonical = data.get("canonical")
-        return self.canonical_sha256 is None or (
-            isinstance(canonical, dict) and canonical.get("sha256") == self.canonical_sha256
+        variants = [data.get("canonical"), data.get("original")]
+        return self.variant_sha256 is None or any(
+            isinstance(v, dict) and v.get("sha256") == self.variant_sha256 for v in variants
         )
 
 
@@ -293,19 +294,16 @@ def _held(base: dict[str, Any], held: InstanceHeld) -> Letter:
         "instance": held.sop_instance_uid,
     }
     if held.reason.startswith(UNKNOWN_DESTINATION):
+        # A request for a destination the forwarder's rules lack: defined again under
+        # that name, it gets its requests without a replay; a replay routes the instance
+        # again with the rules in force (to wherever it should go instead).
         common["service"] = "stow-forwarder"
         common["destination"] = held.reason.removeprefix(UNKNOWN_DESTINATION).strip()
-        return Letter(
-            **base,
-            **common,
-            not_replayable="define the destination in the rule file: its waiting requests "
-            "are then delivered without a replay",
-        )
     routine = Topic.INSTANCE_NORMALIZED
     lookup = Lookup(
         (routine, STAT_LANE[routine]),
         sop_instance_uid=held.sop_instance_uid,
-        canonical_sha256=held.canonical.sha256,
+        variant_sha256=held.canonical.sha256,
     )
     return Letter(**base, **common, lookup=lookup)
 
