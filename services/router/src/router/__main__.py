@@ -18,7 +18,7 @@ from pathlib import Path
 from aiokafka.errors import KafkaError
 
 from radflow_core.blobstore import BlobStore
-from radflow_core.cli.common import when
+from radflow_core.cli.common import output_arguments, when
 from radflow_core.errors import PipelineError
 from radflow_core.runtime import run_main
 from radflow_core.settings import KafkaSettings, S3Settings
@@ -111,13 +111,7 @@ def tools(argv: list[str]) -> int:
     what_if.add_argument(
         "--to", dest="until", type=when, default=None, help="end of the window (default now)"
     )
-    what_if.add_argument("--json", action="store_true", help="one JSON document, for scripts")
-    what_if.add_argument(
-        "--idle-s",
-        type=float,
-        default=2.0,
-        help="stop reading when the broker has had nothing more for this long (seconds)",
-    )
+    output_arguments(what_if, "one JSON document, for scripts", idle_s=2.0)
     args = parser.parse_args(argv)
     try:
         rules = load_file(args.rules)

@@ -23,3 +23,19 @@ def when(text: str) -> datetime:
             f"{text!r}: expected an ISO 8601 time or a duration like 30m, 2h, 3d"
         ) from None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def output_arguments(parser: argparse.ArgumentParser, json_help: str, idle_s: float) -> None:
+    """``--json`` and ``--idle-s``, which every command that reads the topics takes.
+
+    ``--idle-s`` is how reading ends (see :mod:`radflow_core.history`): a broker that has
+    had nothing more for that long has given everything it retains.
+    """
+    parser.add_argument("--json", action="store_true", help=json_help)
+    parser.add_argument(
+        "--idle-s",
+        type=float,
+        default=idle_s,
+        help="stop reading when the broker has had nothing more for this long "
+        f"(seconds, default {idle_s})",
+    )

@@ -28,7 +28,7 @@ from typing import Any
 from aiokafka.errors import KafkaError
 
 from radflow_core.audit_message import Code, Codes
-from radflow_core.cli.common import when
+from radflow_core.cli.common import output_arguments, when
 from radflow_core.errors import PipelineError
 from radflow_core.history import HistoryRecord, read_history
 from radflow_core.settings import KafkaSettings
@@ -345,13 +345,7 @@ def register(subparsers: Any) -> None:
         help="from (ISO time, UTC without an offset; or 30m, 2h, 3d ago)",
     )
     command.add_argument("--until", type=when, default=None, help="to (same forms)")
-    command.add_argument("--json", action="store_true", help="one JSON document, for scripts")
-    command.add_argument(
-        "--idle-s",
-        type=float,
-        default=2.0,
-        help="stop reading when the broker has had nothing more for this long (seconds)",
-    )
+    output_arguments(command, "one JSON document, for scripts", idle_s=2.0)
     command.set_defaults(handler=handle)
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from aiokafka.errors import KafkaError
 
-from radflow_core.cli.common import when
+from radflow_core.cli.common import output_arguments, when
 from radflow_core.cli.dlq import output
 from radflow_core.cli.dlq.letters import LETTER_TOPICS, Filters, Letter, parse_id
 from radflow_core.cli.dlq.replay import Outcome, plan
@@ -75,13 +75,7 @@ def register(subparsers: Any) -> None:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="one JSON object per line")
-    parser.add_argument(
-        "--idle-s",
-        type=float,
-        default=1.5,
-        help="stop reading a topic after this long without a record (default 1.5)",
-    )
+    output_arguments(parser, "one JSON object per line", idle_s=1.5)
 
 
 def _filters(parser: argparse.ArgumentParser) -> None:
