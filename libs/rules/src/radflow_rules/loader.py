@@ -25,11 +25,13 @@ from radflow_core.uids import is_valid_uid
 from radflow_rules import yaml_reader
 from radflow_rules.destinations import (
     AUTH_FIELDS,
+    VERIFICATION_KINDS,
     Auth,
     AuthKind,
     DestinationKind,
     DimsePeer,
     SecretRef,
+    Verification,
     is_private_channel,
 )
 from radflow_rules.rules import (
@@ -70,9 +72,9 @@ _RULE_KEYS = {"name", "when", "route", "lane", "wait_for_study_complete", "conti
 _TOP_KEYS = {"version", "timezone", "destinations", "rules", "default", "stat"}
 _COMMON_DEST_KEYS = {"kind", "transfer_syntaxes", "max_batch", "priority"}
 _DEST_KEYS = {
-    DestinationKind.STOW_RS: _COMMON_DEST_KEYS | {"url", "auth", "tls"},
+    DestinationKind.STOW_RS: _COMMON_DEST_KEYS | {"url", "auth", "tls", "verify"},
     DestinationKind.DIMSE: _COMMON_DEST_KEYS
-    | {"host", "port", "ae_title", "calling_ae_title", "tls"},
+    | {"host", "port", "ae_title", "calling_ae_title", "tls", "verify"},
     DestinationKind.REPORT_RETURN: _COMMON_DEST_KEYS | {"site"},
 }
 """Keys each kind of destination takes (``tls`` on a DIMSE peer: DICOM TLS)."""
@@ -201,6 +203,10 @@ class _RuleReader(YamlReader):
                 else:
                     lane = Lane(priority)
             common: dict[str, Any] = {"lane": lane, "kind": kind}
+            if "verify" in fields and "verify" in _DEST_KEYS[kind]:
+                verify = self.verification(fields["verify"], kind, what)
+                if verify is not None:
+                    common["verify"] = verify
             url: str | None
             if kind is DestinationKind.DIMSE:
                 peer = self.dimse_peer(fields, value, what)
@@ -242,6 +248,23 @@ class _RuleReader(YamlReader):
                     )
             out[name] = Destination(name, url, auth, tuple(syntaxes), max_batch, tls=tls, **common)
         return out
+
+    def verification(self, node: Node, kind: DestinationKind, what: str) -> Verification | None:
+        text = self.scalar(node, "verify")
+        fits = [v for v, k in VERIFICATION_KINDS.items() if k is kind]
+        expected = ", ".join([*(v.value for v in fits), Verification.OFF.value])
+        if text not in {v.value for v in Verification}:
+            self.fail(node, f"{what}: unknown verify {text!r} (expected one of: {expected})")
+            return None
+        verify = Verification(text)
+        if verify is not Verification.OFF and VERIFICATION_KINDS[verify] is not kind:
+            self.fail(
+                node,
+                f"{what}: verify {verify.value!r} is for {VERIFICATION_KINDS[verify].value} "
+                f"destinations, this one is {kind.value} (expected one of: {expected})",
+            )
+            return None
+        return verify
 
     def dimse_peer(self, fields: dict[str, Node], node: Node, what: str) -> DimsePeer | None:
         missing = [key for key in ("host", "port", "ae_title") if key not in fields]

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
 from radflow_core.events import Lane
-from radflow_rules.destinations import Auth, DestinationKind, DimsePeer, Tls
+from radflow_rules.destinations import Auth, DestinationKind, DimsePeer, Tls, Verification
 
 
 class Level(StrEnum):
@@ -48,6 +48,9 @@ class Destination:
     """The peer, for ``kind: dimse``."""
     site: str | None = None
     """The RIS site, for ``kind: report-return``."""
+    verify: Verification = Verification.OFF
+    """Whether (and how) delivered instances are checked at the destination afterwards.
+    Not part of :attr:`identity`: turning it on or off leaves the same destination."""
 
     @property
     def identity(self) -> str:

@@ -66,6 +66,7 @@ from stow_forwarder.metrics import (
     SKIPPED,
 )
 from stow_forwarder.settings import ForwarderSettings
+from stow_forwarder.verify import Delivered, Verifier
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +215,9 @@ class Deliverer:
         )
         self._gate = StatFirst()
         self._markers = MarkerBook(blobs, destination)
+        self._verifier = Verifier(
+            destination, client, producer, self._markers, settings, self._failed
+        )
 
     async def handle_batch(
         self, items: list[tuple[Envelope[ForwardRequested], ConsumerRecord[bytes, bytes]]]
@@ -268,6 +272,17 @@ class Deliverer:
                 fetch.limit,
             )
             prepared = [p for p in ready if p is not None]
+            if self._verifier.enabled:
+                # Recognised as delivered and not sent: perhaps an earlier process was
+                # stopped before it verified them.
+                now = datetime.now(UTC)
+                replayed = [
+                    Delivered(r, now, 1)
+                    for r in chunk
+                    if states.get(r.idempotency_key) is State.DELIVERED
+                ]
+                if replayed:
+                    fetch.settle(self._verifier.verify(replayed))
             if prepared:
                 marker = self._markers.batch(
                     chunk[0].study_instance_uid, [p.request.idempotency_key for p in prepared]
@@ -425,7 +440,11 @@ class Deliverer:
             size = 0 if replay else p.size
             await self._completed(p.request, p.transfer_syntax_uid, size, attempt, replay=replay)
 
+        acknowledged_at = datetime.now(UTC)
         await bounded(accepted, completed, limit)
+        await self._verifier.verify(
+            [Delivered(p.request, acknowledged_at, attempt) for p in accepted]
+        )
 
     def _settle(
         self, pending: dict[str, Prepared], answer: Answer, attempt: int, fetch: Fetch

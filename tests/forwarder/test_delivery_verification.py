@@ -1,0 +1,275 @@
+"""Delivery verification against real destinations: a DICOMweb destination that
+answers 200 and drops an instance is caught by QIDO-RS, and Orthanc's storage
+commitment SCP commits to what it holds, reporting on an association of its own."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from radflow_core.topics import Topic
+from radflow_devstack.kit.rules_file import dimse_destination, write_rules
+from radflow_devstack.kit.waiting import wait_for
+from radflow_devstack.processes import ManagedProcess, free_port
+from radflow_rules.destinations import DestinationKind, DimsePeer, Verification
+from radflow_rules.rules import Destination
+from stow_forwarder.commitment import CommitmentBook, CommitmentListener
+from stow_forwarder.dimse import DimseClient
+from stow_forwarder.markers import DELIVERED_MARKER, State, decode, merge
+from stow_forwarder.settings import ForwarderSettings
+from stow_forwarder.verify import VerificationUnanswered
+from support.dicom import make_instance
+from support.forward import publish, routed
+from support.metrics import metric, metric_sum
+from support.orthanc import OrthancView
+from support.stack import Stack
+from support.swallow import SwallowingProxy
+
+pytestmark = pytest.mark.pipeline
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def events(stack: Stack, topic: Topic) -> list[dict[str, Any]]:
+    return [e["data"] for e in stack.events(topic)]
+
+
+def one_series(tmp_path: Path, count: int) -> list[Path]:
+    study, series = generate_uid(), generate_uid()
+    return [
+        make_instance(
+            tmp_path / f"{i:03d}.dcm",
+            study_instance_uid=study,
+            series_instance_uid=series,
+            rows=32,
+            columns=32,
+        )
+        for i in range(count)
+    ]
+
+
+def uid_of(path: Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+@pytest.fixture
+def swallowing() -> Iterator[Callable[[ManagedProcess], SwallowingProxy]]:
+    started: list[SwallowingProxy] = []
+
+    def start(orthanc: ManagedProcess) -> SwallowingProxy:
+        proxy = SwallowingProxy(f"http://127.0.0.1:{orthanc.port}").start()
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        proxy.close()
+
+
+def test_qido_catches_a_destination_that_answers_200_and_drops_an_instance(
+    stack: Stack,
+    start_forwarder,
+    start_orthanc_server: Callable[..., ManagedProcess],
+    swallowing: Callable[[ManagedProcess], SwallowingProxy],
+    tmp_path: Path,
+) -> None:
+    orthanc_proc = start_orthanc_server()
+    orthanc = OrthancView(orthanc_proc)
+    proxy = swallowing(orthanc_proc)
+    files = one_series(tmp_path, 5)
+    lost = uid_of(files[2])
+    proxy.swallow = {lost}
+    rules = write_rules(
+        tmp_path / "rules.yaml",
+        {"pacs": f"url: {proxy.url}/dicom-web\nverify: qido"},
+        ["pacs"],
+    )
+    requests = routed(stack, files, "pacs")
+    forwarder = start_forwarder(rules_file=str(rules), verify_delay_s="0.5", verify_window_s="4")
+    wait_for(
+        "4 verified and 1 failed",
+        lambda: (
+            len(events(stack, Topic.FORWARD_VERIFIED)) == 4
+            and len(events(stack, Topic.FORWARD_FAILED)) == 1
+        ),
+        timeout_s=90,
+    )
+    # The destination acknowledged all five...
+    assert len(events(stack, Topic.FORWARD_COMPLETED)) == 5
+    assert proxy.swallowed == [lost]
+    # ...holds four, each verified with the SOP Class it was sent as...
+    verified = events(stack, Topic.FORWARD_VERIFIED)
+    assert {v["sop_instance_uid"] for v in verified} == {uid_of(f) for f in files} - {lost}
+    assert {(v["method"], v["sop_class_uid"]) for v in verified} == {("qido", CT)}
+    assert all(v["checks"] >= 1 and v["verified_at"] >= v["delivered_at"] for v in verified)
+    # ...and the one it dropped is a failure of its own.
+    (failure,) = events(stack, Topic.FORWARD_FAILED)
+    assert failure["sop_instance_uid"] == lost
+    assert failure["reason"] == "not_held_after_delivery"
+    assert failure["retriable"] is False
+    assert "QIDO-RS did not list it" in failure["message"]
+    assert lost not in orthanc.sop_instance_uids()
+    labels = {"destination": "pacs", "reason": "not_held_after_delivery"}
+    assert metric(forwarder.url, "radflow_forwarder_failed_total", **labels) == 1
+    assert (
+        metric(forwarder.url, "radflow_forwarder_verified_total", destination="pacs", method="qido")
+        == 4
+    )
+
+    # Its marker says "sending" again, so replaying the request sends it, instead of
+    # skipping it as delivered; the others stay delivered and are not sent again.
+    proxy.swallow = set()
+    (request,) = [r for r in requests if r.sop_instance_uid == lost]
+    publish(stack, [request])
+    wait_for(
+        "the replayed instance verified",
+        lambda: lost in {v["sop_instance_uid"] for v in events(stack, Topic.FORWARD_VERIFIED)},
+        timeout_s=60,
+    )
+    assert lost in orthanc.sop_instance_uids()
+    assert orthanc.count() == 5
+    assert len(events(stack, Topic.FORWARD_FAILED)) == 1
+    states: dict[str, State] = {}
+    for key in stack.keys(f"{DELIVERED_MARKER}/"):
+        answer = stack.minio().get_object(stack.s3.bucket, key)
+        try:
+            merge(states, decode(answer.read()))
+        finally:
+            answer.close()
+            answer.release_conn()
+    assert states == dict.fromkeys((r.idempotency_key for r in requests), State.DELIVERED)
+
+
+def test_a_destination_without_verify_gets_no_question_and_no_verified_event(
+    stack: Stack,
+    start_forwarder,
+    start_orthanc_server: Callable[..., ManagedProcess],
+    swallowing: Callable[[ManagedProcess], SwallowingProxy],
+    tmp_path: Path,
+) -> None:
+    orthanc_proc = start_orthanc_server()
+    proxy = swallowing(orthanc_proc)
+    files = one_series(tmp_path, 2)
+    proxy.swallow = {uid_of(files[0])}
+    rules = write_rules(tmp_path / "rules.yaml", {"pacs": f"url: {proxy.url}/dicom-web"}, ["pacs"])
+    routed(stack, files, "pacs")
+    forwarder = start_forwarder(rules_file=str(rules), verify_delay_s="0.5")
+    wait_for("2 completed", lambda: len(events(stack, Topic.FORWARD_COMPLETED)) == 2)
+    assert metric_sum(forwarder.url, "radflow_forwarder_verification_checks_total") == 0
+    assert events(stack, Topic.FORWARD_VERIFIED) == []
+    assert events(stack, Topic.FORWARD_FAILED) == []
+
+
+def _orthanc_that_knows_us(
+    start_orthanc_server: Callable[..., ManagedProcess], listener_port: int
+) -> ManagedProcess:
+    """An Orthanc whose DicomModalities has our calling AE title at the listener's
+    address: where its storage commitment SCP sends the N-EVENT-REPORT."""
+    return start_orthanc_server(
+        config={"DicomModalities": {"radflow": ["RADFLOW", "127.0.0.1", listener_port]}}
+    )
+
+
+def test_storage_commitment_against_orthanc_verifies_every_instance(
+    stack: Stack,
+    start_forwarder,
+    start_orthanc_server: Callable[..., ManagedProcess],
+    tmp_path: Path,
+) -> None:
+    listener_port = free_port()
+    orthanc_proc = _orthanc_that_knows_us(start_orthanc_server, listener_port)
+    files = one_series(tmp_path, 4)
+    rules = write_rules(
+        tmp_path / "rules.yaml",
+        {
+            "pacs": dimse_destination(
+                orthanc_proc.dicom_port, "ORTHANC", verify="storage-commitment"
+            )
+        },
+        ["pacs"],
+    )
+    routed(stack, files, "pacs")
+    forwarder = start_forwarder(
+        rules_file=str(rules),
+        commitment_port=str(listener_port),
+        commitment_same_association_s="0.5",
+    )
+    wait_for(
+        "4 verified by storage commitment",
+        lambda: len(events(stack, Topic.FORWARD_VERIFIED)) == 4,
+        timeout_s=90,
+    )
+    verified = events(stack, Topic.FORWARD_VERIFIED)
+    assert {v["sop_instance_uid"] for v in verified} == {uid_of(f) for f in files}
+    assert {v["method"] for v in verified} == {"storage-commitment"}
+    transactions = {v["transaction_uid"] for v in verified}
+    assert len(transactions) == 1 and None not in transactions, "one N-ACTION per batch"
+    assert events(stack, Topic.FORWARD_FAILED) == []
+    assert (
+        metric(
+            forwarder.url,
+            "radflow_forwarder_verified_total",
+            destination="pacs",
+            method="storage-commitment",
+        )
+        == 4
+    )
+
+
+def _dimse_client(orthanc: ManagedProcess, book: CommitmentBook, **settings: float) -> DimseClient:
+    destination = Destination(
+        "pacs",
+        f"dicom://ORTHANC@127.0.0.1:{orthanc.dicom_port}",
+        None,
+        (),
+        50,
+        kind=DestinationKind.DIMSE,
+        dimse=DimsePeer("127.0.0.1", orthanc.dicom_port, "ORTHANC"),
+        verify=Verification.STORAGE_COMMITMENT,
+    )
+    values = {
+        "connect_timeout_s": 5.0,
+        "request_timeout_s": 30.0,
+        "commitment_same_association_s": 0.2,
+        **settings,
+    }
+    return DimseClient(destination, ForwarderSettings(**values), book)
+
+
+def test_orthanc_reports_what_it_does_not_hold_in_the_failed_sop_sequence(
+    start_orthanc_server: Callable[..., ManagedProcess], tmp_path: Path
+) -> None:
+    listener_port = free_port()
+    orthanc_proc = _orthanc_that_knows_us(start_orthanc_server, listener_port)
+    stored = make_instance(tmp_path / "stored.dcm", rows=16, columns=16)
+    OrthancView(orthanc_proc).upload(stored.read_bytes())
+    never_sent = generate_uid()
+    book = CommitmentBook()
+    listener = CommitmentListener(book, "127.0.0.1", listener_port, "RADFLOW")
+    listener.start()
+    try:
+        client = _dimse_client(orthanc_proc, book, commitment_timeout_s=60.0)
+        report = asyncio.run(client.commit([(uid_of(stored), CT), (never_sent, CT)]))
+    finally:
+        listener.stop()
+    assert report.held == {uid_of(stored): CT}
+    assert list(report.failed) == [never_sent]
+    assert report.failed[never_sent] == 0x0112  # no such object instance
+
+
+def test_no_report_in_time_is_unanswered_not_a_loss(
+    start_orthanc_server: Callable[..., ManagedProcess], tmp_path: Path
+) -> None:
+    # Orthanc knows us at a port nobody listens on: it cannot deliver its report.
+    orthanc_proc = _orthanc_that_knows_us(start_orthanc_server, free_port())
+    stored = make_instance(tmp_path / "stored.dcm", rows=16, columns=16)
+    OrthancView(orthanc_proc).upload(stored.read_bytes())
+    client = _dimse_client(orthanc_proc, CommitmentBook(), commitment_timeout_s=3.0)
+    with pytest.raises(VerificationUnanswered, match="no storage commitment report"):
+        asyncio.run(client.commit([(uid_of(stored), CT)]))
