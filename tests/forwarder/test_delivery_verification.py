@@ -5,13 +5,19 @@ commitment SCP commits to what it holds, reporting on an association of its own.
 from __future__ import annotations
 
 import asyncio
+import http.server
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pydicom
 import pytest
+from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
 
 from radflow_core.topics import Topic
 from radflow_devstack.kit.rules_file import dimse_destination, write_rules
@@ -19,7 +25,12 @@ from radflow_devstack.kit.waiting import wait_for
 from radflow_devstack.processes import ManagedProcess, free_port
 from radflow_rules.destinations import DestinationKind, DimsePeer, Verification
 from radflow_rules.rules import Destination
-from stow_forwarder.commitment import CommitmentBook, CommitmentListener
+from stow_forwarder.client import StowClient
+from stow_forwarder.commitment import (
+    STORAGE_COMMITMENT_INSTANCE,
+    CommitmentBook,
+    CommitmentListener,
+)
 from stow_forwarder.dimse import DimseClient
 from stow_forwarder.markers import DELIVERED_MARKER, State, decode, merge
 from stow_forwarder.settings import ForwarderSettings
@@ -34,6 +45,36 @@ from support.swallow import SwallowingProxy
 pytestmark = pytest.mark.pipeline
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
+
+
+class StatusServer:
+    """An HTTP server on loopback that answers every request with one status."""
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+        self.paths: list[str] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                outer.paths.append(self.path.split("?")[0])
+                self.send_response(outer.status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *_: object) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def start(self) -> StatusServer:
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
 
 
 def events(stack: Stack, topic: Topic) -> list[dict[str, Any]]:
@@ -273,3 +314,105 @@ def test_no_report_in_time_is_unanswered_not_a_loss(
     client = _dimse_client(orthanc_proc, CommitmentBook(), commitment_timeout_s=3.0)
     with pytest.raises(VerificationUnanswered, match="no storage commitment report"):
         asyncio.run(client.commit([(uid_of(stored), CT)]))
+
+
+class SameAssociationCommitter:
+    """A storage commitment SCP (pynetdicom) that sends its N-EVENT-REPORT on the
+    N-ACTION's own association, right after answering it: the other way PS3.4 J.3.3
+    allows, and the way some PACS report when everything is already stored."""
+
+    def __init__(self, port: int, holds: set[str]) -> None:
+        self.port = port
+        self.holds = holds
+        self.reports_sent = 0
+        self._ae = AE(ae_title="PACS")
+        self._ae.add_supported_context(StorageCommitmentPushModel)
+
+    def start(self) -> SameAssociationCommitter:
+        self._ae.start_server(
+            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_N_ACTION, self._on)]
+        )
+        return self
+
+    def stop(self) -> None:
+        self._ae.shutdown()
+
+    def _on(self, event: evt.Event) -> tuple[int, None]:
+        request = event.action_information
+        report = Dataset()
+        report.TransactionUID = request.TransactionUID
+        held, failed = [], []
+        for item in request.ReferencedSOPSequence:
+            out = Dataset()
+            out.ReferencedSOPClassUID = item.ReferencedSOPClassUID
+            out.ReferencedSOPInstanceUID = item.ReferencedSOPInstanceUID
+            if item.ReferencedSOPInstanceUID in self.holds:
+                held.append(out)
+            else:
+                out.FailureReason = 0x0112
+                failed.append(out)
+        report.ReferencedSOPSequence = held
+        if failed:
+            report.FailedSOPSequence = failed
+
+        def send() -> None:
+            time.sleep(0.2)  # after the N-ACTION response has gone out
+            status, _ = event.assoc.send_n_event_report(
+                report, 2 if failed else 1, StorageCommitmentPushModel, STORAGE_COMMITMENT_INSTANCE
+            )
+            if status.get("Status") == 0:
+                self.reports_sent += 1
+
+        threading.Thread(target=send, daemon=True).start()
+        return 0x0000, None
+
+
+def test_a_report_on_the_n_action_association_is_taken_there_without_a_listener() -> None:
+    held, missing = generate_uid(), generate_uid()
+    scp = SameAssociationCommitter(free_port(), holds={held}).start()
+    try:
+        destination = Destination(
+            "pacs",
+            f"dicom://PACS@127.0.0.1:{scp.port}",
+            None,
+            (),
+            50,
+            kind=DestinationKind.DIMSE,
+            dimse=DimsePeer("127.0.0.1", scp.port, "PACS"),
+            verify=Verification.STORAGE_COMMITMENT,
+        )
+        settings = ForwarderSettings(commitment_same_association_s=10.0, commitment_timeout_s=10.0)
+        client = DimseClient(destination, settings, CommitmentBook())
+        started = time.monotonic()
+        report = asyncio.run(client.commit([(held, CT), (missing, CT)]))
+        took = time.monotonic() - started
+        wait_for("the PACS got our answer to its report", lambda: scp.reports_sent == 1)
+    finally:
+        scp.stop()
+    assert report.held == {held: CT}
+    assert report.failed == {missing: 0x0112}
+    assert took < 8, "released as soon as the report came"
+
+
+@pytest.mark.parametrize("status", [503, 404])
+def test_a_qido_search_that_gets_no_usable_answer_is_unanswered_not_a_loss(status: int) -> None:
+    server = StatusServer(status).start()
+    try:
+        destination = Destination(
+            "pacs", f"{server.url}/dicom-web", None, (), 50, verify=Verification.QIDO
+        )
+        client = StowClient(destination, ForwarderSettings(connect_timeout_s=2.0))
+        with pytest.raises(VerificationUnanswered, match=f"HTTP {status}"):
+            asyncio.run(client.instances_held(generate_uid(), generate_uid()))
+    finally:
+        server.stop()
+    assert server.paths and all("/series/" in p and p.endswith("/instances") for p in server.paths)
+
+
+def test_a_qido_search_of_a_destination_that_is_down_is_unanswered() -> None:
+    destination = Destination(
+        "pacs", f"http://127.0.0.1:{free_port()}/dicom-web", None, (), 50, verify=Verification.QIDO
+    )
+    client = StowClient(destination, ForwarderSettings(connect_timeout_s=2.0))
+    with pytest.raises(VerificationUnanswered, match="no answer"):
+        asyncio.run(client.instances_held(generate_uid(), generate_uid()))
