@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -416,3 +417,22 @@ def test_a_qido_search_of_a_destination_that_is_down_is_unanswered() -> None:
     client = StowClient(destination, ForwarderSettings(connect_timeout_s=2.0))
     with pytest.raises(VerificationUnanswered, match="no answer"):
         asyncio.run(client.instances_held(generate_uid(), generate_uid()))
+
+
+def test_the_forwarder_does_not_start_when_its_commitment_port_is_taken(
+    stack: Stack, start_forwarder, tmp_path: Path
+) -> None:
+    rules = write_rules(
+        tmp_path / "rules.yaml",
+        {"pacs": dimse_destination(free_port(), "PACS", verify="storage-commitment")},
+        ["pacs"],
+    )
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        forwarder = start_forwarder(
+            rules_file=str(rules), commitment_port=str(port), wait_ready=False, wait_port=False
+        )
+        forwarder.expected_exit = 3
+        assert forwarder.proc.proc is not None
+        assert forwarder.proc.proc.wait(timeout=60) == 3
+    assert f"RADFLOW_FORWARDER_COMMITMENT_PORT={port}" in forwarder.log()

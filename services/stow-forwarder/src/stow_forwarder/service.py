@@ -154,7 +154,17 @@ class ForwarderService:
                 settings.commitment_port,
                 settings.commitment_ae_title,
             )
-            self.commitment_listener.start()
+            try:
+                self.commitment_listener.start()
+            except OSError as exc:
+                self.shell.cannot_run(
+                    "cannot listen for storage commitment reports; not starting",
+                    [
+                        f"RADFLOW_FORWARDER_COMMITMENT_PORT={settings.commitment_port} on "
+                        f"{settings.commitment_host}: {exc.strerror or exc}"
+                    ],
+                )
+                return
         for running in built:
             self._launch(running)
         for consumer in unknown_destination_consumers(

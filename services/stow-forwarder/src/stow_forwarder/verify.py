@@ -27,12 +27,14 @@ delivered, not sent) is verified then.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from radflow_core.errors import PipelineError
 from radflow_core.events import ForwardRequested, ForwardVerified, VerificationMethod
@@ -45,6 +47,8 @@ from stow_forwarder.metrics import VERIFIED, VERIFY_CHECKS
 from stow_forwarder.settings import ForwarderSettings
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 NOT_HELD = "not_held_after_delivery"
 UNANSWERED = "verification_unanswered"
@@ -107,6 +111,24 @@ class Committing(Protocol):
 Fail = Callable[..., Awaitable[None]]
 """The deliverer's dead-letter writer: (request, reason, message, attempts, *,
 retriable, dicom_status=...)."""
+
+
+async def _unless_handed_back(work: Coroutine[Any, Any, _T]) -> _T:
+    """``work``'s result, or HandedBack as soon as the fetch must be handed back (a
+    storage commitment report can take minutes; a stop does not wait for it)."""
+    turn = current_turn()
+    task = asyncio.ensure_future(work)
+    handed_back = asyncio.ensure_future(turn.hand_back.wait())
+    try:
+        await asyncio.wait({task, handed_back}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        handed_back.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        raise HandedBack("handed back while waiting for a storage commitment report")
+    return task.result()
 
 
 class Verifier:
@@ -207,7 +229,7 @@ class Verifier:
         items = [(d.request.sop_instance_uid, d.request.sop_class_uid) for d in delivered]
         VERIFY_CHECKS.labels(self.destination.name).inc()
         try:
-            report = await client.commit(items)
+            report = await _unless_handed_back(client.commit(items))
         except VerificationUnanswered as exc:
             for d in delivered:
                 await self._unanswered(d, str(exc))
