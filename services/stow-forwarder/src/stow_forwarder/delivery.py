@@ -66,6 +66,7 @@ from stow_forwarder.metrics import (
     SKIPPED,
 )
 from stow_forwarder.settings import ForwarderSettings
+from stow_forwarder.slo import count_delivery, count_failure
 from stow_forwarder.verify import Delivered, Verifier
 
 log = logging.getLogger(__name__)
@@ -534,6 +535,7 @@ class Deliverer:
             self._audit_sent(request)
             DELIVERED.labels(self.name, request.lane.value).inc()
             LATENCY.labels(self.name, request.lane.value).observe(latency)
+            count_delivery(self.destination, request.lane, latency)
         log.info(
             "delivered" if not replay else "already delivered; not sent again",
             extra={
@@ -573,6 +575,7 @@ class Deliverer:
         await self._producer.publish(event, request.key)
         self._audit_sent(request, failure=reason)
         FAILED.labels(self.name, reason).inc()
+        count_failure(self.destination, request.lane)
         log.warning(
             "delivery failed",
             extra={
