@@ -160,6 +160,10 @@ def test_qido_catches_a_destination_that_answers_200_and_drops_an_instance(
     labels = {"destination": "pacs", "reason": "not_held_after_delivery"}
     assert metric(forwarder.url, "radflow_forwarder_failed_total", **labels) == 1
     assert (
+        metric(forwarder.url, "radflow_forwarder_verification_failures_total", destination="pacs")
+        == 1
+    )
+    assert (
         metric(forwarder.url, "radflow_forwarder_verified_total", destination="pacs", method="qido")
         == 4
     )

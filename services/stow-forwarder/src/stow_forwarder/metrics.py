@@ -25,6 +25,12 @@ VERIFIED = Counter(
     "destination and method (qido, storage-commitment).",
     ["destination", "method"],
 )
+VERIFICATION_FAILURES = Counter(
+    "radflow_forwarder_verification_failures_total",
+    "Instances a destination acknowledged and did not hold when asked afterwards "
+    "(not_held_after_delivery on dicom.forward.failed), by destination.",
+    ["destination"],
+)
 VERIFY_CHECKS = Counter(
     "radflow_forwarder_verification_checks_total",
     "Questions asked to verify deliveries (QIDO-RS searches, storage commitment "

@@ -43,7 +43,7 @@ from radflow_core.retry import HandedBack, current_turn
 from radflow_rules.destinations import Verification
 from radflow_rules.rules import Destination
 from stow_forwarder.markers import MarkerBook
-from stow_forwarder.metrics import VERIFIED, VERIFY_CHECKS
+from stow_forwarder.metrics import VERIFICATION_FAILURES, VERIFIED, VERIFY_CHECKS
 from stow_forwarder.settings import ForwarderSettings
 
 log = logging.getLogger(__name__)
@@ -306,6 +306,7 @@ class Verifier:
         for study, keys in studies.items():
             await self._markers.reopen(study, keys)
         for d in items:
+            VERIFICATION_FAILURES.labels(self.destination.name).inc()
             await self._fail(
                 d.request,
                 NOT_HELD,
