@@ -17,8 +17,11 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
-from pynetdicom import AE, evt
-from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    _STORAGE_CLASSES,
+    StorageCommitmentPushModel,
+)
 
 from radflow_core.topics import Topic
 from radflow_devstack.kit.rules_file import dimse_destination, write_rules
@@ -326,18 +329,31 @@ class SameAssociationCommitter:
     N-ACTION's own association, right after answering it: the other way PS3.4 J.3.3
     allows, and the way some PACS report when everything is already stored."""
 
-    def __init__(self, port: int, holds: set[str]) -> None:
+    def __init__(self, port: int, holds: set[str], lose: set[str] | None = None) -> None:
         self.port = port
         self.holds = holds
+        """What it commits to (besides what it stored and did not lose)."""
+        self.lose = lose or set()
+        """Instances it answers C-STORE success for and then does not keep."""
         self.reports_sent = 0
         self._ae = AE(ae_title="PACS")
         self._ae.add_supported_context(StorageCommitmentPushModel)
+        for sop_class in _STORAGE_CLASSES.values():
+            self._ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
 
     def start(self) -> SameAssociationCommitter:
         self._ae.start_server(
-            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_N_ACTION, self._on)]
+            ("127.0.0.1", self.port),
+            block=False,
+            evt_handlers=[(evt.EVT_N_ACTION, self._on), (evt.EVT_C_STORE, self._store)],
         )
         return self
+
+    def _store(self, event: evt.Event) -> int:
+        uid = str(event.request.AffectedSOPInstanceUID)
+        if uid not in self.lose:
+            self.holds.add(uid)
+        return 0x0000
 
     def stop(self) -> None:
         self._ae.shutdown()
@@ -440,3 +456,44 @@ def test_the_forwarder_does_not_start_when_its_commitment_port_is_taken(
         assert forwarder.proc.proc is not None
         assert forwarder.proc.proc.wait(timeout=60) == 3
     assert f"RADFLOW_FORWARDER_COMMITMENT_PORT={port}" in forwarder.log()
+
+
+def test_a_pacs_that_stores_and_then_fails_commitment_is_not_held_and_resent_on_replay(
+    stack: Stack, start_forwarder, tmp_path: Path
+) -> None:
+    files = one_series(tmp_path, 3)
+    lost = uid_of(files[1])
+    scp = SameAssociationCommitter(free_port(), holds=set(), lose={lost}).start()
+    try:
+        rules = write_rules(
+            tmp_path / "rules.yaml",
+            {"pacs": dimse_destination(scp.port, "PACS", verify="storage-commitment")},
+            ["pacs"],
+        )
+        requests = routed(stack, files, "pacs")
+        start_forwarder(rules_file=str(rules), commitment_same_association_s="10")
+        wait_for(
+            "2 verified and 1 failed",
+            lambda: (
+                len(events(stack, Topic.FORWARD_VERIFIED)) == 2
+                and len(events(stack, Topic.FORWARD_FAILED)) == 1
+            ),
+            timeout_s=90,
+        )
+        (failure,) = events(stack, Topic.FORWARD_FAILED)
+        assert failure["sop_instance_uid"] == lost
+        assert failure["reason"] == "not_held_after_delivery"
+        assert failure["dicom_status"] == 0x0112
+        assert "Failed SOP Sequence" in failure["message"]
+        # Replayed once the PACS keeps it: sent again (a DIMSE peer is not asked
+        # first), committed, verified.
+        scp.lose.clear()
+        publish(stack, [r for r in requests if r.sop_instance_uid == lost])
+        wait_for(
+            "the replayed instance verified",
+            lambda: lost in {v["sop_instance_uid"] for v in events(stack, Topic.FORWARD_VERIFIED)},
+            timeout_s=60,
+        )
+        assert lost in scp.holds
+    finally:
+        scp.stop()
