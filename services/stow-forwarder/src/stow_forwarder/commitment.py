@@ -43,7 +43,6 @@ STORAGE_COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"
 """The well-known SOP Instance of the Storage Commitment Push Model SOP Class."""
 REQUEST_COMMITMENT = 1
 """N-ACTION Action Type ID: Request Storage Commitment."""
-PROCESSING_FAILURE = 0x0110
 
 
 def commitment_request(transaction_uid: str, items: Sequence[tuple[str, str]]) -> Dataset:
@@ -102,14 +101,15 @@ class CommitmentBook:
 
     def on_event_report(self, event: evt.Event) -> tuple[int, Dataset | None]:
         """pynetdicom's EVT_N_EVENT_REPORT handler, for the listener and for the
-        N-ACTION's own association. Returns a status; never raises (pynetdicom would
+        N-ACTION's own association. Returns a status (the general DIMSE ones, PS3.7
+        Annex C, which the store statuses share); never raises (pynetdicom would
         answer 0x0110 and log a traceback)."""
         try:
             info = event.event_information
             report = parse_report(info)
         except Exception:  # noqa: BLE001 - an unreadable report is answered, not raised
             log.warning("unreadable storage commitment report; answered with failure")
-            return PROCESSING_FAILURE, None
+            return StoreStatus.PROCESSING_FAILURE, None
         if self.deliver(report):
             log.info(
                 "storage commitment report received",

@@ -242,7 +242,7 @@ class DimseClient:
             if "Status" not in status:
                 raise VerificationUnanswered("no N-ACTION response (timeout or abort)")
             code = int(status.Status)
-            if code != 0:
+            if code != StoreStatus.SUCCESS:
                 raise VerificationUnanswered(f"storage commitment refused: N-ACTION 0x{code:04X}")
             grace = self._settings.commitment_same_association_s
             deadline = time.monotonic() + grace
