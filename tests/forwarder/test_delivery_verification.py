@@ -497,3 +497,27 @@ def test_a_pacs_that_stores_and_then_fails_commitment_is_not_held_and_resent_on_
         assert lost in scp.holds
     finally:
         scp.stop()
+
+
+def test_a_forwarder_stopped_while_verifying_leaves_it_to_the_next_which_verifies_without_resending(
+    stack: Stack,
+    start_forwarder,
+    start_orthanc_server: Callable[..., ManagedProcess],
+    tmp_path: Path,
+) -> None:
+    orthanc = OrthancView(start_orthanc_server())
+    files = one_series(tmp_path, 3)
+    rules = write_rules(
+        tmp_path / "rules.yaml", {"pacs": f"url: {orthanc.dicomweb}\nverify: qido"}, ["pacs"]
+    )
+    routed(stack, files, "pacs")
+    first = start_forwarder(rules_file=str(rules), verify_delay_s="600")
+    wait_for("3 completed", lambda: len(events(stack, Topic.FORWARD_COMPLETED)) == 3)
+    assert first.proc.stop() == 0, "a stop does not wait for the verification"
+    assert events(stack, Topic.FORWARD_VERIFIED) == []
+    start_forwarder(rules_file=str(rules), verify_delay_s="0.5")
+    wait_for("3 verified", lambda: len(events(stack, Topic.FORWARD_VERIFIED)) == 3, timeout_s=60)
+    completed = events(stack, Topic.FORWARD_COMPLETED)
+    assert sorted(c["already_delivered"] for c in completed) == [False] * 3 + [True] * 3
+    assert orthanc.count() == 3
+    assert events(stack, Topic.FORWARD_FAILED) == []
