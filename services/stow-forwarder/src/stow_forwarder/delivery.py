@@ -113,9 +113,15 @@ class Fetch:
     accepted so far (a request repeated later in the fetch is not sent again)."""
 
     limit: int
+    sources: dict[int, ConsumerRecord[bytes, bytes]] = field(default_factory=dict)
+    """Each request's record (by the request object's id): what its dead letter carries,
+    to be replayed as it was."""
     accepted: set[str] = field(default_factory=set)
     """Idempotency keys the destination acknowledged during this fetch."""
     settling: list[asyncio.Task[object]] = field(default_factory=list)
+
+    def source(self, request: ForwardRequested) -> ConsumerRecord[bytes, bytes]:
+        return self.sources[id(request)]
 
     def settle(self, work: Coroutine[Any, Any, object]) -> None:
         self.settling.append(asyncio.create_task(work))
@@ -226,9 +232,10 @@ class Deliverer:
         """A partition's fetch: deliver the requests for this destination, each study's
         in order. Returns when every outcome is acknowledged; raises (nothing of the
         fetch is committed, it is read again) if any could not be."""
-        mine = [envelope.data for envelope, _ in items if envelope.data.destination == self.name]
-        batches = list(chunks(mine, self.destination.max_batch, self._settings.max_batch_bytes))
-        fetch = Fetch(self._settings.io_concurrency)
+        mine = [(e.data, record) for e, record in items if e.data.destination == self.name]
+        requests = [request for request, _ in mine]
+        batches = list(chunks(requests, self.destination.max_batch, self._settings.max_batch_bytes))
+        fetch = Fetch(self._settings.io_concurrency, {id(r): record for r, record in mine})
         try:
             await self._pipeline(batches, fetch)
         except BaseException:
@@ -268,7 +275,7 @@ class Deliverer:
             ready = await bounded(
                 chunk,
                 lambda request: self._prepare(
-                    request, states.get(request.idempotency_key), Path(spool.name)
+                    request, states.get(request.idempotency_key), Path(spool.name), fetch
                 ),
                 fetch.limit,
             )
@@ -278,7 +285,7 @@ class Deliverer:
                 # stopped before it verified them.
                 now = datetime.now(UTC)
                 replayed = [
-                    Delivered(r, now, 1)
+                    Delivered(r, now, 1, fetch.source(r))
                     for r in chunk
                     if states.get(r.idempotency_key) is State.DELIVERED
                 ]
@@ -297,7 +304,7 @@ class Deliverer:
         return Staged(prepared, spool)
 
     async def _prepare(
-        self, request: ForwardRequested, state: State | None, spool: Path
+        self, request: ForwardRequested, state: State | None, spool: Path, fetch: Fetch
     ) -> Prepared | None:
         """The bytes to send, verified, in the requested syntax; None if already
         delivered or dead-lettered."""
@@ -305,17 +312,19 @@ class Deliverer:
             SKIPPED.labels(self.name).inc()
             await self._completed(request, request.transfer_syntax_uid, 0, 1, replay=True)
             return None
-        prepared = await self._bytes_to_send(request, spool)
+        prepared = await self._bytes_to_send(request, spool, fetch.source(request))
         if prepared is not None and state is State.SENDING:
             prepared.suspect = True
         return prepared
 
-    async def _bytes_to_send(self, request: ForwardRequested, spool: Path) -> Prepared | None:
+    async def _bytes_to_send(
+        self, request: ForwardRequested, spool: Path, source: ConsumerRecord[bytes, bytes]
+    ) -> Prepared | None:
         path = spool / f"{request.idempotency_key}.dcm"
         try:
             await self._download(request, path)
         except (BlobIntegrityError, BlobNotFound) as exc:
-            await self._failed(request, exc.reason, str(exc), 0, retriable=False)
+            await self._failed(request, source, exc.reason, str(exc), 0, retriable=False)
             return None
         wanted = request.requested_transfer_syntax_uid
         if wanted == request.transfer_syntax_uid:
@@ -323,6 +332,7 @@ class Deliverer:
         if wanted not in {t.value for t in Target}:
             await self._failed(
                 request,
+                source,
                 "cannot_convert",
                 f"the destination accepts only {wanted}, which is not a lossless target",
                 0,
@@ -333,7 +343,7 @@ class Deliverer:
         try:
             await asyncio.to_thread(normalize_file, path, converted, Target(wanted))
         except PipelineError as exc:
-            await self._failed(request, "cannot_convert", exc.reason, 0, retriable=False)
+            await self._failed(request, source, "cannot_convert", exc.reason, 0, retriable=False)
             return None
         return Prepared(request, converted, wanted, converted.stat().st_size)
 
@@ -424,13 +434,14 @@ class Deliverer:
             "already at the destination after an interrupted send; not sent again",
             extra={"destination": self.name, "count": len(found)},
         )
-        fetch.settle(self._record(found, 1, fetch.limit, replay=True))
+        fetch.settle(self._record(found, 1, fetch, replay=True))
 
     async def _record(
-        self, accepted: list[Prepared], attempt: int, limit: int, replay: bool = False
+        self, accepted: list[Prepared], attempt: int, fetch: Fetch, replay: bool = False
     ) -> None:
         """Acknowledged requests: their batch's marker says delivered (one PUT per
-        batch), then each gets its completed event."""
+        batch), then each gets its completed event; then, with ``verify:``, the
+        destination is asked whether it holds them."""
         markers = {id(p.marker): p.marker for p in accepted if p.marker is not None}
         for marker in markers.values():
             await marker.delivered(
@@ -442,9 +453,12 @@ class Deliverer:
             await self._completed(p.request, p.transfer_syntax_uid, size, attempt, replay=replay)
 
         acknowledged_at = datetime.now(UTC)
-        await bounded(accepted, completed, limit)
+        await bounded(accepted, completed, fetch.limit)
         await self._verifier.verify(
-            [Delivered(p.request, acknowledged_at, attempt) for p in accepted]
+            [
+                Delivered(p.request, acknowledged_at, attempt, fetch.source(p.request))
+                for p in accepted
+            ]
         )
 
     def _settle(
@@ -460,6 +474,7 @@ class Deliverer:
             p, (status, message) = item
             await self._failed(
                 p.request,
+                fetch.source(p.request),
                 "rejected",
                 message,
                 attempt,
@@ -469,7 +484,7 @@ class Deliverer:
             )
 
         if accepted:
-            fetch.settle(self._record(accepted, attempt, fetch.limit))
+            fetch.settle(self._record(accepted, attempt, fetch))
         if refused:
             fetch.settle(bounded(refused, refuse, fetch.limit))
 
@@ -479,6 +494,7 @@ class Deliverer:
         async def exhausted(p: Prepared) -> None:
             await self._failed(
                 p.request,
+                fetch.source(p.request),
                 "retries_exhausted",
                 message,
                 attempt,
@@ -550,6 +566,7 @@ class Deliverer:
     async def _failed(
         self,
         request: ForwardRequested,
+        source: ConsumerRecord[bytes, bytes],
         reason: str,
         message: str,
         attempts: int,
@@ -571,6 +588,11 @@ class Deliverer:
             message=message,
             retriable=retriable,
             failed_at=datetime.now(UTC),
+            source_topic=source.topic,
+            source_partition=source.partition,
+            source_offset=source.offset,
+            original_key=source.key.decode("utf-8", "replace") if source.key else None,
+            original_value=(source.value or b"").decode("utf-8", "replace"),
         )
         await self._producer.publish(event, request.key)
         self._audit_sent(request, failure=reason)

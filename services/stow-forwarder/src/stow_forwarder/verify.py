@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
+from aiokafka import ConsumerRecord
+
 from radflow_core.errors import PipelineError
 from radflow_core.events import ForwardRequested, ForwardVerified, VerificationMethod
 from radflow_core.kafka import EventProducer
@@ -69,6 +71,8 @@ class Delivered:
     request: ForwardRequested
     delivered_at: datetime
     attempts: int
+    source: ConsumerRecord[bytes, bytes]
+    """The request's record: what a dead letter carries to be replayed as it was."""
 
 
 @dataclass
@@ -109,8 +113,8 @@ class Committing(Protocol):
 
 
 Fail = Callable[..., Awaitable[None]]
-"""The deliverer's dead-letter writer: (request, reason, message, attempts, *,
-retriable, dicom_status=...)."""
+"""The deliverer's dead-letter writer: (request, source record, reason, message,
+attempts, *, retriable, dicom_status=...)."""
 
 
 async def _unless_handed_back(work: Coroutine[Any, Any, _T]) -> _T:
@@ -309,6 +313,7 @@ class Verifier:
             VERIFICATION_FAILURES.labels(self.destination.name).inc()
             await self._fail(
                 d.request,
+                d.source,
                 NOT_HELD,
                 message,
                 d.attempts,
@@ -317,4 +322,4 @@ class Verifier:
             )
 
     async def _unanswered(self, d: Delivered, message: str) -> None:
-        await self._fail(d.request, UNANSWERED, message, d.attempts, retriable=True)
+        await self._fail(d.request, d.source, UNANSWERED, message, d.attempts, retriable=True)
