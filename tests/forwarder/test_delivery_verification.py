@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -99,6 +103,26 @@ def one_series(tmp_path: Path, count: int) -> list[Path]:
     ]
 
 
+RADFLOW = Path(sys.executable).with_name("radflow")
+"""The operator's console script, installed in the venv."""
+
+
+def radflow(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(RADFLOW), *args],
+        env={**os.environ, **stack.env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def cli_lines(done: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
 def uid_of(path: Path) -> str:
     return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
 
@@ -171,11 +195,26 @@ def test_qido_catches_a_destination_that_answers_200_and_drops_an_instance(
         == 4
     )
 
-    # Its marker says "sending" again, so replaying the request sends it, instead of
-    # skipping it as delivered; the others stay delivered and are not sent again.
+    # The runbook's replay: dicom.forward.completed shows it delivered (it was
+    # acknowledged), so only --ignore-completed re-publishes it; its marker says
+    # "sending" again, so the forwarder sends it instead of skipping it as delivered,
+    # and the others stay delivered and are not sent again.
     proxy.swallow = set()
-    (request,) = [r for r in requests if r.sop_instance_uid == lost]
-    publish(stack, [request])
+    runbook = [
+        "dlq",
+        "replay",
+        "--topic",
+        "dicom.forward.failed",
+        "--reason",
+        "not_held_after_delivery",
+        "--destination",
+        "pacs",
+        "--json",
+    ]
+    (skipped,) = cli_lines(radflow(stack, *runbook))
+    assert skipped["outcome"] == "skip" and "delivered" in skipped["why"], skipped
+    (replayed,) = cli_lines(radflow(stack, *runbook, "--ignore-completed"))
+    assert replayed["outcome"] == "replay", replayed
     wait_for(
         "the replayed instance verified",
         lambda: lost in {v["sop_instance_uid"] for v in events(stack, Topic.FORWARD_VERIFIED)},
