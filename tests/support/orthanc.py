@@ -28,6 +28,12 @@ class OrthancView:
         ids = self._get("/instances").json()
         return [self._get(f"/instances/{i}/simplified-tags").json()["SOPInstanceUID"] for i in ids]
 
+    def upload(self, data: bytes) -> None:
+        """Store a DICOM file through the REST API (no DICOMweb, no forwarder)."""
+        httpx.post(
+            f"{self.url}/instances", content=data, auth=self._auth, timeout=30
+        ).raise_for_status()
+
     def file(self, sop_instance_uid: str) -> bytes:
         found = httpx.post(
             f"{self.url}/tools/lookup", content=sop_instance_uid, auth=self._auth, timeout=30

@@ -322,6 +322,40 @@ class ForwardCompleted(Delivery):
     """True when a replayed request was recognised and not sent again."""
 
 
+class VerificationMethod(StrEnum):
+    """How a destination was asked whether it holds what it acknowledged."""
+
+    QIDO = "qido"
+    """A QIDO-RS search (STOW-RS destinations)."""
+    STORAGE_COMMITMENT = "storage-commitment"
+    """DICOM Storage Commitment, Push Model (DIMSE destinations)."""
+
+
+class ForwardVerified(Delivery):
+    """``dicom.forward.verified`` v1: after acknowledging the instance, the destination
+    was asked again and holds it, with the SOP Class it was sent as.
+
+    Only for destinations with ``verify:`` in the rule file; a destination that
+    acknowledged and does not hold the instance gets ``dicom.forward.failed`` with
+    reason ``not_held_after_delivery`` instead."""
+
+    type_name: ClassVar[str] = "dicom.forward.verified"
+    version: ClassVar[int] = 1
+    topic: ClassVar[Topic | None] = Topic.FORWARD_VERIFIED
+
+    method: VerificationMethod
+    """How the destination was asked."""
+    checks: int = Field(ge=1)
+    """Questions asked before it answered that it holds the instance (QIDO-RS searches;
+    1 for storage commitment): a destination that indexes slowly needs more than one."""
+    delivered_at: AwareDatetime
+    """When the destination acknowledged the instance (UTC)."""
+    verified_at: AwareDatetime
+    """When the destination's answer proved it holds the instance (UTC)."""
+    transaction_uid: Uid | None = None
+    """Storage commitment: the Transaction UID of the N-ACTION request."""
+
+
 class ForwardFailed(Delivery):
     """``dicom.forward.failed`` v2: delivery given up, with the destination's answer and
     the request itself, so that it can be replayed as it was (``radflow dlq replay``).
@@ -338,7 +372,8 @@ class ForwardFailed(Delivery):
 
     reason: str
     """Machine-readable: ``rejected`` (the destination said no), ``retries_exhausted``,
-    ``blob_integrity_error``, ``blob_not_found``, ``cannot_convert``. (A request for a
+    ``blob_integrity_error``, ``blob_not_found``, ``cannot_convert``,
+    ``not_held_after_delivery``, ``verification_unanswered``. (A request for a
     destination the rule file does not define is not a failure: it is reported on
     ``dicom.instance.held``.)"""
     http_status: int | None = None

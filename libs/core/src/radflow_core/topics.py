@@ -26,6 +26,9 @@ class Topic(StrEnum):
     """The same for the STAT lane; forwarders read it ahead of the routine lane."""
     FORWARD_COMPLETED = "dicom.forward.completed"
     """One event per instance delivered to one destination (stow-forwarder)."""
+    FORWARD_VERIFIED = "dicom.forward.verified"
+    """One event per delivered instance that its destination was asked about afterwards
+    and proved to hold (stow-forwarder; destinations with ``verify:`` only)."""
     FORWARD_FAILED = "dicom.forward.failed"
     """Dead letters of delivery: what a destination refused or what ran out of retries."""
     INSTANCE_HELD = "dicom.instance.held"

@@ -58,6 +58,28 @@ class DestinationKind(StrEnum):
     the named site's RIS."""
 
 
+class Verification(StrEnum):
+    """How the forwarder checks, after a destination acknowledged instances, that it
+    really holds them (``verify:`` in the rule file). A destination can answer
+    "stored" and lose the study; only asking it again tells."""
+
+    OFF = "off"
+    """The acknowledgement is trusted (the default)."""
+    QIDO = "qido"
+    """STOW-RS destinations: a QIDO-RS search per series for the delivered instances,
+    each compared by SOP Class UID."""
+    STORAGE_COMMITMENT = "storage-commitment"
+    """DIMSE destinations: DICOM Storage Commitment (Push Model, N-ACTION then the
+    destination's N-EVENT-REPORT, on the same association or one it opens to us)."""
+
+
+VERIFICATION_KINDS: dict[Verification, DestinationKind] = {
+    Verification.QIDO: DestinationKind.STOW_RS,
+    Verification.STORAGE_COMMITMENT: DestinationKind.DIMSE,
+}
+"""Which kind of destination each verification applies to."""
+
+
 @dataclass(frozen=True)
 class DimsePeer:
     """Where a DIMSE destination listens, and the AE titles of both ends."""

@@ -26,11 +26,13 @@ from radflow_core.uids import is_valid_uid
 from radflow_rules import yaml_reader
 from radflow_rules.destinations import (
     AUTH_FIELDS,
+    VERIFICATION_KINDS,
     Auth,
     AuthKind,
     DestinationKind,
     DimsePeer,
     SecretRef,
+    Verification,
     is_private_channel,
 )
 from radflow_rules.rules import (
@@ -73,9 +75,9 @@ _RULE_KEYS = {"name", "when", "route", "lane", "wait_for_study_complete", "conti
 _TOP_KEYS = {"version", "timezone", "destinations", "rules", "default", "stat"}
 _COMMON_DEST_KEYS = {"kind", "transfer_syntaxes", "max_batch", "priority"}
 _DEST_KEYS = {
-    DestinationKind.STOW_RS: _COMMON_DEST_KEYS | {"url", "auth", "tls", "slo"},
+    DestinationKind.STOW_RS: _COMMON_DEST_KEYS | {"url", "auth", "tls", "slo", "verify"},
     DestinationKind.DIMSE: _COMMON_DEST_KEYS
-    | {"host", "port", "ae_title", "calling_ae_title", "tls", "slo"},
+    | {"host", "port", "ae_title", "calling_ae_title", "tls", "slo", "verify"},
     DestinationKind.REPORT_RETURN: _COMMON_DEST_KEYS | {"site"},
 }
 """Keys each kind of destination takes (``tls`` on a DIMSE peer: DICOM TLS; ``slo``
@@ -206,6 +208,10 @@ class _RuleReader(YamlReader):
                 else:
                     lane = Lane(priority)
             common: dict[str, Any] = {"lane": lane, "kind": kind}
+            if "verify" in fields and "verify" in _DEST_KEYS[kind]:
+                verify = self.verification(fields["verify"], kind, what)
+                if verify is not None:
+                    common["verify"] = verify
             url: str | None
             if kind is DestinationKind.DIMSE:
                 peer = self.dimse_peer(fields, value, what)
@@ -249,6 +255,23 @@ class _RuleReader(YamlReader):
                 common["slo"] = self.slo(fields["slo"], what)
             out[name] = Destination(name, url, auth, tuple(syntaxes), max_batch, tls=tls, **common)
         return out
+
+    def verification(self, node: Node, kind: DestinationKind, what: str) -> Verification | None:
+        text = self.scalar(node, "verify")
+        fits = [v for v, k in VERIFICATION_KINDS.items() if k is kind]
+        expected = ", ".join([*(v.value for v in fits), Verification.OFF.value])
+        if text not in {v.value for v in Verification}:
+            self.fail(node, f"{what}: unknown verify {text!r} (expected one of: {expected})")
+            return None
+        verify = Verification(text)
+        if verify is not Verification.OFF and VERIFICATION_KINDS[verify] is not kind:
+            self.fail(
+                node,
+                f"{what}: verify {verify.value!r} is for {VERIFICATION_KINDS[verify].value} "
+                f"destinations, this one is {kind.value} (expected one of: {expected})",
+            )
+            return None
+        return verify
 
     def slo(self, node: Node, what: str) -> Slo:
         """``slo: {stat: {within_s: 60, percent: 99}, routine: {...}}``: per lane, the

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
 from radflow_core.events import Lane
-from radflow_rules.destinations import Auth, DestinationKind, DimsePeer, Tls
+from radflow_rules.destinations import Auth, DestinationKind, DimsePeer, Tls, Verification
 
 
 class Level(StrEnum):
@@ -83,6 +83,9 @@ class Destination:
     """The peer, for ``kind: dimse``."""
     site: str | None = None
     """The RIS site, for ``kind: report-return``."""
+    verify: Verification = Verification.OFF
+    """Whether (and how) delivered instances are checked at the destination afterwards.
+    Not part of :attr:`identity`: turning it on or off leaves the same destination."""
     slo: Slo = Slo()
     """Latency objectives per lane (``slo:`` in the rule file), which the forwarder
     counts deliveries against and exports for the burn-rate alerts."""

@@ -29,6 +29,10 @@ from stow_forwarder.auth import TokenUnavailable, build_auth
 from stow_forwarder.metrics import REQUEST_SECONDS
 from stow_forwarder.settings import ForwarderSettings
 from stow_forwarder.stow import InstanceAnswer, MultipartBody, UnreadableResponse, parse_response
+from stow_forwarder.verify import VerificationUnanswered
+
+SOP_CLASS_UID = "00080016"
+SOP_INSTANCE_UID = "00080018"
 
 RETRIABLE_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
 
@@ -142,6 +146,41 @@ class StowClient:
         except (ValueError, KeyError, IndexError, TypeError):
             return set()
         return found & set(sop_instance_uids)
+
+    async def instances_held(
+        self, study_instance_uid: str, series_instance_uid: str
+    ) -> dict[str, str]:
+        """SOP Instance UID → SOP Class UID of every instance the destination's QIDO-RS
+        lists in the series (``GET {base}/studies/{study}/series/{series}/instances``):
+        one search covers a batch's instances of the series.
+
+        Raises:
+            VerificationUnanswered: no answer, a status other than 200 or 204, or a
+                body that is not a DICOM JSON list.
+        """
+        url = f"{self.url}/{study_instance_uid}/series/{series_instance_uid}/instances"
+        try:
+            response = await self._client.get(
+                url, params={"includefield": f"{SOP_CLASS_UID},{SOP_INSTANCE_UID}"}
+            )
+        except (httpx.TimeoutException, httpx.TransportError, ssl.SSLError) as exc:
+            raise VerificationUnanswered(no_answer(exc)) from exc
+        except TokenUnavailable as exc:
+            raise VerificationUnanswered(str(exc)) from exc
+        if response.status_code == 204 or (
+            response.status_code == 200 and not response.content.strip()
+        ):
+            return {}  # no match: the series is not there (yet)
+        if response.status_code != 200:
+            raise VerificationUnanswered(f"QIDO-RS answered HTTP {response.status_code}")
+        try:
+            return {
+                str(item[SOP_INSTANCE_UID]["Value"][0]): str(item[SOP_CLASS_UID]["Value"][0])
+                for item in response.json()
+                if isinstance(item, dict) and SOP_INSTANCE_UID in item and SOP_CLASS_UID in item
+            }
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise VerificationUnanswered("QIDO-RS answer is not a DICOM JSON list") from exc
 
 
 def no_answer(exc: Exception) -> str:

@@ -67,6 +67,7 @@ from stow_forwarder.metrics import (
 )
 from stow_forwarder.settings import ForwarderSettings
 from stow_forwarder.slo import count_delivery, count_failure
+from stow_forwarder.verify import Delivered, Verifier
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +222,9 @@ class Deliverer:
         )
         self._gate = StatFirst()
         self._markers = MarkerBook(blobs, destination)
+        self._verifier = Verifier(
+            destination, client, producer, self._markers, settings, self._failed
+        )
 
     async def handle_batch(
         self, items: list[tuple[Envelope[ForwardRequested], ConsumerRecord[bytes, bytes]]]
@@ -276,6 +280,17 @@ class Deliverer:
                 fetch.limit,
             )
             prepared = [p for p in ready if p is not None]
+            if self._verifier.enabled:
+                # Recognised as delivered and not sent: perhaps an earlier process was
+                # stopped before it verified them.
+                now = datetime.now(UTC)
+                replayed = [
+                    Delivered(r, now, 1, fetch.source(r))
+                    for r in chunk
+                    if states.get(r.idempotency_key) is State.DELIVERED
+                ]
+                if replayed:
+                    fetch.settle(self._verifier.verify(replayed))
             if prepared:
                 marker = self._markers.batch(
                     chunk[0].study_instance_uid, [p.request.idempotency_key for p in prepared]
@@ -419,13 +434,14 @@ class Deliverer:
             "already at the destination after an interrupted send; not sent again",
             extra={"destination": self.name, "count": len(found)},
         )
-        fetch.settle(self._record(found, 1, fetch.limit, replay=True))
+        fetch.settle(self._record(found, 1, fetch, replay=True))
 
     async def _record(
-        self, accepted: list[Prepared], attempt: int, limit: int, replay: bool = False
+        self, accepted: list[Prepared], attempt: int, fetch: Fetch, replay: bool = False
     ) -> None:
         """Acknowledged requests: their batch's marker says delivered (one PUT per
-        batch), then each gets its completed event."""
+        batch), then each gets its completed event; then, with ``verify:``, the
+        destination is asked whether it holds them."""
         markers = {id(p.marker): p.marker for p in accepted if p.marker is not None}
         for marker in markers.values():
             await marker.delivered(
@@ -436,7 +452,14 @@ class Deliverer:
             size = 0 if replay else p.size
             await self._completed(p.request, p.transfer_syntax_uid, size, attempt, replay=replay)
 
-        await bounded(accepted, completed, limit)
+        acknowledged_at = datetime.now(UTC)
+        await bounded(accepted, completed, fetch.limit)
+        await self._verifier.verify(
+            [
+                Delivered(p.request, acknowledged_at, attempt, fetch.source(p.request))
+                for p in accepted
+            ]
+        )
 
     def _settle(
         self, pending: dict[str, Prepared], answer: Answer, attempt: int, fetch: Fetch
@@ -461,7 +484,7 @@ class Deliverer:
             )
 
         if accepted:
-            fetch.settle(self._record(accepted, attempt, fetch.limit))
+            fetch.settle(self._record(accepted, attempt, fetch))
         if refused:
             fetch.settle(bounded(refused, refuse, fetch.limit))
 

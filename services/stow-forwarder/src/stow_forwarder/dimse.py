@@ -42,14 +42,15 @@ import ssl
 import tempfile
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from enum import Enum
 from pathlib import Path
 from typing import Any, cast
 
-from pydicom.uid import UID, ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
+from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
 
 from radflow_codecs.codecs import Target
 from radflow_codecs.streaming import normalize_file
@@ -61,8 +62,15 @@ from radflow_rules.destinations import DimsePeer
 from radflow_rules.rules import Destination
 from stow_forwarder.answer import Answer, Outgoing
 from stow_forwarder.client import no_answer
+from stow_forwarder.commitment import (
+    REQUEST_COMMITMENT,
+    STORAGE_COMMITMENT_INSTANCE,
+    CommitmentBook,
+    commitment_request,
+)
 from stow_forwarder.metrics import REQUEST_SECONDS
 from stow_forwarder.settings import ForwarderSettings
+from stow_forwarder.verify import Commitment, VerificationUnanswered
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +137,16 @@ def _on_connected(timeout_s: float, failures: list[str], event: evt.Event) -> No
 class DimseClient:
     """A DICOM peer reached by C-STORE (``kind: dimse`` in the rule file)."""
 
-    def __init__(self, destination: Destination, settings: ForwarderSettings) -> None:
-        """Raises:
+    def __init__(
+        self,
+        destination: Destination,
+        settings: ForwarderSettings,
+        commitments: CommitmentBook | None = None,
+    ) -> None:
+        """``commitments`` matches storage commitment reports to their requests, for
+        ``verify: storage-commitment`` (shared with the process's listener).
+
+        Raises:
         ConfigurationError: the destination's CA, certificate or key cannot be used
             (the forwarder then does not start, or leaves the destination stopped).
         """
@@ -138,6 +154,7 @@ class DimseClient:
         self.destination = destination
         self.peer: DimsePeer = destination.dimse
         self._settings = settings
+        self._commitments = commitments or CommitmentBook()
         self._threads = ThreadPoolExecutor(max_workers=len(Lane), thread_name_prefix="dimse")
         self._tls: tuple[Any, str] | None = None
         tls = destination.tls
@@ -161,6 +178,80 @@ class DimseClient:
         """Not asked (a PACS need not answer C-FIND for what it stores): the instances
         are sent again, and a PACS that has one answers 0x0111, counted as delivered."""
         return set()
+
+    async def commit(self, items: Sequence[tuple[str, str]]) -> Commitment:
+        """Request storage commitment for (SOP Instance UID, SOP Class UID) pairs and
+        wait up to ``commitment_timeout_s`` for the report, on the N-ACTION's
+        association or on one the destination opens to our listener.
+
+        Raises:
+            VerificationUnanswered: no association, no N-ACTION answer or a failure
+                status, or no report in time.
+        """
+        transaction_uid = str(generate_uid())
+        waiting = self._commitments.expect(transaction_uid)
+        timeout_s = self._settings.commitment_timeout_s
+        try:
+            await asyncio.to_thread(self._request_commitment, transaction_uid, items, waiting)
+            return await asyncio.wait_for(asyncio.wrap_future(waiting), timeout=timeout_s)
+        except TimeoutError:
+            raise VerificationUnanswered(
+                f"no storage commitment report for transaction {transaction_uid} "
+                f"within {timeout_s:g}s"
+            ) from None
+        finally:
+            self._commitments.forget(transaction_uid)
+
+    def _request_commitment(
+        self, transaction_uid: str, items: Sequence[tuple[str, str]], waiting: object
+    ) -> None:
+        """The N-ACTION, on an association of its own; kept open a moment for a
+        destination that reports on it (``commitment_same_association_s``)."""
+        ae = AE(ae_title=self.peer.calling_ae_title)
+        ae.connection_timeout = self._settings.connect_timeout_s
+        ae.acse_timeout = self._settings.connect_timeout_s
+        ae.dimse_timeout = self._settings.request_timeout_s
+        ae.network_timeout = self._settings.request_timeout_s
+        ae.add_requested_context(StorageCommitmentPushModel)
+        failures: list[str] = []
+        opened = functools.partial(_on_connected, self._settings.connect_timeout_s, failures)
+        assoc = ae.associate(
+            self.peer.host,
+            self.peer.port,
+            ae_title=self.peer.ae_title,
+            evt_handlers=[
+                (evt.EVT_CONN_OPEN, opened),
+                (evt.EVT_N_EVENT_REPORT, self._commitments.on_event_report),
+            ],
+            tls_args=cast("tuple[ssl.SSLContext, str] | None", self._tls),
+        )
+        if not assoc.is_established:
+            _close(assoc)
+            why = failures[0] if failures else "no association for storage commitment"
+            if assoc.is_rejected and assoc.acceptor.primitive is not None:
+                rsp = assoc.acceptor.primitive
+                why = f"association rejected ({rsp.result_str}: {rsp.reason_str})"
+            raise VerificationUnanswered(why)
+        try:
+            status, _ = assoc.send_n_action(
+                commitment_request(transaction_uid, items),
+                REQUEST_COMMITMENT,
+                StorageCommitmentPushModel,
+                STORAGE_COMMITMENT_INSTANCE,
+            )
+            if "Status" not in status:
+                raise VerificationUnanswered("no N-ACTION response (timeout or abort)")
+            code = int(status.Status)
+            if code != StoreStatus.SUCCESS:
+                raise VerificationUnanswered(f"storage commitment refused: N-ACTION 0x{code:04X}")
+            grace = self._settings.commitment_same_association_s
+            deadline = time.monotonic() + grace
+            future = cast("Future[Commitment]", waiting)
+            while not future.done() and time.monotonic() < deadline and assoc.is_established:
+                time.sleep(0.05)
+        finally:
+            if assoc.is_established:
+                assoc.release()
 
     async def store(self, items: Sequence[Outgoing], lane: Lane) -> Answer:
         started = time.perf_counter()

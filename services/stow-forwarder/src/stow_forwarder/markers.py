@@ -126,6 +126,26 @@ class MarkerBook:
             merge(found, states)
         return found
 
+    async def reopen(self, study_instance_uid: str, idempotency_keys: Iterable[str]) -> None:
+        """Record these requests as ``sending`` again in every marker of the study that
+        says they were delivered: a destination that acknowledged them and then did not
+        hold them must get them again when they are replayed (asked first, as after a
+        crash), not have them skipped as delivered."""
+        keys = set(idempotency_keys)
+        for listed in await self._blobs.list(study_prefix(self._destination, study_instance_uid)):
+            data = await self._blobs.read_marker(listed.key)
+            if data is None:
+                continue
+            states = decode(data)
+            hit = [k for k in keys if states.get(k) is State.DELIVERED]
+            if not hit:
+                continue
+            for key in hit:
+                states[key] = State.SENDING
+            async with self._writing:
+                etag = await self._blobs.put_marker(listed.key, encode(states))
+                self._remember(listed.key, etag, states)
+
     def batch(self, study_instance_uid: str, idempotency_keys: list[str]) -> BatchMarker:
         """A marker for one batch of a study, named by its requests: the same batch
         staged again writes the same object."""

@@ -19,6 +19,24 @@ FAILED = Counter(
     "Instances sent to dicom.forward.failed, by destination and reason.",
     ["destination", "reason"],
 )
+VERIFIED = Counter(
+    "radflow_forwarder_verified_total",
+    "Delivered instances the destination was asked about afterwards and holds, by "
+    "destination and method (qido, storage-commitment).",
+    ["destination", "method"],
+)
+VERIFICATION_FAILURES = Counter(
+    "radflow_forwarder_verification_failures_total",
+    "Instances a destination acknowledged and did not hold when asked afterwards "
+    "(not_held_after_delivery on dicom.forward.failed), by destination.",
+    ["destination"],
+)
+VERIFY_CHECKS = Counter(
+    "radflow_forwarder_verification_checks_total",
+    "Questions asked to verify deliveries (QIDO-RS searches, storage commitment "
+    "requests), by destination.",
+    ["destination"],
+)
 RETRIED = Counter(
     "radflow_forwarder_retries_total",
     "Requests retried after a retriable failure, by destination and cause.",

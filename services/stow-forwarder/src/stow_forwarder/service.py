@@ -37,6 +37,7 @@ from radflow_rules.rules import Destination, RuleSet
 from stow_forwarder import metrics
 from stow_forwarder.answer import DestinationClient
 from stow_forwarder.client import StowClient
+from stow_forwarder.commitment import CommitmentBook, CommitmentListener
 from stow_forwarder.delivery import Deliverer
 from stow_forwarder.dimse import DimseClient
 from stow_forwarder.settings import ForwarderConfig
@@ -77,6 +78,8 @@ class ForwarderService:
         self._audit = Auditor(SERVICE, self._producer, config.audit)
         self._rules = LiveRules(settings.rules_file, RULES_METRICS, audit=self._audit)
         self.running: dict[str, Running] = {}
+        self.commitments = CommitmentBook()
+        self.commitment_listener: CommitmentListener | None = None
         self._objectives = ObjectiveGauges()
         self.shell = Shell(
             SERVICE,
@@ -101,7 +104,7 @@ class ForwarderService:
         settings = self._config.forwarder
         kafka = self._config.kafka
         client: DestinationClient = (
-            DimseClient(destination, settings)
+            DimseClient(destination, settings, self.commitments)
             if destination.kind is DestinationKind.DIMSE
             else StowClient(destination, settings)
         )
@@ -147,6 +150,24 @@ class ForwarderService:
                 "cannot deliver with this configuration; not starting", str(exc).splitlines()
             )
             return
+        if settings.commitment_port:
+            self.commitment_listener = CommitmentListener(
+                self.commitments,
+                settings.commitment_host,
+                settings.commitment_port,
+                settings.commitment_ae_title,
+            )
+            try:
+                self.commitment_listener.start()
+            except OSError as exc:
+                self.shell.cannot_run(
+                    "cannot listen for storage commitment reports; not starting",
+                    [
+                        f"RADFLOW_FORWARDER_COMMITMENT_PORT={settings.commitment_port} on "
+                        f"{settings.commitment_host}: {exc.strerror or exc}"
+                    ],
+                )
+                return
         for running in built:
             self._launch(running)
         for consumer in unknown_destination_consumers(
@@ -213,6 +234,8 @@ class ForwarderService:
     async def _close_clients(self) -> None:
         for running in self.running.values():
             await running.client.close()
+        if self.commitment_listener is not None:
+            self.commitment_listener.stop()
 
     async def stop(self) -> None:
         await self.shell.stop()

@@ -57,6 +57,27 @@ class ForwarderSettings(Section):
     """Consecutive failed requests that open a destination's circuit."""
     breaker_cooldown_s: float = Field(default=15.0, gt=0)
     """How long an open circuit waits before one probe request."""
+    verify_delay_s: float = Field(default=2.0, gt=0, le=600)
+    """For destinations with ``verify: qido``: how long after the acknowledgement the
+    first QIDO-RS search waits (a PACS indexes what it stored asynchronously)."""
+    verify_window_s: float = Field(default=120.0, gt=0, le=6 * 3600)
+    """How long after the acknowledgement an instance QIDO-RS does not list yet is
+    searched for again (each wait twice the last) before it is reported on
+    dicom.forward.failed with not_held_after_delivery. Holds its fetch's commit."""
+    commitment_host: str = "127.0.0.1"
+    """Address the storage commitment listener binds (0.0.0.0 in a pod)."""
+    commitment_port: int = Field(default=0, ge=0, le=65535)
+    """Port where destinations with ``verify: storage-commitment`` open associations to
+    send their N-EVENT-REPORT (the address they know our calling AE title at). 0: no
+    listener; only reports sent on the N-ACTION's own association are received."""
+    commitment_ae_title: str = Field(default="RADFLOW", min_length=1, max_length=16)
+    """The AE title the storage commitment listener answers as."""
+    commitment_same_association_s: float = Field(default=2.0, ge=0, le=600)
+    """How long the N-ACTION's association stays open for a destination that sends its
+    report on it, before it is released (the report may still come on a new one)."""
+    commitment_timeout_s: float = Field(default=300.0, gt=0, le=6 * 3600)
+    """Longest wait for a storage commitment report after the N-ACTION; then the
+    instances go to dicom.forward.failed with verification_unanswered."""
     unknown_destination_grace_s: float = Field(default=120.0, ge=0, le=3600)
     """Age a forward request for a destination the rule file does not define must reach
     (from its ``routed_at``) before it is reported on dicom.instance.held: time for a
