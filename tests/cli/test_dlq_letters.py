@@ -267,7 +267,8 @@ def test_a_replay_skips_the_delivered_publishes_each_request_once_and_names_the_
         Topic.FORWARD_FAILED, record(Topic.FORWARD_FAILED, 3, forward_failed(request()), minute=20)
     )
     assert b.settled_by == f"delivery:{b.idempotency_key}"
-    actions = plan([a, b, c, again], {b.settled_by: "delivered (dicom.forward.completed)"}, {})
+    delivered = (b.appended_at + timedelta(minutes=1), "delivered (dicom.forward.completed)")
+    actions = plan([a, b, c, again], {b.settled_by: delivered}, {})
     outcome = {x.letter.id: (x.outcome, x.why) for x in actions}
     assert [x.letter.id for x in actions] == [a.id, b.id, c.id, again.id]
     assert outcome[again.id][0] is Outcome.REPLAY  # the newest letter stands for the request
@@ -303,3 +304,14 @@ def test_no_broker_bad_settings_and_a_bad_id_are_told_with_an_exit_status() -> N
     assert bad.returncode == 3 and "RADFLOW_KAFKA_FETCH_MAX_WAIT_MS" in bad.stderr
     wrong = run("show", "dicom.forward.requested:0:1")
     assert wrong.returncode == 1 and "<topic>:<partition>:<offset>" in wrong.stderr
+
+
+def test_a_delivery_before_the_letter_does_not_settle_it() -> None:
+    """Verification found the destination did not hold what it acknowledged: the
+    completion precedes the not_held_after_delivery letter, and the replay sends again."""
+    _, b, _ = letters()
+    assert b.settled_by is not None
+    before = (b.appended_at - timedelta(seconds=5), "delivered (dicom.forward.completed)")
+    after = (b.appended_at + timedelta(seconds=5), "delivered (dicom.forward.completed)")
+    assert plan([b], {b.settled_by: before}, {})[0].outcome is Outcome.REPLAY
+    assert plan([b], {b.settled_by: after}, {})[0].outcome is Outcome.SKIP

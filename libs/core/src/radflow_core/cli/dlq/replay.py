@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
@@ -50,14 +51,16 @@ class Action:
 
 def plan(
     letters: Iterable[Letter],
-    settled: Mapping[str, str],
+    settled: Mapping[str, tuple[datetime, str]],
     found: Mapping[str, Original],
 ) -> list[Action]:
     """One action per letter, in the letters' order.
 
-    ``settled``: a letter's ``settled_by`` key → what says it was done after all
+    ``settled``: a letter's ``settled_by`` key → when and what last said it was done
     (``delivered (dicom.forward.completed at …)``; empty to let the consumers' own
-    markers decide); ``found``: letter id → the original a lookup found on the
+    markers decide). Only a settlement appended after the letter counts: a delivery
+    that verification then found missing (``not_held_after_delivery``) precedes its
+    letter and must be sent again. ``found``: letter id → the original a lookup found on the
     retained topics.
     """
     ordered = list(letters)
@@ -75,8 +78,8 @@ def plan(
             decided[letter.id] = Action(letter, Outcome.CANNOT, why)
             continue
         key = letter.settled_by
-        if key is not None and key in settled:
-            why = f"already {settled[key]}"
+        if key is not None and key in settled and settled[key][0] > letter.appended_at:
+            why = f"already {settled[key][1]}"
             decided[letter.id] = Action(letter, Outcome.SKIP, why, original)
             continue
         same = key or _fingerprint(original)

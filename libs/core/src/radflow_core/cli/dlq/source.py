@@ -43,10 +43,13 @@ async def read_letters(
     return sorted(letters, key=lambda x: (x.appended_at, x.topic.value, x.partition, x.offset))
 
 
-async def settled(kafka: KafkaSettings, keys: Iterable[str], idle_s: float = 1.5) -> dict[str, str]:
-    """Settling key → what first says it was done after all (``delivered
+async def settled(
+    kafka: KafkaSettings, keys: Iterable[str], idle_s: float = 1.5
+) -> dict[str, tuple[datetime, str]]:
+    """Settling key → when it was last said done and what said it (``delivered
     (dicom.forward.completed at …)``, ``returned (report.returned at …)``), for the keys
-    asked about. A replay the consumer recognised as done counts."""
+    asked about. A replay the consumer recognised as done counts. The last one is kept:
+    a delivery that verification later found missing is settled only by a newer one."""
     wanted = set(keys)
     topics = [
         topic
@@ -56,7 +59,7 @@ async def settled(kafka: KafkaSettings, keys: Iterable[str], idle_s: float = 1.5
         )
         if any(key.startswith(prefix) for key in wanted)
     ]
-    found: dict[str, str] = {}
+    found: dict[str, tuple[datetime, str]] = {}
     if not topics:
         return found
     completed = kafka.topic(Topic.FORWARD_COMPLETED)
@@ -75,8 +78,8 @@ async def settled(kafka: KafkaSettings, keys: Iterable[str], idle_s: float = 1.5
                 version if isinstance(version, int) else None,
             )
             said = f"returned ({Topic.REPORT_RETURNED.value} at {data.get('acked_at')})"
-        if key in wanted and key not in found:
-            found[key] = said
+        if key in wanted and (key not in found or found[key][0] <= record.appended_at):
+            found[key] = (record.appended_at, said)
     return found
 
 
