@@ -38,6 +38,7 @@ PORT_NAMES = (
     "router",
     "forwarder",
     "report_return",
+    "ledger",
     "mllp",
     "orthanc",
     "orthanc_dicom",

@@ -19,12 +19,14 @@ from radflow_core.events import (
     ForwardCompleted,
     ForwardFailed,
     ForwardRequested,
+    ForwardVerified,
     InstanceHeld,
     InstanceNormalized,
     InstanceReceived,
     ReportFailed,
     ReportFinalized,
     ReportReturned,
+    StudyDelivered,
     schema_name,
 )
 from radflow_core.report_document import ReportDocument
@@ -35,6 +37,8 @@ PUBLISHED: tuple[type[EventModel], ...] = (
     ForwardRequested,
     ForwardCompleted,
     ForwardFailed,
+    ForwardVerified,
+    StudyDelivered,
     InstanceHeld,
     DeadLetter,
     ReportFinalized,
