@@ -46,6 +46,7 @@ SERVICE_METRICS = (
     "transcode.metrics",
     "router.metrics",
     "stow_forwarder.metrics",
+    "ledger.metrics",
 )
 REPORT_RETURN_PREFIX = "radflow_report_return_"
 HAS_REPORT_RETURN = importlib.util.find_spec("report_return") is not None
@@ -134,7 +135,7 @@ def report_return_in_process() -> dict[str, tuple[str, set[str]]]:
 
 @pytest.fixture
 def running(
-    start_ingest, start_transcode, start_router, start_forwarder, tmp_path: Path
+    start_ingest, start_transcode, start_router, start_forwarder, start_ledger, tmp_path: Path
 ) -> list[IngestProcess]:
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES)
@@ -143,6 +144,7 @@ def running(
         start_transcode(),
         start_router(rules_file=str(rules)),
         start_forwarder(rules_file=str(rules)),
+        start_ledger(),
     ]
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from deploy.manifests import ROOT, Obj, named, of_kind, render
 from deploy.test_manifests import AUDIT_TOPIC, SERVICES
+from ledger.settings import LedgerSettings
 from radflow_core import events
 from radflow_core.events import Lane
 from radflow_core.topics import STAT_LANE, Topic
@@ -27,6 +28,7 @@ PACKAGES = {
     "radflow-router": "router/src/router",
     "radflow-stow-forwarder": "stow-forwarder/src/stow_forwarder",
     "radflow-report-return": "report-return/src/report_return",
+    "radflow-ledger": "ledger/src/ledger",
 }
 """Deployment → its service's source package (under services/)."""
 GROUPS: dict[str, tuple[set[str], set[str]]] = {
@@ -47,6 +49,7 @@ GROUPS: dict[str, tuple[set[str], set[str]]] = {
         set(),
         {ReportReturnSettings.model_fields["group_prefix"].default + "."},
     ),
+    "radflow-ledger": ({LedgerSettings.model_fields["group_id"].default}, set()),
 }
 """Deployment → (literal consumer groups, group prefixes), from the settings' defaults."""
 SENDER_PORTS = {"dev": {11112, 2762, 8080, 8443}, "prod": {2762, 8443}}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -23,6 +24,9 @@ from radflow_core.kafka import EventProducer, connection_options
 from radflow_core.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
+
+RESTORE_IDLE_MS = 500
+"""After the end offsets, a restore reads on until a fetch waits this long for nothing."""
 
 
 def entry_key(study: str, idempotency_key: str) -> bytes:
@@ -101,16 +105,24 @@ class Changelog:
             await consumer.seek_to_beginning(*tps)
             end = await consumer.end_offsets(tps)
             entries: dict[int, dict[bytes, bytes]] = {p: {} for p in wanted}
-            while [tp for tp in tps if await consumer.position(tp) < end[tp]]:
-                batches = await consumer.getmany(timeout_ms=500, max_records=5000)
+
+            def take(batches: dict[TopicPartition, list[Any]]) -> None:
                 for tp, records in batches.items():
                     for record in records:
-                        if record.offset >= end[tp] or record.key is None:
+                        if record.key is None:
                             continue
                         if record.value is None:
                             entries[tp.partition].pop(record.key, None)
                         else:
                             entries[tp.partition][record.key] = record.value
+
+            while [tp for tp in tps if await consumer.position(tp) < end[tp]]:
+                take(await consumer.getmany(timeout_ms=500, max_records=5000))
+            # Then on until the broker has nothing more: Tansu reports the end of a
+            # partition whose last batch holds several records as that batch's first
+            # offset + 1 (measured), and nobody else writes these partitions now.
+            while batches := await consumer.getmany(timeout_ms=RESTORE_IDLE_MS, max_records=5000):
+                take(batches)
         finally:
             await consumer.stop()
         count = 0
