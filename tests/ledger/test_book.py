@@ -92,11 +92,17 @@ def failed(sop: str, destination: str, at: datetime, reason: str = "rejected") -
 def test_an_outcome_read_before_its_request_still_counts_and_a_repeat_changes_nothing() -> None:
     book = Book()
     assert book.apply(0, completed("1", "pacs", T0 + timedelta(seconds=5)), T0) is not None
+    study = book.study(STUDY)
+    assert study is not None
+    assert study.delivered(frozenset(), T0 + timedelta(hours=1), QUIET) is None, (
+        "its request not read yet: the study may have more"
+    )
     entry = book.apply(0, request("1", "pacs"), T0)
     assert entry is not None and entry.routed_at == T0
     assert entry.status is Status.DELIVERED
     assert book.apply(0, request("1", "pacs"), T0 + timedelta(seconds=9)) is None
     assert book.apply(0, completed("1", "pacs", T0 + timedelta(seconds=5)), T0) is None
+    assert study.delivered(frozenset(), T0 + timedelta(hours=1), QUIET) is not None
 
 
 def test_the_later_of_failure_and_success_wins() -> None:

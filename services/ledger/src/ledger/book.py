@@ -200,10 +200,13 @@ class Study:
     def delivered(
         self, verify: frozenset[str], now: datetime, quiet: timedelta
     ) -> StudyDelivered | None:
-        """The ``dicom.study.delivered`` event due now, if one is: every entry reached,
-        nothing changed for ``quiet``, and more entries than the last published one."""
+        """The ``dicom.study.delivered`` event due now, if one is: every entry's request
+        seen and reached, nothing changed for ``quiet``, and more entries than the last
+        published one."""
         if not self.entries:
             return None
+        if any(e.routed_at is None for e in self.entries.values()):
+            return None  # an outcome read before its request: the requests are behind
         if not all(e.reached(e.destination in verify) for e in self.entries.values()):
             return None
         if now - self.last_seen < quiet:

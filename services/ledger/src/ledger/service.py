@@ -20,7 +20,7 @@ from aiohttp import web
 from aiokafka import TopicPartition
 
 from ledger import metrics
-from ledger.book import Book, Entry, Fact, Mark, tally
+from ledger.book import Book, Entry, Fact, Mark, Tally, tally
 from ledger.changelog import Changelog
 from ledger.settings import LedgerConfig
 from radflow_core.audit import Auditor
@@ -289,7 +289,7 @@ def _order(entry: Entry) -> tuple[str, str, str]:
     return (entry.destination, entry.series_instance_uid, entry.sop_instance_uid)
 
 
-def _counts(counts: Any) -> dict[str, Any]:
+def _counts(counts: Tally) -> dict[str, Any]:
     return {
         "destination": counts.destination,
         "verification": counts.verify,
