@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+from aiokafka.partitioner import DefaultPartitioner
 from pydicom.uid import generate_uid
 
 from radflow_core.events import (
@@ -240,3 +241,74 @@ def test_the_cli_says_when_the_ledger_cannot_be_asked() -> None:
     result = radflow("study", "1.2.3", "--url", f"http://127.0.0.1:{free_port()}")
     assert result.returncode == 2
     assert "cannot ask the ledger" in result.stderr
+
+
+def test_with_two_replicas_each_study_s_whole_story_is_in_one_of_them(
+    stack: Stack,
+    start_ledger: Callable[..., IngestProcess],
+    tmp_path: Path,
+) -> None:
+    """The range assignor gives partition p of every forward topic to one member: a
+    study's request and its outcome, on two topics, meet in the same replica."""
+    replicas = [start_ledger(**LEDGER), start_ledger(**LEDGER)]
+    wait_for(
+        "both replicas own partitions",
+        lambda: all(_held(r) for r in replicas),
+        timeout_s=90,
+    )
+    held = [_held(r) for r in replicas]
+    assert not held[0] & held[1] and held[0] | held[1] == {0, 1, 2}
+    studies = _two_per_partition()
+    events: list[tuple[Topic, Any]] = []
+    for study in studies:
+        (request,) = requests(stack, tmp_path, study, 1, "pacs")
+        events.append((Topic.FORWARD_REQUESTED, request))
+        events.append((Topic.FORWARD_COMPLETED, _completed(request)))
+    publish(stack, events)
+
+    def told() -> bool:
+        for study in studies:
+            answers = [r for r in replicas if _status(r, study) == 200]
+            if len(answers) != 1:
+                return False
+            row = destination(study_json(answers[0], study), "pacs")
+            if (row["routed"], row["delivered"]) != (1, 1):
+                return False
+        return True
+
+    wait_for("every study complete in exactly one replica", told, timeout_s=90)
+    owners = {i for study in studies for i, r in enumerate(replicas) if _status(r, study) == 200}
+    assert owners == {0, 1}, "studies in every partition: both replicas hold some"
+
+
+def _two_per_partition(partitions: int = 3) -> list[str]:
+    """Study UIDs, two whose key the producers' partitioner puts in each partition."""
+    found: dict[int, list[str]] = {p: [] for p in range(partitions)}
+    while any(len(uids) < 2 for uids in found.values()):
+        uid = generate_uid()
+        partition = DefaultPartitioner()(uid.encode("ascii"), list(range(partitions)), None)
+        if len(found[partition]) < 2:
+            found[partition].append(uid)
+    return [uid for uids in found.values() for uid in uids]
+
+
+def _held(ledger: IngestProcess) -> set[int]:
+    """The partitions a replica owns (its 404 answer lists them)."""
+    answer = httpx.get(f"{ledger.url}/ledger/studies/1.2.3", timeout=5)
+    assert answer.status_code == 404
+    return set(answer.json()["partitions"])
+
+
+def _completed(request: ForwardRequested) -> ForwardCompleted:
+    return ForwardCompleted(
+        **request.identity(),
+        destination=request.destination,
+        lane=request.lane,
+        idempotency_key=request.idempotency_key,
+        original_sha256=request.original_sha256,
+        attempts=1,
+        transfer_syntax_uid=request.transfer_syntax_uid,
+        size=request.blob.size,
+        delivered_at=datetime.now(UTC),
+        latency_s=0.5,
+    )
