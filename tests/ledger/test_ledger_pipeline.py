@@ -312,3 +312,32 @@ def _completed(request: ForwardRequested) -> ForwardCompleted:
         delivered_at=datetime.now(UTC),
         latency_s=0.5,
     )
+
+
+def test_a_ledger_killed_by_sigkill_loses_nothing_and_counts_nothing_twice(
+    stack: Stack,
+    start_ledger: Callable[..., IngestProcess],
+    tmp_path: Path,
+) -> None:
+    study = generate_uid()
+    routed = requests(stack, tmp_path, study, 40, "pacs")
+    first = start_ledger(**LEDGER)
+    publish(stack, [(Topic.FORWARD_REQUESTED, r) for r in routed])
+    wait_for(
+        "some requests counted",
+        lambda: (
+            _status(first, study) == 200
+            and destination(study_json(first, study), "pacs")["routed"] >= 1
+        ),
+        timeout_s=60,
+    )
+    first.proc.kill()  # whatever it read and did not commit is read again
+    first.expected_exit = -9
+    second = start_ledger(**LEDGER)
+    publish(stack, [(Topic.FORWARD_COMPLETED, _completed(r)) for r in routed])
+    wait_for("dicom.study.delivered", lambda: delivered_events(stack), timeout_s=120)
+    row = destination(study_json(second, study), "pacs")
+    assert (row["routed"], row["delivered"], row["pending"]) == (40, 40, 0)
+    assert {i["sop_instance_uid"] for i in row["instances"]} == {r.sop_instance_uid for r in routed}
+    (event,) = delivered_events(stack)
+    assert event["instances"] == 40 and event["revision"] == 1
