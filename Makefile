@@ -24,13 +24,14 @@ install: $(STAMP)
 
 # DCMTK (storescu, echoscu, dcmcjpeg…) is a real DICOM sender for the tests; Orthanc
 # with its DICOMweb plugin is the real destination (make run's example destination).
+# promtool (Debian package prometheus) unit-tests the shipped alert rules.
 system-deps:
-	@{ command -v storescu && command -v Orthanc && \
+	@{ command -v storescu && command -v Orthanc && command -v promtool && \
 	   test -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so; } >/dev/null 2>&1 || { \
-	  echo "installing dcmtk, orthanc and orthanc-dicomweb with apt-get"; \
+	  echo "installing dcmtk, orthanc, orthanc-dicomweb and prometheus with apt-get"; \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
-	    dcmtk orthanc orthanc-dicomweb; }
+	    dcmtk orthanc orthanc-dicomweb prometheus; }
 
 # make run BROKER=durable keeps the broker's log in the S3 server, so Tansu can be
 # killed and restarted without losing a record (default: in memory).

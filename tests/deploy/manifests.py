@@ -152,6 +152,35 @@ def alert_queries(objects: list[Obj]) -> dict[str, str]:
     return queries
 
 
+def recorded_series(objects: list[Obj]) -> dict[str, set[str]]:
+    """Series the recording rules create → the label names they keep: those of the
+    outermost aggregation's ``by (...)`` (the left operand's, for a binary operation),
+    and the rule's own ``labels``."""
+    recorded: dict[str, set[str]] = {}
+    for rule_set in of_kind(objects, "PrometheusRule"):
+        for group in rule_set["spec"]["groups"]:
+            for rule in group["rules"]:
+                if "record" in rule:
+                    kept = _kept_labels(parse_promql(rule["expr"])) or set()
+                    recorded[rule["record"]] = kept | set(rule.get("labels", {}))
+    return recorded
+
+
+def _kept_labels(node: Any) -> set[str] | None:
+    if isinstance(node, promql_parser.AggregateExpr):
+        modifier = node.modifier
+        if modifier is not None and modifier.type == promql_parser.AggModifierType.By:
+            return set(modifier.labels)
+        return set()
+    if isinstance(node, promql_parser.ParenExpr):
+        return _kept_labels(node.expr)
+    if isinstance(node, promql_parser.BinaryExpr):
+        if isinstance(node.lhs, promql_parser.NumberLiteral):
+            return _kept_labels(node.rhs)
+        return _kept_labels(node.lhs)
+    return None
+
+
 def scaler_queries(objects: list[Obj]) -> dict[str, str]:
     """'<ScaledObject> / <n>' → PromQL, for every KEDA prometheus trigger."""
     queries = {}

@@ -4,6 +4,7 @@ in the autoscalers parses as PromQL."""
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import pytest
@@ -15,8 +16,10 @@ from deploy.manifests import (
     dashboards,
     of_kind,
     parse_promql,
+    recorded_series,
     render,
     scaler_queries,
+    selectors,
     walk_panels,
 )
 
@@ -102,6 +105,40 @@ def test_the_overview_shows_what_operators_were_promised() -> None:
     assert not missing, f"panels missing: {missing}"
 
 
+DESTINATION_ROW = {
+    "deliveries and failures / s": "radflow_forwarder_delivered_total",
+    "latency p50 / p95 / p99 and objective": "radflow_forwarder_slo_target_seconds",
+    "backlog": "radflow_consumer_lag",
+    "waiting since": "radflow_consumer_waiting_since_timestamp_seconds",
+    "verification failures": "radflow_forwarder_verification_failures_total",
+    "latency objective burn rate": "radflow:slo_burn_rate1h",
+}
+"""Panel of the per-destination row (after "$destination: ") → a series it must read."""
+
+
+def test_the_overview_repeats_a_row_per_destination_with_what_issue_19_asked() -> None:
+    overview = dashboards()["radflow-overview.json"]
+    panels = overview["panels"]
+    (row,) = [p for p in panels if p["type"] == "row" and p.get("repeat")]
+    assert row["repeat"] == "destination"
+    (variable,) = [v for v in overview["templating"]["list"] if v["name"] == "destination"]
+    assert variable["multi"] or variable["includeAll"], "a row repeats over several values"
+    # A repeated row takes the panels below it up to the next row (or its own panels
+    # when collapsed).
+    after = panels[panels.index(row) + 1 :]
+    inside = row["panels"] or [p for p in itertools.takewhile(lambda p: p["type"] != "row", after)]
+    titles = {p["title"].removeprefix("$destination: "): p for p in inside}
+    assert set(titles) == set(DESTINATION_ROW)
+    for title, series in DESTINATION_ROW.items():
+        queries = [t["expr"] for t in titles[title]["targets"]]
+        assert any(series in selectors(q) for q in queries), f"{title} does not read {series}"
+        for query in queries:
+            matched = [labels for labels in selectors(query).values()]
+            assert all("destination" in labels or "group" in labels for labels in matched), (
+                f"{title}: {query} is not limited to the row's destination"
+            )
+
+
 def test_every_query_parses_as_promql() -> None:
     objects = render("prod")
     queries = {
@@ -125,7 +162,82 @@ def test_every_alert_has_a_runbook_and_a_severity() -> None:
     for rule_set in of_kind(render("prod"), "PrometheusRule"):
         for group in rule_set["spec"]["groups"]:
             for rule in group["rules"]:
+                if "record" in rule:
+                    continue
                 name = rule["alert"]
                 assert rule["labels"]["severity"] in {"info", "warning", "critical"}, name
                 assert rule["annotations"]["summary"], name
                 assert len(rule["annotations"]["runbook"].splitlines()) >= 2, name
+
+
+BURN_RATE = re.compile(r"^radflow:slo_burn_rate(\d+[mhd])$")
+SRE_WORKBOOK = {
+    "RadflowLatencySloFastBurn": {("1h", "5m", 14.4), ("6h", "30m", 6.0)},
+    "RadflowLatencySloSlowBurn": {("1d", "2h", 3.0), ("3d", "6h", 1.0)},
+}
+"""Alert → (long window, short window, burn rate) pairs, from the SRE workbook's
+multiwindow, multi-burn-rate alerts for a 30-day budget: 2% of it spent in an hour
+(14.4) or 5% in six hours (6) pages; 10% in a day (3) or 10% in three days (1) is a
+ticket."""
+
+
+def _rules(objects: list[Obj]) -> dict[str, Obj]:
+    return {
+        rule.get("alert") or rule["record"]: rule
+        for rule_set in of_kind(objects, "PrometheusRule")
+        for group in rule_set["spec"]["groups"]
+        for rule in group["rules"]
+    }
+
+
+def test_each_burn_rate_is_recorded_over_the_window_its_name_says() -> None:
+    rules = _rules(render("prod"))
+    windows = {}
+    for name, rule in rules.items():
+        match = BURN_RATE.match(name)
+        if match:
+            windows[match.group(1)] = set(re.findall(r"\[(\d+[mhd])\]", rule["expr"]))
+    assert set(windows) == {"5m", "30m", "1h", "2h", "6h", "1d", "3d"}
+    for window, ranges in windows.items():
+        assert ranges == {window}, f"radflow:slo_burn_rate{window} reads ranges {ranges}"
+
+
+def test_the_slo_alerts_pair_long_and_short_windows_at_the_workbook_s_burn_rates() -> None:
+    rules = _rules(render("prod"))
+    for alert, pairs in SRE_WORKBOOK.items():
+        expr = rules[alert]["expr"]
+        found = {
+            (long, short, float(rate))
+            for long, rate, short, rate_again in re.findall(
+                r"radflow:slo_burn_rate(\w+) > ([\d.]+) and radflow:slo_burn_rate(\w+) > ([\d.]+)",
+                expr,
+            )
+            if rate == rate_again
+        }
+        assert found == pairs, f"{alert}: {found}"
+        assert rules[alert]["labels"]["severity"] == (
+            "critical" if alert.endswith("FastBurn") else "warning"
+        )
+
+
+def test_every_recorded_series_read_is_recorded_with_the_labels_read() -> None:
+    objects = render("prod")
+    recorded = recorded_series(objects)
+    assert recorded["radflow:slo_burn_rate1h"] == {"namespace", "destination", "lane"}
+    queries = {
+        **{
+            f"dashboard {k}": v
+            for d in dashboards().values()
+            for k, v in dashboard_queries(d).items()
+        },
+        **{f"alert {k}": v for k, v in alert_queries(objects).items()},
+    }
+    used = 0
+    for where, expr in queries.items():
+        for name, labels in selectors(expr).items():
+            if ":" not in name:
+                continue
+            used += 1
+            assert name in recorded, f"{where} reads {name}, which no rule records"
+            assert labels <= recorded[name], f"{where} matches {name} on {labels - recorded[name]}"
+    assert used >= 10

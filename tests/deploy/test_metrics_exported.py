@@ -26,6 +26,7 @@ from deploy.manifests import (
     alert_queries,
     dashboard_queries,
     dashboards,
+    recorded_series,
     render,
     scaler_queries,
     selectors,
@@ -48,6 +49,14 @@ SERVICE_METRICS = (
     "stow_forwarder.metrics",
     "ledger.metrics",
 )
+NOT_YET_EXPORTED = {
+    "radflow_forwarder_verification_failures_total": (
+        "delivery verification (issue 19) is being built on another branch; the "
+        "dashboard's per-destination row reads it under this agreed name"
+    ),
+}
+"""Series a panel reads before the code that exports them is merged: named here so the
+gap is visible, and removed when it lands."""
 REPORT_RETURN_PREFIX = "radflow_report_return_"
 HAS_REPORT_RETURN = importlib.util.find_spec("report_return") is not None
 
@@ -56,6 +65,7 @@ timezone: UTC
 destinations:
   pacs:
     url: http://127.0.0.1:9/dicom-web
+    slo: {stat: {within_s: 60, percent: 99}}
 rules:
   - name: everything
     route: [pacs]
@@ -172,10 +182,16 @@ def test_every_series_the_dashboard_alerts_and_autoscalers_read_is_exported(
             available.update(exposed(page.text))
             how = "checked on the running service"
     labels = declared_labels()
+    recorded = recorded_series(render("prod"))
 
     unchecked = []
     for name, uses in sorted(queried().items()):
-        if name in PROMETHEUS_OWN:
+        if name in PROMETHEUS_OWN or name in NOT_YET_EXPORTED:
+            continue
+        if name in recorded:  # its own expression is checked as an alert query
+            for where, used in uses.items():
+                missing = used - recorded[name]
+                assert not missing, f"{where} matches {name} on {missing}, which it lacks"
             continue
         if name.startswith(REPORT_RETURN_PREFIX) and not HAS_REPORT_RETURN:
             unchecked.append(name)
@@ -185,6 +201,7 @@ def test_every_series_the_dashboard_alerts_and_autoscalers_read_is_exported(
         for where, used in uses.items():
             assert used <= known, f"{where} matches {name} on {used - known}, which it lacks"
     print(f"report-return metrics {how}: {unchecked or 'all'}")
+    assert NOT_YET_EXPORTED.keys().isdisjoint(available), "exported now: drop it from the list"
 
 
 def test_the_check_sees_a_metric_that_no_service_exports() -> None:

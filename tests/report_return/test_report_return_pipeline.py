@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from cli.test_dlq_replay_pipeline import radflow
 from radflow_core.events import ReportStatus
 from radflow_core.topics import Topic
 from radflow_devstack.kit.waiting import wait_for
@@ -376,5 +377,33 @@ def test_sigterm_while_retrying_loses_nothing_and_a_restart_returns_the_report_o
         time.sleep(1)
         assert [m.control_id for m in peer.received] == [returned(stack)[0]["message_control_id"]]
         assert returned(stack)[0]["report_id"] == event.report_id
+    finally:
+        peer.stop()
+
+
+def test_reports_out_of_retries_are_returned_once_by_dlq_replay(
+    stack: Stack, start_report_return, publish_report: Publish, tmp_path: Path
+) -> None:
+    port = free_port()
+    start(start_report_return, tmp_path, {"north": site(port)}, retry_budget_s="2")
+    events = [publish_report(document()) for _ in range(2)]
+    wait_for("2 reports out of retries", lambda: len(failed(stack)) == 2, timeout_s=60)
+    assert {f["reason"] for f in failed(stack)} == {"retries_exhausted"}
+    peer = MllpPeer(port).start()
+    try:
+        first = radflow(stack, "dlq", "replay", "--topic", "report.failed")
+        assert first.returncode == 0, first.stderr
+        assert "replayed 2, skipped 0, not replayable 0" in first.stdout
+        wait_for("2 reports acknowledged", lambda: len(returned(stack)) == 2, timeout_s=60)
+        assert sorted(r["report_id"] for r in returned(stack)) == sorted(
+            e.report_id for e in events
+        )
+        assert len(peer.received) == 2
+        second = radflow(stack, "dlq", "replay", "--topic", "report.failed")
+        assert second.returncode == 0, second.stderr
+        assert "replayed 0, skipped 2, not replayable 0" in second.stdout
+        assert second.stdout.count("already returned") == 2
+        assert len(stack.events(Topic.REPORTS_FINALIZED)) == 4  # 2 published, 2 replayed
+        assert len(peer.received) == 2
     finally:
         peer.stop()

@@ -323,10 +323,17 @@ class ForwardCompleted(Delivery):
 
 
 class ForwardFailed(Delivery):
-    """``dicom.forward.failed`` v1: delivery given up, with the destination's answer."""
+    """``dicom.forward.failed`` v2: delivery given up, with the destination's answer and
+    the request itself, so that it can be replayed as it was (``radflow dlq replay``).
+
+    v2 (from v1): ``source_topic``, ``source_partition``, ``source_offset``,
+    ``original_key`` and ``original_value``, the request record as it was on its topic.
+    v1 records are still read (as v2 with those None: find the request on
+    ``dicom.forward.requested(.stat)`` by its ``idempotency_key``)."""
 
     type_name: ClassVar[str] = "dicom.forward.failed"
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2
+    reads: ClassVar[tuple[int, ...]] = (1,)
     topic: ClassVar[Topic | None] = Topic.FORWARD_FAILED
 
     reason: str
@@ -344,6 +351,19 @@ class ForwardFailed(Delivery):
     """Whether the last failure was of a retriable kind (its budget ran out)."""
     failed_at: AwareDatetime
     """When the forwarder gave up (UTC)."""
+    source_topic: str | None = None
+    """Topic of the request record, as the broker names it (with the deployment's
+    prefix); None only in a v1 event."""
+    source_partition: int | None = Field(default=None, ge=0)
+    """Partition of the request record; None only in a v1 event."""
+    source_offset: int | None = Field(default=None, ge=0)
+    """Offset of the request record; None only in a v1 event."""
+    original_key: str | None = None
+    """The request record's key (the Study Instance UID); None only in a v1 event."""
+    original_value: str | None = None
+    """The request record's value as UTF-8 text: the ``dicom.forward.requested`` event
+    (envelope and all) exactly as the forwarder read it, to publish again unchanged to
+    ``source_topic`` with ``original_key``. None only in a v1 event."""
 
 
 class ForwardVerified(Delivery):
@@ -566,14 +586,19 @@ class AckError(EventModel):
 
 
 class ReportFailed(ReportDelivery):
-    """``report.failed`` v2: report-return gave up on a report, with the reason and, when
-    the RIS answered, the coded part of its acknowledgement.
+    """``report.failed`` v3: report-return gave up on a report, with the reason, when
+    the RIS answered the coded part of its acknowledgement, and the input record itself,
+    so that it can be replayed as it was (``radflow dlq replay``).
 
+    v3 (from v2): ``original_key`` and ``original_value``, the input record as it was on
+    ``source_topic``. v2 records are still read (with those None: the input is at the
+    source coordinates, while the topic retains it).
     v2 (from v1): the RIS's own words are gone (``ack_text`` and ``ack``: its free text
     can quote patient data); ``ack_errors`` keeps each ERR segment's codes instead."""
 
     type_name: ClassVar[str] = "report.failed"
-    version: ClassVar[int] = 2
+    version: ClassVar[int] = 3
+    reads: ClassVar[tuple[int, ...]] = (2,)
     topic: ClassVar[Topic | None] = Topic.REPORT_FAILED
 
     reason: str
@@ -604,6 +629,13 @@ class ReportFailed(ReportDelivery):
     """Its offset: reset the consumer group there to replay after fixing the cause."""
     failed_at: AwareDatetime
     """When report-return gave up (UTC)."""
+    original_key: str | None = None
+    """The input record's key (the Study Instance UID); None only in a v2 event."""
+    original_value: str | None = None
+    """The input record's value as UTF-8 text: the ``reports.finalized`` event, or the
+    ``dicom.forward.requested`` event of a Structured Report, exactly as read (events
+    carry no patient data; the report document stays in the blob store). None only in
+    a v2 event."""
 
 
 class DeadLetter(EventModel):

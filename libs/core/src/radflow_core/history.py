@@ -66,8 +66,8 @@ async def read_history(
         auto_offset_reset="earliest",
         fetch_max_wait_ms=kafka.fetch_max_wait_ms,
     )
-    await consumer.start()
     try:
+        await consumer.start()
         present = sorted(wanted & set(await consumer.topics()))
         if not present:
             return

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import re
 from datetime import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydicom.datadict import keyword_dict, keyword_for_tag
-from yaml.nodes import Node, ScalarNode, SequenceNode
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from radflow_core.events import Lane
 from radflow_core.uids import is_valid_uid
@@ -42,11 +43,13 @@ from radflow_rules.rules import (
     Equals,
     Exists,
     IsStat,
+    LatencyObjective,
     Level,
     Matches,
     Not,
     Rule,
     RuleSet,
+    Slo,
     StatPolicy,
     StudyComplete,
     TimeWindow,
@@ -70,12 +73,14 @@ _RULE_KEYS = {"name", "when", "route", "lane", "wait_for_study_complete", "conti
 _TOP_KEYS = {"version", "timezone", "destinations", "rules", "default", "stat"}
 _COMMON_DEST_KEYS = {"kind", "transfer_syntaxes", "max_batch", "priority"}
 _DEST_KEYS = {
-    DestinationKind.STOW_RS: _COMMON_DEST_KEYS | {"url", "auth", "tls"},
+    DestinationKind.STOW_RS: _COMMON_DEST_KEYS | {"url", "auth", "tls", "slo"},
     DestinationKind.DIMSE: _COMMON_DEST_KEYS
-    | {"host", "port", "ae_title", "calling_ae_title", "tls"},
+    | {"host", "port", "ae_title", "calling_ae_title", "tls", "slo"},
     DestinationKind.REPORT_RETURN: _COMMON_DEST_KEYS | {"site"},
 }
-"""Keys each kind of destination takes (``tls`` on a DIMSE peer: DICOM TLS)."""
+"""Keys each kind of destination takes (``tls`` on a DIMSE peer: DICOM TLS; ``slo``
+only where the forwarder delivers, which is what measures it)."""
+_SLO_KEYS = {"within_s", "percent"}
 RESERVED_NAMES = frozenset({"unknown-destinations"})
 """Destination names the forwarder uses for consumer groups of its own."""
 IDENTITY_KINDS = ("jwt:", "apikey:", "cert:")
@@ -240,8 +245,68 @@ class _RuleReader(YamlReader):
                         f"{what} sends {auth.kind.value} credentials over plain http:// "
                         "(use https://)",
                     )
+            if "slo" in fields:
+                common["slo"] = self.slo(fields["slo"], what)
             out[name] = Destination(name, url, auth, tuple(syntaxes), max_batch, tls=tls, **common)
         return out
+
+    def slo(self, node: Node, what: str) -> Slo:
+        """``slo: {stat: {within_s: 60, percent: 99}, routine: {...}}``: per lane, the
+        share of instances that must be acknowledged within so many seconds."""
+        lanes = self.mapping(node, f"slo of {what}") or {}
+        self.unknown_keys(lanes, {lane.value for lane in Lane}, f"slo of {what}")
+        objectives: dict[str, LatencyObjective] = {}
+        for lane in Lane:
+            if lane.value in lanes:
+                objective = self.objective(lanes[lane.value], f"slo.{lane.value} of {what}")
+                if objective is not None:
+                    objectives[lane.value] = objective
+        if not lanes and isinstance(node, MappingNode):
+            self.fail(node, f"slo of {what} names no lane (expected routine and/or stat)")
+        return Slo(**objectives)
+
+    def objective(self, node: Node, what: str) -> LatencyObjective | None:
+        fields = self.mapping(node, what)
+        if fields is None:
+            return None
+        self.unknown_keys(fields, _SLO_KEYS, what)
+        missing = sorted(_SLO_KEYS - set(fields))
+        if missing:
+            self.fail(
+                node,
+                f"{what} needs {' and '.join(missing)} (e.g. within_s: 300, percent: 99: "
+                "99% of instances delivered within 300 s)",
+            )
+            return None
+        within = self.number(fields["within_s"], f"{what}: within_s")
+        if within is not None and within <= 0:
+            self.fail(fields["within_s"], f"{what}: within_s must be more than 0 seconds")
+            within = None
+        percent = self.number(fields["percent"], f"{what}: percent")
+        if percent is not None and not 0 < percent < 100:
+            self.fail(
+                fields["percent"],
+                f"{what}: percent must be above 0 and below 100 (100 leaves no error "
+                "budget to burn; 99.9 is three nines)",
+            )
+            percent = None
+        if within is None or percent is None:
+            return None
+        return LatencyObjective(within, percent)
+
+    def number(self, node: Node, what: str) -> float | None:
+        text = self.scalar(node, what)
+        if text is None:
+            return None
+        try:
+            value = float(text)
+        except ValueError:
+            self.fail(node, f"{what} must be a number (got {text!r})")
+            return None
+        if not math.isfinite(value):
+            self.fail(node, f"{what} must be a finite number (got {text!r})")
+            return None
+        return value
 
     def dimse_peer(self, fields: dict[str, Node], node: Node, what: str) -> DimsePeer | None:
         missing = [key for key in ("host", "port", "ae_title") if key not in fields]

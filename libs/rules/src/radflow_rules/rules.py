@@ -28,6 +28,41 @@ class Level(StrEnum):
 
 
 @dataclass(frozen=True)
+class LatencyObjective:
+    """A delivery latency objective for one destination and lane: ``percent`` of
+    instances acknowledged by the destination within ``within_s`` of ingest receiving
+    them. Written as a share within a threshold (not as a percentile) because that is
+    what a burn-rate alert can compute exactly from counters: the forwarder counts each
+    delivery as within or over the threshold, and the error budget is ``100 - percent``."""
+
+    within_s: float
+    """Seconds from ingest receiving the instance to the destination acknowledging it."""
+    percent: float
+    """Share of instances that must arrive within ``within_s``, above 0 and below 100."""
+
+    @property
+    def ratio(self) -> float:
+        """``percent`` as a fraction (0.99 for 99)."""
+        return self.percent / 100
+
+
+@dataclass(frozen=True)
+class Slo:
+    """A destination's latency objectives, per lane; a lane without one is not measured
+    against a target (its latency histogram is still recorded)."""
+
+    routine: LatencyObjective | None = None
+    stat: LatencyObjective | None = None
+
+    def for_lane(self, lane: Lane) -> LatencyObjective | None:
+        return self.stat if lane is Lane.STAT else self.routine
+
+    def items(self) -> list[tuple[Lane, LatencyObjective]]:
+        """The lanes that have an objective, with it."""
+        return [(lane, o) for lane in Lane if (o := self.for_lane(lane)) is not None]
+
+
+@dataclass(frozen=True)
 class Destination:
     name: str
     url: str
@@ -48,6 +83,9 @@ class Destination:
     """The peer, for ``kind: dimse``."""
     site: str | None = None
     """The RIS site, for ``kind: report-return``."""
+    slo: Slo = Slo()
+    """Latency objectives per lane (``slo:`` in the rule file), which the forwarder
+    counts deliveries against and exports for the burn-rate alerts."""
 
     @property
     def identity(self) -> str:

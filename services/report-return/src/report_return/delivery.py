@@ -236,6 +236,8 @@ class Outcomes:
             source_partition=record.partition,
             source_offset=record.offset,
             failed_at=datetime.now(UTC),
+            original_key=record.key.decode("utf-8", "replace") if record.key else None,
+            original_value=(record.value or b"").decode("utf-8", "replace"),
         )
         await self._producer.publish(event, event.key)
         if sent:

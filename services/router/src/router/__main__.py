@@ -1,22 +1,33 @@
 """``python -m router`` runs the router service; ``python -m router check RULES`` and
 ``python -m router explain RULES FILE|DIR`` are the tools for an integration engineer
 to validate a rule file and see, before deploying it, which rules match each instance
-and where it would go.
+and where it would go; ``python -m router replay --rules RULES --from T1 --to T2``
+sets what a new rule file would have decided against what the router requested for
+the instances of a past window (read from the topics; nothing is sent).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+from aiokafka.errors import KafkaError
+
+from radflow_core.blobstore import BlobStore
+from radflow_core.errors import PipelineError
 from radflow_core.runtime import run_main
+from radflow_core.settings import KafkaSettings, S3Settings
 from radflow_rules.loader import RuleFileError, load_file
-from radflow_rules.rules import evaluate
+from radflow_rules.rules import RuleSet, evaluate
+from router import replay
 from router.explain import describe, instance_from_file
 from router.service import RouterService
-from router.settings import RouterConfig
+from router.settings import RouterConfig, RouterSettings
+from router.whatif import render
 
 
 def _files(target: Path) -> list[Path]:
@@ -25,7 +36,7 @@ def _files(target: Path) -> list[Path]:
     return [target]
 
 
-TOOLS = ("check", "explain")
+TOOLS = ("check", "explain", "replay")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
             "emits one dicom.forward.requested(.stat) event per instance and destination; "
             "studies can wait until complete (state kept in the broker). Tools: "
             "'python -m router check RULES' validates a rule file, 'python -m router "
-            "explain RULES FILE|DIR [--at TIME]' shows which rules match and why."
+            "explain RULES FILE|DIR [--at TIME]' shows which rules match and why, "
+            "'python -m router replay --rules RULES --from T1 [--to T2]' what a rule "
+            "change would have changed over past instances."
         ),
         sections=RouterConfig.SECTIONS,
         load=RouterConfig.from_env,
@@ -74,6 +87,36 @@ def tools(argv: list[str]) -> int:
         default="medium",
         help="DIMSE C-STORE priority of the send",
     )
+    what_if = commands.add_parser(
+        "replay",
+        help="what a new rule file would have decided for a past window, against what "
+        "was requested (reads the topics; sends nothing)",
+        description="Reads the normalized events of the window and the router's forward "
+        "requests, holds and waiting studies, with no consumer group; evaluates the new "
+        "rules on each instance at the time the router decided; prints, per destination "
+        "and rule, what was requested and what would be, and every instance whose "
+        "destinations change. Uses the RADFLOW_KAFKA_*, RADFLOW_S3_* and "
+        "RADFLOW_ROUTER_HEADER_LIMIT_BYTES settings.",
+    )
+    what_if.add_argument("--rules", type=Path, required=True, help="the new rule file")
+    what_if.add_argument(
+        "--from",
+        dest="since",
+        type=_aware,
+        required=True,
+        help="start of the window (normalized events appended from then), e.g. "
+        "2026-11-23T18:00+01:00",
+    )
+    what_if.add_argument(
+        "--to", dest="until", type=_aware, default=None, help="end of the window (default now)"
+    )
+    what_if.add_argument("--json", action="store_true", help="one JSON document, for scripts")
+    what_if.add_argument(
+        "--idle-s",
+        type=float,
+        default=2.0,
+        help="stop reading when the broker has had nothing more for this long (seconds)",
+    )
     args = parser.parse_args(argv)
     try:
         rules = load_file(args.rules)
@@ -86,6 +129,8 @@ def tools(argv: list[str]) -> int:
     if args.command == "check":
         print(f"{args.rules}: {len(rules.rules)} rules, {len(rules.destinations)} destinations: OK")
         return 0
+    if args.command == "replay":
+        return _replay(args, rules)
     at = args.at or datetime.now(UTC)
     if at.tzinfo is None:
         parser.error("--at needs a UTC offset, e.g. 2026-11-23T19:30+01:00")
@@ -101,6 +146,59 @@ def tools(argv: list[str]) -> int:
             continue
         print(describe(str(path), evaluate(rules, instance, at)))
     return status
+
+
+def _aware(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 time") from None
+    if value.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} needs a UTC offset, e.g. +01:00 or Z")
+    return value
+
+
+def _replay(args: argparse.Namespace, rules: RuleSet) -> int:
+    until = args.until or datetime.now(UTC)
+    if until <= args.since:
+        print("--to must be after --from", file=sys.stderr)
+        return 2
+    try:
+        kafka = KafkaSettings.from_env(os.environ)
+        s3 = S3Settings.from_env(os.environ)
+        header_limit = RouterSettings.from_env(os.environ).header_limit_bytes
+    except PipelineError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    blobs = BlobStore(s3)
+    try:
+        report, history = asyncio.run(
+            replay.what_if(
+                rules,
+                kafka,
+                blobs,
+                since=args.since,
+                until=until,
+                header_limit=header_limit,
+                idle_s=args.idle_s,
+            )
+        )
+    except (PipelineError, KafkaError, OSError) as exc:
+        print(f"cannot read the history: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        blobs.close()
+    if args.json:
+        print(replay.as_json(report, rules, args.since, until))
+    else:
+        heading = (
+            f"{args.rules} (rules {rules.digest}) over instances normalized "
+            f"{args.since.isoformat()} .. {until.isoformat()}"
+        )
+        print(render(report, heading))
+    if history.unreadable:
+        print(f"warning: {history.unreadable} record(s) not readable as events", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":

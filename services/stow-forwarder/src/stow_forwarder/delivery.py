@@ -66,6 +66,7 @@ from stow_forwarder.metrics import (
     SKIPPED,
 )
 from stow_forwarder.settings import ForwarderSettings
+from stow_forwarder.slo import count_delivery, count_failure
 
 log = logging.getLogger(__name__)
 
@@ -111,9 +112,15 @@ class Fetch:
     accepted so far (a request repeated later in the fetch is not sent again)."""
 
     limit: int
+    sources: dict[int, ConsumerRecord[bytes, bytes]] = field(default_factory=dict)
+    """Each request's record (by the request object's id): what its dead letter carries,
+    to be replayed as it was."""
     accepted: set[str] = field(default_factory=set)
     """Idempotency keys the destination acknowledged during this fetch."""
     settling: list[asyncio.Task[object]] = field(default_factory=list)
+
+    def source(self, request: ForwardRequested) -> ConsumerRecord[bytes, bytes]:
+        return self.sources[id(request)]
 
     def settle(self, work: Coroutine[Any, Any, object]) -> None:
         self.settling.append(asyncio.create_task(work))
@@ -221,9 +228,10 @@ class Deliverer:
         """A partition's fetch: deliver the requests for this destination, each study's
         in order. Returns when every outcome is acknowledged; raises (nothing of the
         fetch is committed, it is read again) if any could not be."""
-        mine = [envelope.data for envelope, _ in items if envelope.data.destination == self.name]
-        batches = list(chunks(mine, self.destination.max_batch, self._settings.max_batch_bytes))
-        fetch = Fetch(self._settings.io_concurrency)
+        mine = [(e.data, record) for e, record in items if e.data.destination == self.name]
+        requests = [request for request, _ in mine]
+        batches = list(chunks(requests, self.destination.max_batch, self._settings.max_batch_bytes))
+        fetch = Fetch(self._settings.io_concurrency, {id(r): record for r, record in mine})
         try:
             await self._pipeline(batches, fetch)
         except BaseException:
@@ -263,7 +271,7 @@ class Deliverer:
             ready = await bounded(
                 chunk,
                 lambda request: self._prepare(
-                    request, states.get(request.idempotency_key), Path(spool.name)
+                    request, states.get(request.idempotency_key), Path(spool.name), fetch
                 ),
                 fetch.limit,
             )
@@ -281,7 +289,7 @@ class Deliverer:
         return Staged(prepared, spool)
 
     async def _prepare(
-        self, request: ForwardRequested, state: State | None, spool: Path
+        self, request: ForwardRequested, state: State | None, spool: Path, fetch: Fetch
     ) -> Prepared | None:
         """The bytes to send, verified, in the requested syntax; None if already
         delivered or dead-lettered."""
@@ -289,17 +297,19 @@ class Deliverer:
             SKIPPED.labels(self.name).inc()
             await self._completed(request, request.transfer_syntax_uid, 0, 1, replay=True)
             return None
-        prepared = await self._bytes_to_send(request, spool)
+        prepared = await self._bytes_to_send(request, spool, fetch.source(request))
         if prepared is not None and state is State.SENDING:
             prepared.suspect = True
         return prepared
 
-    async def _bytes_to_send(self, request: ForwardRequested, spool: Path) -> Prepared | None:
+    async def _bytes_to_send(
+        self, request: ForwardRequested, spool: Path, source: ConsumerRecord[bytes, bytes]
+    ) -> Prepared | None:
         path = spool / f"{request.idempotency_key}.dcm"
         try:
             await self._download(request, path)
         except (BlobIntegrityError, BlobNotFound) as exc:
-            await self._failed(request, exc.reason, str(exc), 0, retriable=False)
+            await self._failed(request, source, exc.reason, str(exc), 0, retriable=False)
             return None
         wanted = request.requested_transfer_syntax_uid
         if wanted == request.transfer_syntax_uid:
@@ -307,6 +317,7 @@ class Deliverer:
         if wanted not in {t.value for t in Target}:
             await self._failed(
                 request,
+                source,
                 "cannot_convert",
                 f"the destination accepts only {wanted}, which is not a lossless target",
                 0,
@@ -317,7 +328,7 @@ class Deliverer:
         try:
             await asyncio.to_thread(normalize_file, path, converted, Target(wanted))
         except PipelineError as exc:
-            await self._failed(request, "cannot_convert", exc.reason, 0, retriable=False)
+            await self._failed(request, source, "cannot_convert", exc.reason, 0, retriable=False)
             return None
         return Prepared(request, converted, wanted, converted.stat().st_size)
 
@@ -440,6 +451,7 @@ class Deliverer:
             p, (status, message) = item
             await self._failed(
                 p.request,
+                fetch.source(p.request),
                 "rejected",
                 message,
                 attempt,
@@ -459,6 +471,7 @@ class Deliverer:
         async def exhausted(p: Prepared) -> None:
             await self._failed(
                 p.request,
+                fetch.source(p.request),
                 "retries_exhausted",
                 message,
                 attempt,
@@ -515,6 +528,7 @@ class Deliverer:
             self._audit_sent(request)
             DELIVERED.labels(self.name, request.lane.value).inc()
             LATENCY.labels(self.name, request.lane.value).observe(latency)
+            count_delivery(self.destination, request.lane, latency)
         log.info(
             "delivered" if not replay else "already delivered; not sent again",
             extra={
@@ -529,6 +543,7 @@ class Deliverer:
     async def _failed(
         self,
         request: ForwardRequested,
+        source: ConsumerRecord[bytes, bytes],
         reason: str,
         message: str,
         attempts: int,
@@ -550,10 +565,16 @@ class Deliverer:
             message=message,
             retriable=retriable,
             failed_at=datetime.now(UTC),
+            source_topic=source.topic,
+            source_partition=source.partition,
+            source_offset=source.offset,
+            original_key=source.key.decode("utf-8", "replace") if source.key else None,
+            original_value=(source.value or b"").decode("utf-8", "replace"),
         )
         await self._producer.publish(event, request.key)
         self._audit_sent(request, failure=reason)
         FAILED.labels(self.name, reason).inc()
+        count_failure(self.destination, request.lane)
         log.warning(
             "delivery failed",
             extra={

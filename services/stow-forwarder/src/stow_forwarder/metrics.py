@@ -36,7 +36,10 @@ LATENCY = Histogram(
     "radflow_forwarder_delivery_latency_seconds",
     "From ingest receiving an instance to the destination acknowledging it.",
     ["destination", "lane"],
-    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600),
+    # 120, 600 and 1800 s: the usual STAT and routine objectives, so the quantiles
+    # drawn against them are not interpolated across 5 to 60 minutes. (The objectives
+    # themselves are counted exactly, in SLO_DELIVERIES.)
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 900, 1800, 3600),
 )
 REQUEST_SECONDS = Histogram(
     "radflow_forwarder_request_seconds",
@@ -71,4 +74,24 @@ RULES_RELOADS = Counter(
     "radflow_forwarder_rules_reloads_total",
     "Rule file changes seen, by outcome (applied, rejected).",
     ["outcome"],
+)
+SLO_DELIVERIES = Counter(
+    "radflow_forwarder_slo_deliveries_total",
+    "Instances of a destination and lane that has a latency objective, by outcome: "
+    "within (acknowledged within the objective's seconds of ingest receiving it), over "
+    "(acknowledged later) or failed (sent to dicom.forward.failed). Exact, unlike "
+    "interpolating the latency histogram's buckets: the burn-rate alerts read it.",
+    ["destination", "lane", "outcome"],
+)
+SLO_TARGET = Gauge(
+    "radflow_forwarder_slo_target_seconds",
+    "The latency objective's threshold from the rule file (slo.<lane>.within_s), by "
+    "destination and lane.",
+    ["destination", "lane"],
+)
+SLO_OBJECTIVE = Gauge(
+    "radflow_forwarder_slo_objective_ratio",
+    "Share of instances that must be delivered within the threshold (slo.<lane>.percent "
+    "/ 100), by destination and lane; 1 minus it is the error budget.",
+    ["destination", "lane"],
 )

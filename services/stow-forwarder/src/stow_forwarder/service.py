@@ -17,6 +17,7 @@ of :mod:`stow_forwarder.unknown`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from stow_forwarder.client import StowClient
 from stow_forwarder.delivery import Deliverer
 from stow_forwarder.dimse import DimseClient
 from stow_forwarder.settings import ForwarderConfig
+from stow_forwarder.slo import ObjectiveGauges
 from stow_forwarder.unknown import unknown_destination_consumers
 
 log = logging.getLogger(__name__)
@@ -75,6 +77,7 @@ class ForwarderService:
         self._audit = Auditor(SERVICE, self._producer, config.audit)
         self._rules = LiveRules(settings.rules_file, RULES_METRICS, audit=self._audit)
         self.running: dict[str, Running] = {}
+        self._objectives = ObjectiveGauges()
         self.shell = Shell(
             SERVICE,
             producer=self._producer,
@@ -155,6 +158,7 @@ class ForwarderService:
         ):
             self.shell.consume(consumer)
         metrics.DESTINATIONS.set(len(self.running))
+        self._objectives.publish(r.destination for r in self.running.values())
         log.info(
             "destinations loaded",
             extra={"destinations": sorted(self.running), "rules_digest": rules.digest},
@@ -170,6 +174,15 @@ class ForwarderService:
         for name in sorted(set(self.running) | set(wanted)):
             old, new = self.running.get(name), wanted.get(name)
             if old is not None and old.destination == new:
+                continue
+            if (
+                old is not None
+                and new is not None
+                and dataclasses.replace(old.destination, slo=new.slo) == new
+            ):
+                # Only the latency objectives changed: nothing to reconnect or restart.
+                old.destination = old.deliverer.destination = new
+                log.info("destination objectives changed", extra={"destination": name})
                 continue
             if old is not None:
                 await self._retire(self.running.pop(name))
@@ -190,6 +203,7 @@ class ForwarderService:
                 extra={"destination": name},
             )
         metrics.DESTINATIONS.set(len(self.running))
+        self._objectives.publish(r.destination for r in self.running.values())
 
     async def _retire(self, running: Running) -> None:
         """Stop one destination's consumers after the request in hand, then its client."""
