@@ -188,3 +188,23 @@ def test_a_failed_instance_keeps_its_study_from_being_delivered() -> None:
     study = book.study(STUDY)
     assert study is not None
     assert study.delivered(frozenset(), T0 + timedelta(hours=1), QUIET) is None
+
+
+def test_only_studies_with_something_on_its_way_or_to_publish_are_watched() -> None:
+    book = Book()
+    book.apply(0, request("1", "pacs"), T0)
+    book.apply(0, request("2", "pacs"), T0)
+    assert book.take_changed() == {(0, STUDY)}
+    assert book.take_changed() == set(), "taken"
+    study = book.study(STUDY)
+    assert study is not None
+    assert study.watched(frozenset()), "on their way: may become overdue"
+    book.apply(0, completed("1", "pacs", T0), T0)
+    book.apply(0, failed("2", "pacs", T0), T0)
+    assert not study.watched(frozenset()), "one arrived, one failed: nothing to do"
+    book.apply(0, completed("2", "pacs", T0 + timedelta(seconds=1)), T0)
+    assert book.take_changed() == {(0, STUDY)}
+    assert study.watched(frozenset()), "all arrived: to publish"
+    study.mark = Mark(study_instance_uid=STUDY, revision=1, entries=2, published_at=T0)
+    assert not study.watched(frozenset()), "published"
+    assert study.watched(frozenset({"pacs"})), "where verification is on, not arrived yet"

@@ -186,10 +186,26 @@ class Study:
         self.entries: dict[str, Entry] = {}
         """Idempotency key → entry."""
         self.mark: Mark | None = None
+        self.last_seen: datetime | None = None
+        """The latest ``seen_at`` of its entries (None without entries)."""
 
-    @property
-    def last_seen(self) -> datetime:
-        return max(e.seen_at for e in self.entries.values())
+    def put(self, entry: Entry) -> None:
+        self.entries[entry.idempotency_key] = entry
+        if self.last_seen is None or entry.seen_at > self.last_seen:
+            self.last_seen = entry.seen_at
+
+    def watched(self, verify: frozenset[str]) -> bool:
+        """Whether the tick must look at it again: an entry still on its way (neither
+        reached nor failed, so it may become overdue), or all reached and not yet
+        published with this many entries. Any other study changes only with a new fact."""
+        reached = 0
+        for entry in self.entries.values():
+            if entry.reached(entry.destination in verify):
+                reached += 1
+            elif entry.status is not Status.FAILED:
+                return True
+        published = self.mark is not None and self.mark.entries >= len(self.entries)
+        return reached == len(self.entries) and not published
 
     def destinations(self) -> dict[str, list[Entry]]:
         found: dict[str, list[Entry]] = {}
@@ -209,7 +225,7 @@ class Study:
             return None  # an outcome read before its request: the requests are behind
         if not all(e.reached(e.destination in verify) for e in self.entries.values()):
             return None
-        if now - self.last_seen < quiet:
+        if self.last_seen is None or now - self.last_seen < quiet:
             return None
         if self.mark is not None and self.mark.entries >= len(self.entries):
             return None
@@ -233,6 +249,15 @@ class Book:
 
     def __init__(self) -> None:
         self._partitions: dict[int, dict[str, Study]] = {}
+        self._changed: set[tuple[int, str]] = set()
+
+    def take_changed(self) -> set[tuple[int, str]]:
+        """(partition, study) changed since the last call."""
+        changed, self._changed = self._changed, set()
+        return changed
+
+    def get(self, partition: int, uid: str) -> Study | None:
+        return self._partitions.get(partition, {}).get(uid)
 
     @property
     def partitions(self) -> set[int]:
@@ -265,18 +290,21 @@ class Book:
         entry = Entry.first(fact, now) if known is None else known.merge(fact, now)
         if entry is known:
             return None
-        study.entries[fact.idempotency_key] = entry
+        study.put(entry)
+        self._changed.add((partition, study.uid))
         return entry
 
     def restore_entry(self, partition: int, entry: Entry) -> None:
         studies = self._partitions.setdefault(partition, {})
         study = studies.setdefault(entry.study_instance_uid, Study(entry.study_instance_uid))
-        study.entries[entry.idempotency_key] = entry
+        study.put(entry)
+        self._changed.add((partition, study.uid))
 
     def restore_mark(self, partition: int, mark: Mark) -> None:
         studies = self._partitions.setdefault(partition, {})
         study = studies.setdefault(mark.study_instance_uid, Study(mark.study_instance_uid))
         study.mark = mark
+        self._changed.add((partition, study.uid))
 
     def forget(self, partition: int, uid: str) -> Study | None:
         return self._partitions.get(partition, {}).pop(uid, None)

@@ -20,7 +20,7 @@ from aiohttp import web
 from aiokafka import TopicPartition
 
 from ledger import metrics
-from ledger.book import Book, Entry, Fact, Mark, Tally, tally
+from ledger.book import Book, Entry, Fact, Mark, Study, Tally, tally
 from ledger.changelog import Changelog
 from ledger.settings import LedgerConfig
 from radflow_core.audit import Auditor
@@ -34,6 +34,7 @@ from radflow_core.events import (
     ForwardRequested,
     ForwardVerified,
     Lane,
+    StudyDelivered,
 )
 from radflow_core.kafka import EventProducer
 from radflow_core.shell import Shell
@@ -64,6 +65,8 @@ class LedgerService:
         self._lock = asyncio.Lock()
         self._changelog = Changelog(kafka, self._producer, kafka.topic(Topic.LEDGER), list(models))
         self._gauged: set[str] = set()
+        self._watched: set[tuple[int, str]] = set()
+        """(partition, study) the tick looks at (see :meth:`tick`)."""
         self.shell = Shell(
             SERVICE,
             producer=self._producer,
@@ -142,7 +145,6 @@ class LedgerService:
             self._consumer.stop()
             self.shell.failed.set()
             raise
-        metrics.STUDIES.set(sum(1 for _ in self.book.studies()))
 
     async def _revoked(self, partitions: set[TopicPartition]) -> None:
         async with self._lock:
@@ -164,7 +166,12 @@ class LedgerService:
                 await asyncio.wait_for(stopping.wait(), timeout=self._settings.tick_interval_s)
 
     async def tick(self, now: datetime) -> None:
-        """Publish the studies delivered, forget the old ones, refresh the gauges.
+        """Forget the old studies, publish the studies delivered, refresh the gauges.
+
+        Only the studies that changed since the last tick, or that the last tick left
+        watched (an instance still on its way, or all arrived and not yet published),
+        are looked at: a study whose instances all arrived or failed has nothing
+        overdue and nothing to publish until a new fact comes (it then changes).
 
         Raises:
             BrokerUnavailable: stopped at a study; the next tick goes on from there.
@@ -172,49 +179,63 @@ class LedgerService:
         quiet = timedelta(seconds=self._settings.quiet_s)
         forget = timedelta(seconds=self._settings.forget_after_s)
         async with self._lock:
-            for partition, study in list(self.book.studies()):
-                if not study.entries or now - study.last_seen > forget:
-                    await self._changelog.forget(partition, study.uid, list(study.entries))
-                    self.book.forget(partition, study.uid)
+            studies = 0
+            for partition, kept in list(self.book.studies()):
+                if kept.last_seen is None or now - kept.last_seen > forget:
+                    await self._changelog.forget(partition, kept.uid, list(kept.entries))
+                    self.book.forget(partition, kept.uid)
+                else:
+                    studies += 1
+            metrics.STUDIES.set(studies)
+            # Kept whole until this tick has finished: a broker error loses none.
+            self._watched |= self.book.take_changed()
+            watched: set[tuple[int, str]] = set()
+            overdue: dict[str, int] = {}
+            for partition, uid in sorted(self._watched):
+                study = self.book.get(partition, uid)
+                if study is None:
                     continue
                 event = study.delivered(self._verify, now, quiet)
-                if event is None:
-                    continue
-                await self._producer.publish(event, event.key)
-                mark = Mark(
-                    study_instance_uid=study.uid,
-                    revision=event.revision,
-                    entries=len(study.entries),
-                    published_at=now,
-                )
-                await self._changelog.write_mark(partition, mark)
-                study.mark = mark
-                metrics.STUDIES_DELIVERED.inc()
-                log.info(
-                    "study delivered",
-                    extra={
-                        "study_instance_uid": study.uid,
-                        "revision": event.revision,
-                        "instances": event.instances,
-                        "count": len(event.destinations),
-                    },
-                )
-            self._gauge(now)
+                if event is not None:
+                    await self._publish(partition, study, event, now)
+                for entry in study.entries.values():
+                    late = entry.overdue(
+                        entry.destination in self._verify, now, self._overdue_after
+                    )
+                    overdue[entry.destination] = overdue.get(entry.destination, 0) + late
+                if study.watched(self._verify):
+                    watched.add((partition, uid))
+            self._watched = watched
+            for destination in self._gauged - set(overdue):
+                metrics.OVERDUE.labels(destination).set(0)
+            for destination, count in overdue.items():
+                metrics.OVERDUE.labels(destination).set(count)
+            self._gauged |= set(overdue)
 
-    def _gauge(self, now: datetime) -> None:
-        overdue: dict[str, int] = {}
-        studies = 0
-        for _, study in self.book.studies():
-            studies += 1
-            for entry in study.entries.values():
-                late = entry.overdue(entry.destination in self._verify, now, self._overdue_after)
-                overdue[entry.destination] = overdue.get(entry.destination, 0) + late
-        for destination in self._gauged - set(overdue):
-            metrics.OVERDUE.labels(destination).set(0)
-        for destination, count in overdue.items():
-            metrics.OVERDUE.labels(destination).set(count)
-        self._gauged |= set(overdue)
-        metrics.STUDIES.set(studies)
+    async def _publish(
+        self, partition: int, study: Study, event: StudyDelivered, now: datetime
+    ) -> None:
+        """``dicom.study.delivered``, then its mark in the changelog (a crash between
+        the two publishes the same revision once more)."""
+        await self._producer.publish(event, event.key)
+        mark = Mark(
+            study_instance_uid=study.uid,
+            revision=event.revision,
+            entries=len(study.entries),
+            published_at=now,
+        )
+        await self._changelog.write_mark(partition, mark)
+        study.mark = mark
+        metrics.STUDIES_DELIVERED.inc()
+        log.info(
+            "study delivered",
+            extra={
+                "study_instance_uid": study.uid,
+                "revision": event.revision,
+                "instances": event.instances,
+                "count": len(event.destinations),
+            },
+        )
 
     # -- HTTP ----------------------------------------------------------------------
 
@@ -253,7 +274,7 @@ class LedgerService:
                 "delivered": None
                 if mark is None
                 else {"revision": mark.revision, "published_at": mark.published_at.isoformat()},
-                "last_change": study.last_seen.isoformat(),
+                "last_change": None if study.last_seen is None else study.last_seen.isoformat(),
             }
         )
 
