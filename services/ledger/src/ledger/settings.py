@@ -40,9 +40,10 @@ class LedgerSettings(Section):
     tick_interval_s: float = Field(default=1.0, gt=0, le=60)
     """How often studies are checked for being delivered, for being old enough to
     forget, and the overdue gauge is refreshed."""
-    forget_after_s: float = Field(default=7 * 24 * 3600.0, gt=0)
+    forget_after_s: float = Field(default=2 * 24 * 3600.0, gt=0)
     """Seconds after a study's last change that it is forgotten (tombstones in the
-    changelog), whatever its state; default 7 days, the forward topics' retention."""
+    changelog), whatever its state; default 2 days. Memory grows with it: about 1.5 KB
+    per request kept (docs/operations.md, The delivery ledger)."""
 
     _csv = field_validator("verify_destinations", mode="before")(csv_tuple)
 
