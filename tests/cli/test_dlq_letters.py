@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from core.test_events import normalized, received
-from radflow_core.cli.dlq import when
+from radflow_core.cli.common import when
 from radflow_core.cli.dlq.letters import Filters, Letter, Lookup, Original, letter_of, parse_id
 from radflow_core.cli.dlq.replay import Outcome, plan
 from radflow_core.events import (

@@ -18,6 +18,7 @@ from pathlib import Path
 from aiokafka.errors import KafkaError
 
 from radflow_core.blobstore import BlobStore
+from radflow_core.cli.common import output_arguments, when
 from radflow_core.errors import PipelineError
 from radflow_core.runtime import run_main
 from radflow_core.settings import KafkaSettings, S3Settings
@@ -102,21 +103,15 @@ def tools(argv: list[str]) -> int:
     what_if.add_argument(
         "--from",
         dest="since",
-        type=_aware,
+        type=when,
         required=True,
         help="start of the window (normalized events appended from then), e.g. "
         "2026-11-23T18:00+01:00",
     )
     what_if.add_argument(
-        "--to", dest="until", type=_aware, default=None, help="end of the window (default now)"
+        "--to", dest="until", type=when, default=None, help="end of the window (default now)"
     )
-    what_if.add_argument("--json", action="store_true", help="one JSON document, for scripts")
-    what_if.add_argument(
-        "--idle-s",
-        type=float,
-        default=2.0,
-        help="stop reading when the broker has had nothing more for this long (seconds)",
-    )
+    output_arguments(what_if, "one JSON document, for scripts", idle_s=2.0)
     args = parser.parse_args(argv)
     try:
         rules = load_file(args.rules)
@@ -146,16 +141,6 @@ def tools(argv: list[str]) -> int:
             continue
         print(describe(str(path), evaluate(rules, instance, at)))
     return status
-
-
-def _aware(text: str) -> datetime:
-    try:
-        value = datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 time") from None
-    if value.tzinfo is None:
-        raise argparse.ArgumentTypeError(f"{text!r} needs a UTC offset, e.g. +01:00 or Z")
-    return value
 
 
 def _replay(args: argparse.Namespace, rules: RuleSet) -> int:

@@ -28,6 +28,7 @@ from typing import Any
 from aiokafka.errors import KafkaError
 
 from radflow_core.audit_message import Code, Codes
+from radflow_core.cli.common import output_arguments, when
 from radflow_core.errors import PipelineError
 from radflow_core.history import HistoryRecord, read_history
 from radflow_core.settings import KafkaSettings
@@ -337,26 +338,15 @@ def register(subparsers: Any) -> None:
         "event and each hop's duration (since the same instance's previous event).",
     )
     command.add_argument("uid", help="a SOP Instance UID or a Study Instance UID")
-    command.add_argument("--since", type=_aware, default=None, help="from (ISO time with offset)")
-    command.add_argument("--until", type=_aware, default=None, help="to (ISO time with offset)")
-    command.add_argument("--json", action="store_true", help="one JSON document, for scripts")
     command.add_argument(
-        "--idle-s",
-        type=float,
-        default=2.0,
-        help="stop reading when the broker has had nothing more for this long (seconds)",
+        "--since",
+        type=when,
+        default=None,
+        help="from (ISO time, UTC without an offset; or 30m, 2h, 3d ago)",
     )
+    command.add_argument("--until", type=when, default=None, help="to (same forms)")
+    output_arguments(command, "one JSON document, for scripts", idle_s=2.0)
     command.set_defaults(handler=handle)
-
-
-def _aware(text: str) -> datetime:
-    try:
-        value = datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 time") from None
-    if value.tzinfo is None:
-        raise argparse.ArgumentTypeError(f"{text!r} needs a UTC offset, e.g. +01:00 or Z")
-    return value
 
 
 def handle(args: argparse.Namespace) -> int:

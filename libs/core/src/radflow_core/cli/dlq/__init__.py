@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import sys
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiokafka.errors import KafkaError
 
+from radflow_core.cli.common import output_arguments, when
 from radflow_core.cli.dlq import output
 from radflow_core.cli.dlq.letters import LETTER_TOPICS, Filters, Letter, parse_id
 from radflow_core.cli.dlq.replay import Outcome, plan
@@ -76,13 +75,7 @@ def register(subparsers: Any) -> None:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="one JSON object per line")
-    parser.add_argument(
-        "--idle-s",
-        type=float,
-        default=1.5,
-        help="stop reading a topic after this long without a record (default 1.5)",
-    )
+    output_arguments(parser, "one JSON object per line", idle_s=1.5)
 
 
 def _filters(parser: argparse.ArgumentParser) -> None:
@@ -102,24 +95,6 @@ def _filters(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--until", type=when, help="appended at or before (same forms)")
     _common(parser)
-
-
-AGO = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
-UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
-
-
-def when(text: str) -> datetime:
-    """An ISO 8601 time (UTC when it has no zone), or a duration ago (``90m``)."""
-    ago = AGO.match(text)
-    if ago:
-        return datetime.now(UTC) - timedelta(**{UNITS[ago[2]]: float(ago[1])})
-    try:
-        parsed = datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: expected an ISO 8601 time or a duration like 30m, 2h, 3d"
-        ) from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def _filters_of(args: argparse.Namespace, ids: tuple[str, ...] = ()) -> Filters:
