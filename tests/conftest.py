@@ -234,6 +234,12 @@ def start_report_return(
 
 
 @pytest.fixture
+def start_ledger(stack: Stack, tmp_path: Path, services: list[IngestProcess]) -> ServiceFactory:
+    """Start ``python -m ledger`` against ``stack``; stops it (gracefully) afterwards."""
+    return _service_factory("ledger", stack, tmp_path, services)
+
+
+@pytest.fixture
 def fleet(
     start_ingest: ServiceFactory,
     start_transcode: ServiceFactory,

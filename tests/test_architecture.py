@@ -26,6 +26,7 @@ METRIC_PREFIX = {
     "router": "radflow_router_",
     "stow_forwarder": "radflow_forwarder_",
     "report_return": "radflow_report_return_",
+    "ledger": "radflow_ledger_",
 }
 """The family name prefix each service owns; every other radflow_* family is shared
 (libs/core's radflow_kafka_*, radflow_consumer_*, radflow_blob_*, ...)."""

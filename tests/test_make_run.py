@@ -38,6 +38,7 @@ PORT_NAMES = (
     "router",
     "forwarder",
     "report_return",
+    "ledger",
     "mllp",
     "orthanc",
     "orthanc_dicom",
@@ -113,6 +114,25 @@ def test_run_starts_the_stack_and_a_sent_instance_becomes_event_and_blob(tmp_pat
             return httpx.get(f"{orthanc}/statistics").json()["CountInstances"] == 1
 
         wait_for("the instance delivered to Orthanc", in_orthanc, timeout_s=90)
+
+        def in_the_ledger() -> bool:
+            answer = subprocess.run(
+                [
+                    *(sys.executable, "-m", "radflow_core.cli", "ledger", "study"),
+                    *(data["study_instance_uid"], "--json"),
+                    *("--url", f"http://127.0.0.1:{ports['ledger']}"),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            if answer.returncode != 0:
+                return False
+            (row,) = json.loads(answer.stdout)["destinations"]
+            return bool(row["destination"] == "orthanc" and row["delivered"] == 1)
+
+        wait_for("the delivery counted by the ledger", in_the_ledger, timeout_s=60)
         _send_as_the_banner_shows_over_dicom_tls(tmp_path / "devstack.out")
 
         def received() -> list[str]:

@@ -100,14 +100,18 @@ def test_trace_tells_the_same_story_as_the_pipeline_and_the_destination(
     story = json.loads(done.stdout)
     assert story["kind"] == "instance"
     events = story["events"]
-    flow = [e["type"] for e in events if e["type"] != "radflow.audit"]
+    flow = [e["type"] for e in events]
     assert flow == [
         "dicom.instance.received",
         "dicom.instance.normalized",
         "dicom.forward.requested",
         "dicom.forward.completed",
     ]
-    assert all(e["sop_instance_uid"] == ct[0] for e in events if e["type"] != "radflow.audit")
+    assert all(e["sop_instance_uid"] == ct[0] for e in events)
+    # The audit trail carries Patient IDs: read only when asked (and allowed).
+    audited = trace(stack, ct[0], "--json", "--audit")
+    assert audited.returncode == 0, audited.stderr
+    assert "radflow.audit" in {e["type"] for e in json.loads(audited.stdout)["events"]}
     assert [e["since_first_s"] for e in events] == sorted(e["since_first_s"] for e in events)
     assert events[0]["hop_s"] is None and all(e["hop_s"] >= 0 for e in events[1:])
     requested = {

@@ -1,6 +1,6 @@
 """Write every service's Dockerfile from one template (make dockerfiles).
 
-The five images differ only in what is listed in :data:`SERVICES` (ports, environment
+The images differ only in what is listed in :data:`SERVICES` (ports, environment
 defaults, notes) and in what they install: the service and the radflow libraries it
 needs, followed through each ``pyproject.toml`` (ingest installs libs/core and
 libs/rules, never libs/codecs). ``services/<name>/Dockerfile`` is this template's
@@ -66,6 +66,12 @@ SERVICES = {
         "Reports, the router's\nrule file, and point to them:\n"
         "  RADFLOW_REPORT_RETURN_SITES_FILE=/etc/radflow/sites/sites.yaml\n"
         "  RADFLOW_REPORT_RETURN_RULES_FILE=/etc/radflow/rules/rules.yaml",
+    ),
+    "ledger": Image(
+        ports=(8087,),
+        env={"RADFLOW_LEDGER_HTTP_HOST": "0.0.0.0"},
+        env_note="Operations endpoint (and the ledger's HTTP API) on all interfaces inside "
+        "the pod.",
     ),
 }
 """Every service under services/, by directory name."""

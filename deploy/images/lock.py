@@ -23,6 +23,7 @@ ROOTS = (
     "radflow-router",
     "radflow-stow-forwarder",
     "radflow-report-return",
+    "radflow-ledger",
 )
 
 

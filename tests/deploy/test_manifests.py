@@ -23,6 +23,7 @@ from deploy.manifests import (
     render,
 )
 from ingest.settings import IngestConfig, IngestSettings
+from ledger.settings import LedgerConfig, LedgerSettings
 from radflow_core.events import Lane
 from radflow_core.settings import Section
 from radflow_core.topics import Topic
@@ -41,13 +42,23 @@ SERVICES = {
     "radflow-router": RouterSettings.model_fields["http_port"].default,
     "radflow-stow-forwarder": ForwarderSettings.model_fields["http_port"].default,
     "radflow-report-return": 8084,
+    "radflow-ledger": LedgerSettings.model_fields["http_port"].default,
 }
 """Deployment → its operations port (/metrics, /healthz, /readyz), named "ops"."""
 HAS_REPORT_RETURN = importlib.util.find_spec("report_return") is not None
+NOT_SCALED = {"radflow-ledger"}
+"""One replica by design (its HTTP API answers from the partitions it owns): no
+autoscaler, ``replicas: 1`` in every overlay."""
 
 
 def _sections() -> list[type[Section]]:
-    configs: list[Any] = [IngestConfig, TranscodeConfig, RouterConfig, ForwarderConfig]
+    configs: list[Any] = [
+        IngestConfig,
+        TranscodeConfig,
+        RouterConfig,
+        ForwarderConfig,
+        LedgerConfig,
+    ]
     if HAS_REPORT_RETURN:
         from report_return.settings import ReportReturnConfig
 
@@ -123,13 +134,24 @@ def test_every_topic_has_a_kafka_topic_and_pending_is_compacted_like_its_input(
     for name, spec in topics.items():
         assert spec["config"]["min.insync.replicas"] <= spec["replicas"], name
         policy = spec["config"]["cleanup.policy"]
-        changelogs = (Topic.ROUTER_PENDING, Topic.ROUTER_PENDING_STAT)
+        changelogs = (Topic.ROUTER_PENDING, Topic.ROUTER_PENDING_STAT, Topic.LEDGER)
         assert policy == ("compact" if name in changelogs else "delete"), name
     for lane in Lane:
         pending = topics[lane.topic(Topic.ROUTER_PENDING)]
         normalized = topics[lane.topic(Topic.INSTANCE_NORMALIZED)]
         assert pending["partitions"] == normalized["partitions"], lane
         assert "retention.ms" not in pending["config"], "held studies must not expire by age"
+    # The ledger keeps a study's state in the partition its forward events are in.
+    ledger_inputs = [
+        Topic.LEDGER,
+        Topic.FORWARD_REQUESTED,
+        Topic.FORWARD_REQUESTED_STAT,
+        Topic.FORWARD_COMPLETED,
+        Topic.FORWARD_VERIFIED,
+        Topic.FORWARD_FAILED,
+    ]
+    assert len({topics[t.value]["partitions"] for t in ledger_inputs}) == 1
+    assert "retention.ms" not in topics[Topic.LEDGER.value]["config"]
     labels = {t["metadata"]["labels"]["strimzi.io/cluster"] for t in of_kind(objects, "KafkaTopic")}
     assert labels == {named(objects, "Kafka", "radflow")["metadata"]["name"]}
 
@@ -191,6 +213,7 @@ def test_termination_grace_outlasts_each_service_s_shutdown() -> None:
         "radflow-router": 60 + 10,
         "radflow-stow-forwarder": 60 + 10,
         "radflow-report-return": 60 + 10,
+        "radflow-ledger": 60 + 10,
     }
     for overlay in OVERLAYS:
         for name, seconds in needed.items():
@@ -214,7 +237,7 @@ def test_each_service_has_its_service_budget_policy_monitor_and_autoscaler(
         assert _selects(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
         assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["ops"]
         scaled = [o for o in of_kind(objects, "ScaledObject") if o["metadata"]["name"] == name]
-        if overlay == "dev":
+        if name in NOT_SCALED or overlay == "dev":
             assert not scaled and named(objects, "Deployment", name)["spec"]["replicas"] == 1
         else:
             (one,) = scaled

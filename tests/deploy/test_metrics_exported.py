@@ -47,6 +47,7 @@ SERVICE_METRICS = (
     "transcode.metrics",
     "router.metrics",
     "stow_forwarder.metrics",
+    "ledger.metrics",
 )
 NOT_YET_EXPORTED: dict[str, str] = {}
 """Series a panel reads before the code that exports them is merged: named here so the
@@ -139,7 +140,7 @@ def report_return_in_process() -> dict[str, tuple[str, set[str]]]:
 
 @pytest.fixture
 def running(
-    start_ingest, start_transcode, start_router, start_forwarder, tmp_path: Path
+    start_ingest, start_transcode, start_router, start_forwarder, start_ledger, tmp_path: Path
 ) -> list[IngestProcess]:
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES)
@@ -148,6 +149,7 @@ def running(
         start_transcode(),
         start_router(rules_file=str(rules)),
         start_forwarder(rules_file=str(rules)),
+        start_ledger(),
     ]
 
 

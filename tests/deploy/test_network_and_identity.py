@@ -13,6 +13,7 @@ import pytest
 
 from deploy.manifests import ROOT, Obj, named, of_kind, render
 from deploy.test_manifests import AUDIT_TOPIC, SERVICES
+from ledger.settings import LedgerSettings
 from radflow_core import events
 from radflow_core.events import Lane
 from radflow_core.topics import STAT_LANE, Topic
@@ -27,6 +28,7 @@ PACKAGES = {
     "radflow-router": "router/src/router",
     "radflow-stow-forwarder": "stow-forwarder/src/stow_forwarder",
     "radflow-report-return": "report-return/src/report_return",
+    "radflow-ledger": "ledger/src/ledger",
 }
 """Deployment → its service's source package (under services/)."""
 GROUPS: dict[str, tuple[set[str], set[str]]] = {
@@ -47,6 +49,7 @@ GROUPS: dict[str, tuple[set[str], set[str]]] = {
         set(),
         {ReportReturnSettings.model_fields["group_prefix"].default + "."},
     ),
+    "radflow-ledger": ({LedgerSettings.model_fields["group_id"].default}, set()),
 }
 """Deployment → (literal consumer groups, group prefixes), from the settings' defaults."""
 SENDER_PORTS = {"dev": {11112, 2762, 8080, 8443}, "prod": {2762, 8443}}
@@ -251,10 +254,33 @@ def test_each_service_s_kafka_user_allows_exactly_the_topics_and_groups_its_code
         assert {k for (k, _, _) in acls} <= {"topic", "group", "cluster"}, name
 
 
+OPERATOR = "radflow-operator"
+"""The Kafka user of the operator CLI (radflow dlq, radflow trace)."""
+REPLAYED_TO = {
+    Topic.INSTANCE_RECEIVED,  # dicom.instance.failed: what transcode could not normalize
+    Topic.INSTANCE_NORMALIZED,  # dicom.instance.held: routed again under the rules in force
+    Topic.FORWARD_REQUESTED,  # dicom.forward.failed
+    Topic.REPORTS_FINALIZED,  # report.failed
+}
+
+
+def test_the_operator_user_reads_all_but_the_audit_trail_and_writes_only_replay_targets() -> None:
+    acls = _acls(named(render("prod"), "KafkaUser", OPERATOR))
+    topics = {n: ops for (kind, n, _), ops in acls.items() if kind == "topic"}
+    assert set(topics) == {t.value for t in Topic} - {AUDIT_TOPIC}
+    assert all("Read" in ops for ops in topics.values())
+    writable = {n for n, ops in topics.items() if "Write" in ops}
+    lanes = {t.value for t in REPLAYED_TO} | {
+        STAT_LANE[t].value for t in REPLAYED_TO if t in STAT_LANE
+    }
+    assert writable == lanes
+    assert {kind for (kind, _, _) in acls} == {"topic"}, "no consumer group, no cluster rights"
+
+
 def test_each_deployment_signs_in_to_kafka_as_its_own_user() -> None:
     objects = render("prod")
     users = {u["metadata"]["name"] for u in of_kind(objects, "KafkaUser")}
-    assert users == set(SERVICES), "one KafkaUser per service, and no shared one"
+    assert users == set(SERVICES) | {OPERATOR}, "one KafkaUser per service (and operators)"
     site = named(objects, "ConfigMap", "radflow-site")["data"]
     assert "RADFLOW_KAFKA_SASL_USERNAME" not in site
     assert site["RADFLOW_KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL"

@@ -27,17 +27,18 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeAlias
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from prometheus_client import Counter, Gauge
 
 from radflow_core.errors import EventDecodeError, PipelineError
-from radflow_core.events import DeadLetter, PayloadT, decode
+from radflow_core.events import DeadLetter, EventModel, PayloadT, decode
 from radflow_core.kafka import EventProducer, connection_options
 from radflow_core.retry import HandedBack, Turn, Waiting, enter
 from radflow_core.settings import KafkaSettings
@@ -173,6 +174,8 @@ class EventConsumer(Generic[PayloadT]):
         lag_interval_s: float = 5.0,
         max_records: int = 100,
         stop_grace_s: float = 25.0,
+        models: Mapping[str, type[EventModel]] | None = None,
+        co_partitioned: bool = False,
     ) -> None:
         """Exactly one of ``handler`` (one record at a time; retried while its failure
         is retriable, dead-lettered when not) or ``batch_handler`` (every decodable
@@ -193,7 +196,14 @@ class EventConsumer(Generic[PayloadT]):
         moving while a turn waits for a long time (a destination that is down).
 
         On :meth:`stop` the turns in hand get ``stop_grace_s`` to reach a safe point
-        (within Kubernetes' termination grace period) before they are cancelled."""
+        (within Kubernetes' termination grace period) before they are cancelled.
+
+        ``models``: topic (as subscribed) → the event type read from it, for a consumer
+        of several event types (the ledger); other topics are read as ``model``.
+        ``co_partitioned``: assign partition *p* of every topic to the same member (the
+        range assignor), so that a consumer keeping state per key over several topics
+        keyed alike sees all of a key's records; the topics must have as many partitions
+        each."""
         if (handler is None) == (batch_handler is None):
             raise ValueError("give exactly one of handler and batch_handler")
         self._batch_handler = batch_handler
@@ -201,6 +211,7 @@ class EventConsumer(Generic[PayloadT]):
         self._service = service
         self._topics = list(topics)
         self._model = model
+        self._models = dict(models or {})
         self._dead_letter = functools.partial(dead_letter, producer, dead_letter_topic, service)
         self._backoff_initial_s = backoff_initial_s
         self._backoff_max_s = backoff_max_s
@@ -229,6 +240,11 @@ class EventConsumer(Generic[PayloadT]):
             session_timeout_ms=settings.session_timeout_ms,
             heartbeat_interval_ms=settings.heartbeat_interval_ms,
             max_poll_interval_ms=settings.max_poll_interval_ms,
+            **(
+                {"partition_assignment_strategy": (RangePartitionAssignor,)}
+                if co_partitioned
+                else {}
+            ),
         )
         self._stopping = asyncio.Event()
 
@@ -402,7 +418,7 @@ class EventConsumer(Generic[PayloadT]):
         try:
             if record.value is None:
                 raise EventDecodeError("record has no value (tombstone)")
-            envelope = decode(record.value, self._model)
+            envelope = decode(record.value, self._models.get(record.topic, self._model))
             assert self._handler is not None
             await self._handler(envelope, record)
         except PipelineError as exc:
@@ -427,7 +443,8 @@ class EventConsumer(Generic[PayloadT]):
                     await self._settle_undecodable(record, "record has no value (tombstone)", turn)
                     continue
                 try:
-                    items.append((decode(record.value, self._model), record))
+                    model = self._models.get(record.topic, self._model)
+                    items.append((decode(record.value, model), record))
                 except EventDecodeError as exc:
                     await self._settle_undecodable(record, str(exc), turn)
             while items:

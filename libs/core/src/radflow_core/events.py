@@ -401,6 +401,53 @@ class ForwardFailed(Delivery):
     ``source_topic`` with ``original_key``. None only in a v1 event."""
 
 
+class DestinationTally(EventModel):
+    """How one destination of a delivered study stands."""
+
+    destination: str
+    """Name of the destination as defined in the rule file."""
+    instances: int = Field(ge=1)
+    """Instances of the study routed to it, every one of them delivered (or verified)."""
+    verified: bool
+    """True when the destination has verification on: each instance counted was verified,
+    not only acknowledged."""
+
+
+class StudyDelivered(EventModel):
+    """``dicom.study.delivered`` v1: every instance of a study routed so far has reached
+    every destination it was routed to, and no new request came for a quiet period.
+
+    More instances of the study may arrive later: then, once they too have reached their
+    destinations, the event is published again with a higher ``revision`` and the new
+    counts. A consumer keeps the highest revision per study; a repeat of the same revision
+    (a restart between publishing and recording it) says the same thing again.
+    """
+
+    type_name: ClassVar[str] = "dicom.study.delivered"
+    version: ClassVar[int] = 1
+    topic: ClassVar[Topic | None] = Topic.STUDY_DELIVERED
+
+    study_instance_uid: Uid
+    """(0020,000D) Study Instance UID; also the record key."""
+    revision: int = Field(ge=1)
+    """1 the first time the study is delivered; one more each time it is delivered again
+    with more instances."""
+    instances: int = Field(ge=1)
+    """Distinct instances (idempotency keys' SOP Instance UIDs) of the study routed."""
+    destinations: tuple[DestinationTally, ...]
+    """Each destination the study was routed to, by name."""
+    first_routed_at: AwareDatetime | None
+    """The earliest ``routed_at`` of the study's requests (None if no request was seen,
+    only outcomes)."""
+    last_reached_at: AwareDatetime
+    """When the last instance reached its destination (delivered, or verified)."""
+
+    @property
+    def key(self) -> bytes:
+        """The record key: the Study Instance UID."""
+        return self.study_instance_uid.encode("ascii")
+
+
 class InstanceHeld(InstanceIdentity):
     """``dicom.instance.held`` v1: no rule routed the instance and the default holds it
     (router), or it was routed to a destination the rule file does not define

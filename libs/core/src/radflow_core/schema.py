@@ -26,6 +26,7 @@ from radflow_core.events import (
     ReportFailed,
     ReportFinalized,
     ReportReturned,
+    StudyDelivered,
     schema_name,
 )
 from radflow_core.report_document import ReportDocument
@@ -37,6 +38,8 @@ PUBLISHED: tuple[type[EventModel], ...] = (
     ForwardCompleted,
     ForwardVerified,
     ForwardFailed,
+    ForwardVerified,
+    StudyDelivered,
     InstanceHeld,
     DeadLetter,
     ReportFinalized,

@@ -80,7 +80,7 @@ class Shell:
         name: str,
         *,
         producer: EventProducer,
-        blobs: BlobStore,
+        blobs: BlobStore | None,
         ops: OpsSettings,
         http_host: str,
         http_port: int,
@@ -96,11 +96,17 @@ class Shell:
         """Writes Application Start once running and Application Stop at stop."""
         self.producer = producer
         self.blobs = blobs
+        """None for a service that keeps nothing in the bucket (the ledger): readiness
+        then does not depend on the blob store."""
         self.state = State.CREATED
         self.failed = asyncio.Event()
         """Set when the service cannot run (as configured, or any longer); main exits 3."""
         self.health = Health(
-            {"broker": producer.ping, "blob_store": blobs.ping, **(checks or {})},
+            {
+                "broker": producer.ping,
+                **({"blob_store": blobs.ping} if blobs is not None else {}),
+                **(checks or {}),
+            },
             cache_s=ops.readiness_cache_s,
         )
         self._http = (http_host, http_port, http_shutdown_s)
@@ -273,7 +279,8 @@ class Shell:
             self.audit.application_stopped()
             await self.audit.stop()
         await self.producer.stop()
-        self.blobs.close()
+        if self.blobs is not None:
+            self.blobs.close()
         self.state = State.STOPPED
         log.info("stopped")
 

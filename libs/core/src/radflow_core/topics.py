@@ -31,6 +31,9 @@ class Topic(StrEnum):
     and proved to hold (stow-forwarder; destinations with ``verify:`` only)."""
     FORWARD_FAILED = "dicom.forward.failed"
     """Dead letters of delivery: what a destination refused or what ran out of retries."""
+    STUDY_DELIVERED = "dicom.study.delivered"
+    """One event each time every routed instance of a study has reached every destination
+    it was routed to (verified where verification is on), after a quiet period (ledger)."""
     INSTANCE_HELD = "dicom.instance.held"
     """Instances no rule routed and whose default is a hold, with the reason (router)."""
     REPORTS_FINALIZED = "reports.finalized"
@@ -46,6 +49,9 @@ class Topic(StrEnum):
     partitioned like dicom.instance.normalized). Not a feed for downstream use."""
     ROUTER_PENDING_STAT = "radflow.router.pending.stat"
     """The same for the STAT lane (partitioned like dicom.instance.normalized.stat)."""
+    LEDGER = "radflow.ledger"
+    """Internal changelog of the ledger's per-study delivery state (compacted; partitioned
+    like the forward topics it is built from). Not a feed for downstream use."""
     AUDIT = "radflow.audit"
     """DICOM audit messages (PS3.15 A.5) from every service: instances received and
     transferred, reports sent, authentication failures, configuration changes, start

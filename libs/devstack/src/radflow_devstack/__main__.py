@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--router-port", type=int, default=8082)
         p.add_argument("--forwarder-port", type=int, default=8083)
         p.add_argument("--report-return-port", type=int, default=8084)
+        p.add_argument("--ledger-port", type=int, default=8087, help="the ledger's HTTP API")
         p.add_argument("--mllp-port", type=int, default=2575, help="the stand-in RIS's port")
         p.add_argument("--orthanc-port", type=int, default=8042, help="Orthanc's HTTP port")
         p.add_argument("--orthanc-dicom-port", type=int, default=4242)
@@ -275,6 +276,17 @@ def run_stack(args: argparse.Namespace) -> int:
         }
         service("report-return", "report_return", report_env, args.report_return_port)
         print(f"reports  sites {sites}  metrics {report_http}/metrics")
+        ledger_http = f"http://127.0.0.1:{args.ledger_port}"
+        ledger_env = {
+            **env,
+            "RADFLOW_LEDGER_HTTP_PORT": str(args.ledger_port),
+            # Development: a study counts as delivered after 10 quiet seconds, an instance
+            # as overdue after 2 minutes.
+            "RADFLOW_LEDGER_QUIET_S": "10",
+            "RADFLOW_LEDGER_OVERDUE_AFTER_S": "120",
+        }
+        service("ledger", "ledger", ledger_env, args.ledger_port)
+        print(f"ledger   {ledger_http}/ledger/overdue  (radflow ledger study UID, ... overdue)")
         print(f"logs     {args.log_dir}/")
         print(f"try      TCP_NODELAY=1 storescu -aec RADFLOW 127.0.0.1 {args.dimse_port} FILE.dcm")
         print(f"         {storescu_tls_line(pki, args.dimse_tls_port)}")

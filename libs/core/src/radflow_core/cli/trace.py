@@ -320,9 +320,11 @@ async def collect(
     since: datetime | None,
     until: datetime | None,
     idle_s: float,
+    audit: bool = False,
 ) -> list[TraceEvent]:
+    topics = [t for t in Topic if audit or t is not Topic.AUDIT]
     found = []
-    async for record in read_history(kafka, list(Topic), since=since, until=until, idle_s=idle_s):
+    async for record in read_history(kafka, topics, since=since, until=until, idle_s=idle_s):
         event = event_of(record, uid, kafka)
         if event is not None:
             found.append(event)
@@ -345,6 +347,12 @@ def register(subparsers: Any) -> None:
         help="from (ISO time, UTC without an offset; or 30m, 2h, 3d ago)",
     )
     command.add_argument("--until", type=when, default=None, help="to (same forms)")
+    command.add_argument(
+        "--audit",
+        action="store_true",
+        help="read the audit trail (radflow.audit) too; it carries Patient IDs, so the "
+        "operator's Kafka user may not read it (the audit messages are shown without them)",
+    )
     output_arguments(command, "one JSON document, for scripts", idle_s=2.0)
     command.set_defaults(handler=handle)
 
@@ -356,7 +364,9 @@ def handle(args: argparse.Namespace) -> int:
         print(exc, file=sys.stderr)
         return 2
     try:
-        events = asyncio.run(collect(kafka, args.uid, args.since, args.until, args.idle_s))
+        events = asyncio.run(
+            collect(kafka, args.uid, args.since, args.until, args.idle_s, args.audit)
+        )
     except (KafkaError, OSError) as exc:
         print(f"cannot read the topics: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,1 @@
+"""radflow ledger: per study and destination, what was routed and what became of it."""

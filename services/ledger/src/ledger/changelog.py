@@ -1,0 +1,160 @@
+"""The ledger's state in the broker: a compacted topic (``radflow.ledger``) whose
+partition *p* holds the entries and marks of the studies in partition *p* of the
+forward topics, so that whoever owns those partitions rebuilds their studies by reading
+it from the start, before it is handed any input record.
+
+Records: ``e|<study>|<idempotency key>`` → an :class:`~ledger.book.Entry`,
+``m|<study>`` → a :class:`~ledger.book.Mark`; a tombstone forgets one. An entry is
+acknowledged here before its input offset is committed, so a restart loses nothing
+and replays nothing that counts twice (a fact applied again changes nothing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from ledger.book import Book, Entry, Mark
+from radflow_core.errors import ConfigurationError
+from radflow_core.kafka import EventProducer, connection_options
+from radflow_core.settings import KafkaSettings
+
+log = logging.getLogger(__name__)
+
+RESTORE_IDLE_MS = 500
+"""After the end offsets, a restore reads on until a fetch waits this long for nothing."""
+
+
+def entry_key(study: str, idempotency_key: str) -> bytes:
+    return f"e|{study}|{idempotency_key}".encode("ascii")
+
+
+def mark_key(study: str) -> bytes:
+    return f"m|{study}".encode("ascii")
+
+
+class Changelog:
+    def __init__(
+        self, kafka: KafkaSettings, producer: EventProducer, topic: str, inputs: Sequence[str]
+    ) -> None:
+        """``inputs``: the topics the book is built from; they and ``topic`` must have as
+        many partitions each (a study is in the same partition of all of them)."""
+        self._kafka = kafka
+        self._producer = producer
+        self._topic = topic
+        self._inputs = list(inputs)
+
+    async def write(self, partition: int, entries: Iterable[Entry]) -> None:
+        """Record ``entries`` (pinned to ``partition``).
+
+        Raises:
+            BrokerUnavailable: not all were acknowledged (write them again).
+        """
+        await asyncio.gather(
+            *(
+                self._producer.send(
+                    self._topic,
+                    entry_key(e.study_instance_uid, e.idempotency_key),
+                    e.model_dump_json().encode("utf-8"),
+                    partition=partition,
+                )
+                for e in entries
+            )
+        )
+
+    async def write_mark(self, partition: int, mark: Mark) -> None:
+        await self._producer.send(
+            self._topic,
+            mark_key(mark.study_instance_uid),
+            mark.model_dump_json().encode("utf-8"),
+            partition=partition,
+        )
+
+    async def forget(self, partition: int, study: str, idempotency_keys: Iterable[str]) -> None:
+        """Tombstones for a study's entries and mark."""
+        keys = [entry_key(study, k) for k in idempotency_keys] + [mark_key(study)]
+        await asyncio.gather(
+            *(self._producer.send(self._topic, key, None, partition=partition) for key in keys)
+        )
+
+    async def restore(self, book: Book, partitions: set[int]) -> None:
+        """Rebuild ``partitions`` of ``book`` from the changelog.
+
+        Raises:
+            ConfigurationError: the changelog or an input topic is missing, or they do
+                not all have the same number of partitions.
+        """
+        wanted = sorted(p for p in partitions if p not in book.partitions)
+        if not wanted:
+            return
+        consumer = AIOKafkaConsumer(
+            **connection_options(self._kafka),
+            group_id=None,
+            enable_auto_commit=False,
+            fetch_max_wait_ms=self._kafka.fetch_max_wait_ms,
+        )
+        await consumer.start()
+        try:
+            await self._check_partitions(consumer)
+            tps = [TopicPartition(self._topic, p) for p in wanted]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            end = await consumer.end_offsets(tps)
+            entries: dict[int, dict[bytes, bytes]] = {p: {} for p in wanted}
+
+            def take(batches: dict[TopicPartition, list[Any]]) -> None:
+                for tp, records in batches.items():
+                    for record in records:
+                        if record.key is None:
+                            continue
+                        if record.value is None:
+                            entries[tp.partition].pop(record.key, None)
+                        else:
+                            entries[tp.partition][record.key] = record.value
+
+            while [tp for tp in tps if await consumer.position(tp) < end[tp]]:
+                take(await consumer.getmany(timeout_ms=500, max_records=5000))
+            # Then on until the broker has nothing more: Tansu reports the end of a
+            # partition whose last batch holds several records as that batch's first
+            # offset + 1 (measured), and nobody else writes these partitions now.
+            while batches := await consumer.getmany(timeout_ms=RESTORE_IDLE_MS, max_records=5000):
+                take(batches)
+        finally:
+            await consumer.stop()
+        count = 0
+        for partition, records in entries.items():
+            book.hold(partition)
+            for key, value in records.items():
+                if key.startswith(b"m|"):
+                    book.restore_mark(partition, Mark.model_validate_json(value))
+                else:
+                    book.restore_entry(partition, Entry.model_validate_json(value))
+                    count += 1
+        log.info(
+            "ledger restored",
+            extra={"count": count, "partitions": wanted, "topic": self._topic},
+        )
+
+    async def _check_partitions(self, consumer: AIOKafkaConsumer) -> None:
+        counts = {}
+        for topic in (self._topic, *self._inputs):
+            counts[topic] = len(await _partitions(consumer, topic))
+        if len(set(counts.values())) != 1:
+            raise ConfigurationError(
+                "the ledger needs its changelog and every forward topic to have the same "
+                f"number of partitions (a study is then in the same one of each): {counts}"
+            )
+
+
+async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
+    for _ in range(50):
+        found = consumer.partitions_for_topic(topic)
+        if found:
+            return set(found)
+        await consumer._client.force_metadata_update()  # no public API for this
+        await asyncio.sleep(0.1)
+    raise ConfigurationError(f"topic {topic} does not exist")
