@@ -15,6 +15,7 @@ from radflow_core.events import (
     ForwardVerified,
     Lane,
     Sender,
+    VerificationMethod,
 )
 
 T0 = datetime(2026, 12, 2, 3, 0, tzinfo=UTC)
@@ -76,7 +77,13 @@ def completed(sop: str, destination: str, at: datetime) -> ForwardCompleted:
 
 
 def verified(sop: str, destination: str, at: datetime) -> ForwardVerified:
-    return ForwardVerified(**_delivery(sop, destination), verified_at=at)
+    return ForwardVerified(
+        **_delivery(sop, destination),
+        method=VerificationMethod.QIDO,
+        checks=1,
+        delivered_at=at,
+        verified_at=at,
+    )
 
 
 def failed(sop: str, destination: str, at: datetime, reason: str = "rejected") -> ForwardFailed:

@@ -23,6 +23,7 @@ from radflow_core.events import (
     ForwardCompleted,
     ForwardRequested,
     ForwardVerified,
+    VerificationMethod,
     encode,
     wrap,
 )
@@ -230,7 +231,10 @@ def test_where_verification_is_on_a_study_waits_for_forward_verified(
     assert (row["verified"], row["reached"]) == (0, 0)
     time.sleep(3)  # past the quiet period: acknowledged is not enough here
     assert delivered_events(stack) == []
-    publish(stack, [(Topic.FORWARD_VERIFIED, ForwardVerified(**delivery, verified_at=now))])
+    verified = ForwardVerified(
+        **delivery, method=VerificationMethod.QIDO, checks=1, delivered_at=now, verified_at=now
+    )
+    publish(stack, [(Topic.FORWARD_VERIFIED, verified)])
     wait_for("dicom.study.delivered", lambda: delivered_events(stack), timeout_s=60)
     (event,) = delivered_events(stack)
     assert event["destinations"] == [{"destination": "pacs", "instances": 1, "verified": True}]
