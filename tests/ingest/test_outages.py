@@ -12,6 +12,7 @@ import pytest
 from pynetdicom import AE
 
 from radflow_core.dicom_status import StoreStatus
+from radflow_core.scu import keep_responses
 from radflow_core.topics import Topic
 from radflow_devstack.kit.waiting import wait_for
 from radflow_devstack.parts import prepare, start_broker
@@ -34,7 +35,7 @@ def _send_through_outage(
     sop_class = pydicom.dcmread(files[0]).SOPClassUID
     ae.add_requested_context(sop_class, ["1.2.840.10008.1.2.1"])
     ae.dimse_timeout = 120
-    assoc = ae.associate("127.0.0.1", port, ae_title="RADFLOW")
+    assoc = keep_responses(ae.associate("127.0.0.1", port, ae_title="RADFLOW"))
     assert assoc.is_established
     statuses: dict[Path, int] = {}
     try:
