@@ -4,9 +4,9 @@ scheduled (radflow_core.scu).
 The race (see :mod:`radflow_core.scu`) needs the association's reactor thread to be
 descheduled just after it went past its checkpoint, until the peer's answer is in the
 queue. A loaded machine does that now and then (the bench's paced sender was cut
-after its 30 s DIMSE timeout in about one run in three); here the reactor is held at
-that very point (:class:`HeldReactor`), so the interleaving happens every time, over a
-real association to a real SCP on loopback.
+after its 30 s DIMSE timeout); here the reactor is held at that very point
+(:mod:`support.scu_race`), so the interleaving happens every time, over a real
+association to a real SCP on loopback.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import logging
 import queue
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,41 +30,12 @@ from radflow_core.scu import keep_responses
 from radflow_devstack.processes import free_port
 from support.dicom import make_instance
 from support.dimse_peer import DimsePeer
+from support.scu_race import hold_reactor_once
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 DIMSE_TIMEOUT_S = 3.0
 """The sender's DIMSE timeout: how long a lost response costs in these tests."""
-HOLD_S = 30.0
-"""Upper bound on every wait for the other thread (never reached when things work)."""
-
-
-class HeldReactor(threading.Event):
-    """An association's reactor checkpoint that, once armed, lets the reactor thread
-    through as if it had passed before the sender paused it, but only once the peer's
-    answer is in the DIMSE queue: a reactor thread descheduled just after the
-    checkpoint, on a busy machine. ``back`` is set when the reactor comes round to the
-    checkpoint again, i.e. after it looked at the queue."""
-
-    def __init__(self, waiting: queue.Queue[Any]) -> None:
-        super().__init__()
-        self.set()  # as pynetdicom's checkpoint starts: not paused
-        self._waiting = waiting
-        self.armed = False
-        self.released = threading.Event()
-        self.back = threading.Event()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        if self.armed:
-            self.armed = False
-            deadline = time.monotonic() + HOLD_S
-            while self._waiting.empty() and time.monotonic() < deadline:
-                time.sleep(0.001)
-            self.released.set()
-            return True
-        if self.released.is_set():
-            self.back.set()
-        return super().wait(timeout)
 
 
 @pytest.fixture
@@ -87,16 +57,7 @@ def _associate(peer: DimsePeer) -> Any:
 def _send_with_reactor_late(assoc: Any, path: Path) -> tuple[Dataset, float]:
     """One C-STORE with the reactor held past its checkpoint until the answer is in
     (and the sender held until the reactor has looked at it)."""
-    held = HeldReactor(assoc.dimse.msg_queue)
-    assoc._reactor_checkpoint = held
-    sending = assoc.dimse.send_msg
-
-    def send_msg(primitive: Any, context_id: int) -> None:
-        sending(primitive, context_id)
-        assert held.back.wait(HOLD_S), "the reactor never came back to its checkpoint"
-
-    assoc.dimse.send_msg = send_msg
-    held.armed = True
+    hold_reactor_once(assoc)
     started = time.monotonic()
     status = assoc.send_c_store(pydicom.dcmread(path))
     return status, time.monotonic() - started
