@@ -11,11 +11,11 @@ the response, drops it as "Received unexpected C-STORE service message" (a warni
 on the ``pynetdicom`` logger) and the sender waits out its whole DIMSE timeout for a
 response that already came, then aborts the association (pynetdicom 3.0.4).
 
-Seen as a paced pynetdicom sender whose association to ingest was cut after its
-30 s DIMSE timeout although ingest had answered in 12 ms (bench/pipeline_vs_orthanc.py,
-3 runs in about 10); in the forwarder it is a delivery to a DIMSE destination that
-waits ``request_timeout_s``, is retried on a new association and reaches the PACS
-twice.
+Seen as the paced pynetdicom sender of bench/pipeline_vs_orthanc.py cut after its
+30 s DIMSE timeout (in 2 of 9 runs, once more in another) although ingest, caught in
+the act, had answered in 12 ms; in the forwarder it is a delivery to a DIMSE
+destination that waits ``request_timeout_s``, is retried on a new association and
+reaches the PACS twice.
 
 :func:`keep_responses` closes the gap without touching pynetdicom's timing: the
 reactor (the only caller of the non-blocking ``get_msg``) takes a message off the
