@@ -60,6 +60,7 @@ from harness import (
 )
 from pynetdicom import AE, _config
 
+from radflow_core.scu import keep_responses
 from radflow_core.topics import Topic
 from radflow_devstack.kit.dcmtk import nodelay_env, split, storescu_argv
 from radflow_devstack.kit.rules_file import write_rules
@@ -118,6 +119,9 @@ class PacedSender:
         assoc = ae.associate("127.0.0.1", self._port, ae_title="RADFLOW")
         if not assoc.is_established:
             raise RuntimeError("association not established")
+        # pynetdicom's reactor would now and then take a quick response for itself: the
+        # sender waited 30 s and its association was cut (radflow_core.scu).
+        keep_responses(assoc)
         assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             start = time.time()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from pynetdicom import AE
 
 from ingest.settings import IngestConfig, IngestSettings, PeerRule
 from radflow_core.errors import ConfigurationError
@@ -16,6 +17,15 @@ def test_defaults_are_the_local_stack() -> None:
     assert kafka.bootstrap_servers == "127.0.0.1:9092"
     assert s3.endpoint == "http://127.0.0.1:9000" and s3.bucket == "radflow"
     assert (ingest.ae_title, ingest.dimse_port, ingest.http_port) == ("RADFLOW", 11112, 8080)
+
+
+def test_a_stalled_store_is_answered_before_a_pynetdicom_sender_gives_up() -> None:
+    """0xA700 at the store timeout, not an association the sender aborts after its
+    DIMSE timeout (pynetdicom's default, 30 s), for a CT slice; the largest instance
+    accepted still gets minutes for its hashing and upload."""
+    ingest = IngestSettings.from_env({})
+    assert ingest.store_timeout_for(512 * 1024) < AE().dimse_timeout == 30
+    assert ingest.store_timeout_for(ingest.max_instance_bytes) > 120
 
 
 def test_values_are_read_and_typed() -> None:

@@ -24,6 +24,7 @@ import pydicom
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 
+from radflow_core.scu import keep_responses
 from radflow_core.topics import Topic
 from radflow_devstack.kit.waiting import wait_for
 from radflow_devstack.stow_counter import StowCounter
@@ -155,7 +156,7 @@ def send(
     next_at = time.monotonic()
     while pending:
         failed: list[Path] = []
-        assoc = ae.associate("127.0.0.1", port, ae_title="RADFLOW")
+        assoc = keep_responses(ae.associate("127.0.0.1", port, ae_title="RADFLOW"))
         if not assoc.is_established:
             failed = pending
         else:

@@ -5,13 +5,16 @@ PACS is down, refuses our AE title or accepts only uncompressed syntaxes."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, RLELossless
+from pynetdicom import AE
 
 from radflow_codecs.codecs import decode
 from radflow_core.dicom_status import StoreStatus
@@ -28,6 +31,7 @@ from stow_forwarder.settings import ForwarderSettings
 from support.dicom import bundled_file, make_instance
 from support.dimse_peer import DimsePeer as ScriptedPeer
 from support.orthanc import OrthancView
+from support.scu_race import hold_reactor_once
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -138,6 +142,30 @@ def test_an_instance_the_pacs_already_holds_counts_as_delivered(
     assert [r.status for r in peer.received] == [StoreStatus.DUPLICATE_SOP_INSTANCE, 0]
     (duplicate,) = [r for r in caplog.records if "already holds" in r.getMessage()]
     assert duplicate.__dict__["sop_instance_uid"] == items[0].sop_instance_uid
+
+
+def test_a_quick_answer_the_reactor_sees_first_is_delivered_once_without_waiting(
+    peer: ScriptedPeer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pynetdicom's reactor race (radflow_core.scu) forced on the first C-STORE of the
+    association: the PACS's answer is the forwarder's, not a DIMSE timeout followed by
+    a retry that would send the instance twice."""
+    associate = AE.associate
+
+    def reactor_late(self: AE, *args: Any, **kwargs: Any) -> Any:
+        assoc = associate(self, *args, **kwargs)
+        if assoc.is_established:
+            hold_reactor_once(assoc)
+        return assoc
+
+    monkeypatch.setattr(AE, "associate", reactor_late)
+    items = [_outgoing(p) for p in _instances(tmp_path, 2)]
+    started = time.monotonic()
+    answer = asyncio.run(_client(peer.port, request_timeout_s=5.0).store(items, Lane.ROUTINE))
+    assert answer.delivered == {i.sop_instance_uid for i in items}
+    assert not answer.retry and not answer.refused and not answer.peer_unavailable
+    assert time.monotonic() - started < 5.0, "waited out the DIMSE timeout"
+    assert [r.sop_instance_uid for r in peer.received] == [i.sop_instance_uid for i in items]
 
 
 def test_stat_instances_are_sent_with_high_priority(peer: ScriptedPeer, tmp_path: Path) -> None:

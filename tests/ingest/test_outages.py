@@ -4,6 +4,7 @@ the broker missing at start-up, and SIGTERM in the middle of an association."""
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -12,6 +13,7 @@ import pytest
 from pynetdicom import AE
 
 from radflow_core.dicom_status import StoreStatus
+from radflow_core.scu import keep_responses
 from radflow_core.topics import Topic
 from radflow_devstack.kit.waiting import wait_for
 from radflow_devstack.parts import prepare, start_broker
@@ -34,7 +36,7 @@ def _send_through_outage(
     sop_class = pydicom.dcmread(files[0]).SOPClassUID
     ae.add_requested_context(sop_class, ["1.2.840.10008.1.2.1"])
     ae.dimse_timeout = 120
-    assoc = ae.associate("127.0.0.1", port, ae_title="RADFLOW")
+    assoc = keep_responses(ae.associate("127.0.0.1", port, ae_title="RADFLOW"))
     assert assoc.is_established
     statuses: dict[Path, int] = {}
     try:
@@ -91,6 +93,57 @@ def test_s3_outage_while_sending_acknowledges_only_what_is_stored_and_announced(
     assert statuses[files[-1]] == StoreStatus.SUCCESS, "ingest did not recover after S3 returned"
     _assert_claim_check(stack, statuses)
     assert stack.keys("original/"), "nothing stored"
+
+
+def test_a_claim_check_past_the_store_timeout_is_answered_a700_and_the_association_goes_on(
+    broker: ManagedProcess, s3_server: ManagedProcess, tmp_path: Path, start_ingest
+) -> None:
+    """An S3 server that takes a PUT and never answers: the sender hears 0xA700 once
+    the store timeout is up (not its own DIMSE timeout, which would cut the
+    association), and the next instance on the same association is stored."""
+    assert broker.port and s3_server.port
+    stack = make_stack(broker.port, s3_server.port, tmp_path)
+    prepare(stack.kafka, stack.s3, [stack.topic(t) for t in Topic])
+    proxy = FaultProxy(s3_server.port)
+    files = [make_instance(tmp_path / f"{i}.dcm") for i in range(3)]
+    ae = AE(ae_title="PATIENT")
+    ae.add_requested_context(pydicom.dcmread(files[0]).SOPClassUID, ["1.2.840.10008.1.2.1"])
+    ae.dimse_timeout = 30  # pynetdicom's default: what the store timeout is set under
+    try:
+        ingest: IngestProcess = start_ingest(
+            stack,
+            env={
+                "RADFLOW_S3_ENDPOINT": f"http://127.0.0.1:{proxy.port}",
+                "RADFLOW_S3_RETRIES": "0",
+                "RADFLOW_S3_READ_TIMEOUT_S": "60",
+            },
+            store_timeout_s="3",
+        )
+        assoc = keep_responses(ae.associate("127.0.0.1", ingest.dimse_port, ae_title="RADFLOW"))
+        assert assoc.is_established
+        try:
+            statuses = [int(assoc.send_c_store(pydicom.dcmread(files[0])).Status)]
+            proxy.cut()  # the pooled connection goes; new ones are taken and never answered
+            proxy.restore()
+            proxy.stall()
+            started = time.monotonic()
+            rsp = assoc.send_c_store(pydicom.dcmread(files[1]))
+            waited = time.monotonic() - started
+            assert "Status" in rsp, "no answer: the sender's DIMSE timeout came first"
+            statuses.append(int(rsp.Status))
+            assert rsp.ErrorComment == "storage timed out; retry"
+            proxy.restore()
+            assert assoc.is_established
+            statuses.append(int(assoc.send_c_store(pydicom.dcmread(files[2])).Status))
+        finally:
+            if assoc.is_established:
+                assoc.release()
+    finally:
+        proxy.close()
+    assert proxy.stalled >= 1, "no PUT was held: the test did not test anything"
+    assert statuses == [StoreStatus.SUCCESS, StoreStatus.OUT_OF_RESOURCES, StoreStatus.SUCCESS]
+    assert 3 <= waited < 20, f"answered after {waited:.1f} s"
+    _assert_claim_check(stack, dict(zip(files, statuses, strict=True)))
 
 
 def test_broker_outage_while_sending_acknowledges_only_what_is_announced(

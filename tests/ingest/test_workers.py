@@ -16,6 +16,7 @@ from pynetdicom import AE
 from ingest.settings import IngestSettings
 from radflow_core.dicom_status import StoreStatus
 from radflow_core.errors import ConfigurationError
+from radflow_core.scu import keep_responses
 from radflow_core.tls import client_context
 from radflow_devstack.kit.dcmtk import storescu
 from radflow_devstack.kit.waiting import wait_for
@@ -42,7 +43,7 @@ def _send(port: int, files: list[Path], calling_ae: str) -> list[int]:
     datasets = [pydicom.dcmread(f) for f in files]
     for ds in datasets:
         ae.add_requested_context(ds.SOPClassUID, [ds.file_meta.TransferSyntaxUID])
-    assoc = ae.associate("127.0.0.1", port, ae_title="RADFLOW")
+    assoc = keep_responses(ae.associate("127.0.0.1", port, ae_title="RADFLOW"))
     assert assoc.is_established, "association not established"
     try:
         statuses = []
@@ -149,7 +150,7 @@ def test_sigterm_drains_every_worker_and_the_parent_exits_0(
     late = pydicom.dcmread(make_instance(tmp_path / "late.dcm"))
     ae = AE(ae_title="HELD")
     ae.add_requested_context(late.SOPClassUID, [late.file_meta.TransferSyntaxUID])
-    held = ae.associate("127.0.0.1", ingest.dimse_port, ae_title="RADFLOW")
+    held = keep_responses(ae.associate("127.0.0.1", ingest.dimse_port, ae_title="RADFLOW"))
     assert held.is_established
 
     ingest.proc.terminate()

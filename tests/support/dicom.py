@@ -21,6 +21,7 @@ from pydicom.uid import (
 from pynetdicom import AE, _config
 
 from radflow_core.file_meta import encode_file_meta
+from radflow_core.scu import keep_responses
 from radflow_devstack.kit.part10 import write_part10
 
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
@@ -160,7 +161,7 @@ def pynetdicom_store(
     ds = pydicom.dcmread(path)
     ae = AE(ae_title=calling_ae)
     ae.add_requested_context(ds.SOPClassUID, [ds.file_meta.TransferSyntaxUID])
-    assoc = ae.associate("127.0.0.1", port, ae_title=called_ae)
+    assoc = keep_responses(ae.associate("127.0.0.1", port, ae_title=called_ae))
     assert assoc.is_established, "association not established"
     try:
         rsp = assoc.send_c_store(ds, priority=PRIORITY[priority])
@@ -196,7 +197,7 @@ def raw_store(
             f.write(data)
         ae = AE(ae_title="RAWSCU")
         ae.add_requested_context(sop_class_uid, [transfer_syntax])
-        assoc = ae.associate("127.0.0.1", port, ae_title=called_ae)
+        assoc = keep_responses(ae.associate("127.0.0.1", port, ae_title=called_ae))
         assert assoc.is_established
         previous = _config.STORE_SEND_CHUNKED_DATASET
         _config.STORE_SEND_CHUNKED_DATASET = True

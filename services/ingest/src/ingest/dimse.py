@@ -442,13 +442,15 @@ class DimseReceiver:
 
     def _bridge(self, part10: BinaryIO, received: ReceivedDataSet, origin: Origin) -> Dataset:
         """The one crossing from a pynetdicom thread to the event loop."""
+        timeout_s = self._settings.store_timeout_for(received.size)
         future = asyncio.run_coroutine_threadsafe(self._store(part10, received, origin), self._loop)
         try:
-            return future.result(timeout=self._settings.store_timeout_s)
+            return future.result(timeout=timeout_s)
         except FutureTimeout:
             future.cancel()
             log.error(  # noqa: TRY400 - an expected outcome, no traceback wanted
-                "claim check timed out", extra={"calling_ae": origin.sender.calling_ae}
+                "claim check timed out",
+                extra={"calling_ae": origin.sender.calling_ae, "timeout_s": round(timeout_s, 1)},
             )
             return status_dataset(StoreStatus.OUT_OF_RESOURCES, "storage timed out; retry")
         except Exception:

@@ -172,8 +172,17 @@ class IngestSettings(Section):
     """Parts of one STOW-RS request whose claim checks run at once (1: one after the
     other); the next part is spooled while earlier ones are stored. A request holds at
     most this many parts, each in memory up to spool_memory_bytes, on disk beyond."""
-    store_timeout_s: float = Field(default=45.0, gt=0)
-    """Upper bound on one instance's claim check (blob + event) before answering 0xA700."""
+    store_timeout_s: float = Field(default=25.0, gt=0)
+    """Seconds one C-STORE's claim check (blob + event) may take before it is answered
+    0xA700 "storage timed out; retry" (plus store_timeout_per_gib_s for its size); it
+    normally takes well under a second. Shorter than pynetdicom's default DIMSE timeout
+    (30 s), so such a sender waiting on a stalled store hears a status it retries
+    instead of giving up and aborting the association, and the instances after it on
+    that association. Senders that wait less (Orthanc's DicomScuTimeout: 10 s by
+    default) still give up first; DCMTK's storescu waits as long as it takes."""
+    store_timeout_per_gib_s: float = Field(default=60.0, ge=0)
+    """Seconds added to store_timeout_s per GiB of the instance, for a large one's
+    hashing and upload (60: at least ~18 MB/s; a 4 GiB instance gets 265 s)."""
     retry_after_s: int = Field(default=30, ge=1)
     """Retry-After seconds sent with HTTP 503."""
     shutdown_grace_s: float = Field(default=20.0, ge=0)
@@ -221,6 +230,10 @@ class IngestSettings(Section):
                 f"{self.env_name('tls_key_file')})"
             )
         return self
+
+    def store_timeout_for(self, size: int) -> float:
+        """Seconds the claim check of an instance of ``size`` bytes may take."""
+        return self.store_timeout_s + self.store_timeout_per_gib_s * size / 2**30
 
     @field_validator("allowed_peers")
     @classmethod

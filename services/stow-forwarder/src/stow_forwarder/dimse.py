@@ -29,7 +29,9 @@ peer asks. A failed handshake is retried like any lost connection, with its reas
 
 pynetdicom is synchronous, so each association runs in a worker thread of the
 client's own (one per lane): it never waits behind the bucket requests that fill the
-event loop's default executor while the next batch is staged.
+event loop's default executor while the next batch is staged. Each association is
+guarded by :func:`radflow_core.scu.keep_responses`, so a response pynetdicom's reactor
+thread sees first is not lost (which would cost a DIMSE timeout and a second copy).
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from radflow_codecs.streaming import normalize_file
 from radflow_core.dicom_status import StoreStatus
 from radflow_core.errors import ConfigurationError, PipelineError
 from radflow_core.events import Lane
+from radflow_core.scu import keep_responses
 from radflow_core.tls import DeferredHandshake, TlsFilesUnusable, client_context
 from radflow_rules.destinations import DimsePeer
 from radflow_rules.rules import Destination
@@ -286,6 +289,9 @@ class DimseClient:
         if not assoc.is_established:
             _close(assoc)
             return _not_associated(assoc, uids, failures[0] if failures else None)
+        # Else a quick answer can be taken by pynetdicom's own reactor: the send waits
+        # request_timeout_s, and the instance is sent again on a new association.
+        keep_responses(assoc)
         answer = Answer(None)
         try:
             for item in items:
