@@ -235,6 +235,7 @@ class DimseClient:
                 rsp = assoc.acceptor.primitive
                 why = f"association rejected ({rsp.result_str}: {rsp.reason_str})"
             raise VerificationUnanswered(why)
+        keep_responses(assoc)  # the N-ACTION's answer must not be taken by the reactor
         try:
             status, _ = assoc.send_n_action(
                 commitment_request(transaction_uid, items),
