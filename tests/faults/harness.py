@@ -119,6 +119,8 @@ class Sent:
     """What a sender was told, per SOP Instance UID (last answer wins)."""
 
     acked: set[str] = field(default_factory=set)
+    started: set[str] = field(default_factory=set)
+    """Every instance the sender tried at least once (all of them, unless stopped)."""
     refused: Counter[int] = field(default_factory=Counter)
     """Failure statuses (and -1: no answer) seen, by status."""
     ack_seconds: list[float] = field(default_factory=list)
@@ -136,12 +138,15 @@ def send(
     retry_until: float | None = None,
     pace_s: float = 0.0,
     every_s: float = 0.0,
+    stop: threading.Event | None = None,
 ) -> None:
     """Send ``files`` over as few associations as possible (a new one after a failure),
     as a modality does; an instance not acknowledged is sent again until
     ``retry_until`` (monotonic time) if given, else given up on. ``pace_s`` pauses
     after each instance; ``every_s`` starts one every so often instead (a steady rate,
-    whatever each takes, unless one takes longer)."""
+    whatever each takes, unless one takes longer). ``stop`` ends the stream early: the
+    instances not started yet are not sent (nor counted), those refused are still
+    retried, so a stream can last exactly as long as what it accompanies."""
     pending = list(files)
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
@@ -162,15 +167,19 @@ def send(
         else:
             try:
                 for index, path in enumerate(pending):
+                    uid = str(datasets[path].SOPInstanceUID)
+                    if stop is not None and stop.is_set() and uid not in sent.started:
+                        continue
                     if every_s:
                         time.sleep(max(0.0, next_at - time.monotonic()))
                         next_at = max(next_at + every_s, time.monotonic() - every_s)
                     started = time.monotonic()
+                    with sent.lock:
+                        sent.started.add(uid)
                     try:
                         rsp = assoc.send_c_store(datasets[path])
                     except Exception:
                         rsp = None
-                    uid = str(datasets[path].SOPInstanceUID)
                     status = int(rsp.Status) if rsp is not None and "Status" in rsp else -1
                     with sent.lock:
                         if status in (0x0000, 0xB000, 0xB007, 0xB006):

@@ -393,6 +393,7 @@ def test_a_changed_rule_file_takes_effect_live_and_an_invalid_change_is_rejected
             and c
         ),
         every_s=0.5,
+        timeout_s=60,
     )
     assert sorted(c["outcome"] for c in changes) == [0, 0, 4]
 
