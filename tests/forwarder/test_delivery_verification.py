@@ -169,8 +169,9 @@ def test_qido_catches_a_destination_that_answers_200_and_drops_an_instance(
         ),
         timeout_s=90,
     )
-    # The destination acknowledged all five...
-    assert len(events(stack, Topic.FORWARD_COMPLETED)) == 5
+    # The destination acknowledged all five, each completion announcing the check...
+    completions = events(stack, Topic.FORWARD_COMPLETED)
+    assert [c["verification"] for c in completions] == ["qido"] * 5
     assert proxy.swallowed == [lost]
     # ...holds four, each verified with the SOP Class it was sent as...
     verified = events(stack, Topic.FORWARD_VERIFIED)
@@ -251,6 +252,7 @@ def test_a_destination_without_verify_gets_no_question_and_no_verified_event(
     forwarder = start_forwarder(rules_file=str(rules), verify_delay_s="0.5")
     wait_for("2 completed", lambda: len(events(stack, Topic.FORWARD_COMPLETED)) == 2)
     assert metric_sum(forwarder.url, "radflow_forwarder_verification_checks_total") == 0
+    assert [c["verification"] for c in events(stack, Topic.FORWARD_COMPLETED)] == [None] * 2
     assert events(stack, Topic.FORWARD_VERIFIED) == []
     assert events(stack, Topic.FORWARD_FAILED) == []
 

@@ -66,13 +66,16 @@ def _delivery(sop: str, destination: str) -> dict[str, Any]:
     }
 
 
-def completed(sop: str, destination: str, at: datetime) -> ForwardCompleted:
+def completed(
+    sop: str, destination: str, at: datetime, verification: VerificationMethod | None = None
+) -> ForwardCompleted:
     return ForwardCompleted(
         **_delivery(sop, destination),
         transfer_syntax_uid="1.2.840.10008.1.2.1",
         size=1,
         delivered_at=at,
         latency_s=1.0,
+        verification=verification,
     )
 
 
@@ -186,6 +189,27 @@ def test_a_study_is_delivered_once_every_instance_reached_and_it_was_quiet() -> 
     book.apply(0, completed("3", "pacs", later), later)
     again = study.delivered(verify, later + QUIET * 2, QUIET)
     assert again is not None and again.revision == 2 and again.instances == 3
+
+
+def test_a_completion_that_announces_verification_waits_for_it_without_any_setting() -> None:
+    book = Book()
+    book.apply(0, request("1", "pacs"), T0)
+    book.apply(0, request("1", "archive"), T0)
+    study = book.study(STUDY)
+    assert study is not None
+    later = T0 + timedelta(minutes=5)
+    book.apply(0, completed("1", "pacs", T0, VerificationMethod.QIDO), T0)
+    book.apply(0, completed("1", "archive", T0), T0)
+    assert study.delivered(frozenset(), later, QUIET) is None, "pacs is being verified"
+    (pacs,) = study.destinations()["pacs"]
+    assert not pacs.reached(False) and pacs.overdue(False, later, timedelta(minutes=1))
+    book.apply(0, verified("1", "pacs", T0), T0 + timedelta(seconds=1))
+    event = study.delivered(frozenset(), later, QUIET)
+    assert event is not None
+    assert [(d.destination, d.verified) for d in event.destinations] == [
+        ("archive", False),
+        ("pacs", True),
+    ]
 
 
 def test_a_failed_instance_keeps_its_study_from_being_delivered() -> None:

@@ -197,7 +197,7 @@ def test_where_verification_is_on_a_study_waits_for_forward_verified(
     start_ledger: Callable[..., IngestProcess],
     tmp_path: Path,
 ) -> None:
-    ledger = start_ledger(**LEDGER, verify_destinations="pacs")
+    ledger = start_ledger(**LEDGER)  # no setting: the completion says a check follows
     study = generate_uid()
     (request,) = requests(stack, tmp_path, study, 1, "pacs")
     assert isinstance(request, ForwardRequested)
@@ -216,6 +216,7 @@ def test_where_verification_is_on_a_study_waits_for_forward_verified(
         size=request.blob.size,
         delivered_at=now,
         latency_s=0.5,
+        verification=VerificationMethod.QIDO,
     )
     publish(stack, [(Topic.FORWARD_REQUESTED, request), (Topic.FORWARD_COMPLETED, done)])
     wait_for(

@@ -303,11 +303,26 @@ class Delivery(InstanceIdentity):
     """Sending attempts made (1 when it went through the first time)."""
 
 
+class VerificationMethod(StrEnum):
+    """How a destination was asked whether it holds what it acknowledged."""
+
+    QIDO = "qido"
+    """A QIDO-RS search (STOW-RS destinations)."""
+    STORAGE_COMMITMENT = "storage-commitment"
+    """DICOM Storage Commitment, Push Model (DIMSE destinations)."""
+
+
 class ForwardCompleted(Delivery):
-    """``dicom.forward.completed`` v1: the destination acknowledged the instance."""
+    """``dicom.forward.completed`` v2: the destination acknowledged the instance.
+
+    v2 (from v1): ``verification``, so a reader knows from the event itself whether an
+    acknowledgement is the end of the story or a ``dicom.forward.verified`` (or a
+    ``not_held_after_delivery`` failure) is to follow. v1 records are still read (as v2
+    without verification: v1 forwarders had none)."""
 
     type_name: ClassVar[str] = "dicom.forward.completed"
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2
+    reads: ClassVar[tuple[int, ...]] = (1,)
     topic: ClassVar[Topic | None] = Topic.FORWARD_COMPLETED
 
     transfer_syntax_uid: Uid
@@ -320,15 +335,9 @@ class ForwardCompleted(Delivery):
     """From ``received_at`` (ingest) to ``delivered_at``: the end-to-end trace."""
     already_delivered: bool = False
     """True when a replayed request was recognised and not sent again."""
-
-
-class VerificationMethod(StrEnum):
-    """How a destination was asked whether it holds what it acknowledged."""
-
-    QIDO = "qido"
-    """A QIDO-RS search (STOW-RS destinations)."""
-    STORAGE_COMMITMENT = "storage-commitment"
-    """DICOM Storage Commitment, Push Model (DIMSE destinations)."""
+    verification: VerificationMethod | None = None
+    """How the destination will now be asked whether it holds the instance (its
+    ``verify:`` in the rule file); None when the acknowledgement is trusted."""
 
 
 class ForwardVerified(Delivery):

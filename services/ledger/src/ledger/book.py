@@ -14,8 +14,11 @@ later turned out not to hold, reported as a failure, is failed); a success is
 ``verified`` once verified, else ``delivered``; with neither it is ``pending``.
 
 An instance has *reached* its destination when it is verified, or delivered where the
-destination has no verification. It is *overdue* when it has not reached, has not
-failed, and was routed longer ago than the overdue threshold.
+destination has no verification: the forwarder says so in each completion
+(``verification``), and ``RADFLOW_LEDGER_VERIFY_DESTINATIONS`` can name more (a check
+made outside radflow that publishes ``dicom.forward.verified``). It is *overdue* when
+it has not reached, has not failed, and was routed longer ago than the overdue
+threshold.
 """
 
 from __future__ import annotations
@@ -67,6 +70,9 @@ class Entry(BaseModel):
     """The last time delivery was given up (or verification found it missing)."""
     failure: str | None = None
     """The reason of that failure (``rejected``, ``retries_exhausted``, ...)."""
+    verification: bool = False
+    """A completion said the destination is asked afterwards: acknowledged is not
+    enough, the instance reaches it when verified."""
     seen_at: AwareDatetime
     """When the ledger last changed this entry (its clock): for the quiet period and
     for forgetting old studies."""
@@ -83,9 +89,11 @@ class Entry(BaseModel):
         return Status.PENDING
 
     def reached(self, verify: bool) -> bool:
-        """Whether the instance is where it should be (verified, when ``verify``)."""
+        """Whether the instance is where it should be (verified, when ``verify`` or when
+        its completion announced a verification)."""
         status = self.status
-        return status is Status.VERIFIED or (status is Status.DELIVERED and not verify)
+        awaits = verify or self.verification
+        return status is Status.VERIFIED or (status is Status.DELIVERED and not awaits)
 
     def reached_at(self) -> datetime | None:
         return self.verified_at or self.delivered_at
@@ -107,6 +115,8 @@ class Entry(BaseModel):
         elif isinstance(fact, ForwardCompleted):
             if self.delivered_at is None or fact.delivered_at > self.delivered_at:
                 changes["delivered_at"] = fact.delivered_at
+            if fact.verification is not None and not self.verification:
+                changes["verification"] = True
         elif isinstance(fact, ForwardVerified):
             if self.verified_at is None or fact.verified_at > self.verified_at:
                 changes["verified_at"] = fact.verified_at
@@ -173,7 +183,7 @@ def tally(
         failed=sum(s is Status.FAILED for s in statuses),
         pending=sum(s is Status.PENDING for s in statuses),
         overdue=sum(e.overdue(verify, now, after) for e in listed),
-        verify=verify,
+        verify=verify or any(e.verification for e in listed),
         reached=sum(e.reached(verify) for e in listed),
     )
 
@@ -236,7 +246,11 @@ class Study:
             revision=(self.mark.revision + 1) if self.mark else 1,
             instances=len({e.sop_instance_uid for e in self.entries.values()}),
             destinations=tuple(
-                DestinationTally(destination=name, instances=len(entries), verified=name in verify)
+                DestinationTally(
+                    destination=name,
+                    instances=len(entries),
+                    verified=name in verify or any(e.verification for e in entries),
+                )
                 for name, entries in self.destinations().items()
             ),
             first_routed_at=min(routed, default=None),

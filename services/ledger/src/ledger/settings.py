@@ -35,8 +35,10 @@ class LedgerSettings(Section):
     their destinations before ``dicom.study.delivered`` is published: instances still
     on their way through the router are given time to show up."""
     verify_destinations: tuple[str, ...] = ()
-    """Comma-separated destinations with delivery verification on: their instances
-    reach them only once ``dicom.forward.verified`` says so (acknowledged is not enough)."""
+    """Comma-separated destinations whose instances reach them only once
+    ``dicom.forward.verified`` says so, besides those the forwarder verifies (its
+    completions say so: ``verification``, from the rule file's ``verify:``). Only for a
+    check made outside radflow that publishes ``dicom.forward.verified``."""
     tick_interval_s: float = Field(default=1.0, gt=0, le=60)
     """How often studies are checked for being delivered, for being old enough to
     forget, and the overdue gauge is refreshed."""

@@ -545,6 +545,7 @@ class Deliverer:
             delivered_at=now,
             latency_s=latency,
             already_delivered=replay,
+            verification=self._verifier.method,
         )
         await self._producer.publish(event, request.key)
         if not replay:

@@ -158,6 +158,15 @@ class Verifier:
     def enabled(self) -> bool:
         return self.destination.verify is not Verification.OFF
 
+    @property
+    def method(self) -> VerificationMethod | None:
+        """What the completed events announce: how the instances will be verified."""
+        if self.destination.verify is Verification.QIDO:
+            return VerificationMethod.QIDO
+        if self.destination.verify is Verification.STORAGE_COMMITMENT:
+            return VerificationMethod.STORAGE_COMMITMENT
+        return None
+
     async def verify(self, delivered: Sequence[Delivered]) -> None:
         """Verify, then publish one outcome per instance.
 
