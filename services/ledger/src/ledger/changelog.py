@@ -14,19 +14,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable, Sequence
-from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 
 from ledger.book import Book, Entry, Mark
+from radflow_core.compacted import partitions_of, read_latest, reader
 from radflow_core.errors import ConfigurationError
-from radflow_core.kafka import EventProducer, connection_options
+from radflow_core.kafka import EventProducer
 from radflow_core.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
-
-RESTORE_IDLE_MS = 500
-"""After the end offsets, a restore reads on until a fetch waits this long for nothing."""
 
 
 def entry_key(study: str, idempotency_key: str) -> bytes:
@@ -91,38 +88,11 @@ class Changelog:
         wanted = sorted(p for p in partitions if p not in book.partitions)
         if not wanted:
             return
-        consumer = AIOKafkaConsumer(
-            **connection_options(self._kafka),
-            group_id=None,
-            enable_auto_commit=False,
-            fetch_max_wait_ms=self._kafka.fetch_max_wait_ms,
-        )
+        consumer = reader(self._kafka)
         await consumer.start()
         try:
             await self._check_partitions(consumer)
-            tps = [TopicPartition(self._topic, p) for p in wanted]
-            consumer.assign(tps)
-            await consumer.seek_to_beginning(*tps)
-            end = await consumer.end_offsets(tps)
-            entries: dict[int, dict[bytes, bytes]] = {p: {} for p in wanted}
-
-            def take(batches: dict[TopicPartition, list[Any]]) -> None:
-                for tp, records in batches.items():
-                    for record in records:
-                        if record.key is None:
-                            continue
-                        if record.value is None:
-                            entries[tp.partition].pop(record.key, None)
-                        else:
-                            entries[tp.partition][record.key] = record.value
-
-            while [tp for tp in tps if await consumer.position(tp) < end[tp]]:
-                take(await consumer.getmany(timeout_ms=500, max_records=5000))
-            # Then on until the broker has nothing more: Tansu reports the end of a
-            # partition whose last batch holds several records as that batch's first
-            # offset + 1 (measured), and nobody else writes these partitions now.
-            while batches := await consumer.getmany(timeout_ms=RESTORE_IDLE_MS, max_records=5000):
-                take(batches)
+            entries = await read_latest(consumer, self._topic, wanted)
         finally:
             await consumer.stop()
         count = 0
@@ -142,19 +112,9 @@ class Changelog:
     async def _check_partitions(self, consumer: AIOKafkaConsumer) -> None:
         counts = {}
         for topic in (self._topic, *self._inputs):
-            counts[topic] = len(await _partitions(consumer, topic))
+            counts[topic] = len(await partitions_of(consumer, topic))
         if len(set(counts.values())) != 1:
             raise ConfigurationError(
                 "the ledger needs its changelog and every forward topic to have the same "
                 f"number of partitions (a study is then in the same one of each): {counts}"
             )
-
-
-async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
-    for _ in range(50):
-        found = consumer.partitions_for_topic(topic)
-        if found:
-            return set(found)
-        await consumer._client.force_metadata_update()  # no public API for this
-        await asyncio.sleep(0.1)
-    raise ConfigurationError(f"topic {topic} does not exist")

@@ -37,12 +37,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from pydantic import AwareDatetime, BaseModel, ConfigDict
 
+from radflow_core.compacted import partitions_of, read_latest, reader
 from radflow_core.errors import ConfigurationError, PipelineError
 from radflow_core.events import ForwardRequested, Lane
-from radflow_core.kafka import EventProducer, connection_options
+from radflow_core.kafka import EventProducer
 from radflow_core.settings import KafkaSettings
 from radflow_rules.rules import Level, StudyComplete
 from router.metrics import PENDING_GROUPS, PENDING_INSTANCES, RELEASED
@@ -195,41 +195,26 @@ class PendingStudies:
         wanted = sorted(p for p in partitions if p not in self._groups)
         if not wanted:
             return
-        consumer = AIOKafkaConsumer(
-            **connection_options(self._kafka),
-            group_id=None,
-            enable_auto_commit=False,
-            fetch_max_wait_ms=self._kafka.fetch_max_wait_ms,
-        )
+        consumer = reader(self._kafka)
         await consumer.start()
         try:
-            available = await self._changelog_partitions(consumer)
+            available = await partitions_of(consumer, self._changelog)
             missing = [p for p in wanted if p not in available]
             if missing:
                 raise ConfigurationError(
                     f"{self._changelog} has partitions {sorted(available)} but the input "
                     f"has {wanted}; the changelog needs at least as many partitions"
                 )
-            tps = [TopicPartition(self._changelog, p) for p in wanted]
-            consumer.assign(tps)
-            await consumer.seek_to_beginning(*tps)
-            end = await consumer.end_offsets(tps)
-            restored: dict[int, dict[str, PendingEntry]] = {p: {} for p in wanted}
-            while [tp for tp in tps if await consumer.position(tp) < end[tp]]:
-                batches = await consumer.getmany(timeout_ms=500, max_records=1000)
-                for tp, records in batches.items():
-                    for record in records:
-                        if record.offset >= end[tp] or record.key is None:
-                            continue
-                        entries = restored[tp.partition]
-                        if record.value is None:
-                            entries.pop(record.key.decode("ascii"), None)
-                        else:
-                            entries[record.key.decode("ascii")] = PendingEntry.model_validate_json(
-                                record.value
-                            )
+            latest = await read_latest(consumer, self._changelog, wanted)
         finally:
             await consumer.stop()
+        restored = {
+            partition: {
+                key.decode("ascii"): PendingEntry.model_validate_json(value)
+                for key, value in records.items()
+            }
+            for partition, records in latest.items()
+        }
         async with self._lock:
             for partition, entries in restored.items():
                 self._groups[partition] = {}
@@ -242,15 +227,6 @@ class PendingStudies:
             "pending studies restored",
             extra={"pending": count, "count": len(wanted), "topic": self._changelog},
         )
-
-    async def _changelog_partitions(self, consumer: AIOKafkaConsumer) -> set[int]:
-        for _ in range(50):
-            found = consumer.partitions_for_topic(self._changelog)
-            if found:
-                return set(found)
-            await consumer._client.force_metadata_update()  # no public API for this
-            await asyncio.sleep(0.1)
-        raise ConfigurationError(f"changelog topic {self._changelog} does not exist")
 
     async def forget(self, partitions: set[int]) -> None:
         """Drop revoked partitions' groups (their new owner restores them); waits for a
