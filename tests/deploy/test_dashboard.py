@@ -10,6 +10,7 @@ import re
 import pytest
 
 from deploy.manifests import (
+    ROOT,
     Obj,
     alert_queries,
     dashboard_queries,
@@ -168,6 +169,19 @@ def test_every_alert_has_a_runbook_and_a_severity() -> None:
                 assert rule["labels"]["severity"] in {"info", "warning", "critical"}, name
                 assert rule["annotations"]["summary"], name
                 assert len(rule["annotations"]["runbook"].splitlines()) >= 2, name
+
+
+def test_every_alert_has_a_runbook_in_operations_md_that_names_a_command() -> None:
+    """The annotation is the short form; docs/operations.md has the whole runbook,
+    one section per alert, saying which radflow command answers it."""
+    operations = (ROOT / "docs" / "operations.md").read_text()
+    sections = dict(re.findall(r"^### (Radflow\w+)\n(.*?)(?=^##)", operations, re.S | re.M))
+    for name in _rules(render("prod")):
+        if not name.startswith("Radflow"):
+            continue
+        assert name in sections, f"{name}: no runbook section in docs/operations.md"
+        assert "*Check*" in sections[name] and "*Answer*" in sections[name], name
+        assert re.search(r"`(radflow|python -m router|kubectl)", sections[name]), name
 
 
 BURN_RATE = re.compile(r"^radflow:slo_burn_rate(\d+[mhd])$")
