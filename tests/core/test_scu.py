@@ -153,3 +153,12 @@ def test_the_reactor_still_takes_requests_and_only_requests() -> None:
     assert dimse.get_msg(block=False) == (None, None)
     assert dimse.get_msg(block=True) == (1, response)
     assert dimse.get_msg(block=False) == (1, request)
+
+    # An abort or a closed connection: pynetdicom wakes a waiting sender with
+    # (None, None); the reactor leaves it to the sender (it once crashed on it, and the
+    # sender then waited out its whole DIMSE timeout).
+    waiting.put((None, None))
+    assert dimse.get_msg(block=False) == (None, None)
+    assert waiting.qsize() == 1
+    assert dimse.get_msg(block=True) == (None, None)
+    assert waiting.qsize() == 0

@@ -50,7 +50,10 @@ def keep_responses(assoc: Any) -> Any:
         # The reactor: under the queue's own lock, so the head it looks at is the one
         # it takes.
         with waiting.mutex:
-            if not waiting.queue or not waiting.queue[0][1].is_valid_request:
+            # (None, None) is pynetdicom's wake-up for a waiting sender when the
+            # association is aborted or its connection closes: the sender's too.
+            head = waiting.queue[0][1] if waiting.queue else None
+            if head is None or not head.is_valid_request:
                 return None, None
             item = waiting.queue.popleft()
             waiting.not_full.notify()
