@@ -5,9 +5,7 @@ operator's console script."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from radflow_core.topics import Topic
 from radflow_devstack.kit.rules_file import write_rules
 from radflow_devstack.kit.waiting import wait_for
 from radflow_devstack.processes import ManagedProcess
+from support.cli import radflow
 from support.dicom import PHI_ID, PHI_NAME, make_instance, pynetdicom_store
 from support.metrics import metric
 from support.orthanc import OrthancView
@@ -36,17 +35,10 @@ rules:
     wait_for_study_complete: {quiet_seconds: 3600, level: study}
 default: {hold: unrouted}
 """
-RADFLOW = Path(sys.executable).parent / "radflow"
 
 
 def trace(stack: Stack, uid: str, *more: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(RADFLOW), "trace", uid, *more],
-        env={**os.environ, **stack.env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return radflow(stack, "trace", uid, *more)
 
 
 def send(ingest: IngestProcess, tmp_path: Path, study: str, modality: str) -> str:

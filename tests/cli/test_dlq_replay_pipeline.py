@@ -4,10 +4,6 @@ exactly once from ``radflow dlq replay``, and a second replay sends nothing."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,30 +17,12 @@ from radflow_devstack.kit.rules_file import write_rules
 from radflow_devstack.kit.waiting import wait_for
 from radflow_devstack.processes import ManagedProcess
 from radflow_devstack.stow_counter import StowCounter
+from support.cli import json_lines, radflow
 from support.metrics import metric
 from support.orthanc import OrthancView
 from support.stack import Stack
 
 pytestmark = pytest.mark.pipeline
-
-RADFLOW = Path(sys.executable).with_name("radflow")
-"""The console script the venv installs."""
-
-
-def radflow(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(RADFLOW), *args],
-        env={**os.environ, **stack.env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-
-
-def lines(done: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
-    assert done.returncode == 0, done.stderr
-    return [json.loads(line) for line in done.stdout.splitlines()]
 
 
 def test_a_refusing_destination_fixed_by_a_rules_change_gets_each_instance_once_by_replay(
@@ -72,11 +50,11 @@ def test_a_refusing_destination_fixed_by_a_rules_change_gets_each_instance_once_
     wait_for("6 dead letters", lambda: len(failed(stack)) == 6, timeout_s=180)
     assert completed(stack) == [] and orthanc.count() == 0
 
-    listed = lines(radflow(stack, "dlq", "list", "--json", "--destination", "pacs"))
+    listed = json_lines(radflow(stack, "dlq", "list", "--json", "--destination", "pacs"))
     assert sorted(x["instance"] for x in listed) == uids
     assert {(x["topic"], x["reason"]) for x in listed} == {("dicom.forward.failed", "rejected")}
     assert {x["replay_to"] for x in listed} == {stack.topic(Topic.FORWARD_REQUESTED)}
-    assert lines(radflow(stack, "dlq", "list", "--json", "--reason", "retries_*")) == []
+    assert json_lines(radflow(stack, "dlq", "list", "--json", "--reason", "retries_*")) == []
     table = radflow(stack, "dlq", "list")
     assert table.returncode == 0 and "6 dead letters" in table.stdout
     shown = radflow(stack, "dlq", "show", listed[0]["id"])
@@ -98,7 +76,7 @@ def test_a_refusing_destination_fixed_by_a_rules_change_gets_each_instance_once_
         timeout_s=60,
     )
 
-    dry = lines(radflow(stack, "dlq", "replay", "--dry-run", "--json"))
+    dry = json_lines(radflow(stack, "dlq", "replay", "--dry-run", "--json"))
     assert sorted(x["outcome"] for x in dry) == ["replay"] * 6 + ["skip"] * 6
     assert len(stack.events(Topic.FORWARD_REQUESTED)) == 12  # a dry run publishes nothing
 
@@ -121,7 +99,7 @@ def test_a_refusing_destination_fixed_by_a_rules_change_gets_each_instance_once_
 
     # Past the CLI's check, the forwarder's markers still keep a replay from sending.
     forced = radflow(stack, "dlq", "replay", "--ignore-completed", "--json")
-    assert sorted(x["outcome"] for x in lines(forced)) == ["replay"] * 6 + ["skip"] * 6
+    assert sorted(x["outcome"] for x in json_lines(forced)) == ["replay"] * 6 + ["skip"] * 6
     wait_for(
         "6 replays recognised as delivered",
         lambda: sum(d["already_delivered"] for d in completed(stack)) == 6,
@@ -170,10 +148,12 @@ def test_held_instances_are_routed_by_replay_once_a_rule_routes_them(
     send(ingest, files)
     wait_for("4 held", lambda: len(stack.events(Topic.INSTANCE_HELD)) == 4, timeout_s=180)
 
-    held = lines(radflow(stack, "dlq", "list", "--json", "--topic", "dicom.instance.held"))
+    held = json_lines(radflow(stack, "dlq", "list", "--json", "--topic", "dicom.instance.held"))
     assert sorted(x["instance"] for x in held) == uids
     assert {x["reason"] for x in held} == {"no rule for this modality"}
-    assert lines(radflow(stack, "dlq", "list", "--json", "--topic", "dicom.forward.failed")) == []
+    assert (
+        json_lines(radflow(stack, "dlq", "list", "--json", "--topic", "dicom.forward.failed")) == []
+    )
 
     generation = metric(router.url, "radflow_router_rules_generation")
     assert generation is not None
@@ -183,7 +163,7 @@ def test_held_instances_are_routed_by_replay_once_a_rule_routes_them(
         lambda: (metric(router.url, "radflow_router_rules_generation") or 0) > generation,
         timeout_s=60,
     )
-    replay = lines(radflow(stack, "dlq", "replay", "--json", "--topic", "dicom.instance.held"))
+    replay = json_lines(radflow(stack, "dlq", "replay", "--json", "--topic", "dicom.instance.held"))
     assert [x["outcome"] for x in replay] == ["replay"] * 4
     assert {x["topic"] for x in replay} == {stack.topic(Topic.INSTANCE_NORMALIZED)}
     wait_for("4 deliveries", lambda: len(completed(stack)) == 4, timeout_s=120)

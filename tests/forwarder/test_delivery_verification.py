@@ -6,11 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import http.server
-import json
-import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -43,6 +39,7 @@ from stow_forwarder.dimse import DimseClient
 from stow_forwarder.markers import DELIVERED_MARKER, State, decode, merge
 from stow_forwarder.settings import ForwarderSettings
 from stow_forwarder.verify import VerificationUnanswered
+from support.cli import json_lines, radflow
 from support.dicom import make_instance
 from support.forward import publish, routed
 from support.metrics import metric, metric_sum
@@ -101,26 +98,6 @@ def one_series(tmp_path: Path, count: int) -> list[Path]:
         )
         for i in range(count)
     ]
-
-
-RADFLOW = Path(sys.executable).with_name("radflow")
-"""The operator's console script, installed in the venv."""
-
-
-def radflow(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(RADFLOW), *args],
-        env={**os.environ, **stack.env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-
-
-def cli_lines(done: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
-    assert done.returncode == 0, done.stderr
-    return [json.loads(line) for line in done.stdout.splitlines()]
 
 
 def uid_of(path: Path) -> str:
@@ -212,7 +189,7 @@ def test_qido_catches_a_destination_that_answers_200_and_drops_an_instance(
         "pacs",
         "--json",
     ]
-    (replayed,) = cli_lines(radflow(stack, *runbook))
+    (replayed,) = json_lines(radflow(stack, *runbook))
     assert replayed["outcome"] == "replay", replayed
     wait_for(
         "the replayed instance verified",
@@ -220,7 +197,7 @@ def test_qido_catches_a_destination_that_answers_200_and_drops_an_instance(
         timeout_s=60,
     )
     # Delivered again after its letter: a second replay has nothing to do.
-    (skipped,) = cli_lines(radflow(stack, *runbook))
+    (skipped,) = json_lines(radflow(stack, *runbook))
     assert skipped["outcome"] == "skip" and "delivered" in skipped["why"], skipped
     assert lost in orthanc.sop_instance_uids()
     assert orthanc.count() == 5
