@@ -42,6 +42,7 @@ PORT_NAMES = (
     "mllp",
     "orthanc",
     "orthanc_dicom",
+    "prometheus",
 )
 
 

@@ -43,6 +43,7 @@ from radflow_devstack.parts import (
 from radflow_devstack.peek import blobs_command, events_command
 from radflow_devstack.pki import DevelopmentPki, development_pki
 from radflow_devstack.processes import ManagedProcess, StartupFailed
+from radflow_devstack.prometheus import find_alerts_file, plain_rules, start_prometheus
 from radflow_devstack.supervise import Supervisor
 
 LOCAL_RULES = Path(__file__).with_name("rules.yaml")
@@ -112,6 +113,17 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--report-return-port", type=int, default=8084)
         p.add_argument("--ledger-port", type=int, default=8087, help="the ledger's HTTP API")
         p.add_argument("--mllp-port", type=int, default=2575, help="the stand-in RIS's port")
+        p.add_argument(
+            "--prometheus-port", type=int, default=9090, help="Prometheus, with the alerts"
+        )
+        p.add_argument(
+            "--alert-for-max",
+            type=float,
+            default=None,
+            metavar="SECONDS",
+            help="cap every alert's 'for:' (default: as shipped); tests see alerts fire "
+            "in seconds",
+        )
         p.add_argument("--orthanc-port", type=int, default=8042, help="Orthanc's HTTP port")
         p.add_argument("--orthanc-dicom-port", type=int, default=4242)
         p.add_argument(
@@ -287,6 +299,24 @@ def run_stack(args: argparse.Namespace) -> int:
         }
         service("ledger", "ledger", ledger_env, args.ledger_port)
         print(f"ledger   {ledger_http}/ledger/overdue  (radflow ledger study UID, ... overdue)")
+        targets = {
+            "ingest": args.ops_port,
+            "transcode": args.transcode_port,
+            "router": args.router_port,
+            "stow-forwarder": args.forwarder_port,
+            "report-return": args.report_return_port,
+            "ledger": args.ledger_port,
+        }
+        alerts = find_alerts_file()
+        alert_rules = plain_rules(alerts, max_for_s=args.alert_for_max) if alerts else None
+        prometheus = start_prometheus(args.prometheus_port, targets, run_dir, rules=alert_rules)
+        started.append(prometheus)
+        supervisor.watch(prometheus)
+        shipped = f"rules of {alerts}" if alerts else "no rules (deploy/ not found)"
+        print(
+            f"metrics  Prometheus http://127.0.0.1:{args.prometheus_port}/alerts  "
+            f"scrapes every service, {shipped}"
+        )
         print(f"logs     {args.log_dir}/")
         print(f"try      TCP_NODELAY=1 storescu -aec RADFLOW 127.0.0.1 {args.dimse_port} FILE.dcm")
         print(f"         {storescu_tls_line(pki, args.dimse_tls_port)}")
