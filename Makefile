@@ -30,7 +30,7 @@ system-deps:
 	   test -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so; } >/dev/null 2>&1 || { \
 	  echo "installing dcmtk, orthanc, orthanc-dicomweb and prometheus with apt-get"; \
 	  $(SUDO) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends -o DPkg::Lock::Timeout=600 \
 	    dcmtk orthanc orthanc-dicomweb prometheus; }
 
 # make run BROKER=durable keeps the broker's log in the S3 server, so Tansu can be

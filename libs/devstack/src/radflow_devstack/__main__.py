@@ -121,8 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             type=float,
             default=None,
             metavar="SECONDS",
-            help="cap every alert's 'for:' (default: as shipped); tests see alerts fire "
-            "in seconds",
+            help="cap every alert's 'for:' (default: as shipped); tests see alerts fire in seconds",
         )
         p.add_argument("--orthanc-port", type=int, default=8042, help="Orthanc's HTTP port")
         p.add_argument("--orthanc-dicom-port", type=int, default=4242)
