@@ -19,10 +19,13 @@ from radflow_devstack.kit.dcmtk import storescu
 from radflow_devstack.kit.waiting import wait_for
 from radflow_devstack.parts import http_status
 from radflow_devstack.processes import ManagedProcess, free_port
+from radflow_devstack.prometheus import PrometheusApi, plain_rules
 from support.dicom import bundled_file
 from support.stow import multipart
 
 pytestmark = pytest.mark.pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 PORT_NAMES = (
@@ -143,13 +146,41 @@ def test_run_starts_the_stack_and_a_sent_instance_becomes_event_and_blob(tmp_pat
         both = wait_for("the DICOM TLS instance received", received, timeout_s=30)
         identities = {json.loads(e)["event"]["data"]["sender"]["identity"] for e in both}
         assert identities == {None, "cert:STORESCU"}, "plain DIMSE, then DICOM TLS"
+        _prometheus_watches_every_service_quietly(ports["prometheus"])
         _stow_with_the_development_token(tmp_path, ports)
     finally:
         code = stack.stop(timeout_s=60)
     out = (tmp_path / "devstack.out").read_text()
     assert code == 0, out
-    for name in ("stow-forwarder", "orthanc", "router", "transcode", "ingest", "s3", "tansu"):
+    for name in (
+        *("prometheus", "stow-forwarder", "orthanc", "router", "transcode", "ingest"),
+        *("s3", "tansu"),
+    ):
         assert f"stopped  {name} (exit 0)" in out
+
+
+def _prometheus_watches_every_service_quietly(port: int) -> None:
+    """make run's Prometheus scrapes every service under the job its ServiceMonitor
+    gives it in Kubernetes, evaluates every shipped rule, and, after real traffic,
+    has no alert pending or firing."""
+    api = PrometheusApi(f"http://127.0.0.1:{port}")
+    services = {f"radflow-{p.parent.name}" for p in ROOT.glob("services/*/pyproject.toml")}
+
+    def every_target_up() -> bool:
+        up = {t["labels"]["job"] for t in api.targets() if t["health"] == "up"}
+        return up == services
+
+    wait_for("every service scraped by Prometheus", every_target_up, timeout_s=60)
+    shipped = plain_rules(ROOT / "deploy/k8s/base/monitoring/alerts.yaml")
+    names = {r.get("alert") or r["record"] for g in shipped["groups"] for r in g["rules"]}
+
+    def every_rule_evaluated() -> bool:
+        groups = api.rule_groups()
+        evaluated = {r["name"] for g in groups for r in g["rules"] if r["health"] == "ok"}
+        return evaluated == names
+
+    wait_for("every shipped rule evaluated without error", every_rule_evaluated, timeout_s=60)
+    assert [(a["labels"]["alertname"], a["state"]) for a in api.alerts()] == []
 
 
 def _stow_with_the_development_token(tmp_path: Path, ports: dict[str, int]) -> None:

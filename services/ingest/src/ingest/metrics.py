@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from radflow_core.events import Lane, Protocol
+
 INSTANCES = Counter(
     "radflow_ingest_instances_total",
     "Instances received, by protocol and outcome (stored, duplicate, or a status label).",
@@ -77,3 +79,20 @@ AUTH_FAILURES = Counter(
     "issuer_unavailable, ...).",
     ["reason"],
 )
+
+
+def _announce_outcomes() -> None:
+    """Give the success series a zero from the start: Prometheus computes increase()
+    from the samples it has, so a series born at 1 on the first instance would hide
+    that instance, and the quiet-ingest alert would count a fresh pod's first hour of
+    traffic as none."""
+    for protocol in Protocol:
+        BYTES.labels(protocol.value)
+        STORE_SECONDS.labels(protocol.value)
+        for outcome in ("stored", "duplicate"):
+            INSTANCES.labels(protocol.value, outcome)
+    for lane in Lane:
+        LANES.labels(lane.value)
+
+
+_announce_outcomes()
