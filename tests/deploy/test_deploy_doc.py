@@ -61,6 +61,8 @@ KIND_ALIASES = {
     "ingress": "Ingress",
 }
 """kubectl's resource names → the kinds they denote, for names checked against renders."""
+FENCE_FREE = re.compile(r"^[ \t]*```.*?^[ \t]*```", re.MULTILINE | re.DOTALL)
+"""Fenced blocks, whose ``#`` lines are comments, not headings."""
 API_VERSION = re.compile(r"\b([a-z0-9-]+(?:\.[a-z0-9-]+)+)/(v\d+(?:(?:alpha|beta)\d+)?)\b")
 
 
@@ -161,6 +163,17 @@ def test_every_file_the_document_names_exists() -> None:
     missing += [s for s in from_k8s if not (K8S / s.rstrip("/")).exists()]
     missing += [s for s in bare if not any(K8S.rglob(s))]
     assert not missing, f"docs/deploy.md names files that do not exist: {missing}"
+
+
+def test_every_link_within_the_document_reaches_a_heading() -> None:
+    text = DOC.read_text()
+    headings = {
+        re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+        for h in re.findall(r"^#{1,6} (.+)$", FENCE_FREE.sub("", text), re.MULTILINE)
+    }
+    anchors = set(re.findall(r"\]\(#([^)]+)\)", text))
+    assert anchors, "no link within the document: the pattern no longer matches"
+    assert anchors <= headings, f"links to no heading: {sorted(anchors - headings)}"
 
 
 # --- Secrets ---------------------------------------------------------------------------
