@@ -214,3 +214,74 @@ def selectors(expr: str) -> dict[str, set[str]]:
 
     promql_parser.walk(parse_promql(expr), visit)
     return found
+
+
+# --- Secrets ---------------------------------------------------------------------------
+
+TLS_KEYS = frozenset({"tls.crt", "tls.key"})
+
+
+def secret_references(objects: list[Obj]) -> dict[str, frozenset[str] | None]:
+    """Secret name → the keys the objects read from it, or None where an object takes
+    the whole Secret (``envFrom``, a volume without ``items``): any key will do there.
+    Read from pod templates (env, envFrom, volumes), Ingress TLS, KEDA's
+    TriggerAuthentication and cert-manager's CA Issuer."""
+    whole: set[str] = set()
+    keys: dict[str, set[str]] = {}
+    generated = {
+        o["metadata"]["name"]: re.sub(r"-[a-z0-9]{10}$", "", o["metadata"]["name"])
+        for o in of_kind(objects, "Secret")
+    }
+
+    def read(name: str, key: str | None) -> None:
+        name = generated.get(name, name)  # kustomize's content hash left out
+        if key is None:
+            whole.add(name)
+        else:
+            keys.setdefault(name, set()).add(key)
+
+    for obj in objects:
+        spec = obj.get("spec", {})
+        pod = spec.get("template", {}).get("spec", {})
+        for container in pod.get("containers", []) + pod.get("initContainers", []):
+            for env in container.get("env", []):
+                ref = env.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    read(ref["name"], ref["key"])
+            for source in container.get("envFrom", []):
+                if "secretRef" in source:
+                    read(source["secretRef"]["name"], None)
+        for volume in pod.get("volumes", []):
+            secret = volume.get("secret")
+            if secret:
+                items = secret.get("items")
+                if items:
+                    for item in items:
+                        read(secret["secretName"], item["key"])
+                else:
+                    read(secret["secretName"], None)
+        if obj["kind"] == "Ingress":
+            for tls in spec.get("tls", []):
+                for key in TLS_KEYS:
+                    read(tls["secretName"], key)
+        if obj["kind"] == "TriggerAuthentication":
+            for ref in spec.get("secretTargetRef", []):
+                read(ref["name"], ref["key"])
+        if obj["kind"] in ("Issuer", "ClusterIssuer") and "ca" in spec:
+            for key in TLS_KEYS:
+                read(spec["ca"]["secretName"], key)
+    return {
+        name: None if name in whole else frozenset(keys.get(name, ())) for name in whole | set(keys)
+    }
+
+
+def operator_secrets(objects: list[Obj]) -> set[str]:
+    """Secrets the overlay's objects make, so nobody creates them by hand: generated
+    ones (kustomize), a Certificate's ``secretName`` (cert-manager), a KafkaUser's
+    password and a Kafka cluster's CA (Strimzi: ``<user>``, ``<cluster>-cluster-ca-cert``)."""
+    made = {o["metadata"]["name"] for o in of_kind(objects, "Secret")}
+    made |= {re.sub(r"-[a-z0-9]{10}$", "", name) for name in made}
+    made |= {c["spec"]["secretName"] for c in of_kind(objects, "Certificate")}
+    made |= {u["metadata"]["name"] for u in of_kind(objects, "KafkaUser")}
+    made |= {f"{k['metadata']['name']}-cluster-ca-cert" for k in of_kind(objects, "Kafka")}
+    return made
