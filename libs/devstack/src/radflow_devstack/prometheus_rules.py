@@ -52,7 +52,9 @@ class _Dumper(yaml.SafeDumper):
 
 
 def _string(dumper: yaml.SafeDumper, text: str) -> yaml.ScalarNode:
-    return dumper.represent_scalar("tag:yaml.org,2002:str", text, style="|" if "\n" in text else None)
+    return dumper.represent_scalar(
+        "tag:yaml.org,2002:str", text, style="|" if "\n" in text else None
+    )
 
 
 _Dumper.add_representer(str, _string)
@@ -72,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m radflow_devstack.prometheus_rules",
         description="Write the rule groups of a PrometheusRule as a Prometheus rules file.",
     )
-    parser.add_argument("prometheus_rule", type=Path, help="e.g. deploy/k8s/base/monitoring/alerts.yaml")
+    parser.add_argument(
+        "prometheus_rule", type=Path, help="e.g. deploy/k8s/base/monitoring/alerts.yaml"
+    )
     parser.add_argument("out", type=Path, help="the rules file to write")
     parser.add_argument(
         "--annotation",
