@@ -11,7 +11,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PACKAGES := -e libs/core -e libs/rules -e libs/codecs -e libs/devstack -e services/ingest -e services/transcode -e services/router -e services/stow-forwarder -e services/report-return -e services/ledger
 SRC := libs/core/src libs/rules/src libs/codecs/src libs/devstack/src services/ingest/src services/transcode/src services/router/src services/stow-forwarder/src services/report-return/src services/ledger/src
 
-.PHONY: install system-deps run test lint bench faults schemas images dockerfiles constraints clean
+.PHONY: install system-deps run test alert-tests lint bench faults schemas images dockerfiles constraints clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,15 @@ run: install system-deps
 
 test: install system-deps
 	$(PY) -m pytest
+
+# The alerts' unit tests (deploy/k8s/base/monitoring/tests) with promtool alone
+# (docs/operations.md, "Testing the alerts"); make test runs them too.
+ALERT_TESTS := deploy/k8s/base/monitoring/tests
+alert-tests:
+	$(PYTHON) libs/devstack/src/radflow_devstack/prometheus_rules.py \
+	  deploy/k8s/base/monitoring/alerts.yaml $(ALERT_TESTS)/rules.yaml --annotation summary
+	promtool check rules $(ALERT_TESTS)/rules.yaml
+	promtool test rules $(ALERT_TESTS)/test_*.yaml
 
 lint: install
 	$(VENV)/bin/ruff format --check $(SRC) tests bench

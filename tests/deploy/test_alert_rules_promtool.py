@@ -22,10 +22,10 @@ from typing import Any
 import promql_parser
 import pytest
 import yaml
-from radflow_devstack.prometheus_rules import plain_rules
 
 from deploy.manifests import K8S, selectors
 from deploy.test_metrics_exported import PROMETHEUS_OWN, TARGET_LABELS, declared_labels
+from radflow_devstack.prometheus_rules import plain_rules, write_rules_file
 
 MONITORING = K8S / "base" / "monitoring"
 ALERTS = MONITORING / "alerts.yaml"
@@ -62,18 +62,31 @@ def _unit_tests(path: Path) -> dict[str, Any]:
 
 
 def test_promtool_accepts_the_rules_file_with_every_annotation(tmp_path: Path) -> None:
-    rules = plain_rules(ALERTS.read_text())
-    assert rules == {"groups": _groups()}
-    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rules, sort_keys=False))
+    rules = write_rules_file(ALERTS, tmp_path / "rules.yaml")
+    assert yaml.safe_load(rules.read_text()) == {"groups": _groups()}
     _run("check", "rules", "rules.yaml", cwd=tmp_path)
+
+
+def test_the_unit_tests_rules_file_differs_only_in_the_annotations_left_out() -> None:
+    shipped = [rule for group in _groups() for rule in group["rules"]]
+    tested = [
+        rule
+        for group in plain_rules(ALERTS.read_text(), TESTED_ANNOTATIONS)["groups"]
+        for rule in group["rules"]
+    ]
+    assert len(tested) == len(shipped)
+    for rule, original in zip(tested, shipped, strict=True):
+        if "alert" in original:
+            assert rule["annotations"] == {"summary": original["annotations"]["summary"]}
+            original = {**original, "annotations": rule["annotations"]}
+        assert rule == original
 
 
 @pytest.mark.parametrize("test_file", TEST_FILES, ids=lambda p: p.name)
 def test_the_alerts_fire_and_stay_quiet_as_the_shipped_tests_say(
     test_file: Path, tmp_path: Path
 ) -> None:
-    rules = plain_rules(ALERTS.read_text(), TESTED_ANNOTATIONS)
-    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rules, sort_keys=False))
+    write_rules_file(ALERTS, tmp_path / "rules.yaml", TESTED_ANNOTATIONS)
     shutil.copy(test_file, tmp_path)
     _run("test", "rules", test_file.name, cwd=tmp_path)
 
@@ -165,7 +178,9 @@ def _expand(notation: str) -> list[float]:
     """promtool's ``a+bxn`` / ``a-bxn`` notation (n + 1 values), as numbers."""
     values: list[float] = []
     for part in notation.split():
-        start, sign, step, times = re.fullmatch(r"(-?[\d.]+)([+-])([\d.]+)x(\d+)", part).groups()  # type: ignore[union-attr]
+        match = re.fullmatch(r"(-?[\d.]+)([+-])([\d.]+)x(\d+)", part)
+        assert match is not None, part
+        start, sign, step, times = match.groups()
         delta = float(step) if sign == "+" else -float(step)
         values += [float(start) + delta * i for i in range(int(times) + 1)]
     return values

@@ -47,7 +47,7 @@ def _keep(rule: dict[str, Any], annotations: Collection[str]) -> dict[str, Any]:
     return {**rule, "annotations": kept} if kept else rule
 
 
-class _Dumper(yaml.SafeDumper):
+class _Dumper(yaml.SafeDumper):  # type: ignore[misc]  # PyYAML without stubs: Any
     """Multi-line strings (the expressions) as literal blocks, as they are written."""
 
 
