@@ -726,12 +726,15 @@ def test_destinations_added_and_removed_in_the_rule_file_start_and_stop_without_
 
     swap(both, ["second"])  # 'first' stays defined but unrouted: it keeps its consumers
     wait_for("routing to the second only", lambda: applied(3), timeout_s=30)
+    assert metric(forwarder.url, "radflow_forwarder_circuit_state", destination="first") == 0
     swap({"second": f"url: {second.dicomweb}"}, ["second"])
     wait_for(
         "the first destination removed",
         lambda: applied(4) and metric(forwarder.url, "radflow_forwarder_destinations") == 1,
         timeout_s=30,
     )
+    # Gone with it: a circuit left behind (open, had it been down) would keep alerting.
+    assert metric(forwarder.url, "radflow_forwarder_circuit_state", destination="first") is None
     send(ingest, series(tmp_path, 3))
     wait_for("3 more to the second", lambda: second.count() == 6, timeout_s=60)
     assert first.count() == 6

@@ -17,6 +17,7 @@ of :mod:`stow_forwarder.unknown`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 from concurrent.futures import ThreadPoolExecutor
@@ -208,6 +209,10 @@ class ForwarderService:
             if old is not None:
                 await self._retire(self.running.pop(name))
             if new is None:
+                # Its circuit would stay on /metrics at its last state, and an open one
+                # would alert (RadflowCircuitOpen) until the forwarder restarts.
+                with contextlib.suppress(KeyError):
+                    metrics.CIRCUIT.remove(name)
                 log.info("destination removed", extra={"destination": name})
                 continue
             try:
