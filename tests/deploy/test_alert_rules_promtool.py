@@ -25,7 +25,7 @@ import yaml
 
 from deploy.manifests import K8S, selectors
 from deploy.test_metrics_exported import PROMETHEUS_OWN, TARGET_LABELS, declared_labels
-from radflow_devstack.prometheus_rules import plain_rules, write_rules_file
+from radflow_devstack.prometheus_rules import rules_file, write_rules_file
 
 MONITORING = K8S / "base" / "monitoring"
 ALERTS = MONITORING / "alerts.yaml"
@@ -71,7 +71,7 @@ def test_the_unit_tests_rules_file_differs_only_in_the_annotations_left_out() ->
     shipped = [rule for group in _groups() for rule in group["rules"]]
     tested = [
         rule
-        for group in plain_rules(ALERTS.read_text(), TESTED_ANNOTATIONS)["groups"]
+        for group in rules_file(ALERTS.read_text(), TESTED_ANNOTATIONS)["groups"]
         for rule in group["rules"]
     ]
     assert len(tested) == len(shipped)

@@ -24,6 +24,7 @@ import yaml
 
 from radflow_devstack.parts import http_status
 from radflow_devstack.processes import ManagedProcess
+from radflow_devstack.prometheus_rules import rules_file
 
 NAMESPACE = "radflow"
 """The ``namespace`` label every local series carries, like a deployment's namespace."""
@@ -55,23 +56,19 @@ def duration_s(text: str) -> float:
 
 
 def plain_rules(crd: Path, *, max_for_s: float | None = None) -> dict[str, Any]:
-    """The rule groups of every PrometheusRule in ``crd`` as a Prometheus rules file.
+    """The rule groups of every PrometheusRule in ``crd`` as a Prometheus rules file
+    (:func:`radflow_devstack.prometheus_rules.rules_file`).
 
     ``max_for_s`` caps each alert's ``for:`` (tests: a fault raises its alert within
     seconds); the expressions are left exactly as shipped.
     """
-    groups: list[dict[str, Any]] = []
-    for document in yaml.safe_load_all(crd.read_text()):
-        if not document or document.get("kind") != "PrometheusRule":
-            continue
-        for group in document["spec"]["groups"]:
-            group = json.loads(json.dumps(group))  # a copy
-            if max_for_s is not None:
-                for rule in group["rules"]:
-                    if "for" in rule and duration_s(rule["for"]) > max_for_s:
-                        rule["for"] = f"{int(max_for_s)}s"
-            groups.append(group)
-    return {"groups": groups}
+    rules = rules_file(crd.read_text())
+    if max_for_s is not None:
+        for group in rules["groups"]:
+            for rule in group["rules"]:
+                if "for" in rule and duration_s(rule["for"]) > max_for_s:
+                    rule["for"] = f"{int(max_for_s)}s"
+    return rules
 
 
 def write_config(

@@ -2,10 +2,12 @@
 
 deploy/k8s/base/monitoring/alerts.yaml is a PrometheusRule (prometheus-operator), the
 form a cluster needs; ``promtool`` and a Prometheus started without the operator
-(``make run``) read a rules file: the same ``groups``, without the Kubernetes envelope.
-Deriving it keeps the PrometheusRule the one place an alert is written.
+(``make run``, :mod:`radflow_devstack.prometheus`) read a rules file: the same
+``groups``, without the Kubernetes envelope. Deriving it keeps the PrometheusRule the
+one place an alert is written. Needs only PyYAML, so that it runs from a checkout:
 
-    python -m radflow_devstack.prometheus_rules alerts.yaml rules.yaml [--annotation summary]
+    python3 libs/devstack/src/radflow_devstack/prometheus_rules.py \
+        deploy/k8s/base/monitoring/alerts.yaml rules.yaml [--annotation summary]
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ GROUP_FIELDS = ("name", "interval", "limit", "rules")
 response strategy) would make Prometheus refuse the file."""
 
 
-def plain_rules(manifests: str, annotations: Collection[str] | None = None) -> dict[str, Any]:
+def rules_file(manifests: str, annotations: Collection[str] | None = None) -> dict[str, Any]:
     """The rule groups of every PrometheusRule in ``manifests`` (YAML, one document or
     several) as a rules file. ``annotations`` names the annotations to keep (all when
     None): ``promtool test rules`` compares every annotation an alert carries with the
@@ -63,15 +65,15 @@ _Dumper.add_representer(str, _string)
 def write_rules_file(
     prometheus_rule: Path, out: Path, annotations: Collection[str] | None = None
 ) -> Path:
-    """Write :func:`plain_rules` of the file ``prometheus_rule`` to ``out``."""
-    rules = plain_rules(prometheus_rule.read_text(), annotations)
+    """Write :func:`rules_file` of the file ``prometheus_rule`` to ``out``."""
+    rules = rules_file(prometheus_rule.read_text(), annotations)
     out.write_text(yaml.dump(rules, Dumper=_Dumper, sort_keys=False, width=100))
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m radflow_devstack.prometheus_rules",
+        prog="prometheus_rules.py",
         description="Write the rule groups of a PrometheusRule as a Prometheus rules file.",
     )
     parser.add_argument(
