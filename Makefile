@@ -46,10 +46,11 @@ test: install system-deps
 # The alerts' unit tests (deploy/k8s/base/monitoring/tests) with promtool alone
 # (docs/operations.md, "Testing the alerts"); make test runs them too.
 ALERT_TESTS := deploy/k8s/base/monitoring/tests
+RULES_FILE := $(PYTHON) libs/devstack/src/radflow_devstack/prometheus_rules.py deploy/k8s/base/monitoring/alerts.yaml $(ALERT_TESTS)/rules.yaml
 alert-tests:
-	$(PYTHON) libs/devstack/src/radflow_devstack/prometheus_rules.py \
-	  deploy/k8s/base/monitoring/alerts.yaml $(ALERT_TESTS)/rules.yaml --annotation summary
+	$(RULES_FILE)
 	promtool check rules $(ALERT_TESTS)/rules.yaml
+	$(RULES_FILE) --annotation summary
 	promtool test rules $(ALERT_TESTS)/test_*.yaml
 
 lint: install
