@@ -11,7 +11,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PACKAGES := -e libs/core -e libs/rules -e libs/codecs -e libs/devstack -e services/ingest -e services/transcode -e services/router -e services/stow-forwarder -e services/report-return -e services/ledger
 SRC := libs/core/src libs/rules/src libs/codecs/src libs/devstack/src services/ingest/src services/transcode/src services/router/src services/stow-forwarder/src services/report-return/src services/ledger/src
 
-.PHONY: install system-deps run test alert-tests lint bench faults schemas images dockerfiles constraints clean
+.PHONY: install system-deps run test alert-tests lint bench faults schemas images image-contract dockerfiles constraints clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -54,9 +54,9 @@ alert-tests:
 	promtool test rules $(ALERT_TESTS)/test_*.yaml
 
 lint: install
-	$(VENV)/bin/ruff format --check $(SRC) tests bench
-	$(VENV)/bin/ruff check $(SRC) tests bench
-	$(VENV)/bin/mypy $(SRC)
+	$(VENV)/bin/ruff format --check $(SRC) tests bench deploy/images
+	$(VENV)/bin/ruff check $(SRC) tests bench deploy/images
+	$(VENV)/bin/mypy $(SRC) deploy/images
 
 # Side-by-side benchmarks (see bench/README.md); needs DCMTK and Orthanc like the
 # tests. About 30 minutes on 2 cores; run it on a quiet machine. Results in
@@ -94,6 +94,13 @@ images:
 	  $(CONTAINER_TOOL) build --build-arg PYTHON_IMAGE=$(PYTHON_IMAGE) \
 	    -f $(IMAGE_CONTEXT)/$$dockerfile -t $(IMAGE_PREFIX)/$$name:$(IMAGE_TAG) $(IMAGE_CONTEXT); \
 	done
+
+# Without a container tool: each image's environment built as its Dockerfile says (a
+# fresh venv, its pip install line, constraints.txt) under .run/image-contract/, then
+# --help, --check-config and every radflow module's import run in it (deploy/images/
+# contract.py; tests/deploy/test_image_contract.py does the same in make test).
+image-contract: install
+	$(PY) deploy/images/contract.py
 
 # Rewrite services/*/Dockerfile from the template (after changing a service's dependencies).
 dockerfiles:
