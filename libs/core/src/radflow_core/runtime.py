@@ -83,9 +83,16 @@ def run_main(
     build: Callable[[Any], Service],
     argv: Sequence[str] | None = None,
     log_fields: Mapping[str, str | int] | None = None,
+    files: Callable[[Any], object] | None = None,
 ) -> int:
     """Parse arguments, load settings from the environment, and serve (``log_fields``
-    on every log line)."""
+    on every log line).
+
+    ``files`` reads the files the settings name (a rule file, a sites file) with the
+    loaders the service starts with, raising ConfigurationError if one is missing or
+    unusable: ``--check-config`` runs it, so that a bad mount fails there (exit 2)
+    instead of in the pod.
+    """
     parser = argparse.ArgumentParser(
         prog=f"python -m {name}",
         description=description,
@@ -95,11 +102,13 @@ def run_main(
     parser.add_argument(
         "--check-config",
         action="store_true",
-        help="validate the environment's settings and exit (0 if valid)",
+        help="validate the environment's settings, and the files they name, and exit (0 if valid)",
     )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         config = load(os.environ)
+        if args.check_config and files is not None:
+            files(config)
     except ConfigurationError as exc:
         print(f"{name}: {exc}", file=sys.stderr)
         return EXIT_CONFIG

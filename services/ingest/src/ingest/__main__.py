@@ -38,7 +38,16 @@ def main(argv: list[str] | None = None) -> int:
         build=build,
         argv=rest,
         log_fields=None if role is None else {"worker": role.index},
+        files=_read_files,
     )
+
+
+def _read_files(config: IngestConfig) -> None:
+    """The rule file, when set (--check-config)."""
+    if config.ingest.rules_file is not None:
+        from radflow_rules.loader import load_file
+
+        load_file(config.ingest.rules_file)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from radflow_core.events import ReportStatus
 from radflow_core.runtime import run_main
+from radflow_rules.loader import load_file
 from report_return.hl7 import build_oru, control_id
 from report_return.report import ReportError, document_from
 from report_return.service import ReportReturnService
@@ -42,7 +43,15 @@ def main(argv: list[str] | None = None) -> int:
         load=ReportReturnConfig.from_env,
         build=ReportReturnService,
         argv=args,
+        files=_read_files,
     )
+
+
+def _read_files(config: ReportReturnConfig) -> None:
+    """The sites file, and the rule file when set (--check-config)."""
+    load_sites(config.report_return.sites_file)
+    if config.report_return.rules_file is not None:
+        load_file(config.report_return.rules_file)
 
 
 def tools(argv: list[str]) -> int:

@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         load=RouterConfig.from_env,
         build=RouterService,
         argv=args,
+        files=lambda config: load_file(config.router.rules_file),
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from radflow_core.runtime import run_main
+from radflow_rules.loader import load_file
 from stow_forwarder.service import ForwarderService
 from stow_forwarder.settings import ForwarderConfig
 
@@ -22,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
         load=ForwarderConfig.from_env,
         build=ForwarderService,
         argv=argv,
+        files=lambda config: load_file(config.forwarder.rules_file),
     )
 
 
