@@ -348,9 +348,14 @@ print(json.dumps({"roots": roots, "imported": imported, "failed": failed,
 """
 
 
-def _distribution_of(module: str) -> str:
-    """The PyPI name of a top-level module, as the workspace knows it (a hint)."""
-    dists = metadata.packages_distributions().get(module.split(".")[0], [])
+def _distribution_of(module: str, root: Path) -> str:
+    """Where a missing top-level module comes from, as the workspace knows it (a hint):
+    a radflow package of the repository, or a distribution installed in the dev venv."""
+    top = module.split(".")[0]
+    local = sorted([*root.glob(f"libs/*/src/{top}"), *root.glob(f"services/*/src/{top}")])
+    if local:
+        return f" (radflow package {local[0].parent.parent.relative_to(root)})"
+    dists = metadata.packages_distributions().get(top, [])
     return f" (PyPI: {', '.join(sorted(set(dists)))})" if dists else ""
 
 
@@ -369,7 +374,7 @@ def check(recipe: Recipe, venv: Path, home: Path, root: Path = ROOT) -> Result:
     # Imports first, writing bytecode (installed without it): the entrypoint's runs
     # then start as fast as from the image's compiled venv, with its exact environment.
     writing = {k: v for k, v in env.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    _import_everything(recipe, str(venv / "bin" / "python"), writing, workdir, result)
+    _import_everything(recipe, str(venv / "bin" / "python"), writing, workdir, result, root)
     entrypoint = [program, *recipe.entrypoint[1:]]
     for option in ("--help", "--check-config"):
         started = time.monotonic()
@@ -387,7 +392,7 @@ def check(recipe: Recipe, venv: Path, home: Path, root: Path = ROOT) -> Result:
 
 
 def _import_everything(
-    recipe: Recipe, python: str, env: dict[str, str], workdir: Path, result: Result
+    recipe: Recipe, python: str, env: dict[str, str], workdir: Path, result: Result, root: Path
 ) -> None:
     name = recipe.service
     module = recipe.entrypoint[2] if recipe.entrypoint[1:2] == ("-m",) else name
@@ -402,7 +407,7 @@ def _import_everything(
     for failure in report["failed"]:
         missing = failure["missing"]
         why = (
-            f"package {missing!r} is not installed{_distribution_of(missing)}: "
+            f"package {missing!r} is not installed{_distribution_of(missing, root)}: "
             f"declare it in the pyproject.toml of the package that imports it"
             if missing
             else failure["error"]
