@@ -37,6 +37,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shlex
 import shutil
 import subprocess
@@ -488,9 +489,19 @@ def main() -> int:
     parser.add_argument("--work", type=Path, help="where to build (.run/image-contract)")
     parser.add_argument("--jobs", type=int, default=2, help="services built at once")
     args = parser.parse_args()
+    work = args.work or ROOT / ".run" / "image-contract"
     started = time.monotonic()
-    results = run(work=args.work, services=args.services, jobs=args.jobs, log=True)
-    print(f"total: {time.monotonic() - started:.1f} s")
+    results = run(work=work, services=args.services, jobs=args.jobs, log=True)
+    cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
+    print(
+        f"total: {time.monotonic() - started:.1f} s "
+        f"(CPU {cpu.ru_utime + cpu.ru_stime:.0f} s in its subprocesses)"
+    )
+    for result in results:  # a failed one's venv stays, to look into
+        if not result.problems:
+            shutil.rmtree(work / result.service / "venv", ignore_errors=True)
+        else:
+            print(f"{result.service}'s environment: {work / result.service / 'venv'}")
     return 1 if any(r.problems for r in results) else 0
 
 

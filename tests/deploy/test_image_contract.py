@@ -7,8 +7,10 @@ not declare."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import shutil
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,12 +40,17 @@ SERVICES = sorted(p.parent.name for p in ROOT.glob("services/*/Dockerfile"))
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """Every service's environment built and checked, two at a time (about a minute
-    on a quiet 2-core machine), then removed (~150 MB each)."""
-    work = tmp_path_factory.mktemp("image-contract")
-    yield {r.service: r for r in contract.run(work=work, jobs=2)}
-    shutil.rmtree(work, ignore_errors=True)
+def work(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    path = tmp_path_factory.mktemp("image-contract")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)  # ~150 MB per service
+
+
+@pytest.fixture(scope="module")
+def results(work: Path) -> dict[str, Any]:
+    """Every service's environment built in ``work`` and checked, two at a time (one
+    to two minutes on a shared 2-core machine)."""
+    return {r.service: r for r in contract.run(work=work, jobs=2)}
 
 
 def test_every_service_dockerfile_is_understood() -> None:
@@ -75,6 +82,29 @@ def test_service_image_environment_starts_and_imports_every_module(
     assert result.problems == [], "\n".join(result.problems)
     assert "usage: python -m" in result.help
     assert result.modules >= 10  # the service's package and the radflow libraries
+
+
+@pytest.mark.timeout(900)
+def test_router_image_without_its_rule_file_mount_fails_check_config(
+    results: dict[str, Any], work: Path
+) -> None:
+    # The contract's --check-config passes with the mount; without it the same image
+    # environment refuses, naming the file: the mount is what made it pass.
+    assert results["router"].problems == []
+    recipe = contract.read_dockerfile(ROOT / "services/router/Dockerfile")
+    unmounted = dataclasses.replace(recipe, mounts={})
+    home = work / "router"
+    env = contract.image_env(unmounted, home / "venv", home)
+    done = subprocess.run(
+        [str(home / "venv" / "bin" / "python"), "-m", "router", "--check-config"],
+        env=env,
+        cwd=home / "cwd",
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "rules.yaml" in done.stderr and "cannot read" in done.stderr
 
 
 FAKE_DOCKERFILE = """\
