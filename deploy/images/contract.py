@@ -20,9 +20,9 @@ What differs from ``docker build``, none of it changing which packages and versi
 are installed (a few seconds each, times six services, on a 2-core machine):
 
 - the radflow packages are built into wheels once, in one build venv, and each
-  service's venv installs the wheels built from its Dockerfile's paths, from one
-  wheelhouse that also holds the third-party wheels at the constrained versions
-  (still resolved per service with the constraints file, ``--no-index``);
+  service's venv installs the wheels built from its Dockerfile's paths; their
+  third-party dependencies are still resolved per service with the constraints file,
+  but from a wheelhouse gathered once (``--no-index``) rather than from the index;
 - the venvs are made without pip and setuptools (pip runs from outside with
   ``--python``): stricter than the image, whose venv has them;
 - nothing is byte-compiled at install; the import step writes the bytecode of what
@@ -206,7 +206,7 @@ def copy_context(destination: Path, root: Path = ROOT) -> None:
             shutil.copytree(root / name, destination / name, ignore=CONTEXT_IGNORE)
 
 
-def _pip_env(recipe_env: dict[str, str] | None = None) -> dict[str, str]:
+def _pip_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
     env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
     env.pop("PIP_NO_CACHE_DIR", None)
@@ -220,9 +220,10 @@ def _run(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
 
 
 def build_wheels(recipes: list[Recipe], context: Path, work: Path) -> dict[str, Path]:
-    """Build every radflow package the recipes install, and gather every third-party
-    wheel they need at the constrained versions, into one wheelhouse for all services:
-    context path of each radflow package → its wheel.
+    """Build every radflow package the recipes install (into ``work/radflow-wheels``),
+    and gather every third-party wheel they need at the constrained versions (into
+    ``work/wheels``), once for all services: context path of each radflow package → its
+    wheel.
 
     pip would build each local package in its own isolated environment, installing
     the build backend nine times; one build venv holding every package's
@@ -232,7 +233,8 @@ def build_wheels(recipes: list[Recipe], context: Path, work: Path) -> dict[str, 
     constraints = sorted({in_context(r, c) for r in recipes for c in r.constraints})
     builder = work / "build-venv"
     wheelhouse = work / "wheels"
-    for directory in (builder, wheelhouse):
+    own = work / "radflow-wheels"
+    for directory in (builder, wheelhouse, own):
         shutil.rmtree(directory, ignore_errors=True)
     requires = sorted(
         {
@@ -256,12 +258,15 @@ def build_wheels(recipes: list[Recipe], context: Path, work: Path) -> dict[str, 
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(argv[:4])}... failed:\n{done.stderr}")
     shutil.rmtree(builder, ignore_errors=True)
+    # Apart from the third-party ones: an image installs a radflow package only from
+    # its own pip install line, never found as a dependency.
+    own.mkdir()
     wheels = {}
     for source in sources:
         name = tomllib.loads((context / source / "pyproject.toml").read_text())["project"]["name"]
         stem = re.sub(r"[-_.]+", "_", name).lower()
         (wheel,) = wheelhouse.glob(f"{stem}-*.whl")
-        wheels[source] = wheel
+        wheels[source] = wheel.rename(own / wheel.name)
     return wheels
 
 
@@ -282,7 +287,7 @@ def build_env(recipe: Recipe, context: Path, wheels: dict[str, Path], home: Path
     done = _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], env=_pip_env())
     if done.returncode != 0:
         raise RuntimeError(f"{recipe.service}: python -m venv failed:\n{done.stderr}")
-    wheelhouse = str(next(iter(wheels.values())).parent)
+    wheelhouse = str(next(iter(wheels.values())).parent.parent / "wheels")
     argv = [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python")]
     argv += ["install", "-q", "--no-index", "--no-compile"]
     argv += ["--find-links", wheelhouse]
@@ -491,7 +496,11 @@ def main() -> int:
     args = parser.parse_args()
     work = args.work or ROOT / ".run" / "image-contract"
     started = time.monotonic()
-    results = run(work=work, services=args.services, jobs=args.jobs, log=True)
+    try:
+        results = run(work=work, services=args.services, jobs=args.jobs, log=True)
+    except RuntimeError as exc:  # the shared wheels could not be built: pip says why
+        print(f"image contract: {exc}", file=sys.stderr)
+        return 1
     cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
     print(
         f"total: {time.monotonic() - started:.1f} s "
