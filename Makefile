@@ -11,7 +11,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PACKAGES := -e libs/core -e libs/rules -e libs/codecs -e libs/devstack -e services/ingest -e services/transcode -e services/router -e services/stow-forwarder -e services/report-return -e services/ledger
 SRC := libs/core/src libs/rules/src libs/codecs/src libs/devstack/src services/ingest/src services/transcode/src services/router/src services/stow-forwarder/src services/report-return/src services/ledger/src
 
-.PHONY: install system-deps run test alert-tests lint bench faults schemas images image-contract dockerfiles constraints clean
+.PHONY: install system-deps run test alert-tests lint bench faults schemas images image-contract dockerfiles constraints clean dashboard-images
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -54,9 +54,10 @@ alert-tests:
 	promtool test rules $(ALERT_TESTS)/test_*.yaml
 
 lint: install
-	$(VENV)/bin/ruff format --check $(SRC) tests bench deploy/images
-	$(VENV)/bin/ruff check $(SRC) tests bench deploy/images
+	$(VENV)/bin/ruff format --check $(SRC) tests bench deploy/images deploy/monitoring
+	$(VENV)/bin/ruff check $(SRC) tests bench deploy/images deploy/monitoring
 	$(VENV)/bin/mypy $(SRC) deploy/images
+	$(VENV)/bin/mypy deploy/monitoring
 
 # Side-by-side benchmarks (see bench/README.md); needs DCMTK and Orthanc like the
 # tests. About 30 minutes on 2 cores; run it on a quiet machine. Results in
@@ -64,6 +65,13 @@ lint: install
 BENCHMARKS := codecs s3_servers ingest_rate stow_rate forward_rate latency memory s3_requests pipeline_vs_orthanc
 bench: install system-deps
 	@for b in $(BENCHMARKS); do echo "== bench/$$b.py"; $(PY) bench/$$b.py || exit 1; done
+
+# docs/images/dashboard/*.png: each row of the shipped Grafana dashboard drawn from the
+# local stack's Prometheus after a few minutes of traffic with a destination outage
+# (deploy/monitoring/dashboard_images.py; about 10 minutes). To draw the rows from any
+# Prometheus: $(PY) deploy/monitoring/render_dashboard.py --prometheus URL --out DIR
+dashboard-images: install system-deps
+	$(PY) deploy/monitoring/dashboard_images.py
 
 # Regenerate docs/events/*.schema.json from the event models.
 schemas: install

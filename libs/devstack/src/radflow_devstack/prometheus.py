@@ -43,16 +43,18 @@ def find_alerts_file(start: Path | None = None) -> Path | None:
     return None
 
 
-_DURATION = re.compile(r"^(\d+)(ms|s|m|h|d|w|y)$")
+_DURATION = re.compile(r"^(?:\d+(?:ms|s|m|h|d|w|y))+$")
+_PART = re.compile(r"(\d+)(ms|s|m|h|d|w|y)")
 _SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
 
 
 def duration_s(text: str) -> float:
-    """A Prometheus duration (one unit: ``5m``) in seconds."""
-    found = _DURATION.match(text.strip())
-    if not found:
+    """A Prometheus duration (``5m``, or units combined as Prometheus prints them:
+    ``1m30s``) in seconds."""
+    text = text.strip()
+    if not _DURATION.match(text):
         raise ValueError(f"not a Prometheus duration: {text!r}")
-    return int(found.group(1)) * _SECONDS[found.group(2)]
+    return sum(int(n) * _SECONDS[unit] for n, unit in _PART.findall(text))
 
 
 def plain_rules(crd: Path, *, max_for_s: float | None = None) -> dict[str, Any]:
@@ -172,6 +174,21 @@ class PrometheusApi:
             "/api/v1/query_range", query=expr, start=str(start), end=str(end), step=f"{step_s}"
         )
         return list(data["result"])
+
+    def label_values(self, selector: str, label: str, start: float, end: float) -> list[str]:
+        """Values ``label`` takes in the series of ``selector`` between start and end
+        (what Grafana's ``label_values(selector, label)`` variable query lists)."""
+        values = self._get(
+            f"/api/v1/label/{urllib.parse.quote(label)}/values",
+            **{"match[]": selector, "start": str(start), "end": str(end)},
+        )
+        return sorted(str(v) for v in values)
+
+    def scrape_interval_s(self) -> float:
+        """The global scrape interval of the running configuration (Grafana's data
+        source setting of the same name, which ``$__rate_interval`` is computed from)."""
+        config = yaml.safe_load(self._get("/api/v1/status/config")["yaml"]) or {}
+        return duration_s(str(config.get("global", {}).get("scrape_interval", "1m")))
 
     def targets(self) -> list[dict[str, Any]]:
         return list(self._get("/api/v1/targets", state="active")["activeTargets"])
