@@ -38,7 +38,7 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "bench"), str(Path(__file__).par
 
 # The tests' and benchmarks' senders and corpora: the same instances they send.
 from harness import ct_series, small_mix  # noqa: E402
-from render_dashboard import DASHBOARDS, Window, render_dashboard  # noqa: E402
+from render_dashboard import DASHBOARDS, make_window, render_dashboard  # noqa: E402
 
 from radflow_devstack.issuer import Issuer, dev_issuer_url  # noqa: E402
 from radflow_devstack.kit.dcmtk import storescu  # noqa: E402
@@ -297,9 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(args.quiet)
         end = time.time()
         api = PrometheusApi(stack.prometheus)
-        scrape = api.scrape_interval_s()
-        span = end - began + 30
-        window = Window(end - span, end, max(scrape, round(span / 240)), scrape)
+        window = make_window(api, (end - began + 30) / 60, end)  # from just before it began
         for old in args.out.glob("*.png"):
             old.unlink()
         for path in sorted(DASHBOARDS.glob("*.json")):

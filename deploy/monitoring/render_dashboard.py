@@ -98,8 +98,8 @@ def colour(name: str | None, default: str = PALETTE[0]) -> str:
 
 @dataclass
 class Row:
-    """A row as drawn: its title (variables filled in), its panels, and the value of
-    its repeat variable when Grafana repeats it."""
+    """One row as drawn: the row panel of the JSON, its panels and, for a row Grafana
+    repeats, the variable and the value this copy is for."""
 
     template: Obj
     panels: list[Obj]
@@ -208,6 +208,8 @@ class Window:
 
 
 def make_window(api: PrometheusApi, minutes: float, end: float | None = None) -> Window:
+    """The last ``minutes`` up to ``end`` (now), about :data:`POINTS` samples across but
+    never finer than Prometheus scrapes."""
     end = time.time() if end is None else end
     scrape = api.scrape_interval_s()
     span = minutes * 60
@@ -505,7 +507,7 @@ def _value_axis(axes: Axes, shown: list[Series], unit: str | None) -> None:
     scale = 1.0
     if unit == "s":
         magnitude = max(abs(low), abs(high))
-        scale = next((d for d in (86400, 3600, 60, 1) if magnitude >= 2 * d), 0.001)
+        scale = next((d for d in (86400, 3600, 60, 1) if magnitude >= d), 0.001)
     raw = (high - low) / scale / 4
     power = 10 ** math.floor(math.log10(raw))
     step = next(m for m in (1, 2, 2.5, 5, 10) if m * power >= raw) * power * scale
