@@ -49,8 +49,7 @@ _SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y
 
 
 def duration_s(text: str) -> float:
-    """A Prometheus duration (``5m``, or units combined as Prometheus prints them:
-    ``1m30s``) in seconds."""
+    """A Prometheus duration (``5m``, ``1h30m``) in seconds."""
     text = text.strip()
     if not _DURATION.match(text):
         raise ValueError(f"not a Prometheus duration: {text!r}")
