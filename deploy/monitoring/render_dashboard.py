@@ -481,8 +481,10 @@ def _time_axis(axes: Axes, window: Window) -> None:
         (s for s in (60, 120, 300, 600, 900, 1800, 3600, 7200, 21600, 43200) if span / s <= 7),
         86400,
     )
-    first = math.ceil(window.start / every) * every
-    axes.xaxis.set_major_locator(FixedLocator(list(range(first, int(window.end) + 1, every))))
+    margin = span * 0.04  # no label half under the value axis's
+    first = math.ceil((window.start + margin) / every) * every
+    ticks = range(first, int(window.end - margin) + 1, every)
+    axes.xaxis.set_major_locator(FixedLocator(list(ticks)))
     axes.xaxis.set_major_formatter(
         FuncFormatter(lambda t, _: f"{datetime.fromtimestamp(t, UTC):%H:%M}")
     )
