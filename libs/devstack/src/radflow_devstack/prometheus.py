@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping
@@ -23,7 +24,7 @@ from typing import Any
 import yaml
 
 from radflow_devstack.parts import http_status
-from radflow_devstack.processes import ManagedProcess
+from radflow_devstack.processes import ManagedProcess, StartupFailed, port_open
 from radflow_devstack.prometheus_rules import rules_file
 
 NAMESPACE = "radflow"
@@ -56,6 +57,13 @@ def duration_s(text: str) -> float:
     return sum(int(n) * _SECONDS[unit] for n, unit in _PART.findall(text))
 
 
+def duration(seconds: float) -> str:
+    """``seconds`` as a Prometheus duration: whole milliseconds, since Prometheus
+    accepts no fraction (``0.5s`` is an error, ``500ms`` is not)."""
+    millis = max(1, round(seconds * 1000))
+    return f"{millis // 1000}s" if millis % 1000 == 0 else f"{millis}ms"
+
+
 def plain_rules(crd: Path, *, max_for_s: float | None = None) -> dict[str, Any]:
     """The rule groups of every PrometheusRule in ``crd`` as a Prometheus rules file
     (:func:`radflow_devstack.prometheus_rules.rules_file`).
@@ -68,7 +76,7 @@ def plain_rules(crd: Path, *, max_for_s: float | None = None) -> dict[str, Any]:
         for group in rules["groups"]:
             for rule in group["rules"]:
                 if "for" in rule and duration_s(rule["for"]) > max_for_s:
-                    rule["for"] = f"{int(max_for_s)}s"
+                    rule["for"] = duration(max_for_s)
     return rules
 
 
@@ -82,7 +90,7 @@ def write_config(
     """prometheus.yml (and rules.yml) in ``directory``: a job ``radflow-<name>`` per
     ``targets`` entry (service name → its /metrics port on 127.0.0.1)."""
     directory.mkdir(parents=True, exist_ok=True)
-    interval = f"{scrape_interval_s:g}s"
+    interval = duration(scrape_interval_s)
     config: dict[str, Any] = {
         "global": {
             "scrape_interval": interval,
@@ -127,6 +135,14 @@ def start_prometheus(
     binary = shutil.which("prometheus") or "/usr/bin/prometheus"
     if not Path(binary).exists():
         raise FileNotFoundError("Prometheus is not installed (apt-get install prometheus)")
+    if port_open("127.0.0.1", port):
+        # The Debian package starts its own prometheus service on :9090 where systemd
+        # runs: its /-/ready would pass for this one's.
+        raise StartupFailed(
+            f"something already listens on 127.0.0.1:{port} (the prometheus package's "
+            "own service? sudo systemctl disable --now prometheus), or pick another port "
+            "(--prometheus-port)"
+        )
     home = run_dir / name
     shutil.rmtree(home / "data", ignore_errors=True)  # every start is a fresh history
     config = write_config(home, targets, rules=rules, scrape_interval_s=scrape_interval_s)
@@ -143,7 +159,15 @@ def start_prometheus(
         run_dir / f"{name}.log",
     ).start()
     proc.port = port
-    proc.wait_until(lambda: http_status(f"http://127.0.0.1:{port}/-/ready") == 200, 60)
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        if http_status(f"{url}/-/ready") != 200:
+            return False
+        flags = PrometheusApi(url).flags()  # this one, not another on the port
+        return flags.get("config.file") == str(config.resolve())
+
+    proc.wait_until(ready, 60)
     return proc
 
 
@@ -155,8 +179,12 @@ class PrometheusApi:
 
     def _get(self, path: str, **params: str) -> Any:
         query = urllib.parse.urlencode(params)
-        with urllib.request.urlopen(f"{self.url}{path}?{query}", timeout=10) as answer:  # noqa: S310 - loopback
-            body = json.load(answer)
+        try:
+            with urllib.request.urlopen(f"{self.url}{path}?{query}", timeout=10) as answer:  # noqa: S310 - loopback
+                body = json.load(answer)
+        except urllib.error.HTTPError as exc:  # a bad query: 400 with the parser's error
+            body = json.loads(exc.read() or b"{}")
+            raise RuntimeError(f"Prometheus {path} {params}: {body.get('error', exc)}") from None
         if body.get("status") != "success":
             raise RuntimeError(f"Prometheus {path}: {body}")
         return body["data"]
@@ -198,3 +226,7 @@ class PrometheusApi:
 
     def rule_groups(self) -> list[dict[str, Any]]:
         return list(self._get("/api/v1/rules")["groups"])
+
+    def flags(self) -> dict[str, str]:
+        """The command-line flags it runs with."""
+        return dict(self._get("/api/v1/status/flags"))

@@ -93,6 +93,10 @@ def _announce_outcomes() -> None:
             INSTANCES.labels(protocol.value, outcome)
     for lane in Lane:
         LANES.labels(lane.value)
+    # Refusals too (the reasons ASSOCIATIONS_REJECTED names): the dashboard's rate()
+    # then draws a lone refused association, not 0.
+    for reason in ("calling_ae_not_allowed", "certificate_not_allowed", "sender_limit"):
+        ASSOCIATIONS_REJECTED.labels(reason)
 
 
 _announce_outcomes()

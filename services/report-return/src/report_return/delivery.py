@@ -277,6 +277,14 @@ class Returner:
         self._outcomes = outcomes
         self._settings = settings
         self._rules = rules
+        # At 0 from the start, for what a RIS can answer or fail with: the dashboard's
+        # rate() then draws a site's first AE, AR or retry, which a counter appearing
+        # at 1 would hide.
+        RETRIES.labels(site.name)
+        for code in ("AA", "AE", "AR", "invalid"):
+            ACKS.labels(site.name, code)
+        for reason in ("rejected", "application_error", "invalid_ack", "retries_exhausted"):
+            FAILED.labels(site.name, reason)
         self._turn = asyncio.Lock()
         self._scope = _digest(site.name)[:16]
 

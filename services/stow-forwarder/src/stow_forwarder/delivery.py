@@ -225,6 +225,10 @@ class Deliverer:
         self._verifier = Verifier(
             destination, client, producer, self._markers, settings, self._failed
         )
+        for reason in ("rejected", "retries_exhausted"):
+            # At 0 from the start: the dashboard's rate() draws the first failure of a
+            # destination, which a counter appearing at 1 would hide.
+            FAILED.labels(self.name, reason)
 
     async def handle_batch(
         self, items: list[tuple[Envelope[ForwardRequested], ConsumerRecord[bytes, bytes]]]

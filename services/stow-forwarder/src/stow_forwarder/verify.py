@@ -45,7 +45,7 @@ from radflow_core.retry import HandedBack, current_turn
 from radflow_rules.destinations import Verification
 from radflow_rules.rules import Destination
 from stow_forwarder.markers import MarkerBook
-from stow_forwarder.metrics import VERIFICATION_FAILURES, VERIFIED, VERIFY_CHECKS
+from stow_forwarder.metrics import FAILED, VERIFICATION_FAILURES, VERIFIED, VERIFY_CHECKS
 from stow_forwarder.settings import ForwarderSettings
 
 log = logging.getLogger(__name__)
@@ -153,6 +153,11 @@ class Verifier:
         self._markers = markers
         self._settings = settings
         self._fail = fail
+        if self.enabled:
+            # At 0 from the start, like every known label set: the dashboard's rate()
+            # draws "none failed" instead of nothing, and sees the first failure.
+            VERIFICATION_FAILURES.labels(destination.name)
+            FAILED.labels(destination.name, NOT_HELD)
 
     @property
     def enabled(self) -> bool:
