@@ -12,6 +12,7 @@ import yaml
 
 from radflow_devstack.processes import StartupFailed, free_port
 from radflow_devstack.prometheus import (
+    _epoch_s,
     duration,
     duration_s,
     find_alerts_file,
@@ -30,6 +31,12 @@ def test_durations_are_read_with_several_units_and_written_without_fractions() -
     assert duration(2) == "2s"
     assert duration(0.5) == "500ms"  # "0.5s" would not load
     assert duration(1.25) == "1250ms"
+
+
+def test_the_api_s_times_are_read_to_the_nanosecond() -> None:
+    assert _epoch_s("1970-01-01T00:00:01.5Z") == 1.5
+    assert _epoch_s("2026-12-02T07:30:00.123456789Z") == pytest.approx(1796196600.123456789)
+    assert _epoch_s("2026-12-02T07:30:00Z") == 1796196600
 
 
 def test_a_capped_for_is_shortened_and_the_expressions_are_left_as_shipped() -> None:

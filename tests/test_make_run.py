@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -180,6 +181,12 @@ def _prometheus_watches_every_service_quietly(port: int) -> None:
         return evaluated == names
 
     wait_for("every shipped rule evaluated without error", every_rule_evaluated, timeout_s=60)
+    # Until Prometheus has scraped the instance stored and evaluated the rules on it,
+    # RadflowNoInstancesReceived is rightly pending on working days.
+    stored = 'sum(increase(radflow_ingest_instances_total{outcome="stored"}[1h])) > 0'
+    wait_for("Prometheus to see the instance stored", lambda: api.query(stored), timeout_s=60)
+    seen = time.time()
+    wait_for("the rules evaluated since", lambda: api.evaluated_after(seen), timeout_s=30)
     assert [(a["labels"]["alertname"], a["state"]) for a in api.alerts()] == []
 
 

@@ -28,7 +28,6 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -193,12 +192,7 @@ class Run:
 
     def evaluated_after(self, moment: float) -> None:
         """Wait until every rule group has been evaluated after ``moment``."""
-        wait_for(
-            "the rules evaluated",
-            lambda: all(_timestamp(g["lastEvaluation"]) > moment for g in self.api.rule_groups()),
-            timeout_s=30,
-            every_s=0.5,
-        )
+        wait_for("the rules evaluated", lambda: self.api.evaluated_after(moment), 30, every_s=0.5)
 
     def firing_now(self, alertname: str, **labels: str) -> dict[str, Any] | None:
         """``alertname`` with ``labels`` if it is firing now."""
@@ -548,11 +542,3 @@ def every_dashboard_and_keda_query_has_data(live: Run) -> None:
                 empty.append(f"KEDA {where}: {query}")
     assert empty == [], "queries without data:\n" + "\n".join(empty)
     assert zero == [], "panels that drew the faults of this run as 0:\n" + "\n".join(zero)
-
-
-def _timestamp(text: str) -> float:
-    """An RFC 3339 UTC time of the API (with nanoseconds) in seconds since the epoch."""
-    whole, _, fraction = text.rstrip("Z").partition(".")
-    return datetime.fromisoformat(whole).replace(tzinfo=UTC).timestamp() + float(
-        f"0.{fraction or 0}"
-    )

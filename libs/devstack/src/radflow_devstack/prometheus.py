@@ -18,6 +18,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -227,6 +228,19 @@ class PrometheusApi:
     def rule_groups(self) -> list[dict[str, Any]]:
         return list(self._get("/api/v1/rules")["groups"])
 
+    def evaluated_after(self, moment: float) -> bool:
+        """Whether every rule group has been evaluated after ``moment`` (seconds since
+        the epoch): its alerts then reflect the samples scraped before it."""
+        return all(_epoch_s(g["lastEvaluation"]) > moment for g in self.rule_groups())
+
     def flags(self) -> dict[str, str]:
         """The command-line flags it runs with."""
         return dict(self._get("/api/v1/status/flags"))
+
+
+def _epoch_s(text: str) -> float:
+    """An RFC 3339 UTC time of the API (with nanoseconds) in seconds since the epoch."""
+    whole, _, fraction = text.rstrip("Z").partition(".")
+    return datetime.fromisoformat(whole).replace(tzinfo=UTC).timestamp() + float(
+        f"0.{fraction or 0}"
+    )
