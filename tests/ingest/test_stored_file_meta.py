@@ -61,7 +61,7 @@ def test_one_dataset_by_stow_rs_and_two_dimse_callers_is_stored_once_with_one_ev
     assert len(stack.keys("original/")) == 1
     assert metric(ingest.url, INSTANCES, protocol="stow-rs", outcome="stored") == 1
     assert metric(ingest.url, INSTANCES, protocol="dimse", outcome="duplicate") == 2
-    assert metric(ingest.url, INSTANCES, protocol="dimse", outcome="stored") is None
+    assert metric(ingest.url, INSTANCES, protocol="dimse", outcome="stored") == 0
 
     stored = stack.assert_event_matches_blob(event)
     assert stored[:132] == b"\x00" * 128 + b"DICM"
