@@ -230,3 +230,40 @@ def test_two_workers_share_the_dicom_tls_and_https_ports(
         for w in ("0", "1")
     ]
     assert sum(served) == TLS_ASSOCIATIONS and all(served), served
+
+
+def test_two_listeners_on_one_port_are_refused() -> None:
+    with pytest.raises(ConfigurationError, match="DIMSE_TLS_PORT and RADFLOW_INGEST_DIMSE_PORT"):
+        IngestSettings.from_env(
+            {
+                "RADFLOW_INGEST_DIMSE_PORT": "4000",
+                "RADFLOW_INGEST_DIMSE_TLS_PORT": "4000",
+                "RADFLOW_INGEST_TLS_CERT_FILE": "/certs/tls.crt",
+                "RADFLOW_INGEST_TLS_KEY_FILE": "/certs/tls.key",
+            }
+        )
+    # A listener that is not opened holds no port: TLS ports without a certificate,
+    # and the same port on two different addresses.
+    IngestSettings.from_env(
+        {"RADFLOW_INGEST_DIMSE_PORT": "4000", "RADFLOW_INGEST_DIMSE_TLS_PORT": "4000"}
+    )
+    IngestSettings.from_env(
+        {
+            "RADFLOW_INGEST_DIMSE_PORT": "4000",
+            "RADFLOW_INGEST_HTTP_PORT": "4000",
+            "RADFLOW_INGEST_DIMSE_HOST": "10.0.0.5",
+        }
+    )
+    with pytest.raises(ConfigurationError, match="OPS_PORT and RADFLOW_INGEST_DIMSE_PORT"):
+        IngestSettings.from_env(
+            {
+                "RADFLOW_INGEST_DIMSE_PORT": "4000",
+                "RADFLOW_INGEST_OPS_PORT": "4000",
+                "RADFLOW_INGEST_HTTP_HOST": "0.0.0.0",
+            }
+        )
+
+
+def test_free_port_never_hands_out_one_port_twice() -> None:
+    ports = [free_port() for _ in range(300)]
+    assert len(set(ports)) == len(ports)

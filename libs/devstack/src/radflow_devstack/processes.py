@@ -11,11 +11,27 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 
+_handed_out: set[int] = set()
+"""Ports free_port has already returned in this process."""
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port on 127.0.0.1 that nothing listens on right now, and that this process
+    has not been given before.
+
+    The kernel may hand the same free port to two bind(0) calls in a row. Two listeners
+    given one port either fail to start or, both bound with SO_REUSEPORT (ingest's
+    workers), silently share it, so that some DICOM TLS associations reach the plain
+    listener. A port is therefore never returned twice.
+    """
+    for _ in range(1000):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise RuntimeError("no loopback port left that free_port has not already handed out")
 
 
 def port_open(host: str, port: int) -> bool:

@@ -223,6 +223,7 @@ class IngestSettings(Section):
                     f"{self.env_name('workers')} > 1 needs fixed ports: port 0 would give "
                     f"each worker a port of its own ({', '.join(unset)})"
                 )
+        self._listeners_apart()
         if not self.dimse_plain and self.tls_cert_file is None:
             raise ValueError(
                 f"{self.env_name('dimse_plain')} is false but no DICOM TLS listener is "
@@ -230,6 +231,31 @@ class IngestSettings(Section):
                 f"{self.env_name('tls_key_file')})"
             )
         return self
+
+    def _listeners_apart(self) -> None:
+        """Two listeners opened on one port are refused. Bound with SO_REUSEPORT (as
+        workers bind them) both would succeed and the kernel would split connections
+        between them: some DICOM TLS handshakes answered by the plain listener."""
+        tls = self.tls_cert_file is not None
+        opened = [
+            ("dimse_port", self.dimse_host, self.dimse_plain),
+            ("dimse_tls_port", self.dimse_host, tls),
+            ("http_port", self.http_host, self.http_enabled),
+            ("https_port", self.http_host, tls),
+            ("ops_port", self.http_host, True),
+        ]
+        seen: list[tuple[str, str, int]] = []
+        for name, host, is_open in opened:
+            port = getattr(self, name)
+            if not is_open or port == 0:
+                continue
+            for other, other_host, other_port in seen:
+                if port == other_port and _overlap(host, other_host):
+                    raise ValueError(
+                        f"{self.env_name(name)} and {self.env_name(other)} are both {port}: "
+                        "each listener needs a port of its own"
+                    )
+            seen.append((name, host, port))
 
     def store_timeout_for(self, size: int) -> float:
         """Seconds the claim check of an instance of ``size`` bytes may take."""
@@ -390,3 +416,11 @@ class IngestConfig(ServiceConfig):
         OpsSettings,
         AuditSettings,
     )
+
+
+_WILDCARDS = frozenset({"", "0.0.0.0", "::"})
+
+
+def _overlap(host: str, other: str) -> bool:
+    """Two bind addresses that would claim the same port (a wildcard claims all)."""
+    return host == other or host in _WILDCARDS or other in _WILDCARDS
