@@ -10,7 +10,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-
 _handed_out: set[int] = set()
 """Ports free_port has already returned in this process."""
 
