@@ -134,7 +134,12 @@ def test_every_topic_has_a_kafka_topic_and_pending_is_compacted_like_its_input(
     for name, spec in topics.items():
         assert spec["config"]["min.insync.replicas"] <= spec["replicas"], name
         policy = spec["config"]["cleanup.policy"]
-        changelogs = (Topic.ROUTER_PENDING, Topic.ROUTER_PENDING_STAT, Topic.LEDGER)
+        changelogs = (
+            Topic.ROUTER_PENDING,
+            Topic.ROUTER_PENDING_STAT,
+            Topic.LEDGER,
+            Topic.WORKLIST_ITEMS,
+        )
         assert policy == ("compact" if name in changelogs else "delete"), name
     for lane in Lane:
         pending = topics[lane.topic(Topic.ROUTER_PENDING)]

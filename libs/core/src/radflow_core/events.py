@@ -229,6 +229,47 @@ class InstanceNormalized(InstanceIdentity):
     only in a v1 event: then the router reads them from the header."""
 
 
+class PreviewOf(EventModel):
+    """The original a preview instance was derived from."""
+
+    sop_instance_uid: Uid
+    """(0008,0018) of the original instance (its Source Image Sequence item)."""
+    sop_class_uid: Uid
+    """(0008,0016) of the original instance."""
+    series_instance_uid: Uid
+    """(0020,000E) of the original's series."""
+
+
+class InstancePreview(InstanceIdentity):
+    """``dicom.instance.preview`` v1: transcode derived a lossy, non-diagnostic preview
+    instance from an original, so that a reading site sees each series before its full
+    lossless instances arrive.
+
+    The identity fields are the preview's own: a new SOP Instance UID (and series),
+    in the original's study, so the record key keeps it on the study's partition. The
+    original and its canonical variant are untouched.
+    """
+
+    type_name: ClassVar[str] = "dicom.instance.preview"
+    version: ClassVar[int] = 1
+    topic: ClassVar[Topic | None] = Topic.INSTANCE_PREVIEW
+
+    preview_of: PreviewOf
+    """The original instance this preview was derived from."""
+    blob: BlobRef
+    """The preview instance (Part 10 file) in the blob store."""
+    transfer_syntax_uid: Uid
+    """Transfer syntax of the preview (lossy: JPEG baseline or HTJ2K)."""
+    lossy_ratio: float = Field(gt=0)
+    """(0028,2112) Lossy Image Compression Ratio written into the preview."""
+    lossy_method: str
+    """(0028,2114) Lossy Image Compression Method (ISO_10918_1 or ISO_15444_15)."""
+    frames: tuple[int, ...]
+    """1-based frame numbers of the original the preview holds."""
+    derived_at: AwareDatetime
+    """When transcode stored the preview (UTC)."""
+
+
 class Lane(StrEnum):
     """STAT instances travel on topics of their own at every stage (received,
     normalized, forward requested) and are read first."""
@@ -489,6 +530,64 @@ SiteName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 """A RIS site's name, as in report-return's sites file."""
 ReportId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")]
 """The reporting platform's identifier of a report (opaque; never a patient identifier)."""
+
+
+class OrderPriority(StrEnum):
+    """The order's priority (ORC-7.6 / OBR-27.6 / TQ1-9): what STAT lane routing reads."""
+
+    STAT = "stat"
+    ASAP = "asap"
+    ROUTINE = "routine"
+
+
+class OrderProcedure(EventModel):
+    """The ordered procedure as a code (OBR-4 / the Requested Procedure Code)."""
+
+    code: str = Field(min_length=1, max_length=64)
+    scheme: str | None = Field(default=None, max_length=64)
+    meaning: str | None = Field(default=None, max_length=128)
+
+
+class WorklistItem(EventModel):
+    """``worklist.item`` v1: one open scheduled procedure step of a site's order, as
+    the worklist service keeps it on the compacted ``worklist.items`` topic.
+
+    The record key is ``<site>/<order_ref>/<step id>``; a cancelled, discontinued or
+    completed step is a tombstone on that key. The order is named by a keyed hash of its
+    accession number (``radflow_core.orders``): patient name, ID, birth date and the
+    accession number itself are in the order document in the blob store (``document``).
+    """
+
+    type_name: ClassVar[str] = "worklist.item"
+    version: ClassVar[int] = 1
+    topic: ClassVar[Topic | None] = Topic.WORKLIST_ITEMS
+
+    site: SiteName
+    """The ordering site (mapped from MSH-4/MSH-3 in the worklist's sites file)."""
+    order_ref: Sha256Hex
+    """HMAC-SHA256 of the order's issuer and accession number under the deployment's
+    order reference key (radflow_core.orders.order_ref): what an arriving instance's
+    Accession Number (0008,0050) and its issuer (0008,0051) are matched with."""
+    step_id: str = Field(min_length=1, max_length=64)
+    """(0040,0009) Scheduled Procedure Step ID."""
+    priority: OrderPriority = OrderPriority.ROUTINE
+    """The order's priority; stat puts the study's instances in the STAT lane."""
+    modality: str | None = Field(default=None, max_length=16)
+    """(0008,0060) scheduled modality."""
+    scheduled_station_ae: str | None = Field(default=None, max_length=16)
+    """(0040,0001) Scheduled Station AE Title."""
+    procedure: OrderProcedure | None = None
+    """The ordered procedure."""
+    document: BlobRef
+    """The order document (demographics, accession number, dates, the full order) in
+    the blob store."""
+    updated_at: AwareDatetime
+    """When the worklist last changed this item (UTC)."""
+
+    @property
+    def key(self) -> bytes:
+        """The record key: ``<site>/<order_ref>/<step id>``."""
+        return f"{self.site}/{self.order_ref}/{self.step_id}".encode()
 
 
 class ReportStatus(StrEnum):

@@ -22,11 +22,13 @@ from radflow_core.events import (
     ForwardVerified,
     InstanceHeld,
     InstanceNormalized,
+    InstancePreview,
     InstanceReceived,
     ReportFailed,
     ReportFinalized,
     ReportReturned,
     StudyDelivered,
+    WorklistItem,
     schema_name,
 )
 from radflow_core.report_document import ReportDocument
@@ -34,6 +36,7 @@ from radflow_core.report_document import ReportDocument
 PUBLISHED: tuple[type[EventModel], ...] = (
     InstanceReceived,
     InstanceNormalized,
+    InstancePreview,
     ForwardRequested,
     ForwardCompleted,
     ForwardVerified,
@@ -45,6 +48,7 @@ PUBLISHED: tuple[type[EventModel], ...] = (
     ReportFinalized,
     ReportReturned,
     ReportFailed,
+    WorklistItem,
     AuditRecorded,
 )
 

@@ -18,6 +18,10 @@ class Topic(StrEnum):
     routine lane."""
     INSTANCE_NORMALIZED_STAT = "dicom.instance.normalized.stat"
     """The same for the STAT lane; the router reads it ahead of the routine lane."""
+    INSTANCE_PREVIEW = "dicom.instance.preview"
+    """One event per lossy preview instance transcode derived from an original (a new,
+    DERIVED\\SECONDARY instance, never a replacement); the router sends it ahead of the
+    full series, in the STAT lane, to destinations whose route asks for previews."""
     INSTANCE_FAILED = "dicom.instance.failed"
     """Dead letters of transcode: instances that cannot be decoded or normalized."""
     FORWARD_REQUESTED = "dicom.forward.requested"
@@ -36,6 +40,10 @@ class Topic(StrEnum):
     it was routed to (verified where verification is on), after a quiet period (ledger)."""
     INSTANCE_HELD = "dicom.instance.held"
     """Instances no rule routed and whose default is a hold, with the reason (router)."""
+    WORKLIST_ITEMS = "worklist.items"
+    """Compacted: the open scheduled procedure steps of every site's orders, keyed
+    ``<site>/<accession>/<step>``; a cancel or completion is a tombstone (worklist).
+    Demographics stay in the order document in the blob store."""
     REPORTS_FINALIZED = "reports.finalized"
     """One event per signed report version to return to the ordering site's RIS (from
     the reporting platform); the report itself is a document in the blob store."""
