@@ -49,7 +49,7 @@ def test_envelope_round_trips_as_cloudevents_json() -> None:
     parsed = json.loads(raw)
     assert parsed["specversion"] == "1.0"
     assert parsed["type"] == "dicom.instance.received"
-    assert parsed["dataschema"] == "radflow:dicom.instance.received:v1"
+    assert parsed["dataschema"] == "radflow:dicom.instance.received:v2"
     assert parsed["source"].startswith("/radflow/ingest/")
     assert decode(raw, InstanceReceived) == envelope
 
@@ -70,7 +70,7 @@ def test_invalid_uids_cannot_be_put_in_an_event(bad: str) -> None:
 
 def test_wrong_schema_version_is_rejected() -> None:
     parsed = json.loads(encode(wrap(received(), "ingest")))
-    parsed["dataschema"] = "radflow:dicom.instance.received:v2"
+    parsed["dataschema"] = "radflow:dicom.instance.received:v3"
     with pytest.raises(EventDecodeError, match="dataschema"):
         decode(json.dumps(parsed).encode(), InstanceReceived)
 
@@ -89,19 +89,22 @@ def normalized(**overrides: object) -> InstanceNormalized:
     )
 
 
-def test_a_v1_normalized_event_is_read_as_v2_without_routing_attributes() -> None:
-    v2 = encode(
+def test_a_v1_normalized_event_is_read_as_v3_without_routing_attributes() -> None:
+    v3 = encode(
         wrap(normalized(routing=RoutingAttributes(requested_procedure_priority="STAT")), "t")
     )
-    assert json.loads(v2)["dataschema"] == "radflow:dicom.instance.normalized:v2"
-    assert decode(v2, InstanceNormalized).data.routing == RoutingAttributes(
+    assert json.loads(v3)["dataschema"] == "radflow:dicom.instance.normalized:v3"
+    assert decode(v3, InstanceNormalized).data.routing == RoutingAttributes(
         requested_procedure_priority="STAT"
     )
     parsed = json.loads(encode(wrap(normalized(), "t")))
     del parsed["data"]["routing"]
+    del parsed["data"]["order_ref"]
     parsed["dataschema"] = "radflow:dicom.instance.normalized:v1"
     assert decode(json.dumps(parsed).encode(), InstanceNormalized).data.routing is None
-    parsed["dataschema"] = "radflow:dicom.instance.normalized:v3"
+    parsed["dataschema"] = "radflow:dicom.instance.normalized:v2"
+    assert decode(json.dumps(parsed).encode(), InstanceNormalized).data.order_ref is None
+    parsed["dataschema"] = "radflow:dicom.instance.normalized:v4"
     with pytest.raises(EventDecodeError, match="dataschema"):
         decode(json.dumps(parsed).encode(), InstanceNormalized)
 

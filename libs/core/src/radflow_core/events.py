@@ -122,21 +122,31 @@ class InstanceIdentity(EventModel):
 
 
 class InstanceReceived(InstanceIdentity):
-    """``dicom.instance.received`` v1 (and ``.stat``): one instance is durably stored
+    """``dicom.instance.received`` v2 (and ``.stat``): one instance is durably stored
     as received.
 
     Published on ``dicom.instance.received`` for the routine lane and on
     ``dicom.instance.received.stat`` for the STAT lane; the payload is the same.
+
+    v2 (from v1): ``order_ref``, so that later stages can match the instance with its
+    order without the accession number. v1 records are still read (``order_ref`` None).
     """
 
     type_name: ClassVar[str] = "dicom.instance.received"
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2
+    reads: ClassVar[tuple[int, ...]] = (1,)
     topic: ClassVar[Topic | None] = Topic.INSTANCE_RECEIVED
 
     transfer_syntax_uid: Uid
     """(0002,0010) Transfer Syntax UID of the stored original."""
     blob: BlobRef
     """The original Part 10 file, byte for byte as received."""
+    order_ref: Sha256Hex | None = None
+    """The order reference of the instance's Accession Number (0008,0050) and its
+    issuer (Local Namespace Entity ID in (0008,0051)): HMAC-SHA256 under the
+    deployment's order reference key (radflow_core.orders), as worklist items name
+    their order; never the accession number itself. None without an accession number,
+    or with order lookup off in ingest."""
 
 
 class PixelInfo(EventModel):
@@ -198,16 +208,17 @@ class RoutingAttributes(EventModel):
 
 
 class InstanceNormalized(InstanceIdentity):
-    """``dicom.instance.normalized`` v2 (and ``.stat``): the canonical lossless variant
+    """``dicom.instance.normalized`` v3 (and ``.stat``): the canonical lossless variant
     is stored. Published on the lane's topic the received event came from.
 
     v2 (from v1): ``routing``, the header attributes rules read most, so the router
-    reads no header from the blob store for them. v1 records are still read (as v2
-    with ``routing`` None)."""
+    reads no header from the blob store for them. v3 (from v2): ``order_ref``, passed
+    on from the received event, which the router matches with the open orders. v1 and
+    v2 records are still read (as v3 with ``routing`` / ``order_ref`` None)."""
 
     type_name: ClassVar[str] = "dicom.instance.normalized"
-    version: ClassVar[int] = 2
-    reads: ClassVar[tuple[int, ...]] = (1,)
+    version: ClassVar[int] = 3
+    reads: ClassVar[tuple[int, ...]] = (1, 2)
     topic: ClassVar[Topic | None] = Topic.INSTANCE_NORMALIZED
 
     original: BlobRef
@@ -227,6 +238,9 @@ class InstanceNormalized(InstanceIdentity):
     routing: RoutingAttributes | None = None
     """The header attributes rules read most (v2; always written by transcode). None
     only in a v1 event: then the router reads them from the header."""
+    order_ref: Sha256Hex | None = None
+    """The received event's ``order_ref`` (v3), which the router matches with the open
+    orders of ``worklist.items``."""
 
 
 class PreviewOf(EventModel):

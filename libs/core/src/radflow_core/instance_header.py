@@ -8,7 +8,7 @@ and pathological nesting is reported as "cannot understand" instead of crashing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from pydicom import dcmread
@@ -128,6 +128,44 @@ def patient_id(ds: Dataset) -> str | None:
     return text or None
 
 
+@dataclass(frozen=True)
+class Accession:
+    """An instance's Accession Number (0008,0050) and its issuer: they identify the
+    patient's examination, so they serve only to find its order (as an order reference,
+    :mod:`radflow_core.orders`) and never go into an event, a log line or
+    :class:`InstanceHeader`."""
+
+    number: str = field(repr=False)
+    issuer: str | None = field(repr=False)
+    """Local Namespace Entity ID (0040,0031) of the first Issuer of Accession Number
+    Sequence (0008,0051) item, as HL7 names an accession's assigning authority (EI.2)."""
+
+
+def accession(ds: Dataset) -> Accession | None:
+    """The Accession Number and its issuer; None when absent or undecodable (an
+    accession number never rejects an instance: it is routed without its order)."""
+    try:
+        number = str(ds.get("AccessionNumber") or "").strip("\0 ")
+        issuer = None
+        for item in ds.get("IssuerOfAccessionNumberSequence") or ():
+            issuer = str(item.get("LocalNamespaceEntityID") or "").strip("\0 ") or None
+            break
+    except Exception:  # noqa: BLE001 - one undecodable value does not stop ingest
+        return None
+    return Accession(number[:64], issuer[:64] if issuer else None) if number else None
+
+
+@dataclass(frozen=True)
+class Identifiers:
+    """What identifies the patient and the examination in a header, kept apart from
+    :class:`InstanceHeader` so that it never reaches an event or a log line."""
+
+    patient_id: str | None = field(default=None, repr=False)
+    """(0010,0020), for the audit trail."""
+    accession: Accession | None = field(default=None, repr=False)
+    """For the order lookup."""
+
+
 def _past_patient_id(tag: BaseTag, vr: str | None, length: int) -> bool:
     return bool(tag > _PATIENT_ID)
 
@@ -155,6 +193,17 @@ def read_header(file: BinaryIO, size: int) -> InstanceHeader:
 
 def read_header_and_patient(file: BinaryIO, size: int) -> tuple[InstanceHeader, str | None]:
     """:func:`read_header` and the Patient ID (for the audit trail only), from one parse.
+
+    Raises:
+        InvalidInstance: with the DICOM status that describes what is wrong.
+    """
+    header, identifiers = read_header_and_identifiers(file, size)
+    return header, identifiers.patient_id
+
+
+def read_header_and_identifiers(file: BinaryIO, size: int) -> tuple[InstanceHeader, Identifiers]:
+    """:func:`read_header` and the patient's and examination's identifiers (for the
+    audit trail and the order lookup only), from one parse.
 
     Raises:
         InvalidInstance: with the DICOM status that describes what is wrong.
@@ -212,4 +261,4 @@ def read_header_and_patient(file: BinaryIO, size: int) -> tuple[InstanceHeader, 
         body_part_examined=_text(ds, "BodyPartExamined"),
         requested_procedure_priority=requested_procedure_priority(ds),
     )
-    return header, patient_id(ds)
+    return header, Identifiers(patient_id(ds), accession(ds))

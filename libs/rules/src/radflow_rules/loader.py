@@ -35,6 +35,7 @@ from radflow_rules.destinations import (
     Verification,
     is_private_channel,
 )
+from radflow_rules.orders import ORDER_ATTRIBUTES
 from radflow_rules.rules import (
     DAYS,
     All,
@@ -67,8 +68,10 @@ EVENT_ATTRIBUTES = {
     "sender_identity": "sender_identity",
     "study_description": "StudyDescription",
     "institution": "InstitutionName",
+    **{name: name for name in ORDER_ATTRIBUTES},
 }
-"""Attribute names a rule may use besides DICOM keywords and (gggg,eeee) tags."""
+"""Attribute names a rule may use besides DICOM keywords and (gggg,eeee) tags (the
+``order_*`` ones: the instance's order, :mod:`radflow_rules.orders`)."""
 _TAG = re.compile(r"^\(([0-9A-Fa-f]{4}),([0-9A-Fa-f]{4})\)$")
 _WINDOW = re.compile(r"^(\d\d):(\d\d)-(\d\d):(\d\d)$")
 _RULE_KEYS = {"name", "when", "route", "lane", "wait_for_study_complete", "continue"}

@@ -47,14 +47,24 @@ from radflow_core.audit import Auditor
 from radflow_core.blobstore import BlobStore, HashedFile, content_key
 from radflow_core.dicom_status import StoreStatus
 from radflow_core.errors import PipelineError
-from radflow_core.events import BlobRef, InstanceReceived, Lane, Priority, Sender
+from radflow_core.events import (
+    BlobRef,
+    InstanceReceived,
+    Lane,
+    OrderPriority,
+    Priority,
+    Sender,
+    WorklistItem,
+)
 from radflow_core.file_meta import CanonicalFile, dataset_offset, encode_file_meta
 from radflow_core.instance_header import (
+    Accession,
     InstanceHeader,
     InvalidInstance,
-    read_header_and_patient,
+    read_header_and_identifiers,
 )
 from radflow_core.kafka import EventProducer
+from radflow_core.order_table import OrderTable
 from radflow_core.structure import DEFAULT_MAX_DEPTH, check_structure
 
 log = logging.getLogger(__name__)
@@ -142,6 +152,8 @@ class Inspected:
     header: InstanceHeader
     patient_id: str | None = field(default=None, repr=False)
     """(0010,0020), for the audit message only: never in an event or a log line."""
+    accession: Accession | None = field(default=None, repr=False)
+    """For the order lookup only: never in an event or a log line."""
 
 
 def inspect(file: BinaryIO, max_bytes: int, max_depth: int = DEFAULT_MAX_DEPTH) -> Inspected:
@@ -159,7 +171,7 @@ def inspect(file: BinaryIO, max_bytes: int, max_depth: int = DEFAULT_MAX_DEPTH) 
     if received > max_bytes:
         raise InvalidInstance(StoreStatus.INSTANCE_TOO_LARGE, "instance exceeds the size limit")
     check_structure(file, received, max_depth)
-    header, patient_id = read_header_and_patient(file, received)
+    header, identifiers = read_header_and_identifiers(file, received)
     meta = encode_file_meta(
         header.sop_class_uid, header.sop_instance_uid, header.transfer_syntax_uid
     )
@@ -170,7 +182,12 @@ def inspect(file: BinaryIO, max_bytes: int, max_depth: int = DEFAULT_MAX_DEPTH) 
         original = CanonicalFile(meta, file, dataset_offset(file))
     if original.size > max_bytes:
         raise InvalidInstance(StoreStatus.INSTANCE_TOO_LARGE, "instance exceeds the size limit")
-    return Inspected(HashedFile.from_file(original), header, patient_id)  # type: ignore[arg-type]
+    return Inspected(
+        HashedFile.from_file(original),  # type: ignore[arg-type]
+        header,
+        identifiers.patient_id,
+        identifiers.accession,
+    )
 
 
 class ClaimCheck:
@@ -183,12 +200,16 @@ class ClaimCheck:
         lanes: Lanes | None = None,
         max_sequence_depth: int = DEFAULT_MAX_DEPTH,
         audit: Auditor | None = None,
+        orders: OrderTable | None = None,
     ) -> None:
         """``lookup_above_bytes``: originals larger than this (the S3 part size, above
         which an upload is a multipart one) are looked up before they are uploaded;
         smaller ones are PUT without asking. ``lanes`` picks each event's lane
         (routine for every instance without it). ``max_sequence_depth``: deeper
-        nested sequences are refused by the structural validation."""
+        nested sequences are refused by the structural validation. ``orders``: the
+        open orders an instance is matched with by its accession number (none: no
+        order lookup, and no order reference in the events)."""
+        self._orders = orders
         self._max_sequence_depth = max_sequence_depth
         self._lanes = lanes or Lanes(None)
         self._audit = audit
@@ -218,7 +239,7 @@ class ClaimCheck:
             hashed, parsed = inspected.hashed, inspected.header
             header = parsed
             check_expected(parsed, origin.expected)
-            stored = await self._store_checked(hashed, parsed, origin)
+            stored = await self._store_checked(hashed, parsed, origin, inspected.accession)
         except InvalidInstance as exc:
             raise self._not_stored(origin, exc.status, exc.detail, exc.reason, header) from exc
         except PipelineError as exc:
@@ -281,11 +302,23 @@ class ClaimCheck:
         )
         return NotStored(status, detail, cause, header)
 
+    def _order(self, accession: Accession | None) -> tuple[str | None, WorklistItem | None]:
+        """The instance's order reference, and its open order if one is known."""
+        if self._orders is None or accession is None:
+            return None, None
+        ref = self._orders.ref(accession.number, accession.issuer)
+        return ref, self._orders.find(ref)
+
     async def _store_checked(
-        self, hashed: HashedFile, header: InstanceHeader, origin: Origin
+        self,
+        hashed: HashedFile,
+        header: InstanceHeader,
+        origin: Origin,
+        accession: Accession | None = None,
     ) -> Stored:
+        ref, order = self._order(accession)
         key = content_key(ORIGINAL, header.study_instance_uid, hashed.sha256)
-        ref = BlobRef(bucket=self._blobs.bucket, key=key, size=hashed.size, sha256=hashed.sha256)
+        blob = BlobRef(bucket=self._blobs.bucket, key=key, size=hashed.size, sha256=hashed.sha256)
         event = InstanceReceived(
             sop_instance_uid=header.sop_instance_uid,
             sop_class_uid=header.sop_class_uid,
@@ -297,7 +330,8 @@ class ClaimCheck:
             priority=origin.priority,
             sender=origin.sender,
             received_at=datetime.now(UTC),
-            blob=ref,
+            blob=blob,
+            order_ref=ref,
         )
         while (earlier := self._announcing.get(key)) is not None:
             if await asyncio.shield(earlier):
@@ -305,7 +339,10 @@ class ClaimCheck:
         announced = asyncio.get_running_loop().create_future()
         self._announcing[key] = announced
         try:
-            lane = self._lanes.lane(header, origin.sender, origin.priority.value)
+            if order is not None and order.priority is OrderPriority.STAT:
+                lane = Lane.STAT
+            else:
+                lane = self._lanes.lane(header, origin.sender, origin.priority.value)
             duplicate = await self._store_and_announce(hashed, key, event, lane)
         except BaseException:
             announced.set_result(False)
@@ -316,6 +353,8 @@ class ClaimCheck:
             del self._announcing[key]
         if duplicate:
             return Stored(header, event, duplicate=True)
+        if order is not None:
+            metrics.ORDER_MATCHES.labels(lane.value).inc()
         self._announced[key] = None
         if len(self._announced) > RECENT_ANNOUNCED:
             self._announced.popitem(last=False)

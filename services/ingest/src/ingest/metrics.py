@@ -29,6 +29,25 @@ LANES = Counter(
     "Instances announced, by the lane their event was published in (stat, routine).",
     ["lane"],
 )
+ORDER_MATCHES = Counter(
+    "radflow_ingest_order_matches_total",
+    "Instances announced whose accession number matched an open order of "
+    "worklist.items, by the lane their event was published in (a STAT order: stat).",
+    ["lane"],
+)
+ORDER_ITEMS = Gauge(
+    "radflow_ingest_order_items",
+    "Open worklist items (scheduled procedure steps) known to the order lookup; with "
+    "workers, the highest among the living ones.",
+    multiprocess_mode="livemax",
+)
+ORDER_TABLE_LOADED = Gauge(
+    "radflow_ingest_order_table_loaded",
+    "1 once worklist.items was read to its end; 0 before and while it cannot be read "
+    "(instances are then matched with the orders known so far: none at start). With "
+    "workers: 0 if any living worker's is 0.",
+    multiprocess_mode="livemin",
+)
 RULES_GENERATION = Gauge(
     "radflow_ingest_rules_generation",
     "Rule-file versions applied since start (ingest reads its STAT policy); with "
@@ -93,6 +112,7 @@ def _announce_outcomes() -> None:
             INSTANCES.labels(protocol.value, outcome)
     for lane in Lane:
         LANES.labels(lane.value)
+        ORDER_MATCHES.labels(lane.value)
     # Refusals too (the reasons ASSOCIATIONS_REJECTED names): the dashboard's rate()
     # then draws a lone refused association, not 0.
     for reason in ("calling_ae_not_allowed", "certificate_not_allowed", "sender_limit"):

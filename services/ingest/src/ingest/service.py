@@ -15,6 +15,7 @@ import logging
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
+from ingest import metrics
 from ingest.auth import Authenticator, AuthFailure
 from ingest.claimcheck import ClaimCheck
 from ingest.dimse import DimseReceiver
@@ -26,12 +27,14 @@ from radflow_core import audit
 from radflow_core.audit import Auditor
 from radflow_core.blobstore import BlobStore
 from radflow_core.kafka import EventProducer
+from radflow_core.order_table import OrderTable, OrderTableMetrics
 from radflow_core.shell import Door, Shell, State
 from radflow_core.tls import TlsFilesUnusable, server_context
 
 log = logging.getLogger(__name__)
 
 SERVICE = "ingest"
+ORDER_TABLE_METRICS = OrderTableMetrics(metrics.ORDER_ITEMS, metrics.ORDER_TABLE_LOADED)
 
 
 def stow_doors(settings: IngestSettings, *, shared: bool = False) -> list[Door]:
@@ -74,6 +77,14 @@ class IngestService:
         self._producer = EventProducer(config.kafka, SERVICE)
         self._audit = Auditor(SERVICE, self._producer, config.audit)
         self._lanes = Lanes(settings.rules_file)
+        self._orders = None
+        if config.order_lookup.enabled:
+            self._orders = OrderTable(
+                config.kafka,
+                config.order.reference_key,
+                ORDER_TABLE_METRICS,
+                config.order_lookup.retry_interval_s,
+            )
         self._claim_check = ClaimCheck(
             self._blobs,
             self._producer,
@@ -82,6 +93,7 @@ class IngestService:
             lanes=self._lanes,
             max_sequence_depth=settings.max_sequence_depth,
             audit=self._audit,
+            orders=self._orders,
         )
         problem = None
         try:
@@ -123,6 +135,8 @@ class IngestService:
         self.shell.loop(
             "rule file watcher", functools.partial(self._lanes.watch, settings.reload_interval_s)
         )
+        if self._orders is not None:
+            self.shell.loop("order table", self._orders.run)
         self.shell.on_drain(self._close_dimse)
         self.shell.on_close(self._auth.close)
         if not self._auth.enabled:

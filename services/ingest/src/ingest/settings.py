@@ -11,6 +11,8 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from radflow_core.order_table import OrderLookupSettings
+from radflow_core.orders import OrderSettings
 from radflow_core.settings import (
     AuditSettings,
     KafkaSettings,
@@ -406,6 +408,8 @@ class IngestConfig(ServiceConfig):
     log: LogSettings
     ops: OpsSettings
     audit: AuditSettings
+    order: OrderSettings
+    order_lookup: OrderLookupSettings
 
     SECTIONS: ClassVar[tuple[type[Section], ...]] = (
         IngestSettings,
@@ -415,6 +419,8 @@ class IngestConfig(ServiceConfig):
         LogSettings,
         OpsSettings,
         AuditSettings,
+        OrderSettings,
+        OrderLookupSettings,
     )
 
 

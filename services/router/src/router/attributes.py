@@ -15,12 +15,13 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from radflow_core.errors import PipelineError
-from radflow_core.events import InstanceIdentity, InstanceNormalized
+from radflow_core.events import InstanceIdentity, InstanceNormalized, WorklistItem
 from radflow_core.instance_header import (
     ATTRIBUTE_TEXT_LIMIT,
     ROUTING_KEYWORDS,
     requested_procedure_priority,
 )
+from radflow_rules.orders import ORDER_ATTRIBUTES, is_stat_order, order_attributes
 from radflow_rules.rules import Instance, RuleSet
 
 EVENT_FIELDS = frozenset(
@@ -37,9 +38,11 @@ EVENT_FIELDS = frozenset(
         "SOPInstanceUID",
         "StudyInstanceUID",
         "SeriesInstanceUID",
+        *ORDER_ATTRIBUTES,
     }
 )
-"""Attributes every normalized event carries (v1 too); rules on these need no header."""
+"""Attributes every normalized event carries (v1 too), and the order's (from the order
+table, not the header); rules on these need no header."""
 ROUTING_FIELDS = EVENT_FIELDS | frozenset(ROUTING_KEYWORDS)
 """Attributes a v2 normalized event carries (``routing``)."""
 _SKIPPED_VR = frozenset({"SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN"})
@@ -113,10 +116,13 @@ def instance_view(
     called_ae: str | None,
     sender_identity: str | None,
     dimse_priority: str | None,
+    order: WorklistItem | None = None,
 ) -> Instance:
     """Header attributes overlaid with the event's fields (what ingest validated and
-    who the sender authenticated as)."""
+    who the sender authenticated as) and the instance's order, if one is known. A STAT
+    order makes the instance STAT, as the ``stat:`` policy does."""
     attributes = dict(header)
+    attributes.update(order_attributes(order))
     attributes.update(
         {
             "modality": modality,
@@ -127,12 +133,18 @@ def instance_view(
             "sender_identity": sender_identity,
         }
     )
-    return Instance(attributes, rules.stat.is_stat(attributes, dimse_priority))
+    stat = rules.stat.is_stat(attributes, dimse_priority) or is_stat_order(order)
+    return Instance(attributes, stat)
 
 
-def event_view(rules: RuleSet, event: InstanceIdentity, header: Dataset | None) -> Instance:
+def event_view(
+    rules: RuleSet,
+    event: InstanceIdentity,
+    header: Dataset | None,
+    order: WorklistItem | None = None,
+) -> Instance:
     """The running router's view of one normalized event: the header's attributes
-    when it was read, overlaid with what the event carries."""
+    when it was read, overlaid with what the event carries and its order."""
     attributes = header_attributes(header) if header is not None else {}
     routing = getattr(event, "routing", None)
     if routing is not None:
@@ -157,6 +169,7 @@ def event_view(rules: RuleSet, event: InstanceIdentity, header: Dataset | None) 
         called_ae=event.sender.called_ae,
         sender_identity=event.sender.identity,
         dimse_priority=event.priority.value,
+        order=order,
     )
 
 

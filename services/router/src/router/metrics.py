@@ -27,6 +27,21 @@ PENDING_INSTANCES = Gauge(
 RELEASED = Counter(
     "radflow_router_released_total", "Studies (or series) released after their quiet period."
 )
+ORDER_MATCHES = Counter(
+    "radflow_router_order_matches_total",
+    "Instances whose order reference matched an open order of worklist.items when "
+    "routed, by the lane they arrived in.",
+    ["lane"],
+)
+ORDER_ITEMS = Gauge(
+    "radflow_router_order_items",
+    "Open worklist items (scheduled procedure steps) known to the order lookup.",
+)
+ORDER_TABLE_LOADED = Gauge(
+    "radflow_router_order_table_loaded",
+    "1 once worklist.items was read to its end; 0 before and while it cannot be read "
+    "(instances are then routed with the orders known so far: none at start).",
+)
 RULES_GENERATION = Gauge(
     "radflow_router_rules_generation",
     "How many valid rule files were loaded since start (1 after start).",
@@ -40,3 +55,7 @@ RULES_RELOADS = Counter(
     "Rule file changes seen, by outcome (applied, rejected).",
     ["outcome"],
 )
+
+
+for _lane in ("stat", "routine"):
+    ORDER_MATCHES.labels(_lane)  # from 0, so that increase() counts the first match

@@ -23,14 +23,16 @@ from radflow_core.events import (
     ForwardRequested,
     InstanceHeld,
     InstanceNormalized,
+    Lane,
 )
 from radflow_core.kafka import EventProducer
+from radflow_core.order_table import OrderTable
 from radflow_core.settings import KafkaSettings
 from radflow_core.topics import Topic
 from radflow_rules.live import LiveRules
 from radflow_rules.rules import Destination, Route, RuleSet, evaluate
 from router.attributes import event_view, needs_header, parse_header
-from router.metrics import HELD, REQUESTS, RULE_MATCHES
+from router.metrics import HELD, ORDER_MATCHES, REQUESTS, RULE_MATCHES
 from router.pending import PendingStudies
 
 log = logging.getLogger(__name__)
@@ -89,7 +91,13 @@ class Router:
         kafka: KafkaSettings,
         pending: PendingStudies,
         header_limit_bytes: int,
+        orders: OrderTable | None = None,
+        lane: Lane = Lane.ROUTINE,
     ) -> None:
+        """``orders``: the open orders an event's ``order_ref`` is matched with (none:
+        rules see no order). ``lane``: the lane this router's input is."""
+        self._orders = orders
+        self._lane = lane
         self._rules = rules
         self._blobs = blobs
         self._producer = producer
@@ -115,8 +123,13 @@ class Router:
             header = await self._blobs.read_partially(
                 event.canonical, parse_header, self._header_limit
             )
+        order = None
+        if self._orders is not None and event.order_ref is not None:
+            order = self._orders.find(event.order_ref)
+            if order is not None:
+                ORDER_MATCHES.labels(self._lane.value).inc()
         now = datetime.now(UTC)
-        decision = evaluate(rules, event_view(rules, event, header), now)
+        decision = evaluate(rules, event_view(rules, event, header, order), now)
         if decision.hold is not None:
             await self._hold(event, rules, decision.hold, now)
         else:
@@ -146,6 +159,7 @@ class Router:
                 "pending": sum(1 for r in decision.routes if r.wait is not None),
                 "reason": decision.hold,
                 "rules_digest": rules.digest,
+                "order_site": order.site if order is not None else None,
             },
         )
 

@@ -26,6 +26,7 @@ from radflow_core.blobstore import BlobStore
 from radflow_core.consumer import EventConsumer
 from radflow_core.events import LANES, ForwardRequested, InstanceNormalized, Lane
 from radflow_core.kafka import EventProducer
+from radflow_core.order_table import OrderTable, OrderTableMetrics
 from radflow_core.shell import Shell
 from radflow_core.topics import Topic
 from radflow_rules.live import LiveRules, RulesMetrics
@@ -38,6 +39,7 @@ from router.settings import RouterConfig
 log = logging.getLogger(__name__)
 
 SERVICE = "router"
+ORDER_TABLE_METRICS = OrderTableMetrics(metrics.ORDER_ITEMS, metrics.ORDER_TABLE_LOADED)
 RULES_METRICS = RulesMetrics(metrics.RULES_GENERATION, metrics.RULES_VALID, metrics.RULES_RELOADS)
 
 
@@ -70,6 +72,15 @@ class RouterService:
         )
         self.health = self.shell.health
         self.failed = self.shell.failed
+        self._orders = None
+        if config.order_lookup.enabled:
+            # The router matches the order references of its events: it needs no key.
+            self._orders = OrderTable(
+                kafka,
+                metrics=ORDER_TABLE_METRICS,
+                retry_interval_s=config.order_lookup.retry_interval_s,
+            )
+            self.shell.loop("order table", self._orders.run)
         self._lanes: list[LaneConsumer] = []
         for lane in LANES:
             pending = PendingStudies(
@@ -86,6 +97,8 @@ class RouterService:
                 kafka,
                 pending,
                 settings.header_limit_bytes,
+                self._orders,
+                lane,
             )
             if lane is Lane.ROUTINE:
                 self._router = router

@@ -8,6 +8,7 @@ from typing import ClassVar
 
 from pydantic import Field
 
+from radflow_core.order_table import OrderLookupSettings
 from radflow_core.settings import (
     AuditSettings,
     KafkaSettings,
@@ -48,6 +49,7 @@ class RouterConfig(ServiceConfig):
     log: LogSettings
     ops: OpsSettings
     audit: AuditSettings
+    order_lookup: OrderLookupSettings
 
     SECTIONS: ClassVar[tuple[type[Section], ...]] = (
         RouterSettings,
@@ -56,4 +58,5 @@ class RouterConfig(ServiceConfig):
         LogSettings,
         OpsSettings,
         AuditSettings,
+        OrderLookupSettings,
     )

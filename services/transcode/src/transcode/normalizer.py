@@ -196,6 +196,7 @@ class Normalizer:
             pixels=pixels,
             normalized_at=datetime.now(UTC),
             routing=_routing(result),
+            order_ref=received.order_ref,
         )
 
     def _count(self, received: InstanceReceived, result: Normalized, canonical: BlobRef) -> None:
