@@ -1,0 +1,131 @@
+"""Orders steer routing: an instance whose Accession Number (with its issuer) matches an
+open order of ``worklist.items`` takes the STAT lane from ingest on when the order is
+STAT, and the router's rules see the order's site, priority and procedure. The orders
+are produced on the topic directly, as the worklist service writes them."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from radflow_core.events import OrderPriority
+from radflow_core.topics import STAT_LANE, Topic
+from radflow_devstack.kit.dcmtk import storescu
+from radflow_devstack.kit.waiting import wait_for
+from radflow_devstack.processes import ManagedProcess
+from support.dicom import make_instance
+from support.metrics import metric
+from support.orders import cancel_now, item, publish_now
+from support.orthanc import OrthancView
+from support.stack import IngestProcess, Stack
+
+pytestmark = pytest.mark.pipeline
+
+LATER = {"wait_ready": False, "wait_port": False}
+
+
+def ordered(
+    tmp_path: Path, study: str, accession: str | None, issuer: str | None = "RIS_A"
+) -> tuple[str, Path]:
+    """An instance of ``study`` with this Accession Number and issuer."""
+    extra: dict[str, object] = {}
+    if accession is not None:
+        extra["AccessionNumber"] = accession
+    if issuer is not None:
+        namespace = Dataset()
+        namespace.LocalNamespaceEntityID = issuer
+        extra["IssuerOfAccessionNumberSequence"] = [namespace]
+    uid = generate_uid()
+    path = make_instance(
+        tmp_path / f"{uid}.dcm", sop_instance_uid=uid, study_instance_uid=study, extra=extra
+    )
+    return uid, path
+
+
+def uids(stack: Stack, topic: Topic) -> set[str]:
+    return {e["data"]["sop_instance_uid"] for e in stack.events(topic)}
+
+
+def orders_loaded(*services: IngestProcess) -> bool:
+    names = {"ingest": "radflow_ingest_order_table_loaded"}
+    return all(
+        metric(s.url, names.get(s.proc.name.split("-")[0], "radflow_router_order_table_loaded"))
+        == 1
+        for s in services
+    )
+
+
+def test_a_stat_order_takes_its_study_through_the_stat_lane_to_the_destination(
+    stack: Stack,
+    start_ingest,
+    start_transcode,
+    start_router,
+    start_forwarder,
+    start_orthanc_server: Callable[..., ManagedProcess],
+    tmp_path: Path,
+) -> None:
+    orthanc = OrthancView(start_orthanc_server())
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        f"""version: 1
+destinations:
+  orthanc: {{url: "{orthanc.dicomweb}"}}
+rules:
+  - name: everything
+    route: [orthanc]
+default: {{hold: unrouted}}
+"""
+    )
+    cancelled = item("ACC-CANCELLED", priority=OrderPriority.STAT)
+    publish_now(
+        stack,
+        item("ACC-STAT", priority=OrderPriority.STAT),
+        item("ACC-ROUTINE"),
+        cancelled,
+    )
+    cancel_now(stack, cancelled)
+    ingest = start_ingest(rules_file=str(rules), **LATER)
+    router = start_router(rules_file=str(rules), **LATER)
+    services = [
+        ingest,
+        start_transcode(**LATER),
+        router,
+        start_forwarder(rules_file=str(rules), **LATER),
+    ]
+    for service in services:
+        service.wait_ready()
+    wait_for("the orders read", lambda: orders_loaded(ingest, router))
+
+    stat_study, routine_study = generate_uid(), generate_uid()
+    stat = [ordered(tmp_path, stat_study, "ACC-STAT") for _ in range(2)]
+    routine = [
+        ordered(tmp_path, routine_study, "ACC-ROUTINE"),
+        ordered(tmp_path, generate_uid(), "ACC-STAT", issuer="RIS_B"),  # another issuer's
+        ordered(tmp_path, generate_uid(), "ACC-CANCELLED"),
+        ordered(tmp_path, generate_uid(), None, issuer=None),
+    ]
+    done = storescu(ingest.dimse_port, *(p for _, p in stat + routine), calling_ae="CT1")
+    assert done.returncode == 0, done.stderr
+    wait_for("every instance delivered", lambda: orthanc.count() == 6, timeout_s=120)
+
+    stat_uids, routine_uids = {u for u, _ in stat}, {u for u, _ in routine}
+    for topic in (Topic.INSTANCE_RECEIVED, Topic.INSTANCE_NORMALIZED, Topic.FORWARD_REQUESTED):
+        assert uids(stack, topic) == routine_uids, topic
+        assert uids(stack, STAT_LANE[topic]) == stat_uids, topic
+    assert set(orthanc.sop_instance_uids()) == stat_uids | routine_uids
+    assert metric(ingest.url, "radflow_ingest_order_matches_total", lane="stat") == 2
+    assert metric(ingest.url, "radflow_ingest_order_matches_total", lane="routine") == 1
+    assert metric(router.url, "radflow_router_order_matches_total", lane="stat") == 2
+    assert metric(router.url, "radflow_router_order_matches_total", lane="routine") == 1
+    # Events name the order by its keyed reference, never by the accession number.
+    received = stack.events(Topic.INSTANCE_RECEIVED) + stack.events(Topic.INSTANCE_RECEIVED_STAT)
+    refs = {e["data"]["sop_instance_uid"]: e["data"]["order_ref"] for e in received}
+    assert len({refs[u] for u in stat_uids}) == 1
+    assert [u for u, ref in refs.items() if ref is None] == [routine[-1][0]]
+    for topic in Topic:
+        assert "ACC-" not in json.dumps(stack.events(topic)), topic
