@@ -13,12 +13,12 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from radflow_core.events import OrderPriority
+from radflow_core.events import OrderPriority, OrderProcedure
 from radflow_core.topics import STAT_LANE, Topic
 from radflow_devstack.kit.dcmtk import storescu
 from radflow_devstack.kit.waiting import wait_for
 from radflow_devstack.processes import ManagedProcess
-from support.dicom import make_instance
+from support.dicom import make_instance, pynetdicom_store
 from support.metrics import metric
 from support.orders import cancel_now, item, publish_now
 from support.orthanc import OrthancView
@@ -129,3 +129,77 @@ default: {{hold: unrouted}}
     assert [u for u, ref in refs.items() if ref is None] == [routine[-1][0]]
     for topic in Topic:
         assert "ACC-" not in json.dumps(stack.events(topic)), topic
+
+
+ORDER_RULES = """version: 1
+destinations:
+  neuro: {url: "http://127.0.0.1:9/neuro"}
+  site_b_pacs: {url: "http://127.0.0.1:9/site-b"}
+  archive: {url: "http://127.0.0.1:9/archive"}
+rules:
+  - name: head-ct-to-neuro
+    when: {order_procedure_code: CTHEAD, order_procedure_scheme: L}
+    route: [neuro]
+  - name: site-b-orders
+    when: {order_site: site-b}
+    route: [site_b_pacs]
+  - name: no-order
+    when: {order_site: {exists: false}}
+    route: [archive]
+default: {hold: unrouted}
+"""
+
+
+def destinations(stack: Stack) -> dict[str, set[str]]:
+    """SOP Instance UID → the destinations the router requested for it."""
+    found: dict[str, set[str]] = {}
+    for topic in (Topic.FORWARD_REQUESTED, Topic.FORWARD_REQUESTED_STAT):
+        for e in stack.events(topic):
+            found.setdefault(e["data"]["sop_instance_uid"], set()).add(e["data"]["destination"])
+    return found
+
+
+def test_rules_route_on_the_order_s_procedure_and_site_and_a_restarted_router_still_knows_them(
+    stack: Stack, start_ingest, start_transcode, start_router, tmp_path: Path
+) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(ORDER_RULES)
+    head = OrderProcedure(code="CTHEAD", scheme="L", meaning="CT head")
+    cancelled = item("ACC-GONE", site="site-b")
+    publish_now(
+        stack,
+        item("ACC-HEAD", procedure=head),
+        item("ACC-B", site="site-b", procedure=OrderProcedure(code="CTCHEST", scheme="L")),
+        cancelled,
+    )
+    cancel_now(stack, cancelled)
+    ingest = start_ingest(**LATER)
+    router = start_router(rules_file=str(rules), **LATER)
+    for service in (ingest, start_transcode(**LATER), router):
+        service.wait_ready()
+    wait_for("the orders read", lambda: orders_loaded(ingest, router))
+
+    sent = {
+        "head": ordered(tmp_path, generate_uid(), "ACC-HEAD"),
+        "site-b": ordered(tmp_path, generate_uid(), "ACC-B"),
+        "cancelled": ordered(tmp_path, generate_uid(), "ACC-GONE"),
+        "other issuer": ordered(tmp_path, generate_uid(), "ACC-HEAD", issuer="RIS_B"),
+    }
+    for _, path in sent.values():
+        assert pynetdicom_store(ingest.dimse_port, path).status == 0
+    wait_for("4 instances routed", lambda: len(destinations(stack)) == 4, timeout_s=60)
+    routed = destinations(stack)
+    assert {name: routed[uid] for name, (uid, _) in sent.items()} == {
+        "head": {"neuro"},
+        "site-b": {"site_b_pacs"},
+        "cancelled": {"archive"},
+        "other issuer": {"archive"},
+    }
+
+    assert router.proc.stop() == 0
+    restarted = start_router(rules_file=str(rules))
+    wait_for("the orders read again", lambda: orders_loaded(restarted))
+    again, path = ordered(tmp_path, generate_uid(), "ACC-HEAD")
+    assert pynetdicom_store(ingest.dimse_port, path).status == 0
+    wait_for("routed after the restart", lambda: again in destinations(stack), timeout_s=60)
+    assert destinations(stack)[again] == {"neuro"}
