@@ -75,6 +75,14 @@ def test_wrong_schema_version_is_rejected() -> None:
         decode(json.dumps(parsed).encode(), InstanceReceived)
 
 
+def test_a_v1_received_event_is_read_as_v2_without_an_order_reference() -> None:
+    parsed = json.loads(encode(wrap(received(order_ref="b" * 64), "ingest")))
+    assert parsed["data"]["order_ref"] == "b" * 64
+    del parsed["data"]["order_ref"]
+    parsed["dataschema"] = "radflow:dicom.instance.received:v1"
+    assert decode(json.dumps(parsed).encode(), InstanceReceived).data.order_ref is None
+
+
 def normalized(**overrides: object) -> InstanceNormalized:
     base = received()
     return InstanceNormalized(

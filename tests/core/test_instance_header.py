@@ -12,8 +12,10 @@ from pydicom.filewriter import write_file_meta_info
 
 from radflow_core.dicom_status import StoreStatus
 from radflow_core.instance_header import (
+    Accession,
     InvalidInstance,
     read_header,
+    read_header_and_identifiers,
     read_header_and_patient,
     read_patient_id,
 )
@@ -128,3 +130,24 @@ def test_an_instance_without_a_patient_id_has_no_audit_patient(tmp_path: Path) -
     del ds.PatientID
     ds.save_as(path)
     assert read_patient_id(io.BytesIO(path.read_bytes())) is None
+
+
+def test_the_accession_number_and_its_issuer_are_read_apart_from_the_header(
+    tmp_path: Path,
+) -> None:
+    issuer = Dataset()
+    issuer.LocalNamespaceEntityID = "RIS_A "
+    path = make_instance(
+        tmp_path / "a.dcm",
+        extra={"AccessionNumber": "ACC42 ", "IssuerOfAccessionNumberSequence": [issuer]},
+    )
+    data = path.read_bytes()
+    header, identifiers = read_header_and_identifiers(io.BytesIO(data), len(data))
+    assert identifiers.accession == Accession("ACC42", "RIS_A")
+    assert "ACC42" not in repr(header) + repr(identifiers), "never in a log line"
+    bare = make_instance(tmp_path / "b.dcm", extra={"AccessionNumber": "ACC43"}).read_bytes()
+    assert read_header_and_identifiers(io.BytesIO(bare), len(bare))[1].accession == Accession(
+        "ACC43", None
+    )
+    none = make_instance(tmp_path / "c.dcm").read_bytes()
+    assert read_header_and_identifiers(io.BytesIO(none), len(none))[1].accession is None

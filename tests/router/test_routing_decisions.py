@@ -15,9 +15,12 @@ from radflow_core.events import (
     DecodeStatus,
     InstanceNormalized,
     Lane,
+    OrderPriority,
+    OrderProcedure,
     Protocol,
     RoutingAttributes,
     Sender,
+    WorklistItem,
 )
 from radflow_core.instance_header import routing_attributes
 from radflow_rules.loader import load_text
@@ -184,3 +187,49 @@ def test_the_event_and_the_header_give_rules_the_same_text():
     for keyword in ("Manufacturer", "ManufacturerModelName", "RequestedProcedurePriority"):
         assert carried[keyword] == header[keyword], keyword
     assert set(carried) == {"Manufacturer", "ManufacturerModelName", "RequestedProcedurePriority"}
+
+
+ORDER_RULES = """
+version: 1
+destinations:
+  neuro: {url: "https://neuro.example"}
+  any: {url: "https://any.example"}
+stat: {from_priority: false}
+rules:
+  - name: head
+    when: {order_procedure_code: CTHEAD, order_priority: [stat, asap]}
+    route: [neuro]
+  - name: rest
+    route: [any]
+default: {hold: x}
+"""
+
+
+def _order(priority: OrderPriority, code: str = "CTHEAD") -> WorklistItem:
+    return WorklistItem(
+        site="site-a",
+        order_ref="c" * 64,
+        step_id="1",
+        priority=priority,
+        procedure=OrderProcedure(code=code, scheme="L", meaning="CT head"),
+        document=_blob("d"),
+        updated_at=datetime.now(UTC),
+    )
+
+
+def test_the_order_is_seen_by_rules_and_a_stat_order_makes_the_instance_stat() -> None:
+    rules = load_text(ORDER_RULES, "rules.yaml")
+    assert not needs_header(rules, _event()), "order attributes come from no header"
+    now = datetime.now(UTC)
+
+    stat = event_view(rules, _event(), None, _order(OrderPriority.STAT))
+    assert stat.stat
+    assert (stat.get("order_site"), stat.get("order_procedure_meaning")) == ("site-a", "CT head")
+    assert {(r.destination, r.lane) for r in evaluate(rules, stat, now).routes} == {
+        ("neuro", Lane.STAT)
+    }
+    routine = event_view(rules, _event(), None, _order(OrderPriority.ROUTINE))
+    assert not routine.stat
+    assert {r.destination for r in evaluate(rules, routine, now).routes} == {"any"}
+    none = event_view(rules, _event(), None, None)
+    assert not none.stat and none.get("order_site") is None
