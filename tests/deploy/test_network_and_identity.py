@@ -171,6 +171,10 @@ def test_probes_and_scrapes_use_the_ops_port_apart_from_senders(overlay: str) ->
 # --- Kafka users ---------------------------------------------------------------------
 
 
+LIBRARY_READERS = {"OrderTable": {Topic.WORKLIST_ITEMS}}
+"""Shared readers a service builds that read topics of their own (without a group)."""
+
+
 def _topics_used(package: Path) -> tuple[set[str], set[str]]:
     """(topics a service writes, topics it otherwise names), read from its code:
     written are the topics of the events it constructs, its dead-letter topics and the
@@ -192,6 +196,7 @@ def _topics_used(package: Path) -> tuple[set[str], set[str]]:
                 topic = models.get(node.func.id)
                 if topic is not None:
                     written.add(topic)
+                named_.update(LIBRARY_READERS.get(node.func.id, ()))
             if isinstance(node, ast.keyword) and node.arg == "dead_letter_topic":
                 written.update(_topic_refs(node.value))
             if isinstance(node, ast.Assign) and any(
