@@ -203,3 +203,17 @@ def test_rules_route_on_the_order_s_procedure_and_site_and_a_restarted_router_st
     assert pynetdicom_store(ingest.dimse_port, path).status == 0
     wait_for("routed after the restart", lambda: again in destinations(stack), timeout_s=60)
     assert destinations(stack)[again] == {"neuro"}
+
+
+def test_with_order_lookup_off_ingest_ignores_orders_and_names_none(
+    stack: Stack, start_ingest, tmp_path: Path
+) -> None:
+    publish_now(stack, item("ACC-STAT", priority=OrderPriority.STAT))
+    ingest = start_ingest(env={"RADFLOW_ORDER_LOOKUP_ENABLED": "false"})
+    uid, path = ordered(tmp_path, generate_uid(), "ACC-STAT")
+    assert pynetdicom_store(ingest.dimse_port, path).status == 0
+    (event,) = stack.events(Topic.INSTANCE_RECEIVED)
+    assert event["data"]["sop_instance_uid"] == uid
+    assert event["data"]["order_ref"] is None
+    assert stack.events(Topic.INSTANCE_RECEIVED_STAT) == []
+    assert metric(ingest.url, "radflow_ingest_order_table_loaded") == 0
