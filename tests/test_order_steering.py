@@ -17,12 +17,13 @@ from radflow_core.events import OrderPriority, OrderProcedure
 from radflow_core.topics import STAT_LANE, Topic
 from radflow_devstack.kit.dcmtk import storescu
 from radflow_devstack.kit.waiting import wait_for
+from radflow_devstack.parts import prepare
 from radflow_devstack.processes import ManagedProcess
 from support.dicom import make_instance, pynetdicom_store
 from support.metrics import metric
 from support.orders import cancel_now, item, publish_now
 from support.orthanc import OrthancView
-from support.stack import IngestProcess, Stack
+from support.stack import IngestProcess, Stack, make_stack
 
 pytestmark = pytest.mark.pipeline
 
@@ -217,3 +218,28 @@ def test_with_order_lookup_off_ingest_ignores_orders_and_names_none(
     assert event["data"]["order_ref"] is None
     assert stack.events(Topic.INSTANCE_RECEIVED_STAT) == []
     assert metric(ingest.url, "radflow_ingest_order_table_loaded") == 0
+
+
+def test_ingest_receives_while_the_worklist_topic_is_missing_and_takes_it_up_once_it_exists(
+    broker: ManagedProcess, s3_server: ManagedProcess, start_ingest, tmp_path: Path
+) -> None:
+    assert broker.port and s3_server.port
+    stack = make_stack(broker.port, s3_server.port, tmp_path)
+    prepare(stack.kafka, stack.s3, [stack.topic(t) for t in Topic if t != Topic.WORKLIST_ITEMS])
+    ingest = start_ingest(stack_=stack, env={"RADFLOW_ORDER_LOOKUP_RETRY_INTERVAL_S": "0.5"})
+    study = generate_uid()
+    before, path = ordered(tmp_path, study, "ACC-STAT")
+    assert pynetdicom_store(ingest.dimse_port, path).status == 0, "no worklist, still stored"
+    assert uids(stack, Topic.INSTANCE_RECEIVED) == {before}
+    assert metric(ingest.url, "radflow_ingest_order_table_loaded") == 0
+
+    prepare(stack.kafka, stack.s3, [stack.topic(Topic.WORKLIST_ITEMS)])
+    publish_now(stack, item("ACC-STAT", priority=OrderPriority.STAT))
+    wait_for(
+        "the worklist read",
+        lambda: metric(ingest.url, "radflow_ingest_order_items") == 1,
+        timeout_s=30,
+    )
+    after, path = ordered(tmp_path, study, "ACC-STAT")
+    assert pynetdicom_store(ingest.dimse_port, path).status == 0
+    assert uids(stack, Topic.INSTANCE_RECEIVED_STAT) == {after}
