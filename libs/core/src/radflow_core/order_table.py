@@ -131,7 +131,7 @@ class OrderTable:
                     self._metrics.loaded.set(0)
                 log.warning(
                     "worklist items cannot be read; instances are matched with the %d "
-                    "orders known so far, retrying in %.0f s",
+                    "orders known so far, retrying in %g s",
                     len(self._by_key),
                     self._retry_s,
                     extra={"error": f"{type(exc).__name__}: {exc}"},
