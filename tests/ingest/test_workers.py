@@ -264,6 +264,8 @@ def test_two_listeners_on_one_port_are_refused() -> None:
         )
 
 
-def test_free_port_never_hands_out_one_port_twice() -> None:
+def test_free_port_never_hands_out_one_port_twice_nor_one_a_connection_could_take() -> None:
     ports = [free_port() for _ in range(300)]
     assert len(set(ports)) == len(ports)
+    first_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    assert all(20000 <= p < first_ephemeral for p in ports)

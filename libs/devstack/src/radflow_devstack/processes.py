@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -13,17 +14,47 @@ from pathlib import Path
 _handed_out: set[int] = set()
 """Ports free_port has already returned in this process."""
 
+_LOW_PORT = 20000
+"""free_port's ports start here: above every documented default port (make run's)."""
+
+
+def _ephemeral_start() -> int:
+    """The first port the kernel hands to outgoing connections (ip_local_port_range)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now, and that this process
-    has not been given before.
+    """A TCP port on 127.0.0.1 that nothing listens on right now, that no outgoing
+    connection will take, and that this process has not been given before.
 
-    The kernel may hand the same free port to two bind(0) calls in a row. Two listeners
-    given one port either fail to start or, both bound with SO_REUSEPORT (ingest's
-    workers), silently share it, so that some DICOM TLS associations reach the plain
-    listener. A port is therefore never returned twice.
+    Between this call and the bind of the process the port is for, the port is free for
+    anyone: the kernel could give it to a second bind(0) or, were it in the ephemeral
+    range, to any outgoing connection of any process (a client of the broker, S3 or
+    Orthanc). Two listeners given one port either fail to start ("address already in
+    use") or, both bound with SO_REUSEPORT (ingest's workers), silently share it so
+    that some DICOM TLS associations reach the plain listener. So the port is drawn at
+    random below the ephemeral range, where only explicit binds go, and never twice.
     """
-    for _ in range(1000):
+    top = _ephemeral_start()
+    if top - _LOW_PORT >= 1000:
+        for _ in range(1000):
+            port = random.randrange(_LOW_PORT, top)  # noqa: S311 (not a secret)
+            if port not in _handed_out and _bindable(port):
+                _handed_out.add(port)
+                return port
+    for _ in range(1000):  # a machine whose ephemeral range leaves no room below it
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind(("127.0.0.1", 0))
             port = int(sock.getsockname()[1])
