@@ -247,12 +247,16 @@ def outcome_issues(response: httpx.Response, redact: Callable[[str], str]) -> tu
     for issue in body.get("issue") or []:
         if not isinstance(issue, dict):
             continue
-        details = issue.get("details") if isinstance(issue.get("details"), dict) else {}
+        details: dict[str, Any] = issue.get("details") or {}
+        if not isinstance(details, dict):
+            details = {}
         codings = details.get("coding") if isinstance(details.get("coding"), list) else []
         first = codings[0] if codings and isinstance(codings[0], dict) else {}
         text = details.get("text") or issue.get("diagnostics")
         severity, code = issue.get("severity"), issue.get("code")
         expression = issue.get("expression") or issue.get("location") or []
+        if not isinstance(expression, list):
+            expression = []
         issues.append(
             FhirIssue(
                 severity=severity if severity in _SEVERITIES else None,
