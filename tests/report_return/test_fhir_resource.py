@@ -192,3 +192,21 @@ def test_a_fhir_server_that_is_not_there_is_a_retriable_failure() -> None:
     with pytest.raises(FhirUnavailable, match="not reached") as info:
         asyncio.run(scenario())
     assert info.value.retriable and info.value.http_status is None
+
+
+def test_a_token_is_reused_until_halfway_through_a_short_lifetime_then_renewed() -> None:
+    issued: list[str] = []
+
+    def token_server(request: httpx.Request) -> httpx.Response:
+        issued.append(f"t{len(issued)}")
+        return httpx.Response(200, json={"access_token": issued[-1], "expires_in": 0.4})
+
+    async def scenario() -> list[str]:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(token_server)) as client:
+            auth = ClientCredentials("https://auth/token", "c1", "secret", None, client)
+            seen = [await auth.token(), await auth.token()]
+            await asyncio.sleep(0.3)
+            seen.append(await auth.token())
+            return seen
+
+    assert asyncio.run(scenario()) == ["t0", "t0", "t1"]
