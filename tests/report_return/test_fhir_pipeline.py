@@ -405,3 +405,29 @@ def test_a_resource_that_does_not_validate_is_failed_with_the_element_named(
     assert "CT  CHEST" not in dead["message"] and dead["attempts"] == 0
     time.sleep(0.5)
     assert fhir_server.received == [] and fhir_server.tokens_issued == 0
+
+
+def test_a_fhir_server_that_keeps_failing_is_retried_until_the_budget_runs_out(
+    stack: Stack,
+    start_report_return,
+    fhir_server: FhirServer,
+    publish_report: Publish,
+    secret_file: Path,
+    tmp_path: Path,
+) -> None:
+    start(
+        start_report_return,
+        tmp_path,
+        {"north": fhir_site(fhir_server, secret_file)},
+        retry_budget_s="1.5",
+    )
+    fhir_server.script(*["503"] * 100)
+    event = publish_report(document())
+    wait_for("retries exhausted", lambda: len(failed(stack)) == 1, timeout_s=60)
+    (dead,) = failed(stack)
+    assert dead["reason"] == "retries_exhausted" and dead["retriable"] is True
+    assert dead["channel"] == "fhir" and dead["http_status"] == 503
+    assert dead["report_id"] == event.report_id and dead["attempts"] >= 2
+    assert len(fhir_server.received) == dead["attempts"] and fhir_server.reports() == []
+    assert dead["message_control_id"] == fhir_server.received[0].headers["X-Request-Id"]
+    assert returned(stack) == []
