@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
+from pathlib import Path
 
 import httpx
 import jwt
@@ -15,6 +17,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from radflow_core.errors import ConfigurationError
 from radflow_core.events import ReportStatus
 from radflow_core.oauth2 import ClientCredentials, JwtAssertion
+from radflow_devstack.fhir_server import FhirServer
+from radflow_devstack.pki import Authority
 from radflow_devstack.processes import free_port
 from report_return.fhir_client import FhirClient, FhirUnavailable
 from report_return.fhir_report import (
@@ -24,7 +28,7 @@ from report_return.fhir_report import (
     redactor,
 )
 from report_return.report import document_from
-from report_return.sites import load_sites_text
+from report_return.sites import FhirEndpoint, load_sites_text
 from support.reports import document
 
 SITES = load_sites_text(
@@ -210,3 +214,61 @@ def test_a_token_is_reused_until_halfway_through_a_short_lifetime_then_renewed()
             return seen
 
     assert asyncio.run(scenario()) == ["t0", "t0", "t1"]
+
+
+def test_a_fhir_server_over_tls_is_verified_against_the_sites_ca(tmp_path: Path) -> None:
+    authority = Authority(tmp_path / "ca")
+    issued = authority.issue("ehr", server=True)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(issued.cert), str(issued.key))
+    secret = tmp_path / "secret"
+    secret.write_text("s3cret")
+
+    def endpoint(server: FhirServer, ca: bool) -> FhirEndpoint:
+        site = load_sites_text(
+            json.dumps(
+                {
+                    "sites": {
+                        "a": {
+                            "output": "fhir",
+                            "fhir": {
+                                "base_url": server.base_url,
+                                "auth": {
+                                    "type": "oauth2",
+                                    "token_url": server.token_url,
+                                    "client_id": "c1",
+                                    "client_secret_file": str(secret),
+                                },
+                                **({"tls": {"ca_file": str(authority.ca_file)}} if ca else {}),
+                                "timeout_s": 5,
+                            },
+                        }
+                    }
+                }
+            )
+        )["a"]
+        assert site.fhir is not None
+        return site.fhir
+
+    async def send(target: FhirEndpoint) -> int:
+        client = FhirClient(target)
+        report = build_diagnostic_report(
+            document_from(document()),
+            ReportStatus.FINAL,
+            SITES["fhir"],
+            report_id="TLS-1",
+            report_version=1,
+        )
+        try:
+            answer = await client.send(report, update=False, request_id="X", redact=str)
+            return answer.http_status
+        finally:
+            await client.aclose()
+
+    with FhirServer(clients={"c1": "s3cret"}, tls=context) as server:
+        assert server.base_url.startswith("https://")
+        assert asyncio.run(send(endpoint(server, ca=True))) == 201
+        # Not trusted by the system's store: the token endpoint (same server) fails first.
+        with pytest.raises(FhirUnavailable, match="token endpoint: ConnectError"):
+            asyncio.run(send(endpoint(server, ca=False)))
+        assert server.tokens_issued == 1 and len(server.reports()) == 1

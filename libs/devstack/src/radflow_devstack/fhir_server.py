@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import json
+import ssl
 import threading
 import time
 import uuid
@@ -106,9 +107,11 @@ class FhirServer:
         assertion_keys: dict[str, str] | None = None,
         token_lifetime_s: float = 300,
         port: int = 0,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         """``clients``: client id → secret; ``assertion_keys``: client id → public key
-        (PEM) of SMART clients. Without either, no token is needed."""
+        (PEM) of SMART clients. Without either, no token is needed. ``tls``: serve
+        HTTPS with this server context."""
         self.clients = dict(clients or {})
         self.assertion_keys = dict(assertion_keys or {})
         self.token_lifetime_s = token_lifetime_s
@@ -139,12 +142,15 @@ class FhirServer:
 
         self._http = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self._http.daemon_threads = True
+        if tls is not None:
+            self._http.socket = tls.wrap_socket(self._http.socket, server_side=True)
+        self._scheme = "https" if tls is not None else "http"
         self.port = self._http.server_address[1]
         self._thread = threading.Thread(target=self._http.serve_forever, daemon=True)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self._scheme}://127.0.0.1:{self.port}"
 
     @property
     def base_url(self) -> str:
