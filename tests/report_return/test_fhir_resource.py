@@ -272,3 +272,35 @@ def test_a_fhir_server_over_tls_is_verified_against_the_sites_ca(tmp_path: Path)
         with pytest.raises(FhirUnavailable, match="token endpoint: ConnectError"):
             asyncio.run(send(endpoint(server, ca=False)))
         assert server.tokens_issued == 1 and len(server.reports()) == 1
+
+
+def test_a_missing_secret_or_key_stops_the_start_with_its_name_not_its_value(
+    tmp_path: Path,
+) -> None:
+    sites = load_sites_text(
+        f"""
+sites:
+  a:
+    output: fhir
+    fhir:
+      base_url: https://ehr.example/fhir
+      auth: {{type: oauth2, token_url: "https://ehr.example/token", client_id: c,
+              client_secret_env: RADFLOW_TEST_UNSET_SECRET}}
+  b:
+    output: fhir
+    fhir:
+      base_url: https://ehr.example/fhir
+      auth: {{type: smart-backend, token_url: "https://ehr.example/token", client_id: c,
+              private_key_file: "{tmp_path / "absent.pem"}"}}
+"""
+    )
+
+    async def build(name: str) -> None:
+        endpoint = sites[name].fhir
+        assert endpoint is not None
+        await FhirClient(endpoint, environ={}).aclose()
+
+    with pytest.raises(ConfigurationError, match="RADFLOW_TEST_UNSET_SECRET is not set"):
+        asyncio.run(build("a"))
+    with pytest.raises(ConfigurationError, match="absent.pem cannot be read"):
+        asyncio.run(build("b"))
