@@ -253,10 +253,24 @@ def test_a_correction_updates_the_same_diagnostic_report(
     publish_report(fixed, report_id="REP-C1", version=3, status=ReportStatus.CORRECTED, study=study)
     publish_report(doc, report_id="REP-E1", site="east")
     publish_report(doc, report_id="REP-E1", version=2, site="east", study=study)
-    wait_for("5 versions returned", lambda: len(returned(stack)) == 5, timeout_s=60)
+    # Version 1 reached the server but its marker was lost (a crash): version 2's create
+    # finds it, and version 2 is then put over it.
+    stale = {"resourceType": "DiagnosticReport", "status": "preliminary", "code": {"text": "x"}}
+    stale["identifier"] = [{"system": "urn:oid:1.2.3.4.5.6", "value": "REP-S1"}]
+    fhir_server.seed(stale)
+    publish_report(doc, report_id="REP-S1", version=2, study=study)
+    wait_for("6 versions returned", lambda: len(returned(stack)) == 6, timeout_s=60)
 
     by_report = {r["identifier"][0]["value"]: r for r in fhir_server.reports()}
-    assert set(by_report) == {"REP-C1", "REP-E1"}, "one resource per report, all versions"
+    assert set(by_report) == {"REP-C1", "REP-E1", "REP-S1"}, "one resource per report"
+    assert [v["status"] for v in fhir_server.versions(by_report["REP-S1"]["id"])] == [
+        "preliminary",
+        "final",
+    ]
+    (recovered,) = [r for r in returned(stack) if r["report_id"] == "REP-S1"]
+    assert recovered["attempts"] == 2 and recovered["fhir"]["interaction"] == "update"
+    statuses = {(r["report_id"], r["report_version"]): r["status"] for r in returned(stack)}
+    assert statuses.pop(("REP-S1", 2)) == "final"
     north = fhir_server.versions(by_report["REP-C1"]["id"])
     assert [v["status"] for v in north] == ["preliminary", "final", "corrected"]
     assert north[-1]["conclusion"] == "Small nodule, right upper lobe."
@@ -266,10 +280,9 @@ def test_a_correction_updates_the_same_diagnostic_report(
     east = fhir_server.versions(by_report["REP-E1"]["id"])
     assert [v["status"] for v in east] == ["final", "amended"]
     methods = [(r.method, r.path.split("?")[0]) for r in fhir_server.received]
-    assert [m for m, _ in methods].count("POST") == 2 and [m for m, _ in methods].count("PUT") == 3
+    assert [m for m, _ in methods].count("POST") == 3 and [m for m, _ in methods].count("PUT") == 4
     puts = [r for r in fhir_server.received if r.method == "PUT"]
     assert all("?identifier=" in r.path for r in puts)
-    statuses = {(r["report_id"], r["report_version"]): r["status"] for r in returned(stack)}
     assert statuses == {
         ("REP-C1", 1): "preliminary",
         ("REP-C1", 2): "final",
@@ -278,7 +291,7 @@ def test_a_correction_updates_the_same_diagnostic_report(
         ("REP-E1", 2): "corrected",
     }
     updates = [r for r in returned(stack) if r["fhir"]["interaction"] == "update"]
-    assert len(updates) == 3 and all(r["fhir"]["http_status"] == 200 for r in updates)
+    assert len(updates) == 4 and all(r["fhir"]["http_status"] == 200 for r in updates)
 
 
 def test_a_retry_after_a_lost_response_or_a_5xx_creates_nothing_new(

@@ -302,5 +302,5 @@ sites:
 
     with pytest.raises(ConfigurationError, match="RADFLOW_TEST_UNSET_SECRET is not set"):
         asyncio.run(build("a"))
-    with pytest.raises(ConfigurationError, match="absent.pem cannot be read"):
+    with pytest.raises(ConfigurationError, match=r"absent\.pem cannot be read"):
         asyncio.run(build("b"))

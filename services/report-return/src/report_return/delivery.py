@@ -547,7 +547,8 @@ class FhirReturner(Returner):
     through (marker ``reports/<identifier>``) every later version is a conditional
     update of the same resource, and a final after a final goes as corrected (or
     amended). A correction for a report never sent here is an update too, which the
-    server turns into a create."""
+    server turns into a create. A later version whose create finds the report there
+    (sent before a crash lost our marker) is sent again as an update."""
 
     channel = ReportChannel.FHIR
 
@@ -608,10 +609,18 @@ class FhirReturner(Returner):
             )
         update = last is not None or status is ReportStatus.CORRECTED
         patient_id = patient_identifier(document, self.site).id
-        sent = await self._send(origin, built, status, update, redactor(document), patient_id)
+        redact = redactor(document)
+        sent = await self._send(origin, built, status, update, redact, patient_id)
         if sent is None:
             return
         attempts, answer = sent
+        if not answer.created and not update and (origin.report_version or 1) > 1:
+            # The create found the report already there, but without our marker: an
+            # earlier version sent before a crash, or this one. Make sure it is this one.
+            again = await self._send(origin, built, status, True, redact, patient_id)
+            if again is None:
+                return
+            attempts, answer = attempts + again[0], again[1]
         await self._mark(origin, status)
         await self._blobs.put_bytes(
             report_marker,
