@@ -25,6 +25,7 @@ from radflow_core.events import (
     ForwardRequested,
     InstanceHeld,
     Lane,
+    ReportChannel,
     ReportFailed,
     ReportSource,
     encode,
@@ -170,6 +171,12 @@ def test_generic_dead_letters_report_failed_and_held_instances_are_letters_too()
     v3 = report.model_copy(update={"original_key": "1.2.3", "original_value": "{}"})
     letter = letter_of(Topic.REPORT_FAILED, record(Topic.REPORT_FAILED, 1, encode(wrap(v3, "rr"))))
     assert letter.original == Original(f"{PREFIX}reports.finalized", "1.2.3", "{}")
+    # A FHIR failure of a site that takes both is settled only by the FHIR return.
+    fhir = v3.model_copy(update={"channel": ReportChannel.FHIR})
+    letter = letter_of(
+        Topic.REPORT_FAILED, record(Topic.REPORT_FAILED, 2, encode(wrap(fhir, "rr")))
+    )
+    assert letter.settled_by == "report:north|r-1|1|fhir"
 
     n = normalized()
     held = InstanceHeld(

@@ -1,5 +1,6 @@
 """Report-return's fixtures: the stand-in RIS (hl7apy's MLLP server, in this process, on
-a free loopback port, scripted per test) and a reporting platform that stores report
+a free loopback port, scripted per test), the stand-in EHR (radflow_devstack's FHIR
+server, likewise) and a reporting platform that stores report
 documents in the test's bucket and announces them on reports.finalized."""
 
 from __future__ import annotations
@@ -8,8 +9,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from radflow_devstack.fhir_server import FhirServer
 from radflow_devstack.mllp_peer import MllpPeer
-from support.reports import Publish, publisher
+from support.reports import FHIR_CLIENT, FHIR_SECRET, Publish, publisher
 from support.stack import Stack
 
 
@@ -24,3 +26,12 @@ def mllp_peer() -> Iterator[MllpPeer]:
 def publish_report(stack: Stack) -> Publish:
     """Store a report document and announce it on reports.finalized; returns the event."""
     return publisher(stack)
+
+
+@pytest.fixture
+def fhir_server() -> Iterator[FhirServer]:
+    """The stand-in EHR: a FHIR server (conditional create and update, scripted
+    faults) with an OAuth2 token endpoint, on a free loopback port."""
+    server = FhirServer(clients={FHIR_CLIENT: FHIR_SECRET}).start()
+    yield server
+    server.stop()

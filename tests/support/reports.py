@@ -20,6 +20,9 @@ from radflow_core.kafka import EventProducer
 from support.stack import Stack
 
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
+FHIR_CLIENT = "radflow-report-return"
+FHIR_SECRET = "fhir-client-secret"
+"""The OAuth2 client the stand-in EHR (the fhir_server fixture) knows."""
 
 
 def write_sites(path: Path, sites: dict[str, dict[str, Any]]) -> Path:

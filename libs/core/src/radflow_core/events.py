@@ -658,8 +658,21 @@ class ReportFinalized(EventModel):
         return self.study_instance_uid.encode("ascii")
 
 
+class ReportChannel(StrEnum):
+    """How report-return handed a report to the site (a site may use both)."""
+
+    ORU = "oru"
+    """HL7 v2 ORU^R01 over MLLP to the RIS."""
+    FHIR = "fhir"
+    """A FHIR R4 DiagnosticReport created or updated on the site's FHIR server."""
+
+
 class ReportDelivery(EventModel):
     """What every report-return outcome says about the report it answers."""
+
+    channel: ReportChannel = ReportChannel.ORU
+    """Which channel this outcome is for: a site with both has one outcome per channel
+    and report version (absent in earlier versions: oru)."""
 
     site: str = Field(max_length=128)
     """The RIS site the report was for (as the report or the rule file named it)."""
@@ -684,26 +697,59 @@ class ReportDelivery(EventModel):
         return self.study_instance_uid.encode("ascii")
 
 
+class FhirInteraction(StrEnum):
+    """How the DiagnosticReport reached the FHIR server."""
+
+    CREATE = "create"
+    """A conditional create (POST with If-None-Exist on the report identifier)."""
+    UPDATE = "update"
+    """A conditional update (PUT DiagnosticReport?identifier=...)."""
+
+
+class FhirResult(EventModel):
+    """What the FHIR server answered when it accepted a DiagnosticReport."""
+
+    interaction: FhirInteraction
+    """Conditional create or conditional update."""
+    http_status: int = Field(ge=200, le=299)
+    """201 (created), or 200 (an existing report matched, or was updated)."""
+    created: bool
+    """Whether this request created the resource (False: it existed already)."""
+    resource_id: str | None = Field(default=None, max_length=64)
+    """The server's logical id of the DiagnosticReport (from Location or the body)."""
+    version_id: str | None = Field(default=None, max_length=64)
+    """The server's version id of it, when it said."""
+
+
 class ReportReturned(ReportDelivery):
-    """``report.returned`` v1: the site's RIS acknowledged the report's ORU^R01 with AA."""
+    """``report.returned`` v2: the site took the report: its RIS acknowledged the
+    ORU^R01 with AA (channel oru), or its FHIR server stored the DiagnosticReport
+    (channel fhir).
+
+    v2 (from v1): ``channel``; ``fhir`` with the server's answer; ``ack_code`` is None
+    on the fhir channel. v1 records are still read (channel oru)."""
 
     type_name: ClassVar[str] = "report.returned"
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2
+    reads: ClassVar[tuple[int, ...]] = (1,)
     topic: ClassVar[Topic | None] = Topic.REPORT_RETURNED
 
     status: ReportStatus
     """The result status sent (OBR-25): a final after an acknowledged final is sent as
     corrected."""
     message_control_id: str
-    """MSH-10 of the message, the same on every retry and replay of this version."""
-    ack_code: Literal["AA"] = "AA"
-    """MSA-1 of the RIS's acknowledgement."""
+    """MSH-10 of the message (oru), or the X-Request-Id of the FHIR request (fhir): the
+    same on every retry and replay of this version."""
+    ack_code: Literal["AA"] | None = "AA"
+    """MSA-1 of the RIS's acknowledgement (oru); None on the fhir channel."""
     acked_at: AwareDatetime
-    """When the acknowledgement arrived (UTC)."""
+    """When the acknowledgement (or the FHIR server's answer) arrived (UTC)."""
     ack_latency_s: float = Field(ge=0)
-    """From writing the message to reading its acknowledgement (last attempt)."""
+    """From writing the message (or request) to reading its answer (last attempt)."""
     already_returned: bool = False
     """True when a replayed report was recognised as acknowledged and not sent again."""
+    fhir: FhirResult | None = None
+    """The FHIR server's answer (fhir channel, when sent now; None on a replay)."""
 
 
 HL7ErrorCode = Annotated[str, Field(pattern=r"^[0-9]{1,5}$")]
@@ -730,10 +776,34 @@ class AckError(EventModel):
     """ERR-2 (or ERR-1's location, v2.4): where in our message the RIS found the error."""
 
 
+class FhirIssue(EventModel):
+    """One issue of the OperationOutcome a FHIR server refused a DiagnosticReport with.
+
+    Its text is the server's, redacted: every value of the report document's patient
+    (name parts, identifiers, birth date) and order (accession, order and visit
+    numbers) is replaced by ``[redacted]`` before it leaves report-return, and it is
+    cut at 500 characters."""
+
+    severity: Literal["fatal", "error", "warning", "information"] | None = None
+    """OperationOutcome.issue.severity."""
+    code: str | None = Field(default=None, pattern=r"^[a-z-]{1,40}$")
+    """OperationOutcome.issue.code (FHIR issue-type, e.g. ``invalid``, ``processing``)."""
+    details_code: str | None = Field(default=None, max_length=64)
+    """The first coding of issue.details (e.g. a server's message id)."""
+    text: str | None = Field(default=None, max_length=500)
+    """issue.details.text or issue.diagnostics, redacted as above."""
+    expression: tuple[str, ...] = ()
+    """issue.expression (FHIRPath of the element), as the server gave it."""
+
+
 class ReportFailed(ReportDelivery):
-    """``report.failed`` v3: report-return gave up on a report, with the reason, when
+    """``report.failed`` v4: report-return gave up on a report, with the reason, when
     the RIS answered the coded part of its acknowledgement, and the input record itself,
     so that it can be replayed as it was (``radflow dlq replay``).
+
+    v4 (from v3): ``channel``; ``http_status`` and ``fhir_issues`` (the FHIR server's
+    OperationOutcome, redacted) on the fhir channel. v3 and v2 records are still read
+    (channel oru).
 
     v3 (from v2): ``original_key`` and ``original_value``, the input record as it was on
     ``source_topic``. v2 records are still read (with those None: the input is at the
@@ -742,13 +812,16 @@ class ReportFailed(ReportDelivery):
     can quote patient data); ``ack_errors`` keeps each ERR segment's codes instead."""
 
     type_name: ClassVar[str] = "report.failed"
-    version: ClassVar[int] = 3
-    reads: ClassVar[tuple[int, ...]] = (2,)
+    version: ClassVar[int] = 4
+    reads: ClassVar[tuple[int, ...]] = (2, 3)
     topic: ClassVar[Topic | None] = Topic.REPORT_FAILED
 
     reason: str
     """Machine-readable: ``rejected`` (AR), ``application_error`` (AE, after its
-    retries), ``invalid_ack``, ``retries_exhausted``, ``unknown_site``,
+    retries), ``invalid_ack``, ``retries_exhausted``, ``unknown_site``, on the fhir
+    channel ``fhir_rejected`` (a 4xx), ``fhir_ambiguous`` (412: several reports carry
+    the identifier), ``fhir_invalid_resource`` (the built DiagnosticReport does not
+    validate), ``token_unavailable``,
     ``missing_accession_number``, ``missing_patient_identifier``, ``invalid_report``,
     ``empty_report``, ``not_verified``, ``not_complete``, ``unreadable_report``,
     ``unencodable_text``, ``report_too_large``, ``blob_not_found``,
@@ -766,6 +839,10 @@ class ReportFailed(ReportDelivery):
     """MSA-1 of the RIS's last acknowledgement, if it sent a readable one."""
     ack_errors: tuple[AckError, ...] = ()
     """The coded fields of each ERR segment of that acknowledgement, in order."""
+    http_status: int | None = Field(default=None, ge=100, le=599)
+    """The FHIR server's last HTTP status (fhir channel), if it answered."""
+    fhir_issues: tuple[FhirIssue, ...] = ()
+    """The issues of the OperationOutcome it answered with, redacted, in order."""
     source_topic: str
     """Topic of the input record."""
     source_partition: int

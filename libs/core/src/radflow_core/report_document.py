@@ -104,6 +104,9 @@ class ReportDocument(EventModel):
     """The order number of the performing system (ORC-3/OBR-3 by default)."""
     study_instance_uid: Uid
     """(0020,000D) of the reported study."""
+    visit_number: str | None = Field(default=None, min_length=1, max_length=64)
+    """The patient's visit (encounter) number at the site, HL7 PV1-19: the FHIR
+    DiagnosticReport's encounter is referred to by it. Optional."""
     procedure: CodedConcept | None = None
     """The reported procedure (OBR-4), e.g. a CPT or local code with its text."""
     patient: Patient

@@ -1,7 +1,7 @@
 """``python -m report_return`` runs the service; ``python -m report_return check SITES``
 validates a sites file, and ``python -m report_return preview SITES SITE FILE`` prints
-the ORU^R01 a report document (JSON) or a Structured Report (DICOM) would become for
-that site, without sending it.
+the ORU^R01 (``--fhir``: the FHIR DiagnosticReport) a report document (JSON) or a
+Structured Report (DICOM) would become for that site, without sending it.
 """
 
 from __future__ import annotations
@@ -12,11 +12,13 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+from radflow_core.errors import PipelineError
 from radflow_core.events import ReportStatus
 from radflow_core.runtime import run_main
 from radflow_rules.loader import load_file
+from report_return.fhir_report import build_diagnostic_report
 from report_return.hl7 import build_oru, control_id
-from report_return.report import ReportError, document_from
+from report_return.report import document_from
 from report_return.service import ReportReturnService
 from report_return.settings import ReportReturnConfig
 from report_return.sites import SitesFileError, load_sites
@@ -66,6 +68,11 @@ def tools(argv: list[str]) -> int:
     preview.add_argument(
         "--status", choices=[s.value for s in ReportStatus], default=ReportStatus.FINAL.value
     )
+    preview.add_argument(
+        "--fhir",
+        action="store_true",
+        help="print the FHIR DiagnosticReport (validated) instead of the ORU^R01",
+    )
     args = parser.parse_args(argv)
     try:
         sites = load_sites(args.sites)
@@ -75,7 +82,8 @@ def tools(argv: list[str]) -> int:
         return 1
     if args.command == "check":
         for site in sites.values():
-            print(f"{site.name}: {site} HL7 {site.hl7_version} {site.encoding} {site.text.value}")
+            hl7 = f" HL7 {site.hl7_version} {site.encoding} {site.text.value}"
+            print(f"{site.name}: {site}{hl7 if site.output.oru else ''}")
         print(f"{args.sites}: {len(sites)} site(s): OK")
         return 0
     if args.site not in sites:
@@ -87,15 +95,30 @@ def tools(argv: list[str]) -> int:
             document = document_from(json.loads(data))
         else:
             document = document_from_sr(data)
+        site = sites[args.site]
+        if args.fhir:
+            if site.fhir is None:
+                print(f"site {args.site!r} has no fhir: block", file=sys.stderr)
+                return 1
+            built = build_diagnostic_report(
+                document,
+                ReportStatus(args.status),
+                site,
+                report_id=args.report.stem,
+                report_version=1,
+                structured=args.report.suffix.lower() != ".json",
+            )
+            print(json.dumps(json.loads(built.body), indent=2))
+            return 0
         oru = build_oru(
             document,
             ReportStatus(args.status),
-            sites[args.site],
+            site,
             control_id(args.site, f"preview\n{args.report.name}"),
             datetime.now(UTC),
         )
-    except (ReportError, ValueError) as exc:
-        reason = exc.reason if isinstance(exc, ReportError) else "invalid_report"
+    except (PipelineError, ValueError) as exc:
+        reason = exc.reason if isinstance(exc, PipelineError) else "invalid_report"
         print(f"{args.report}: {reason}: {exc}", file=sys.stderr)
         return 1
     print(oru.er7.replace("\r", "\n"))

@@ -1,5 +1,12 @@
-"""Returning reports to one site's RIS: read the report, build its ORU^R01, send it over
-MLLP until the RIS answers, and say what happened.
+"""Returning reports to one site, per channel: read the report, build its ORU^R01 (and
+send it over MLLP until the RIS answers) or its FHIR DiagnosticReport (and create or
+update it on the site's FHIR server), and say what happened.
+
+A site with output ``both`` has one returner per channel, each on its own consumer
+groups: a RIS that is down holds back only the ORU channel, and each channel publishes
+its own outcome (``channel`` in report.returned / report.failed) and keeps its own
+markers. FHIR: see report_return.fhir_client for the requests, docs/fhir-interface.md
+for the resource.
 
 Order of effects for each report: message sent → RIS answers AA → marker in the bucket
 (``returned/<site hash>/<delivery hash>``) → ``report.returned`` → offset committed. A
@@ -22,7 +29,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from aiokafka import ConsumerRecord
 
@@ -32,7 +39,10 @@ from radflow_core.errors import BlobStoreUnavailable, BrokerUnavailable, Pipelin
 from radflow_core.events import (
     BlobRef,
     Envelope,
+    FhirIssue,
+    FhirResult,
     ForwardRequested,
+    ReportChannel,
     ReportFailed,
     ReportFinalized,
     ReportReturned,
@@ -44,12 +54,18 @@ from radflow_core.report_document import ReportDocument
 from radflow_core.retry import HandedBack, current_turn
 from radflow_rules.destinations import DestinationKind
 from radflow_rules.rules import RuleSet
-from report_return.hl7 import Ack, Oru, build_oru, control_id, parse_ack
+from report_return.fhir_client import FhirAnswer, FhirClient, FhirError, FhirUnavailable
+from report_return.fhir_report import BuiltReport, build_diagnostic_report, redactor
+from report_return.hl7 import Ack, Oru, build_oru, control_id, parse_ack, patient_identifier
 from report_return.metrics import (
     ACK_LATENCY,
     ACKS,
     ALREADY_RETURNED,
     FAILED,
+    FHIR_LATENCY,
+    FHIR_REQUESTS,
+    FHIR_TOKENS,
+    OUTCOMES,
     RETRIES,
     SENT,
 )
@@ -126,6 +142,12 @@ class Origin:
     def control_id(self) -> str:
         return control_id(self.site, self.delivery_key)
 
+    def request_id(self, channel: ReportChannel) -> str:
+        """MSH-10 (oru) or X-Request-Id (fhir): the same on every retry and replay."""
+        if channel is ReportChannel.ORU:
+            return self.control_id
+        return control_id(f"{self.site}\n{channel.value}", self.delivery_key)
+
     def identity(self) -> dict[str, Any]:
         return {
             "site": self.site,
@@ -185,26 +207,36 @@ class Outcomes:
         attempts: int,
         latency_s: float,
         *,
+        channel: ReportChannel = ReportChannel.ORU,
         replay: bool = False,
         patient_id: str | None = None,
+        fhir: FhirResult | None = None,
     ) -> None:
+        oru = channel is ReportChannel.ORU
         event = ReportReturned(
             **origin.identity(),
+            channel=channel,
             attempts=attempts,
             status=status,
-            message_control_id=origin.control_id,
+            message_control_id=origin.request_id(channel),
+            ack_code="AA" if oru else None,
             acked_at=datetime.now(UTC),
             ack_latency_s=latency_s,
             already_returned=replay,
+            fhir=fhir,
         )
         await self._producer.publish(event, event.key)
         if not replay:
             self._audit_sent(origin, patient_id=patient_id)
         if replay:
             ALREADY_RETURNED.labels(origin.site).inc()
+        OUTCOMES.labels(
+            origin.site, channel.value, "already_returned" if replay else "returned"
+        ).inc()
+        answer = {"ack_code": "AA"} if oru else {"http_status": fhir.http_status if fhir else None}
         log.info(
             "already returned; not sent again" if replay else "returned",
-            extra={**origin.log_fields(), "attempt": attempts, "ack_code": "AA"},
+            extra={**origin.log_fields(), "channel": channel.value, "attempt": attempts, **answer},
         )
 
     async def failed(
@@ -219,17 +251,24 @@ class Outcomes:
         ack: Ack | None = None,
         sent: bool = False,
         patient_id: str | None = None,
+        channel: ReportChannel = ReportChannel.ORU,
+        http_status: int | None = None,
+        fhir_issues: tuple[FhirIssue, ...] = (),
     ) -> None:
-        """``patient_id``: what PID-3 gave the RIS, for the audit message only."""
+        """``patient_id``: what PID-3 (or the FHIR subject) gave the site, for the audit
+        message only. ``fhir_issues`` are already redacted."""
         record = origin.record
         event = ReportFailed(
             **origin.identity(),
+            channel=channel,
             attempts=attempts,
             reason=reason,
             message=message,
             retriable=retriable,
             status=status or origin.requested,
-            message_control_id=origin.control_id if sent else None,
+            message_control_id=origin.request_id(channel) if sent else None,
+            http_status=http_status,
+            fhir_issues=fhir_issues,
             ack_code=ack.code if ack is not None and ack.code != "AA" else None,
             ack_errors=ack.errors if ack is not None else (),
             source_topic=record.topic,
@@ -243,7 +282,16 @@ class Outcomes:
         if sent:
             self._audit_sent(origin, failure=reason, patient_id=patient_id)
         FAILED.labels(origin.site, reason).inc()
-        log.warning("report not returned", extra={**origin.log_fields(), "reason": reason})
+        OUTCOMES.labels(origin.site, channel.value, "failed").inc()
+        log.warning(
+            "report not returned",
+            extra={
+                **origin.log_fields(),
+                "channel": channel.value,
+                "reason": reason,
+                "http_status": http_status,
+            },
+        )
 
     def _audit_sent(
         self, origin: Origin, failure: str | None = None, patient_id: str | None = None
@@ -260,33 +308,33 @@ class Outcomes:
 
 
 class Returner:
-    """Everything returned to one site goes through one of these (one message at a time)."""
+    """Everything returned to one site on one channel goes through one of these (one
+    report at a time); subclasses deliver."""
+
+    channel: ClassVar[ReportChannel]
 
     def __init__(
         self,
         site: Site,
-        client: MllpClient,
         blobs: BlobStore,
         outcomes: Outcomes,
         settings: ReportReturnSettings,
         rules: Rules,
     ) -> None:
         self.site = site
-        self._client = client
         self._blobs = blobs
         self._outcomes = outcomes
         self._settings = settings
         self._rules = rules
-        # At 0 from the start, for what a RIS can answer or fail with: the dashboard's
-        # rate() then draws a site's first AE, AR or retry, which a counter appearing
-        # at 1 would hide.
-        RETRIES.labels(site.name)
-        for code in ("AA", "AE", "AR", "invalid"):
-            ACKS.labels(site.name, code)
-        for reason in ("rejected", "application_error", "invalid_ack", "retries_exhausted"):
-            FAILED.labels(site.name, reason)
+        for outcome in ("returned", "failed", "already_returned"):
+            OUTCOMES.labels(site.name, self.channel.value, outcome)
         self._turn = asyncio.Lock()
-        self._scope = _digest(site.name)[:16]
+        # The ORU channel's markers keep the place they had before FHIR existed.
+        scope = site.name if self.channel is ReportChannel.ORU else f"{site.name}\n{self.channel}"
+        self._scope = _digest(scope)[:16]
+
+    async def close(self) -> None:
+        """Release the channel's connections (safe to call twice)."""
 
     async def handle_batch(self, items: list[Item]) -> None:
         """A partition's fetch: return the reports for this site, in order."""
@@ -303,7 +351,12 @@ class Returner:
         try:
             if await self._blobs.exists(self._marker(origin)):
                 await self._outcomes.returned(
-                    origin, await self._returned_status(origin), 0, 0.0, replay=True
+                    origin,
+                    await self._returned_status(origin),
+                    0,
+                    0.0,
+                    replay=True,
+                    channel=self.channel,
                 )
                 return
             document = await self._read(origin, structured)
@@ -311,11 +364,17 @@ class Returner:
         except (BrokerUnavailable, BlobStoreUnavailable, HandedBack):
             raise
         except PipelineError as exc:
-            await self._outcomes.failed(origin, exc.reason, str(exc), retriable=exc.retriable)
+            await self._outcomes.failed(
+                origin, exc.reason, str(exc), retriable=exc.retriable, channel=self.channel
+            )
         except Exception as exc:
             log.exception("unexpected error returning a report", extra=origin.log_fields())
             await self._outcomes.failed(
-                origin, "unexpected_error", type(exc).__name__, retriable=False
+                origin,
+                "unexpected_error",
+                type(exc).__name__,
+                retriable=False,
+                channel=self.channel,
             )
 
     def _marker(self, origin: Origin) -> str:
@@ -350,6 +409,57 @@ class Returner:
         return document_from(parsed)
 
     async def _deliver(self, origin: Origin, document: ReportDocument) -> None:
+        raise NotImplementedError
+
+    async def _backoff(self, attempt: int, reason: str) -> None:
+        """Wait before the next attempt, shown as the group waiting on its site.
+
+        Raises:
+            HandedBack: the turn is handed back meanwhile (stop, or revocation).
+        """
+        RETRIES.labels(self.site.name).inc()
+        await current_turn().pause(
+            attempt,
+            reason,
+            initial_s=self._settings.retry_initial_s,
+            max_s=self._settings.retry_max_s,
+        )
+
+    async def _mark(self, origin: Origin, status: ReportStatus) -> None:
+        marker = json.dumps(
+            {"status": status.value, "control_id": origin.request_id(self.channel)}
+        ).encode()
+        await self._blobs.put_bytes(
+            self._marker(origin), marker, kind=RETURNED_MARKER, check_existing=False
+        )
+
+
+class OruReturner(Returner):
+    """HL7 ORU^R01 over MLLP to the site's RIS."""
+
+    channel = ReportChannel.ORU
+
+    def __init__(
+        self,
+        site: Site,
+        client: MllpClient,
+        blobs: BlobStore,
+        outcomes: Outcomes,
+        settings: ReportReturnSettings,
+        rules: Rules,
+    ) -> None:
+        super().__init__(site, blobs, outcomes, settings, rules)
+        self._client = client
+        # At 0 from the start, for what a RIS can answer or fail with: the dashboard's
+        # rate() then draws a site's first AE, AR or retry, which a counter appearing
+        # at 1 would hide.
+        RETRIES.labels(site.name)
+        for code in ("AA", "AE", "AR", "invalid"):
+            ACKS.labels(site.name, code)
+        for reason in ("rejected", "application_error", "invalid_ack", "retries_exhausted"):
+            FAILED.labels(site.name, reason)
+
+    async def _deliver(self, origin: Origin, document: ReportDocument) -> None:
         status = origin.requested
         order_marker = self._order_marker(document)
         if status is ReportStatus.FINAL and await self._blobs.exists(order_marker):
@@ -359,10 +469,7 @@ class Returner:
         if sent is None:
             return
         attempts, latency = sent
-        marker = json.dumps({"status": status.value, "control_id": oru.control_id}).encode()
-        await self._blobs.put_bytes(
-            self._marker(origin), marker, kind=RETURNED_MARKER, check_existing=False
-        )
+        await self._mark(origin, status)
         if status is not ReportStatus.PRELIMINARY:
             await self._blobs.put_bytes(
                 order_marker, oru.control_id.encode(), kind=RETURNED_MARKER, check_existing=False
@@ -432,19 +539,184 @@ class Returner:
             )
             return None
 
-    async def _backoff(self, attempt: int, reason: str) -> None:
-        """Wait before the next attempt, shown as the group waiting on its RIS.
 
-        Raises:
-            HandedBack: the turn is handed back meanwhile (stop, or revocation).
-        """
-        RETRIES.labels(self.site.name).inc()
-        await current_turn().pause(
-            attempt,
-            reason,
-            initial_s=self._settings.retry_initial_s,
-            max_s=self._settings.retry_max_s,
+class FhirReturner(Returner):
+    """A FHIR R4 DiagnosticReport on the site's FHIR server.
+
+    The first version of a report the site gets is a conditional create; once one went
+    through (marker ``reports/<identifier>``) every later version is a conditional
+    update of the same resource, and a final after a final goes as corrected (or
+    amended). A correction for a report never sent here is an update too, which the
+    server turns into a create. A later version whose create finds the report there
+    (sent before a crash lost our marker) is sent again as an update."""
+
+    channel = ReportChannel.FHIR
+
+    def __init__(
+        self,
+        site: Site,
+        client: FhirClient,
+        blobs: BlobStore,
+        outcomes: Outcomes,
+        settings: ReportReturnSettings,
+        rules: Rules,
+    ) -> None:
+        super().__init__(site, blobs, outcomes, settings, rules)
+        self._client = client
+        RETRIES.labels(site.name)
+        FHIR_TOKENS.labels(site.name)
+        for reason in ("fhir_rejected", "fhir_ambiguous", "fhir_invalid_resource"):
+            FAILED.labels(site.name, reason)
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    def _report_marker(self, system: str, value: str) -> str:
+        return f"{RETURNED_MARKER}/{self._scope}/reports/{_digest(f'{system}|{value}')}"
+
+    async def _last_status(self, marker: str) -> ReportStatus | None:
+        """The status the report was last sent with, or None if never."""
+        raw = await self._blobs.read_marker(marker)
+        if raw is None:
+            return None
+        try:
+            return ReportStatus(json.loads(raw)["status"])
+        except (ValueError, KeyError, TypeError):
+            return ReportStatus.FINAL
+
+    async def _deliver(self, origin: Origin, document: ReportDocument) -> None:
+        structured = origin.source is ReportSource.STRUCTURED_REPORT
+        status = origin.requested
+        built = build_diagnostic_report(
+            document,
+            status,
+            self.site,
+            report_id=origin.report_id,
+            report_version=origin.report_version,
+            structured=structured,
         )
+        report_marker = self._report_marker(built.identifier_system, built.identifier_value)
+        last = await self._last_status(report_marker)
+        if status is ReportStatus.FINAL and last in (ReportStatus.FINAL, ReportStatus.CORRECTED):
+            status = ReportStatus.CORRECTED
+            built = build_diagnostic_report(
+                document,
+                status,
+                self.site,
+                report_id=origin.report_id,
+                report_version=origin.report_version,
+                structured=structured,
+            )
+        update = last is not None or status is ReportStatus.CORRECTED
+        patient_id = patient_identifier(document, self.site).id
+        redact = redactor(document)
+        sent = await self._send(origin, built, status, update, redact, patient_id)
+        if sent is None:
+            return
+        attempts, answer = sent
+        if not answer.created and not update and (origin.report_version or 1) > 1:
+            # The create found the report already there, but without our marker: an
+            # earlier version sent before a crash, or this one. Make sure it is this one.
+            again = await self._send(origin, built, status, True, redact, patient_id)
+            if again is None:
+                return
+            attempts, answer = attempts + again[0], again[1]
+        await self._mark(origin, status)
+        await self._blobs.put_bytes(
+            report_marker,
+            json.dumps({"status": status.value}).encode(),
+            kind=RETURNED_MARKER,
+            check_existing=False,
+        )
+        result = FhirResult(
+            interaction=answer.interaction,
+            http_status=answer.http_status,
+            created=answer.created,
+            resource_id=answer.resource_id,
+            version_id=answer.version_id,
+        )
+        await self._outcomes.returned(
+            origin,
+            status,
+            attempts,
+            answer.latency_s,
+            channel=self.channel,
+            fhir=result,
+            patient_id=patient_id,
+        )
+
+    async def _send(
+        self,
+        origin: Origin,
+        built: BuiltReport,
+        status: ReportStatus,
+        update: bool,
+        redact: Callable[[str], str],
+        patient_id: str,
+    ) -> tuple[int, FhirAnswer] | None:
+        """Send until the server takes it; (attempts, answer), or None when the report
+        went to report.failed instead."""
+        site = self.site.name
+        interaction = "update" if update else "create"
+        first = time.monotonic()
+        attempts = 0
+        while True:
+            current_turn().check()
+            attempts += 1
+            tokens = self._client.auth.fetched if self._client.auth else 0
+            try:
+                answer = await self._client.send(
+                    built,
+                    update=update,
+                    request_id=origin.request_id(self.channel),
+                    redact=redact,
+                )
+            except FhirError as exc:
+                FHIR_REQUESTS.labels(site, interaction, str(exc.http_status or "none")).inc()
+                self._count_tokens(tokens)
+                failure: dict[str, Any] = {
+                    "attempts": attempts,
+                    "status": status,
+                    "sent": True,
+                    "patient_id": patient_id,
+                    "channel": self.channel,
+                    "http_status": exc.http_status,
+                    "fhir_issues": exc.issues,
+                }
+                if not isinstance(exc, FhirUnavailable):
+                    await self._outcomes.failed(
+                        origin, exc.reason, str(exc), retriable=False, **failure
+                    )
+                    return None
+                if time.monotonic() - first >= self._settings.retry_budget_s:
+                    await self._outcomes.failed(
+                        origin,
+                        "retries_exhausted",
+                        f"retry budget of {self._settings.retry_budget_s:g}s used up; last: {exc}",
+                        retriable=True,
+                        **failure,
+                    )
+                    return None
+                log.warning(
+                    "FHIR server did not take the report; will retry",
+                    extra={
+                        **origin.log_fields(),
+                        "channel": self.channel.value,
+                        "reason": exc.reason,
+                        "http_status": exc.http_status,
+                        "attempt": attempts,
+                    },
+                )
+                await self._backoff(attempts, "fhir_unavailable")
+                continue
+            self._count_tokens(tokens)
+            FHIR_REQUESTS.labels(site, interaction, str(answer.http_status)).inc()
+            FHIR_LATENCY.labels(site).observe(answer.latency_s)
+            return attempts, answer
+
+    def _count_tokens(self, before: int) -> None:
+        if self._client.auth is not None:
+            FHIR_TOKENS.labels(self.site.name).inc(self._client.auth.fetched - before)
 
 
 class UnknownSites:

@@ -137,19 +137,40 @@ def _xcn(person_id: str | None, name: PersonName, separator: str = "^") -> str:
     return separator.join(escape(p) for p in parts).rstrip(separator)
 
 
-def _patient_id(document: ReportDocument, site: Site) -> tuple[str, str]:
-    """PID-3 (a CX) and its bare identifier."""
+@dataclass(frozen=True)
+class ChosenIdentifier:
+    """The patient identifier a site gets, with its authority and type resolved."""
+
+    id: str
+    authority: str | None
+    type_code: str
+
+
+def patient_identifier(document: ReportDocument, site: Site) -> ChosenIdentifier:
+    """The report's patient identifier the site's ``patient_identifier`` rule picks
+    (PID-3, or the FHIR subject's identifier).
+
+    Raises:
+        MissingPatientIdentifier: none from the authority the site expects.
+    """
     rule = site.patient_identifier
     for identifier in document.patient.identifiers:
         authority = identifier.assigning_authority or rule.assigning_authority
         if rule.assigning_authority is None or authority == rule.assigning_authority:
-            type_code = identifier.type_code or rule.type_code
-            cx = _components(identifier.id, "", "", authority or "", type_code)
-            return cx, identifier.id
+            return ChosenIdentifier(
+                identifier.id, authority, identifier.type_code or rule.type_code
+            )
     raise MissingPatientIdentifier(
         f"the report has no patient identifier from {rule.assigning_authority!r}, the "
         f"assigning authority site {site.name!r} expects"
     )
+
+
+def _patient_id(document: ReportDocument, site: Site) -> tuple[str, str]:
+    """PID-3 (a CX) and its bare identifier."""
+    chosen = patient_identifier(document, site)
+    cx = _components(chosen.id, "", "", chosen.authority or "", chosen.type_code)
+    return cx, chosen.id
 
 
 def _order_value(document: ReportDocument, what: str) -> str:

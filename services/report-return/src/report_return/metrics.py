@@ -49,3 +49,27 @@ RULES_RELOADS = Counter(
     "Rule file changes seen, by outcome (applied, rejected).",
     ["outcome"],
 )
+OUTCOMES = Counter(
+    "radflow_report_return_outcomes_total",
+    "Outcomes by site and channel (oru, fhir): returned, failed (on report.failed), or "
+    "already_returned (a replay recognised and not sent again).",
+    ["site", "channel", "outcome"],
+)
+FHIR_REQUESTS = Counter(
+    "radflow_report_return_fhir_requests_total",
+    "Requests to a site's FHIR server by interaction (create, update) and HTTP status "
+    "('none' when no answer came: not reached, timeout, no token).",
+    ["site", "interaction", "status"],
+)
+FHIR_LATENCY = Histogram(
+    "radflow_report_return_fhir_latency_seconds",
+    "From sending a DiagnosticReport to the FHIR server's successful answer.",
+    ["site"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+FHIR_TOKENS = Counter(
+    "radflow_report_return_fhir_tokens_total",
+    "OAuth2 access tokens fetched for a site's FHIR server (first use, renewal before "
+    "expiry, or after a 401).",
+    ["site"],
+)

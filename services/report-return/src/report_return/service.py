@@ -4,11 +4,13 @@ Structured Reports, watched live), one set of consumers per site, the ops endpoi
 Each site has its own consumer groups, ``<prefix>.<site>.reports`` on reports.finalized
 and, while the rule file routes Structured Reports to it, ``.stat`` and ``.routine`` on
 the forward-request topics: a RIS that is down holds back only its own reports, and its
-groups' lag is its backlog. ``<prefix>.unknown-sites`` dead-letters reports naming a
-site that is not configured. A change of the rule file starts or stops a site's
-Structured Report consumers without touching the others. On SIGTERM each consumer
-stops after the message on the wire; what was not acknowledged is not committed and is
-read again.
+groups' lag is its backlog. A site with FHIR output has the same three again for that
+channel (``<prefix>.<site>.fhir-reports``, ``.fhir-stat``, ``.fhir-routine``), so with
+output ``both`` each channel drains on its own. ``<prefix>.unknown-sites``
+dead-letters reports naming a site that is not configured. A change of the rule file
+starts or stops a site's Structured Report consumers without touching the others. On
+SIGTERM each consumer stops after the message on the wire; what was not acknowledged is
+not committed and is read again.
 """
 
 from __future__ import annotations
@@ -21,7 +23,13 @@ from radflow_core.audit import Auditor
 from radflow_core.blobstore import BlobStore
 from radflow_core.consumer import BatchHandler, EventConsumer
 from radflow_core.errors import ConfigurationError
-from radflow_core.events import LANES, EventModel, ForwardRequested, ReportFinalized
+from radflow_core.events import (
+    LANES,
+    EventModel,
+    ForwardRequested,
+    ReportChannel,
+    ReportFinalized,
+)
 from radflow_core.kafka import EventProducer
 from radflow_core.shell import Shell
 from radflow_core.topics import Topic
@@ -30,7 +38,14 @@ from radflow_rules.live import LiveRules, RulesMetrics
 from radflow_rules.loader import RuleFileError
 from radflow_rules.rules import RuleSet
 from report_return import metrics
-from report_return.delivery import Outcomes, Returner, UnknownSites
+from report_return.delivery import (
+    FhirReturner,
+    OruReturner,
+    Outcomes,
+    Returner,
+    UnknownSites,
+)
+from report_return.fhir_client import FhirClient
 from report_return.mllp import MllpClient
 from report_return.settings import ReportReturnConfig
 from report_return.sites import Site, SitesFileError, load_sites
@@ -52,6 +67,15 @@ def routed_sites(rules: RuleSet | None) -> set[str]:
     }
 
 
+def _group(site: str, channel: ReportChannel, source: str) -> str:
+    """A site's consumer group (after the prefix) for one channel and input: the ORU
+    channel keeps the names it had before FHIR existed; the FHIR ones end in
+    ``.fhir-<input>``, which no ``<site>.<input>`` does, so none can collide."""
+    if channel is ReportChannel.ORU:
+        return f"{site}.{source}"
+    return f"{site}.{channel.value}-{source}"
+
+
 class ReportReturnService:
     def __init__(self, config: ReportReturnConfig) -> None:
         self._config = config
@@ -64,7 +88,8 @@ class ReportReturnService:
             if settings.rules_file
             else None
         )
-        self.returners: dict[str, Returner] = {}
+        self.returners: dict[str, list[Returner]] = {}
+        """Per site, one returner per channel it uses."""
         self._sites: dict[str, Site] = {}
         self._sr_consumers: dict[str, list[EventConsumer[Any]]] = {}
         """Per site (or UNKNOWN), its consumers of routed Structured Reports."""
@@ -111,23 +136,23 @@ class ReportReturnService:
         if self._rules is not None:
             self._rules.load()
         for site in self._sites.values():
-            returner = Returner(
-                site,
-                MllpClient(site),
-                self._blobs,
-                self._outcomes,
-                settings,
-                self._current_rules,
-            )
-            self.returners[site.name] = returner
-            self.shell.consume(
-                self._consumer(
-                    f"{site.name}.reports",
-                    Topic.REPORTS_FINALIZED,
-                    ReportFinalized,
-                    returner.handle_batch,
+            returners: list[Returner] = []
+            common = (self._blobs, self._outcomes, settings, self._current_rules)
+            if site.output.oru:
+                returners.append(OruReturner(site, MllpClient(site), *common))
+            if site.fhir is not None and site.output.fhir:
+                returners.append(FhirReturner(site, FhirClient(site.fhir), *common))
+            self.returners[site.name] = returners
+            for returner in returners:
+                self.shell.on_close(returner.close)
+                self.shell.consume(
+                    self._consumer(
+                        _group(site.name, returner.channel, "reports"),
+                        Topic.REPORTS_FINALIZED,
+                        ReportFinalized,
+                        returner.handle_batch,
+                    )
                 )
-            )
         self._unknown = UnknownSites(self._sites, self._current_rules, self._outcomes)
         self.shell.consume(
             self._consumer(
@@ -160,18 +185,19 @@ class ReportReturnService:
 
     def _route_structured_reports(self, rules: RuleSet | None) -> None:
         for name in sorted(self._wanted(rules) - set(self._sr_consumers)):
-            handler = (
-                self._unknown.handle_batch
+            handlers = (
+                [(ReportChannel.ORU, self._unknown.handle_batch)]
                 if name == UNKNOWN and self._unknown is not None
-                else self.returners[name].handle_batch
+                else [(r.channel, r.handle_batch) for r in self.returners[name]]
             )
             consumers = [
                 self._consumer(
-                    f"{name}.{lane.value}",
+                    _group(name, channel, lane.value),
                     lane.topic(Topic.FORWARD_REQUESTED),
                     ForwardRequested,
                     handler,
                 )
+                for channel, handler in handlers
                 for lane in LANES
             ]
             self._sr_consumers[name] = consumers

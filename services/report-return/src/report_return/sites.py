@@ -1,5 +1,6 @@
-"""The sites file: for each RIS, where its MLLP listener is, how its HL7 is spelled, and
-which identifier goes in which field.
+"""The sites file: for each site, whether it takes HL7 ORU over MLLP, a FHIR R4
+DiagnosticReport, or both; where its MLLP listener and FHIR server are, how its HL7 is
+spelled, and which identifier goes in which field.
 
 Read like the rule file (with the same YAML node reader, radflow_rules.yaml_reader), so
 every problem is reported at once with its line, and nothing is used before everything
@@ -17,7 +18,8 @@ from types import MappingProxyType
 
 from yaml.nodes import Node
 
-from radflow_rules.destinations import Tls
+from radflow_core.oauth2 import ASSERTION_ALGORITHMS
+from radflow_rules.destinations import SecretRef, Tls, is_private_channel
 from radflow_rules.yaml_reader import Problem, YamlFileError, YamlReader, compose, read_text
 
 
@@ -54,6 +56,8 @@ DEFAULT_ORDER_FIELDS: Mapping[str, str] = MappingProxyType(
     }
 )
 _SITE_KEYS = {
+    "output",
+    "fhir",
     "host",
     "port",
     "tls",
@@ -71,9 +75,100 @@ _SITE_KEYS = {
     "patient_identifier",
     "order_fields",
 }
+_FHIR_KEYS = {
+    "base_url",
+    "auth",
+    "tls",
+    "timeout_s",
+    "report_identifier_system",
+    "patient_identifier_system",
+    "encounter_identifier_system",
+    "performer_identifier_system",
+    "correction_status",
+}
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:\S+$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _HD = re.compile(r"^[^|^~\\&\r\n]{0,180}$")
 """An application or facility name: no HL7 delimiters."""
+
+
+class Output(StrEnum):
+    """What a site is sent for each report."""
+
+    ORU = "oru"
+    """HL7 v2 ORU^R01 over MLLP (the default)."""
+    FHIR = "fhir"
+    """A FHIR R4 DiagnosticReport on the site's FHIR server."""
+    BOTH = "both"
+    """Both, each delivered (and reported) on its own."""
+
+    @property
+    def oru(self) -> bool:
+        return self is not Output.FHIR
+
+    @property
+    def fhir(self) -> bool:
+        return self is not Output.ORU
+
+
+class FhirAuthKind(StrEnum):
+    OAUTH2 = "oauth2"
+    """OAuth2 client credentials with a client secret (HTTP Basic to the token URL)."""
+    SMART_BACKEND = "smart-backend"
+    """SMART Backend Services: client credentials with a signed JWT assertion."""
+
+
+class CorrectionStatus(StrEnum):
+    """DiagnosticReport.status of a report sent again after a final one."""
+
+    CORRECTED = "corrected"
+    AMENDED = "amended"
+
+
+@dataclass(frozen=True)
+class FhirAuth:
+    kind: FhirAuthKind
+    token_url: str
+    client_id: str
+    scope: str | None = None
+    client_secret: SecretRef | None = None
+    """oauth2: the client secret (from an environment variable or a mounted file)."""
+    private_key: SecretRef | None = None
+    """smart-backend: the PEM private key that signs the client assertion."""
+    algorithm: str = "RS384"
+    """smart-backend: RS384 or ES384."""
+    key_id: str | None = None
+    """smart-backend: the ``kid`` the authorization server knows the key by."""
+    jwks_url: str | None = None
+    """smart-backend: our JWKS URL, sent as ``jku`` when the server wants it."""
+
+
+@dataclass(frozen=True)
+class FhirEndpoint:
+    """A site's FHIR R4 server and how its DiagnosticReports are spelled."""
+
+    base_url: str
+    """The FHIR base, e.g. https://ehr.example.org/fhir/R4 (no trailing slash)."""
+    auth: FhirAuth | None = None
+    tls: Tls | None = None
+    timeout_s: float = 30.0
+    """Longest wait for one request's answer (connect included)."""
+    report_identifier_system: str = "urn:radflow:report-id"
+    """DiagnosticReport.identifier system of the platform's report id (the key of the
+    conditional create and update); set it to the reporting platform's own URI or OID."""
+    patient_identifier_system: str | None = None
+    """Identifier.system of the patient (subject); unset: ``urn:oid:<authority>`` when
+    the identifier's assigning authority is an OID, the authority itself when it is a
+    URI, else none (the authority goes to assigner.display)."""
+    encounter_identifier_system: str | None = None
+    """Identifier.system of the visit number (encounter)."""
+    performer_identifier_system: str | None = None
+    """Identifier.system of the radiologist's id (resultsInterpreter, performer)."""
+    correction_status: CorrectionStatus = CorrectionStatus.CORRECTED
+    """Status of a report sent after a final one: corrected (HL7 C) or amended."""
+
+    def __str__(self) -> str:
+        return self.base_url
 
 
 @dataclass(frozen=True)
@@ -92,8 +187,12 @@ class Site:
     """One RIS: its MLLP peer and how it wants its HL7."""
 
     name: str
-    host: str
-    port: int
+    host: str = ""
+    """The RIS's MLLP listener (sites with output oru or both)."""
+    port: int = 0
+    output: Output = Output.ORU
+    fhir: FhirEndpoint | None = None
+    """The FHIR server (sites with output fhir or both)."""
     tls: Tls | None = None
     sending_application: str = "RADFLOW"
     sending_facility: str = ""
@@ -125,7 +224,10 @@ class Site:
 
     def __str__(self) -> str:
         scheme = "mllps" if self.tls else "mllp"
-        return f"{scheme}://{self.host}:{self.port}"
+        mllp = f"{scheme}://{self.host}:{self.port}"
+        if self.fhir is None:
+            return mllp
+        return f"{mllp} + fhir {self.fhir}" if self.output.oru else f"fhir {self.fhir}"
 
 
 class SitesFileError(YamlFileError):
@@ -184,15 +286,35 @@ class _SitesReader(YamlReader):
         if fields is None:
             return None
         self.unknown_keys(fields, _SITE_KEYS, what)
-        missing = [key for key in ("host", "port") if key not in fields]
-        if missing:
-            self.fail(node, f"{what} needs {' and '.join(missing)} (the RIS's MLLP listener)")
-            return None
         values: dict[str, object] = {"name": name}
-        values["host"] = self.scalar(fields["host"], "host") or ""
-        if not values["host"]:
-            self.fail(fields["host"], f"{what}: host is empty")
-        values["port"] = self.number(fields["port"], "port", integer=True, low=1, high=65535)
+        output = Output.ORU
+        if "output" in fields:
+            chosen = self.choice(fields["output"], "output", tuple(o.value for o in Output))
+            if chosen is None:
+                return None
+            output = Output(chosen)
+        values["output"] = output
+        if output.fhir:
+            if "fhir" not in fields:
+                self.fail(node, f"{what} has output {output.value} but no fhir: block")
+                return None
+            values["fhir"] = self.fhir(fields["fhir"], what)
+        elif "fhir" in fields:
+            self.fail(fields["fhir"], f"{what} has a fhir: block but output oru (set output)")
+        if output.oru:
+            missing = [key for key in ("host", "port") if key not in fields]
+            if missing:
+                self.fail(node, f"{what} needs {' and '.join(missing)} (the RIS's MLLP listener)")
+                return None
+        for key in ("host", "port"):
+            if not output.oru and key in fields:
+                self.fail(fields[key], f"{what}: {key} is for MLLP, and output is fhir")
+        if "host" in fields:
+            values["host"] = self.scalar(fields["host"], "host") or ""
+            if not values["host"]:
+                self.fail(fields["host"], f"{what}: host is empty")
+        if "port" in fields:
+            values["port"] = self.number(fields["port"], "port", integer=True, low=1, high=65535)
         for key in (
             "sending_application",
             "sending_facility",
@@ -235,6 +357,133 @@ class _SitesReader(YamlReader):
         if any(value is None for key, value in values.items() if key != "tls"):
             return None
         return Site(**values)  # type: ignore[arg-type]
+
+    def url(self, node: Node, what: str) -> str | None:
+        text = (self.scalar(node, what) or "").rstrip("/")
+        if not text.startswith(("http://", "https://")) or "?" in text or "#" in text:
+            self.fail(node, f"{what} must be an http(s) URL without query (got {text!r})")
+            return None
+        return text
+
+    def uri(self, node: Node, what: str) -> str | None:
+        text = self.scalar(node, what) or ""
+        if not _URI.match(text):
+            self.fail(node, f"{what} must be an absolute URI, e.g. urn:oid:1.2.3 (got {text!r})")
+            return None
+        return text
+
+    def fhir(self, node: Node, site: str) -> FhirEndpoint | None:
+        what = f"fhir of {site}"
+        fields = self.mapping(node, what)
+        if fields is None:
+            return None
+        self.unknown_keys(fields, _FHIR_KEYS, what)
+        if "base_url" not in fields:
+            self.fail(node, f"{what} needs base_url (the FHIR server's base)")
+            return None
+        values: dict[str, object] = {"base_url": self.url(fields["base_url"], "base_url")}
+        if "auth" in fields:
+            values["auth"] = self.fhir_auth(fields["auth"], what)
+        if "tls" in fields:
+            values["tls"] = self.tls(fields["tls"], f"tls of {what}")
+            base = values["base_url"]
+            if isinstance(base, str) and not base.startswith("https://"):
+                self.fail(fields["tls"], f"{what} has tls but an http:// base_url")
+        base = values["base_url"]
+        if (
+            values.get("auth") is not None
+            and isinstance(base, str)
+            and not is_private_channel(base)
+        ):
+            self.fail(
+                fields["base_url"],
+                f"{what} sends bearer tokens over plain http:// (use https://)",
+            )
+        if "timeout_s" in fields:
+            values["timeout_s"] = self.number(
+                fields["timeout_s"], "timeout_s", integer=False, low=0.001, high=3600
+            )
+        for key in (
+            "report_identifier_system",
+            "patient_identifier_system",
+            "encounter_identifier_system",
+            "performer_identifier_system",
+        ):
+            if key in fields:
+                values[key] = self.uri(fields[key], key)
+        if "correction_status" in fields:
+            chosen = self.choice(
+                fields["correction_status"],
+                "correction_status",
+                tuple(c.value for c in CorrectionStatus),
+            )
+            values["correction_status"] = CorrectionStatus(chosen) if chosen else None
+        if any(value is None for key, value in values.items() if key not in ("auth", "tls")):
+            return None
+        if "auth" in fields and values["auth"] is None:
+            return None
+        return FhirEndpoint(**values)  # type: ignore[arg-type]
+
+    def fhir_auth(self, node: Node, what: str) -> FhirAuth | None:
+        what = f"auth of {what}"
+        fields = self.mapping(node, what)
+        if fields is None:
+            return None
+        kinds = tuple(k.value for k in FhirAuthKind)
+        if "type" not in fields:
+            self.fail(node, f"{what} needs type: {' or '.join(kinds)}")
+            return None
+        chosen = self.choice(fields["type"], "type", kinds)
+        if chosen is None:
+            return None
+        kind = FhirAuthKind(chosen)
+        secret = "client_secret" if kind is FhirAuthKind.OAUTH2 else "private_key"
+        plain = {"token_url", "client_id", "scope"}
+        if kind is FhirAuthKind.SMART_BACKEND:
+            plain |= {"algorithm", "key_id", "jwks_url"}
+        if secret in fields:
+            self.fail(
+                fields[secret],
+                f"{what}: secrets never go in the sites file; use {secret}_env "
+                f"(an environment variable) or {secret}_file (a mounted secret)",
+            )
+        self.unknown_keys(
+            {k: v for k, v in fields.items() if k != secret},
+            {"type", *plain, f"{secret}_env", f"{secret}_file"},
+            what,
+        )
+        values: dict[str, object] = {"kind": kind}
+        for key in ("token_url", "client_id"):
+            if key not in fields:
+                self.fail(node, f"{what} ({kind.value}) needs {key}")
+                return None
+        values["token_url"] = self.url(fields["token_url"], "token_url")
+        token_url = values["token_url"]
+        if isinstance(token_url, str) and not is_private_channel(token_url):
+            self.fail(
+                fields["token_url"],
+                f"{what}: token_url sends the client's credentials over plain http:// "
+                "(use https://)",
+            )
+        values["client_id"] = self.scalar(fields["client_id"], "client_id") or None
+        for key in ("scope", "key_id", "jwks_url"):
+            if key in fields:
+                values[key] = self.scalar(fields[key], key) or None
+        if "algorithm" in fields:
+            values["algorithm"] = self.choice(
+                fields["algorithm"], "algorithm", ASSERTION_ALGORITHMS
+            )
+        env, file = fields.get(f"{secret}_env"), fields.get(f"{secret}_file")
+        if (env is None) == (file is None):
+            self.fail(node, f"{what} ({kind.value}) needs one of {secret}_env or {secret}_file")
+            return None
+        if env is not None:
+            values[secret] = SecretRef(env=self.scalar(env, f"{secret}_env"))
+        elif file is not None:
+            values[secret] = SecretRef(file=Path(self.scalar(file, f"{secret}_file") or ""))
+        if any(value is None for key, value in values.items()):
+            return None
+        return FhirAuth(**values)  # type: ignore[arg-type]
 
     def patient_id_rule(self, node: Node) -> PatientIdRule | None:
         fields = self.mapping(node, "patient_identifier")

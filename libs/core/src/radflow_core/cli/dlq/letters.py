@@ -48,10 +48,12 @@ def delivery_key(idempotency_key: str) -> str:
     return f"delivery:{idempotency_key}"
 
 
-def report_key(site: str, report_id: str, version: int | None) -> str:
+def report_key(site: str, report_id: str, version: int | None, channel: str = "oru") -> str:
     """What ``report.returned`` and a report's letter have in common: one report
-    version (an SR's report id is its SOP Instance UID, without a version)."""
-    return f"report:{site}|{report_id}|{'' if version is None else version}"
+    version (an SR's report id is its SOP Instance UID, without a version) on one
+    channel (a site with output both returns each version twice: ORU and FHIR)."""
+    key = f"report:{site}|{report_id}|{'' if version is None else version}"
+    return key if channel == "oru" else f"{key}|{channel}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,7 +271,9 @@ def _report_failed(base: dict[str, Any], failed: ReportFailed) -> Letter:
         "destination": failed.site,
         "study": failed.study_instance_uid,
         "instance": failed.sop_instance_uid or failed.report_id,
-        "settled_by": report_key(failed.site, failed.report_id, failed.report_version),
+        "settled_by": report_key(
+            failed.site, failed.report_id, failed.report_version, failed.channel.value
+        ),
     }
     if failed.original_value is not None:
         original = Original(failed.source_topic, failed.original_key, failed.original_value)

@@ -76,6 +76,7 @@ async def settled(
                 str(data.get("site")),
                 str(data.get("report_id")),
                 version if isinstance(version, int) else None,
+                str(data.get("channel") or "oru"),
             )
             said = f"returned ({Topic.REPORT_RETURNED.value} at {data.get('acked_at')})"
         if key in wanted and (key not in found or found[key][0] <= record.appended_at):
