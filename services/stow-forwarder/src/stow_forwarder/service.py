@@ -39,6 +39,7 @@ from stow_forwarder import metrics
 from stow_forwarder.answer import DestinationClient
 from stow_forwarder.client import StowClient
 from stow_forwarder.commitment import CommitmentBook, CommitmentListener
+from stow_forwarder.deidentify import Pseudonyms
 from stow_forwarder.delivery import Deliverer
 from stow_forwarder.dimse import DimseClient
 from stow_forwarder.settings import ForwarderConfig
@@ -79,6 +80,7 @@ class ForwarderService:
         self._audit = Auditor(SERVICE, self._producer, config.audit)
         self._rules = LiveRules(settings.rules_file, RULES_METRICS, audit=self._audit)
         self.running: dict[str, Running] = {}
+        self._pseudonyms: Pseudonyms | None = None
         self.commitments = CommitmentBook()
         self.commitment_listener: CommitmentListener | None = None
         self._objectives = ObjectiveGauges()
@@ -110,7 +112,13 @@ class ForwarderService:
             else StowClient(destination, settings)
         )
         deliverer = Deliverer(
-            destination, client, self._blobs, self._producer, settings, audit=self._audit
+            destination,
+            client,
+            self._blobs,
+            self._producer,
+            settings,
+            audit=self._audit,
+            pseudonyms=self._pseudonyms,
         )
         consumers = [
             EventConsumer(
@@ -144,7 +152,14 @@ class ForwarderService:
             ThreadPoolExecutor(max_workers=4 * settings.io_concurrency, thread_name_prefix="io")
         )
         try:
+            key = self._config.deid.resolve()
+            self._pseudonyms = Pseudonyms(key) if key is not None else None
             rules = self._rules.load()
+            if rules.profiles and self._pseudonyms is None:
+                raise ConfigurationError(
+                    "the rule file defines de-identification profiles and no pseudonym key "
+                    "is set (RADFLOW_DEID_KEY or RADFLOW_DEID_KEY_FILE)"
+                )
             built = [self._build(d) for d in delivered_here(rules).values()]
         except (RuleFileError, ConfigurationError) as exc:
             self.shell.cannot_run(
