@@ -514,7 +514,7 @@ class _RuleReader(YamlReader):
             required = any(
                 destinations[d].deidentify is not None for d in rule.route if d in destinations
             )
-            if accept and profile is None and not required:
+            if accept and "deidentify" not in fields and not required:
                 self.fail(
                     fields["accept_burned_in"],
                     f"{what}: accept_burned_in applies to de-identified routes, and this "

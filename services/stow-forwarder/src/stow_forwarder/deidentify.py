@@ -4,8 +4,8 @@ Basic Application Level Confidentiality Profile and the options a route asks for
 Every attribute of Table E.1-1 (:mod:`stow_forwarder.confidentiality_table`, generated
 from the standard) gets its action, at every depth of nesting:
 
-- ``X`` removed; ``Z`` emptied; ``D`` a dummy of its VR (the patient's name and ID: the
-  patient's pseudonym); ``K`` kept; ``U`` remapped (below).
+- ``X`` removed; ``Z`` emptied; ``D`` a dummy of its VR; ``K`` kept; ``U`` remapped
+  (below). The patient's name and ID (``Z``) get the patient's pseudonym.
 - A choice of actions (``X/Z``, ``X/D``, ``Z/D``, ``X/Z/D``) takes the one that keeps
   every IOD valid whatever the attribute's type there: ``D`` where it is offered, else
   ``Z``. ``X/Z/U*`` (sequences of references) keeps the sequence and de-identifies its
@@ -84,6 +84,9 @@ _UID_KEEP = re.compile(r"Class|TransferSyntax|CodingScheme|Implementation|Contex
 """Keywords of UI attributes outside the table that name a kind of thing, not an
 instance; their values are kept."""
 MAX_DAYS_BACK = 3650
+PSEUDONYMOUS = frozenset({"PatientName", "PatientID"})
+"""Emptied (Z) by the profile, and given the patient's pseudonym instead (Z allows a
+dummy value): a reader can still tell one patient's studies from another's."""
 
 
 class DeidentificationError(PipelineError):
@@ -335,7 +338,9 @@ class Deidentifier:
             code = _resolve(_basic(tag))
             if code == "C":  # never: no basic action is C
                 code = "X"
-        if code == "X":
+        if code in ("Z", "D") and element.keyword in PSEUDONYMOUS:
+            element.value = pseudonym
+        elif code == "X":
             del ds[element.tag]
         elif code == "Z":
             element.value = Sequence() if element.VR == "SQ" else None
@@ -376,9 +381,7 @@ class Deidentifier:
 
     def _dummy(self, element: DataElement, tag: int, pseudonym: str, days: int) -> None:
         vr = element.VR
-        if element.keyword in ("PatientID", "PatientName", "OtherPatientIDs"):
-            element.value = pseudonym
-        elif vr == "SQ":
+        if vr == "SQ":
             self._items(element, pseudonym, days)
         elif vr == "UI":
             element.value = self._remapped(element.value)
