@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.sequence import Sequence
+from pydicom.dataset import Dataset
 from pydicom.sr._concepts_dict import concepts
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 
 from radflow_core.events import Deidentification, DeidOption
 from stow_forwarder.confidentiality_table import ROWS
@@ -23,78 +22,10 @@ from stow_forwarder.deidentify import (
     Pseudonyms,
     table,
 )
+from support.deid import CT, every_element, leftovers, rich
 
-CT = "1.2.840.10008.5.1.4.1.1.2"
 SC = "1.2.840.10008.5.1.4.1.1.7"
 KEY = Pseudonyms(b"test-key-not-for-production")
-ORIGINAL_DATE = "20240315"
-
-
-def rich(patient_id: str = "PID-12345", study: str | None = None) -> Dataset:
-    """A CT header with identifying attributes at the top and inside sequences,
-    references, private tags, an overlay and a curve."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = CT
-    ds.SOPClassUID = CT
-    ds.SOPInstanceUID = generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta.SourceApplicationEntityTitle = "HOSPITALPACS"
-    ds.StudyInstanceUID = study or generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.FrameOfReferenceUID = generate_uid()
-    ds.PatientName = "Doe^Jane"
-    ds.PatientID = patient_id
-    ds.IssuerOfPatientID = "HOSP"
-    ds.PatientBirthDate = "19700101"
-    ds.PatientSex = "F"
-    ds.PatientAge = "054Y"
-    ds.PatientWeight = "61"
-    ds.OtherPatientIDs = "OTHER-1"
-    ds.AccessionNumber = "ACC123"
-    ds.StudyID = "S1"
-    ds.StudyDate = ORIGINAL_DATE
-    ds.SeriesDate = ORIGINAL_DATE
-    ds.AcquisitionDateTime = ORIGINAL_DATE + "101500"
-    ds.StudyTime = "101500"
-    ds.ContentDate = ORIGINAL_DATE
-    ds.ContentTime = "101600"
-    ds.InstitutionName = "General Hospital"
-    ds.InstitutionAddress = "1 Main Street"
-    ds.ReferringPhysicianName = "Who^Doctor"
-    ds.OperatorsName = "Tech^One"
-    ds.StationName = "CT01"
-    ds.DeviceSerialNumber = "SN-998877"
-    ds.Manufacturer = "ACME"
-    ds.StudyDescription = "CT chest for Jane Doe"
-    ds.SeriesDescription = "axial"
-    ds.ImageComments = "patient was anxious"
-    ds.Modality = "CT"
-    ds.BurnedInAnnotation = "NO"
-    ds.Rows, ds.Columns = 2, 2
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
-    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PixelRepresentation = 1, "MONOCHROME2", 0
-    ds.PixelData = b"\x01\x00\x02\x00\x03\x00\x04\x00"
-    source = Dataset()
-    source.ReferencedSOPClassUID = CT
-    source.ReferencedSOPInstanceUID = generate_uid()
-    ds.SourceImageSequence = Sequence([source])
-    referenced_series = Dataset()
-    referenced_series.SeriesInstanceUID = ds.SeriesInstanceUID
-    referenced_series.ReferencedInstanceSequence = Sequence([Dataset()])
-    referenced_series.ReferencedInstanceSequence[0].ReferencedSOPClassUID = CT
-    referenced_series.ReferencedInstanceSequence[0].ReferencedSOPInstanceUID = ds.SOPInstanceUID
-    ds.ReferencedSeriesSequence = Sequence([referenced_series])
-    request = Dataset()
-    request.RequestingPhysician = "Smith^John"
-    request.AccessionNumber = "ACC123"
-    request.StudyInstanceUID = ds.StudyInstanceUID
-    ds.RequestAttributesSequence = Sequence([request])
-    ds.add_new(0x00091010, "LO", "PRIVATE NAME")
-    ds.add_new(0x60003000, "OW", b"\x00\x00")
-    ds.add_new(0x50000010, "US", 1)
-    return ds
 
 
 def deidentify(ds: Dataset, *options: DeidOption, profile: str = "research") -> Dataset:
@@ -106,18 +37,11 @@ def listed_tags() -> set[int]:
     return {int(tag, 16) for tag, *_ in ROWS if "x" not in tag}
 
 
-def every_element(ds: Dataset):  # type: ignore[no-untyped-def]
-    for element in ds:
-        yield element
-        if element.VR == "SQ":
-            for item in element.value:
-                yield from every_element(item)
-
-
 def test_no_attribute_the_basic_profile_removes_or_replaces_keeps_its_value() -> None:
     original = rich()
     before = {int(e.tag): e.value for e in every_element(original.copy())}
     ds = deidentify(original)
+    assert leftovers(ds) == []
     actions, _ = table(frozenset())
     for element in every_element(ds):
         tag = int(element.tag)

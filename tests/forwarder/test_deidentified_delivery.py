@@ -1,0 +1,214 @@
+"""De-identification as a routing action, with real parts: the router routes two
+studies of one patient to two Orthancs, one through a de-identifying rule; the
+forwarder de-identifies just before delivering there (and verifies by QIDO-RS, asking
+about the remapped UIDs), delivers the originals unchanged to the other, and refuses
+an instance with burned-in annotation for the de-identified route only."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from radflow_core.blobstore import BlobStore, HashedFile, content_key
+from radflow_core.events import (
+    DecodeStatus,
+    DeidOption,
+    InstanceNormalized,
+    Protocol,
+    Sender,
+    encode,
+    wrap,
+)
+from radflow_core.kafka import EventProducer
+from radflow_core.topics import Topic
+from radflow_devstack.kit.rules_file import write_rules
+from radflow_devstack.kit.waiting import wait_for
+from radflow_devstack.processes import ManagedProcess
+from stow_forwarder.deidentify import Pseudonyms
+from support.deid import every_element, leftovers, rich, write
+from support.metrics import metric
+from support.orthanc import OrthancView
+from support.stack import Stack
+
+pytestmark = pytest.mark.pipeline
+
+KEY = "pipeline-test-pseudonym-key"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+
+
+def normalized(stack: Stack, files: Sequence[Path]) -> None:
+    """Store each file and announce it on dicom.instance.normalized, as transcode does
+    for an instance already in its canonical syntax."""
+
+    async def run() -> None:
+        blobs = BlobStore(stack.s3)
+        producer = EventProducer(stack.kafka, "test-transcode")
+        await producer.start()
+        try:
+            for path in files:
+                ds = pydicom.dcmread(path, stop_before_pixels=True)
+                hashed = HashedFile.from_bytes(path.read_bytes())
+                key = content_key("original", ds.StudyInstanceUID, hashed.sha256)
+                stored = await blobs.put_file(key, hashed, "original", check_existing=False)
+                now = datetime.now(UTC)
+                event = InstanceNormalized(
+                    sop_instance_uid=ds.SOPInstanceUID,
+                    sop_class_uid=ds.SOPClassUID,
+                    study_instance_uid=ds.StudyInstanceUID,
+                    series_instance_uid=ds.SeriesInstanceUID,
+                    modality=ds.Modality,
+                    sender=Sender(protocol=Protocol.DIMSE, calling_ae="CT1"),
+                    received_at=now,
+                    original=stored.ref,
+                    original_transfer_syntax_uid=EXPLICIT_LE,
+                    canonical=stored.ref,
+                    canonical_transfer_syntax_uid=EXPLICIT_LE,
+                    decode_status=DecodeStatus.ALREADY_CANONICAL,
+                    normalized_at=now,
+                )
+                await producer.send(
+                    stack.topic(Topic.INSTANCE_NORMALIZED), event.key, encode(wrap(event, "test"))
+                )
+        finally:
+            await producer.stop()
+            blobs.close()
+
+    asyncio.run(run())
+
+
+def data(stack: Stack, topic: Topic) -> list[dict[str, Any]]:
+    return [e["data"] for e in stack.events(topic)]
+
+
+def test_one_route_gets_consistent_pseudonyms_and_the_other_the_originals_unchanged(
+    stack: Stack,
+    start_router,
+    start_forwarder,
+    start_orthanc_server,
+    tmp_path: Path,
+) -> None:
+    plain: ManagedProcess = start_orthanc_server()
+    research_server: ManagedProcess = start_orthanc_server()
+    pacs, research = OrthancView(plain), OrthancView(research_server)
+    rules = write_rules(
+        tmp_path / "rules.yaml",
+        {
+            "pacs": f"url: {pacs.dicomweb}",
+            "research": f"url: {research.dicomweb}\nverify: qido",
+        },
+        rules=(
+            "deidentification:\n"
+            "  longitudinal:\n"
+            "    options: [retain_longitudinal_modified_dates]\n"
+            "rules:\n"
+            "  - name: everything\n"
+            "    route: [pacs]\n"
+            "    continue: true\n"
+            "  - name: to-research\n"
+            "    route: [research]\n"
+            "    deidentify: longitudinal\n"
+            "default: {hold: unrouted}\n"
+        ),
+    )
+    router = start_router(rules_file=str(rules), wait_ready=False, wait_port=False)
+    forwarder = start_forwarder(
+        rules_file=str(rules),
+        verify_delay_s="0.2",
+        env={"RADFLOW_DEID_KEY": KEY},
+    )
+    router.wait_ready()
+    # Two studies of one patient; the second instance of each refers to the first.
+    originals: list[Path] = []
+    for study_index in range(2):
+        study, series = generate_uid(), generate_uid()
+        first = rich("PID-SAME", study=study, series=series)
+        second = rich("PID-SAME", study=study, series=series, source=first.SOPInstanceUID)
+        originals.append(write(first, tmp_path / f"s{study_index}-1.dcm"))
+        originals.append(write(second, tmp_path / f"s{study_index}-2.dcm"))
+    burned = rich("PID-SAME", study=generate_uid())
+    burned.BurnedInAnnotation = "YES"
+    burned_path = write(burned, tmp_path / "burned.dcm")
+    started = datetime.now(UTC)
+    normalized(stack, [*originals, burned_path])
+
+    wait_for("both Orthancs to fill", lambda: pacs.count() == 5 and research.count() == 4, 30)
+    wait_for("QIDO-RS verification", lambda: len(data(stack, Topic.FORWARD_VERIFIED)) == 4, 30)
+    elapsed = (datetime.now(UTC) - started).total_seconds()
+
+    # The plain destination received the originals byte for byte.
+    for path in [*originals, burned_path]:
+        uid = pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
+        assert pacs.file(uid) == path.read_bytes()
+
+    # The de-identifying one: nothing of the profile's list, pseudonyms, consistent UIDs.
+    pseudonyms = Pseudonyms(KEY.encode())
+    source = {
+        pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: pydicom.dcmread(p)
+        for p in originals
+    }
+    original_uids = {
+        e.value for ds in source.values() for e in every_element(ds) if e.VR == "UI"
+    } - {"1.2.840.10008.5.1.4.1.1.2"}
+    received = {
+        uid: pydicom.dcmread(io.BytesIO(research.file(uid))) for uid in research.sop_instance_uids()
+    }
+    assert set(received) == {pseudonyms.uid(uid) for uid in source}
+    patients = set()
+    for original_uid, original in source.items():
+        ds = received[pseudonyms.uid(original_uid)]
+        assert leftovers(ds, frozenset({DeidOption.RETAIN_LONGITUDINAL_MODIFIED_DATES})) == []
+        assert ds.PatientIdentityRemoved == "YES"
+        assert [i.CodeValue for i in ds.DeidentificationMethodCodeSequence] == ["113100", "113107"]
+        assert ds.StudyInstanceUID == pseudonyms.uid(original.StudyInstanceUID)
+        assert ds.SeriesInstanceUID == pseudonyms.uid(original.SeriesInstanceUID)
+        reference = ds.SourceImageSequence[0].ReferencedSOPInstanceUID
+        assert reference == pseudonyms.uid(original.SourceImageSequence[0].ReferencedSOPInstanceUID)
+        assert not original_uids & {e.value for e in every_element(ds) if e.VR == "UI"}
+        assert ds.StudyDate != original.StudyDate and len(ds.StudyDate) == 8
+        assert ds.PixelData == original.PixelData
+        patients.add((str(ds.PatientName), ds.PatientID, ds.StudyDate))
+    # one patient in two studies: one pseudonym, one date offset
+    assert len(patients) == 1 and "PID-SAME" not in next(iter(patients))[1]
+    # references inside a study resolve to instances the destination holds
+    for ds in received.values():
+        reference = ds.SourceImageSequence[0].ReferencedSOPInstanceUID
+        if reference in {pseudonyms.uid(u) for u in source}:
+            assert reference in received
+
+    (refused,) = data(stack, Topic.FORWARD_FAILED)
+    assert refused["destination"] == "research"
+    assert refused["sop_instance_uid"] == burned.SOPInstanceUID
+    assert refused["reason"] == "burned_in_annotation"
+    assert "(0028,0301) is YES" in refused["message"]
+    requests = data(stack, Topic.FORWARD_REQUESTED)
+    to_research = [r for r in requests if r["destination"] == "research"]
+    assert {r["deidentify"]["profile"] for r in to_research} == {"longitudinal"}
+    assert all(r["deidentify"] is None for r in requests if r["destination"] == "pacs")
+
+    ops = f"http://127.0.0.1:{forwarder.http_port}"
+    assert (
+        metric(
+            ops,
+            "radflow_forwarder_deidentified_total",
+            destination="research",
+            profile="longitudinal",
+        )
+        == 4
+    )
+    refused_count = metric(
+        ops,
+        "radflow_forwarder_deidentify_refused_total",
+        destination="research",
+        profile="longitudinal",
+        reason="burned_in_annotation",
+    )
+    assert refused_count == 1
+    print(f"two studies to two destinations, one de-identified and verified: {elapsed:.1f}s")
