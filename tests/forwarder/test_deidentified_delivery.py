@@ -20,6 +20,7 @@ from pydicom.uid import generate_uid
 from radflow_core.blobstore import BlobStore, HashedFile, content_key
 from radflow_core.events import (
     DecodeStatus,
+    Deidentification,
     DeidOption,
     InstanceNormalized,
     Protocol,
@@ -32,8 +33,12 @@ from radflow_core.topics import Topic
 from radflow_devstack.kit.rules_file import write_rules
 from radflow_devstack.kit.waiting import wait_for
 from radflow_devstack.processes import ManagedProcess
-from stow_forwarder.deidentify import Pseudonyms
+from radflow_rules.loader import load_file
+from router.routing import idempotency_key
+from stow_forwarder.deidentify import Deidentifier, Pseudonyms
+from stow_forwarder.markers import MarkerBook
 from support.deid import every_element, leftovers, rich, write
+from support.forward import publish, stored
 from support.metrics import metric
 from support.orthanc import OrthancView
 from support.stack import Stack
@@ -212,3 +217,88 @@ def test_one_route_gets_consistent_pseudonyms_and_the_other_the_originals_unchan
     )
     assert refused_count == 1
     print(f"two studies to two destinations, one de-identified and verified: {elapsed:.1f}s")
+
+
+def test_after_an_interrupted_send_the_destination_is_asked_about_the_remapped_uids(
+    stack: Stack,
+    start_forwarder,
+    start_orthanc_server,
+    tmp_path: Path,
+) -> None:
+    """A crashed process left the batch's marker at ``sending`` after the destination
+    had stored two of its three de-identified instances: the next process asks the
+    destination about the remapped UIDs, records those two as delivered without
+    sending them again, and sends the third."""
+    research = OrthancView(start_orthanc_server())
+    rules = write_rules(
+        tmp_path / "rules.yaml",
+        {"research": f"url: {research.dicomweb}"},
+        rules=(
+            "deidentification:\n"
+            "  basic:\n"
+            "rules:\n"
+            "  - name: everything\n"
+            "    route: [research]\n"
+            "    deidentify: basic\n"
+            "default: {hold: unrouted}\n"
+        ),
+    )
+    study, series = generate_uid(), generate_uid()
+    files = [
+        write(rich("PID-X", study=study, series=series), tmp_path / f"{i}.dcm") for i in range(3)
+    ]
+    deid = Deidentification(profile="basic")
+    requests = [
+        r.model_copy(
+            update={
+                "deidentify": deid,
+                "idempotency_key": idempotency_key(
+                    r.sop_instance_uid, r.original_sha256, "research", deid
+                ),
+            }
+        )
+        for r in stored(stack, files, "research")
+    ]
+    pseudonyms = Pseudonyms(KEY.encode())
+    for path in files[:2]:  # what the crashed process got through
+        out = tmp_path / f"{path.stem}.sent.dcm"
+        Deidentifier(deid, pseudonyms).file(path, out)
+        research.upload(out.read_bytes())
+    destination = load_file(rules).destinations["research"]
+
+    async def interrupted() -> None:
+        blobs = BlobStore(stack.s3)
+        try:
+            marker = MarkerBook(blobs, destination).batch(
+                study, [r.idempotency_key for r in requests]
+            )
+            await marker.write()
+        finally:
+            blobs.close()
+
+    asyncio.run(interrupted())
+    publish(stack, requests)
+    start_forwarder(rules_file=str(rules), env={"RADFLOW_DEID_KEY": KEY})
+    wait_for("3 completions", lambda: len(data(stack, Topic.FORWARD_COMPLETED)) == 3, 30)
+    done = {
+        d["sop_instance_uid"]: d["already_delivered"] for d in data(stack, Topic.FORWARD_COMPLETED)
+    }
+    uids = [pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in files]
+    assert done == {uids[0]: True, uids[1]: True, uids[2]: False}
+    assert sorted(research.sop_instance_uids()) == sorted(pseudonyms.uid(u) for u in uids)
+
+
+def test_the_forwarder_does_not_start_with_profiles_and_no_pseudonym_key(
+    stack: Stack, start_forwarder, tmp_path: Path
+) -> None:
+    rules = write_rules(
+        tmp_path / "rules.yaml",
+        {"research": "url: https://research.example\ndeidentify: basic"},
+        rules="deidentification:\n  basic:\nrules:\n  - name: all\n    route: [research]\n"
+        "default: {hold: unrouted}\n",
+    )
+    forwarder = start_forwarder(rules_file=str(rules), wait_ready=False, wait_port=False)
+    forwarder.expected_exit = 3
+    assert forwarder.proc.proc is not None
+    assert forwarder.proc.proc.wait(timeout=60) == 3
+    assert "RADFLOW_DEID_KEY or RADFLOW_DEID_KEY_FILE" in forwarder.log()

@@ -19,6 +19,7 @@ from radflow_core.events import (
 )
 from radflow_rules.loader import RuleFileError, load_text
 from radflow_rules.rules import Instance, evaluate
+from router.explain import describe
 from router.routing import forward_request
 
 RULES = """\
@@ -160,3 +161,14 @@ def test_deidentification_mistakes_are_named_with_their_line(
     assert text != RULES
     problems = _problems(text)
     assert any(expected in p for p in problems), problems
+
+
+def test_explain_says_which_profile_a_route_applies() -> None:
+    rules = load_text(RULES, "rules.yaml")
+    decision = evaluate(rules, Instance({"modality": "CT"}), datetime.now(UTC))
+    text = describe("ct.dcm", decision)
+    assert "-> pacs [routine] by everything-to-pacs" in text
+    assert (
+        "-> ai-node [routine, de-identified: ai (clean_descriptors, "
+        "retain_device_identity, retain_patient_characteristics, burned-in accepted)]"
+    ) in text
