@@ -172,3 +172,13 @@ def test_explain_says_which_profile_a_route_applies() -> None:
         "-> ai-node [routine, de-identified: ai (clean_descriptors, "
         "retain_device_identity, retain_patient_characteristics, burned-in accepted)]"
     ) in text
+
+
+def test_a_ris_destination_cannot_be_deidentified() -> None:
+    text = RULES.replace(
+        '  pacs: {url: "https://pacs.example"}', "  pacs: {kind: report-return, site: north}"
+    ).replace("route: [ai-node]\n    deidentify: ai", "route: [ai-node, pacs]\n    deidentify: ai")
+    problems = _problems(text)
+    assert any(
+        "site.yaml:19: rule 'ct-to-ai': destination 'pacs' is a RIS" in p for p in problems
+    ), problems

@@ -520,6 +520,16 @@ class _RuleReader(YamlReader):
                     f"{what}: accept_burned_in applies to de-identified routes, and this "
                     "rule de-identifies nothing (add deidentify: <profile>)",
                 )
+        if profile is not None:
+            for name in rule.route:
+                destination = destinations.get(name)
+                if destination is not None and destination.kind is DestinationKind.REPORT_RETURN:
+                    self.fail(
+                        fields["deidentify"],
+                        f"{what}: destination {name!r} is a RIS (kind report-return), which "
+                        "receives HL7 reports and cannot be de-identified; route it from a "
+                        "rule of its own",
+                    )
         return dataclasses.replace(rule, deidentify=profile, accept_burned_in=accept)
 
     def deid_profiles(self, node: Node) -> dict[str, DeidProfile]:

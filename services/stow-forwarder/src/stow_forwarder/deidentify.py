@@ -43,11 +43,11 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pydicom
-from pydicom._uid_dict import UID_dictionary
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.sequence import Sequence
+from pydicom.uid import UID
 
 from radflow_core.errors import PipelineError
 from radflow_core.events import Deidentification, DeidOption
@@ -265,7 +265,7 @@ class Deidentifier:
         key = patient_key(ds)
         pseudonym = self.pseudonyms.patient(key)
         days = self.pseudonyms.days_back(key)
-        self._walk(ds, pseudonym, days, top=True)
+        self._walk(ds, pseudonym, days)
         self._declare(ds)
         if getattr(ds, "file_meta", None) is not None:
             meta = FileMetaDataset()
@@ -303,7 +303,7 @@ class Deidentifier:
         self.dataset(ds)
         ds.save_as(target, enforce_file_format=True)
 
-    def _walk(self, ds: Dataset, pseudonym: str, days: int, top: bool) -> None:
+    def _walk(self, ds: Dataset, pseudonym: str, days: int) -> None:
         for element in list(ds):
             tag = int(element.tag)
             if element.tag.is_private or _repeating(tag):
@@ -313,7 +313,7 @@ class Deidentifier:
             if action is None:
                 self._unlisted(element, pseudonym, days)
                 continue
-            self._apply(ds, element, action.code, tag, pseudonym, days, top)
+            self._apply(ds, element, action.code, tag, pseudonym, days)
 
     def _apply(
         self,
@@ -323,7 +323,6 @@ class Deidentifier:
         tag: int,
         pseudonym: str,
         days: int,
-        top: bool,
     ) -> None:
         if code == "C":
             column = self.cleaned_by.get(tag)
@@ -368,12 +367,12 @@ class Deidentifier:
 
     def _items(self, element: DataElement, pseudonym: str, days: int) -> None:
         for item in element.value or ():
-            self._walk(item, pseudonym, days, top=False)
+            self._walk(item, pseudonym, days)
 
     def _remapped(self, value: Any, registered_kept: bool = False) -> Any:
         def one(uid: str) -> str:
             uid = str(uid).strip("\0 ")
-            if not uid or (registered_kept and uid in UID_dictionary):
+            if not uid or (registered_kept and UID(uid).type):
                 return uid
             return self.uid(uid)
 
