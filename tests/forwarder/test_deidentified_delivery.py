@@ -30,9 +30,9 @@ from radflow_core.events import (
 )
 from radflow_core.kafka import EventProducer
 from radflow_core.topics import Topic
-from radflow_devstack.kit.rules_file import write_rules
+from radflow_devstack.kit.rules_file import dimse_destination, write_rules
 from radflow_devstack.kit.waiting import wait_for
-from radflow_devstack.processes import ManagedProcess
+from radflow_devstack.processes import ManagedProcess, free_port
 from radflow_rules.loader import load_file
 from router.routing import idempotency_key
 from stow_forwarder.deidentify import Deidentifier, Pseudonyms
@@ -302,3 +302,47 @@ def test_the_forwarder_does_not_start_with_profiles_and_no_pseudonym_key(
     assert forwarder.proc.proc is not None
     assert forwarder.proc.proc.wait(timeout=60) == 3
     assert "RADFLOW_DEID_KEY or RADFLOW_DEID_KEY_FILE" in forwarder.log()
+
+
+def test_a_dimse_destination_gets_deidentified_instances_and_commits_to_the_remapped_uids(
+    stack: Stack,
+    start_forwarder,
+    start_orthanc_server,
+    tmp_path: Path,
+) -> None:
+    """C-STORE sends the de-identified file, and storage commitment is asked about (and
+    answers for) the remapped UIDs."""
+    listener_port = free_port()
+    server: ManagedProcess = start_orthanc_server(
+        config={"DicomModalities": {"radflow": ["RADFLOW", "127.0.0.1", listener_port]}}
+    )
+    pacs = OrthancView(server)
+    body = dimse_destination(server.dicom_port, "ORTHANC", verify="storage-commitment")
+    rules = write_rules(
+        tmp_path / "rules.yaml",
+        {"research": f"{body}\ndeidentify: basic"},
+        rules="deidentification:\n  basic:\nrules:\n  - name: all\n    route: [research]\n"
+        "default: {hold: unrouted}\n",
+    )
+    study, series = generate_uid(), generate_uid()
+    files = [
+        write(rich("PID-D", study=study, series=series), tmp_path / f"{i}.dcm") for i in range(3)
+    ]
+    deid = Deidentification(profile="basic")
+    requests = [r.model_copy(update={"deidentify": deid}) for r in stored(stack, files, "research")]
+    publish(stack, requests)
+    start_forwarder(
+        rules_file=str(rules),
+        commitment_port=str(listener_port),
+        commitment_same_association_s="0.5",
+        env={"RADFLOW_DEID_KEY": KEY},
+    )
+    wait_for("3 verified", lambda: len(data(stack, Topic.FORWARD_VERIFIED)) == 3, 60)
+    pseudonyms = Pseudonyms(KEY.encode())
+    uids = [pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in files]
+    assert sorted(pacs.sop_instance_uids()) == sorted(pseudonyms.uid(u) for u in uids)
+    for uid in uids:
+        ds = pydicom.dcmread(io.BytesIO(pacs.file(pseudonyms.uid(uid))))
+        assert leftovers(ds) == [] and ds.PatientIdentityRemoved == "YES"
+    assert {v["method"] for v in data(stack, Topic.FORWARD_VERIFIED)} == {"storage-commitment"}
+    assert data(stack, Topic.FORWARD_FAILED) == []
