@@ -18,6 +18,7 @@ from stow_forwarder.deidentify import (
     OPTION_CODES,
     PSEUDONYMOUS,
     BurnedInAnnotation,
+    DeidentificationError,
     Deidentifier,
     Pseudonyms,
     table,
@@ -182,3 +183,20 @@ def test_the_table_is_the_standards_full_list() -> None:
     tags = listed_tags()
     for keyword_tag in (0x00100010, 0x00100020, 0x00080018, 0x00081155, 0x00200052, 0x00081030):
         assert keyword_tag in tags
+
+
+def test_an_instance_that_cannot_be_read_is_refused_with_its_reason(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.dcm"
+    broken.write_bytes(b"DICM" * 10)
+    deidentifier = Deidentifier(Deidentification(profile="research"), KEY)
+    with pytest.raises(DeidentificationError) as caught:
+        deidentifier.file(broken, tmp_path / "out.dcm")
+    assert caught.value.reason == "cannot_deidentify" and not caught.value.retriable
+
+
+def test_the_scan_finds_what_the_profile_must_remove() -> None:
+    """The check the pipeline test relies on is not vacuous."""
+    found = leftovers(rich())
+    assert any("PatientBirthDate" in f for f in found)
+    assert any("InstitutionAddress" in f for f in found)
+    assert any("private" in f for f in found)

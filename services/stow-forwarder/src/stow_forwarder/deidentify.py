@@ -286,7 +286,8 @@ class Deidentifier:
 
         Raises:
             BurnedInAnnotation: the route does not accept it.
-            DeidentificationError: the file cannot be read.
+            DeidentificationError: the file cannot be read, or a value in it cannot be
+                parsed or written.
         """
         try:
             ds = pydicom.dcmread(source)
@@ -300,8 +301,14 @@ class Deidentifier:
                 f"{why}; profile {self.request.profile!r} removes attributes, not text "
                 "in pixels (the rule may say accept_burned_in: true once this is checked)"
             )
-        self.dataset(ds)
-        ds.save_as(target, enforce_file_format=True)
+        try:
+            self.dataset(ds)
+            ds.save_as(target, enforce_file_format=True)
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError, OSError) as exc:
+            # pydicom meets a malformed value only when it parses or writes it
+            raise DeidentificationError(
+                f"the instance cannot be de-identified ({type(exc).__name__})"
+            ) from exc
 
     def _walk(self, ds: Dataset, pseudonym: str, days: int) -> None:
         for element in list(ds):
