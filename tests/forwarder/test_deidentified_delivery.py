@@ -7,6 +7,7 @@ an instance with burned-in annotation for the de-identified route only."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -15,6 +16,7 @@ from typing import Any
 
 import pydicom
 import pytest
+from lxml import etree
 from pydicom.uid import generate_uid
 
 from radflow_core.blobstore import BlobStore, HashedFile, content_key
@@ -37,6 +39,7 @@ from radflow_rules.loader import load_file
 from router.routing import idempotency_key
 from stow_forwarder.deidentify import Deidentifier, Pseudonyms
 from stow_forwarder.markers import MarkerBook
+from support.audit import audit_records, participant_ids
 from support.deid import every_element, leftovers, rich, write
 from support.forward import publish, stored
 from support.metrics import metric
@@ -46,6 +49,9 @@ from support.stack import Stack
 pytestmark = pytest.mark.pipeline
 
 KEY = "pipeline-test-pseudonym-key"
+AUDIT_SCHEMA = etree.RelaxNG(
+    etree.parse(str(Path(__file__).parents[1] / "audit" / "dicom-audit-message.rng"))
+)
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 
 
@@ -127,7 +133,7 @@ def test_one_route_gets_consistent_pseudonyms_and_the_other_the_originals_unchan
     forwarder = start_forwarder(
         rules_file=str(rules),
         verify_delay_s="0.2",
-        env={"RADFLOW_DEID_KEY": KEY},
+        env={"RADFLOW_DEID_KEY": KEY, "RADFLOW_AUDIT_TRANSFER_WINDOW_S": "0.5"},
     )
     router.wait_ready()
     # Two studies of one patient; the second instance of each refers to the first.
@@ -216,6 +222,30 @@ def test_one_route_gets_consistent_pseudonyms_and_the_other_the_originals_unchan
         reason="burned_in_annotation",
     )
     assert refused_count == 1
+
+    # The audit trail says which transfers were de-identified, and how (valid PS3.15 A.5).
+    def transfers() -> dict[str, list[Any]] | None:
+        found: dict[str, list[Any]] = {"pacs": [], "research": []}
+        for record in audit_records(stack, "110104"):
+            for name in found.keys() & participant_ids(record):
+                found[name].append(etree.fromstring(record["message"].encode()))
+        return found if all(found.values()) else None
+
+    audited = wait_for("the transfers audited", transfers, every_s=0.5)
+    for message in audited["pacs"] + audited["research"]:
+        AUDIT_SCHEMA.assertValid(message)
+    for message in audited["research"]:
+        (study,) = [
+            o
+            for o in message.iter("ParticipantObjectIdentification")
+            if o.find(".//SOPClass") is not None
+        ]
+        assert study.findtext("ParticipantObjectDescription/Anonymized") == "true"
+        detail = study.find("ParticipantObjectDetail")
+        assert detail.get("type") == "Deidentified"
+        assert base64.b64decode(detail.get("value")) == b"longitudinal"
+    for message in audited["pacs"]:
+        assert not list(message.iter("Anonymized"))
     print(f"two studies to two destinations, one de-identified and verified: {elapsed:.1f}s")
 
 

@@ -244,8 +244,9 @@ class Auditor:
         ``patient``: how to find the study's Patient ID; only the first instance's is
         kept and it runs once, when the message is written, never while delivering.
         ``deidentified``: the de-identification profile applied before delivery (the
-        study object carries a ``Deidentified`` detail with it; the UIDs and Patient ID
-        recorded are the original's, which the audit trail is there to trace)."""
+        study object says ``Anonymized`` true and carries a ``Deidentified`` detail
+        with the profile; the UIDs and Patient ID recorded are the original's, which
+        the audit trail is there to trace)."""
         receiver = ActiveParticipant(
             user_id=destination_ae or destination,
             user_name=destination if destination_ae else None,
@@ -566,6 +567,7 @@ def _study(
         role=ObjectRole.REPORT,
         sop_classes=instances,
         details=(("Deidentified", deidentified.encode()),) if deidentified else (),
+        anonymized=deidentified is not None,
     )
 
 
