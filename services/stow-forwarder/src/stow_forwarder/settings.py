@@ -96,7 +96,9 @@ class DeidSettings(Section):
     and date offsets for routes with ``deidentify:``. The same on every forwarder and
     kept for as long as pseudonyms must stay consistent (a Kubernetes Secret); changing
     it gives every patient and UID a new pseudonym. Empty (the default) with no key
-    file: de-identifying routes are refused (dead-lettered), nothing is sent identified."""
+    file: the forwarder does not start if the rule file defines de-identification
+    profiles, and a request that asks for one anyway is dead-lettered, never sent
+    identified."""
     key_file: Path | None = None
     """A file holding the key instead (a mounted secret; surrounding whitespace
     ignored). Takes precedence over RADFLOW_DEID_KEY."""
