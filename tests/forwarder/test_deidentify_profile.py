@@ -13,6 +13,7 @@ from pydicom.sr._concepts_dict import concepts
 from pydicom.uid import generate_uid
 
 from radflow_core.events import Deidentification, DeidOption
+from stow_forwarder.__main__ import main as stow_forwarder
 from stow_forwarder.confidentiality_table import ROWS
 from stow_forwarder.deidentify import (
     OPTION_CODES,
@@ -200,3 +201,22 @@ def test_the_scan_finds_what_the_profile_must_remove() -> None:
     assert any("PatientBirthDate" in f for f in found)
     assert any("InstitutionAddress" in f for f in found)
     assert any("private" in f for f in found)
+
+
+def test_check_config_needs_the_pseudonym_key_when_the_rule_file_has_profiles(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "version: 1\ndeidentification:\n  basic:\ndestinations:\n"
+        "  r: {url: 'https://r.example', deidentify: basic}\n"
+        "rules:\n  - name: all\n    route: [r]\ndefault: {hold: x}\n"
+    )
+    monkeypatch.setenv("RADFLOW_FORWARDER_RULES_FILE", str(rules))
+    monkeypatch.delenv("RADFLOW_DEID_KEY", raising=False)
+    assert stow_forwarder(["--check-config"]) == 2
+    assert "RADFLOW_DEID_KEY or RADFLOW_DEID_KEY_FILE" in capsys.readouterr().err
+    key = tmp_path / "key"
+    key.write_text("a-long-random-key\n")
+    monkeypatch.setenv("RADFLOW_DEID_KEY_FILE", str(key))
+    assert stow_forwarder(["--check-config"]) == 0, capsys.readouterr().err

@@ -42,7 +42,7 @@ from stow_forwarder.commitment import CommitmentBook, CommitmentListener
 from stow_forwarder.deidentify import Pseudonyms
 from stow_forwarder.delivery import Deliverer
 from stow_forwarder.dimse import DimseClient
-from stow_forwarder.settings import ForwarderConfig
+from stow_forwarder.settings import DeidSettings, ForwarderConfig
 from stow_forwarder.slo import ObjectiveGauges
 from stow_forwarder.unknown import unknown_destination_consumers
 
@@ -59,6 +59,23 @@ def delivered_here(rules: RuleSet) -> dict[str, Destination]:
         for name, d in rules.destinations.items()
         if d.kind is not DestinationKind.REPORT_RETURN
     }
+
+
+def pseudonyms_for(rules: RuleSet, deid: DeidSettings) -> Pseudonyms | None:
+    """The pseudonym key, when one is set.
+
+    Raises:
+        ConfigurationError: the rule file defines de-identification profiles and no key
+            is set (nothing may go out identified for want of it), or the key file
+            cannot be read.
+    """
+    key = deid.resolve()
+    if rules.profiles and key is None:
+        raise ConfigurationError(
+            "the rule file defines de-identification profiles and no pseudonym key "
+            f"is set ({deid.env_name('key')} or {deid.env_name('key_file')})"
+        )
+    return Pseudonyms(key) if key is not None else None
 
 
 @dataclass
@@ -152,14 +169,8 @@ class ForwarderService:
             ThreadPoolExecutor(max_workers=4 * settings.io_concurrency, thread_name_prefix="io")
         )
         try:
-            key = self._config.deid.resolve()
-            self._pseudonyms = Pseudonyms(key) if key is not None else None
             rules = self._rules.load()
-            if rules.profiles and self._pseudonyms is None:
-                raise ConfigurationError(
-                    "the rule file defines de-identification profiles and no pseudonym key "
-                    "is set (RADFLOW_DEID_KEY or RADFLOW_DEID_KEY_FILE)"
-                )
+            self._pseudonyms = pseudonyms_for(rules, self._config.deid)
             built = [self._build(d) for d in delivered_here(rules).values()]
         except (RuleFileError, ConfigurationError) as exc:
             self.shell.cannot_run(
