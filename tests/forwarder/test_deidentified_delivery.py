@@ -341,7 +341,8 @@ def test_a_dimse_destination_gets_deidentified_instances_and_commits_to_the_rema
     tmp_path: Path,
 ) -> None:
     """C-STORE sends the de-identified file, and storage commitment is asked about (and
-    answers for) the remapped UIDs."""
+    answers for) the remapped UIDs. The destination requires the profile: a request
+    that does not carry it (an older router's) is de-identified all the same."""
     listener_port = free_port()
     server: ManagedProcess = start_orthanc_server(
         config={"DicomModalities": {"radflow": ["RADFLOW", "127.0.0.1", listener_port]}}
@@ -359,8 +360,9 @@ def test_a_dimse_destination_gets_deidentified_instances_and_commits_to_the_rema
         write(rich("PID-D", study=study, series=series), tmp_path / f"{i}.dcm") for i in range(3)
     ]
     deid = Deidentification(profile="basic")
-    requests = [r.model_copy(update={"deidentify": deid}) for r in stored(stack, files, "research")]
-    publish(stack, requests)
+    first, *others = stored(stack, files, "research")
+    # the first as an older router routed it, before the destination required a profile
+    publish(stack, [first, *(r.model_copy(update={"deidentify": deid}) for r in others)])
     start_forwarder(
         rules_file=str(rules),
         commitment_port=str(listener_port),

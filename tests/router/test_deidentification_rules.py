@@ -12,11 +12,13 @@ from pydicom.uid import generate_uid
 from radflow_core.events import (
     BlobRef,
     DecodeStatus,
+    Deidentification,
     DeidOption,
     InstanceNormalized,
     Protocol,
     Sender,
 )
+from radflow_rules.deidentification import DeidProfile, enforced
 from radflow_rules.loader import RuleFileError, load_text
 from radflow_rules.rules import Instance, evaluate
 from router.explain import describe
@@ -182,3 +184,22 @@ def test_a_ris_destination_cannot_be_deidentified() -> None:
     assert any(
         "site.yaml:19: rule 'ct-to-ai': destination 'pacs' is a RIS" in p for p in problems
     ), problems
+
+
+def test_the_forwarder_enforces_a_destinations_profile_on_any_request() -> None:
+    research = DeidProfile(
+        "research", frozenset({DeidOption.RETAIN_UIDS, DeidOption.CLEAN_DESCRIPTORS})
+    )
+    assert enforced(None, None) is None
+    carried = Deidentification(
+        profile="ai", options=(DeidOption.RETAIN_UIDS,), accept_burned_in=True
+    )
+    assert enforced(carried, None) == carried
+    assert enforced(None, research) == Deidentification(
+        profile="research", options=(DeidOption.CLEAN_DESCRIPTORS, DeidOption.RETAIN_UIDS)
+    )
+    assert enforced(carried, research) == Deidentification(
+        profile="ai+research",
+        options=(DeidOption.CLEAN_DESCRIPTORS, DeidOption.RETAIN_UIDS),
+        accept_burned_in=True,
+    )

@@ -88,3 +88,21 @@ def for_route(
         return Deidentify(required, accept_burned_in)
     profile = rule_profile if required is None else stricter(rule_profile, required)
     return Deidentify(profile, accept_burned_in)
+
+
+def enforced(
+    requested: Deidentification | None, required: DeidProfile | None
+) -> Deidentification | None:
+    """What the forwarder applies: the request's de-identification, made at least as
+    strict as the destination's own requirement in the forwarder's rule file.
+
+    The router already combines them; this is the last line, for a request routed by
+    an older rule file (or an older router, v1) before the destination required a
+    profile: a research destination never receives identities whatever the request
+    says."""
+    if required is None:
+        return requested
+    if requested is None:
+        return Deidentify(required).event()
+    carried = DeidProfile(requested.profile, frozenset(requested.options))
+    return Deidentify(stricter(carried, required), requested.accept_burned_in).event()

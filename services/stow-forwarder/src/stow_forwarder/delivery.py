@@ -44,6 +44,7 @@ from radflow_core.blobstore import BlobStore
 from radflow_core.errors import BlobIntegrityError, BlobNotFound, PipelineError
 from radflow_core.events import (
     BlobRef,
+    Deidentification,
     Envelope,
     ForwardCompleted,
     ForwardFailed,
@@ -52,6 +53,7 @@ from radflow_core.events import (
 from radflow_core.instance_header import PATIENT_ID_LIMIT, read_patient_id
 from radflow_core.kafka import EventProducer
 from radflow_core.retry import Turn, current_turn
+from radflow_rules.deidentification import enforced
 from radflow_rules.rules import Destination
 from stow_forwarder.answer import Answer, DestinationClient, Outgoing, SentAs
 from stow_forwarder.deidentify import (
@@ -368,11 +370,16 @@ class Deliverer:
         )
         return await self._deidentified(prepared, source)
 
+    def deidentification(self, request: ForwardRequested) -> Deidentification | None:
+        """What this delivery applies: the request's de-identification, at least as
+        strict as the destination's ``deidentify:`` in this process's rule file."""
+        return enforced(request.deidentify, self.destination.deidentify)
+
     def sent_as(self, request: ForwardRequested) -> SentAs:
         """The request's UIDs as the destination knows them: remapped by the route's
         de-identification (computed from the UIDs and the key alone, so a replay that
         sends nothing still asks the destination about the right ones)."""
-        deid = request.deidentify
+        deid = self.deidentification(request)
         if deid is None or self._pseudonyms is None:
             return SentAs(
                 request.study_instance_uid, request.series_instance_uid, request.sop_instance_uid
@@ -391,9 +398,19 @@ class Deliverer:
         or as they are when it asks for nothing; None when the instance is refused
         (dead-lettered with the reason: burned-in annotation, no key, unreadable)."""
         request = prepared.request
-        deid = request.deidentify
+        deid = self.deidentification(request)
         if deid is None:
             return prepared
+        if deid != request.deidentify:
+            log.warning(
+                "the destination requires de-identification the request did not carry "
+                "(routed by an older rule file?); applied",
+                extra={
+                    "sop_instance_uid": request.sop_instance_uid,
+                    "destination": self.name,
+                    "rules_digest": request.rules_digest,
+                },
+            )
         target = prepared.path.with_suffix(".deid.dcm")
         try:
             if self._pseudonyms is None:
@@ -689,7 +706,7 @@ class Deliverer:
             calling_ae=peer.calling_ae_title if peer else None,
             failure=failure,
             patient=functools.partial(self._patient_of, request.blob),
-            deidentified=request.deidentify.profile if request.deidentify else None,
+            deidentified=deid.profile if (deid := self.deidentification(request)) else None,
         )
 
     async def _patient_of(self, blob: BlobRef) -> str | None:
