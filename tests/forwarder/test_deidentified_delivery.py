@@ -37,8 +37,9 @@ from radflow_devstack.kit.waiting import wait_for
 from radflow_devstack.processes import ManagedProcess, free_port
 from radflow_rules.loader import load_file
 from router.routing import idempotency_key
-from stow_forwarder.deidentify import Deidentifier, Pseudonyms
+from stow_forwarder.deidentify import Deidentifier
 from stow_forwarder.markers import MarkerBook
+from stow_forwarder.pseudonyms import Pseudonyms
 from support.audit import audit_records, participant_ids
 from support.deid import every_element, leftovers, rich, write
 from support.forward import publish, stored

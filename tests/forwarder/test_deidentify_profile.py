@@ -21,9 +21,9 @@ from stow_forwarder.deidentify import (
     BurnedInAnnotation,
     DeidentificationError,
     Deidentifier,
-    Pseudonyms,
     table,
 )
+from stow_forwarder.pseudonyms import Pseudonyms
 from support.deid import CT, every_element, leftovers, rich
 
 SC = "1.2.840.10008.5.1.4.1.1.7"

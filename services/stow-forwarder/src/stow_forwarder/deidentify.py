@@ -31,10 +31,7 @@ one CID 7050 code per option, Longitudinal Temporal Information Modified (0028,0
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
-import hashlib
-import hmac
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,7 +48,9 @@ from pydicom.uid import UID
 
 from radflow_core.errors import PipelineError
 from radflow_core.events import Deidentification, DeidOption
+from stow_forwarder.burned_in import burned_in
 from stow_forwarder.confidentiality_table import ROWS
+from stow_forwarder.pseudonyms import Pseudonyms, patient_key
 
 OPTION_COLUMNS = (
     DeidOption.RETAIN_LONGITUDINAL_MODIFIED_DATES,
@@ -75,15 +74,9 @@ OPTION_CODES: dict[DeidOption, tuple[str, str]] = {
 }
 """DICOM CID 7050 (De-identification Method), coding scheme DCM."""
 
-SECONDARY_CAPTURE = re.compile(r"^1\.2\.840\.10008\.5\.1\.4\.1\.1\.7(\.[1-4])?$")
-ULTRASOUND = re.compile(r"^1\.2\.840\.10008\.5\.1\.4\.1\.1\.(6\.[12]|3\.1)$")
-SUSPECT_MODALITIES = frozenset({"US", "SC", "OT", "XC", "ES", "GM", "SM", "DOC"})
-"""Where an absent Burned In Annotation is treated as YES: secondary captures and
-ultrasound, photographs, endoscopy, documents (screens and scans carry text)."""
 _UID_KEEP = re.compile(r"Class|TransferSyntax|CodingScheme|Implementation|Context")
 """Keywords of UI attributes outside the table that name a kind of thing, not an
 instance; their values are kept."""
-MAX_DAYS_BACK = 3650
 PSEUDONYMOUS = frozenset({"PatientName", "PatientID"})
 """Emptied (Z) by the profile, and given the patient's pseudonym instead (Z allows a
 dummy value): a reader can still tell one patient's studies from another's."""
@@ -118,29 +111,6 @@ class Action:
 
     code: str
     """X, Z, D, K, U, U* (a sequence whose items are de-identified) or C."""
-
-
-@dataclass(frozen=True)
-class Pseudonyms:
-    """The keyed hashes; one key for the deployment (a Kubernetes Secret)."""
-
-    key: bytes
-
-    def _mac(self, kind: str, value: str) -> bytes:
-        return hmac.new(self.key, f"{kind}\x1f{value}".encode(), hashlib.sha256).digest()
-
-    def uid(self, uid: str) -> str:
-        """``2.25.`` and the first 128 bits of the UID's HMAC as a decimal integer (at
-        most 44 characters, PS3.5 B.2)."""
-        return f"2.25.{int.from_bytes(self._mac('uid', uid.strip())[:16], 'big')}"
-
-    def patient(self, patient_key: str) -> str:
-        text = base64.b32encode(self._mac("patient", patient_key)[:10]).decode()
-        return f"RF-{text}"
-
-    def days_back(self, patient_key: str) -> int:
-        """Whole days every date of the patient moves back (1 to 3650)."""
-        return int.from_bytes(self._mac("dates", patient_key)[:4], "big") % MAX_DAYS_BACK + 1
 
 
 @cache
@@ -184,46 +154,6 @@ def _repeating(tag: int) -> bool:
     return (group & 0xFF00) == 0x5000 or (
         (group & 0xFF00) == 0x6000 and element in (0x3000, 0x4000)
     )
-
-
-def patient_key(ds: Dataset) -> str:
-    """Who the patient is, for the pseudonym and the date offset: issuer and Patient ID;
-    without a Patient ID, name and birth date; without those, the study (its own
-    pseudonym: nothing links it to another)."""
-    patient_id = str(ds.get("PatientID", "") or "").strip()
-    if patient_id:
-        return f"id\x1f{str(ds.get('IssuerOfPatientID', '') or '').strip()}\x1f{patient_id}"
-    name = str(ds.get("PatientName", "") or "").strip()
-    birth = str(ds.get("PatientBirthDate", "") or "").strip()
-    if name:
-        return f"name\x1f{name}\x1f{birth}"
-    return f"study\x1f{str(ds.get('StudyInstanceUID', '') or '').strip()}"
-
-
-def burned_in(ds: Dataset) -> str | None:
-    """Why the pixel data may hold burned-in text, or None.
-
-    Burned In Annotation (0028,0301) YES; or, when it is absent, a secondary capture,
-    an ultrasound image, or a modality of photographs, screens and scans (the
-    conservative reading of an attribute that most modalities leave out)."""
-    value = str(ds.get("BurnedInAnnotation", "") or "").strip().upper()
-    if value == "YES":
-        return "Burned In Annotation (0028,0301) is YES"
-    if value:
-        return None
-    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        return None
-    sop_class = str(ds.get("SOPClassUID", "") or "")
-    modality = str(ds.get("Modality", "") or "").strip().upper()
-    if SECONDARY_CAPTURE.match(sop_class):
-        kind = "a secondary capture"
-    elif ULTRASOUND.match(sop_class) or modality == "US":
-        kind = "an ultrasound image"
-    elif modality in SUSPECT_MODALITIES:
-        kind = f"modality {modality}"
-    else:
-        return None
-    return f"Burned In Annotation (0028,0301) is absent on {kind}, which often carries text"
 
 
 class Deidentifier:

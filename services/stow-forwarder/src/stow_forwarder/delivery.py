@@ -56,12 +56,7 @@ from radflow_core.retry import Turn, current_turn
 from radflow_rules.deidentification import enforced
 from radflow_rules.rules import Destination
 from stow_forwarder.answer import Answer, DestinationClient, Outgoing, SentAs
-from stow_forwarder.deidentify import (
-    DeidentificationError,
-    Deidentifier,
-    NoDeidentificationKey,
-    Pseudonyms,
-)
+from stow_forwarder.deidentify import DeidentificationError, Deidentifier, NoDeidentificationKey
 from stow_forwarder.flow import CircuitBreaker, StatFirst
 from stow_forwarder.markers import BatchMarker, MarkerBook, State
 from stow_forwarder.metrics import (
@@ -75,6 +70,7 @@ from stow_forwarder.metrics import (
     RETRIED,
     SKIPPED,
 )
+from stow_forwarder.pseudonyms import Pseudonyms
 from stow_forwarder.settings import ForwarderSettings
 from stow_forwarder.slo import count_delivery, count_failure
 from stow_forwarder.verify import Delivered, Verifier

@@ -39,9 +39,9 @@ from stow_forwarder import metrics
 from stow_forwarder.answer import DestinationClient
 from stow_forwarder.client import StowClient
 from stow_forwarder.commitment import CommitmentBook, CommitmentListener
-from stow_forwarder.deidentify import Pseudonyms
 from stow_forwarder.delivery import Deliverer
 from stow_forwarder.dimse import DimseClient
+from stow_forwarder.pseudonyms import Pseudonyms
 from stow_forwarder.settings import DeidSettings, ForwarderConfig
 from stow_forwarder.slo import ObjectiveGauges
 from stow_forwarder.unknown import unknown_destination_consumers
