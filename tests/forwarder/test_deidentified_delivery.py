@@ -187,6 +187,30 @@ def test_one_route_gets_consistent_pseudonyms_and_the_other_the_originals_unchan
         assert ds.StudyDate != original.StudyDate and len(ds.StudyDate) == 8
         assert ds.PixelData == original.PixelData
         patients.add((str(ds.PatientName), ds.PatientID, ds.StudyDate))
+    # not one identifying value of the originals is anywhere in the bytes received
+    identifying = [
+        b"Doe^Jane",
+        b"PID-SAME",
+        b"HOSP",
+        b"ACC123",
+        b"19700101",
+        b"General Hospital",
+        b"1 Main Street",
+        b"Who^Doctor",
+        b"Tech^One",
+        b"CT01",
+        b"SN-998877",
+        b"Jane Doe",
+        b"anxious",
+        b"Smith^John",
+        b"PRIVATE NAME",
+        b"HOSPITALPACS",
+        b"OTHER-1",
+        *(uid.encode() for uid in original_uids),
+    ]
+    for uid in received:
+        raw = research.file(uid)
+        assert [v for v in identifying if v in raw] == []
     # one patient in two studies: one pseudonym, one date offset
     assert len(patients) == 1 and "PID-SAME" not in next(iter(patients))[1]
     # references inside a study resolve to instances the destination holds

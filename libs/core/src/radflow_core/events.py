@@ -316,7 +316,7 @@ class Deidentification(EventModel):
     the instance just before it is delivered (the original and every other destination
     are untouched)."""
 
-    profile: str
+    profile: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,255}$")
     """The profile's name in the rule file (``a+b`` when two profiles met on one
     destination and the stricter combination of both was taken)."""
     options: tuple[DeidOption, ...] = ()
