@@ -307,8 +307,9 @@ class DeidOption(StrEnum):
     RETAIN_UIDS = "retain_uids"
     """Retain UIDs: UIDs kept as they are instead of remapped (113110)."""
     CLEAN_DESCRIPTORS = "clean_descriptors"
-    """Clean Descriptors: the descriptions and comments the basic profile keeps are
-    removed (113105)."""
+    """Clean Descriptors: the descriptions and comments the option lets through cleaned
+    are removed instead, as the Basic Profile does (free text is not parsed); declared
+    with its code (113105)."""
 
 
 class Deidentification(EventModel):
