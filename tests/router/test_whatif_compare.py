@@ -79,3 +79,16 @@ def test_a_lane_change_alone_is_counted_but_is_not_a_destination_change() -> Non
     assert report.changes == []
     assert report.destinations["pacs"].lane_changed == 1
     assert "No instance changes destination." in render(report, "heading")
+
+
+def test_a_deidentification_change_alone_is_counted_but_is_not_a_destination_change() -> None:
+    rules = load_text(
+        NEW.replace("rules:\n", "deidentification:\n  research:\nrules:\n", 1).replace(
+            "route: [pacs]", "route: [pacs]\n    deidentify: research"
+        )
+    )
+    report = compare(rules, [case("1.1", "CT", DAY, to_pacs())])
+    assert report.changes == []
+    assert report.destinations["pacs"].deidentification_changed == 1
+    assert report.destinations["pacs"].lane_changed == 0
+    assert "de-identification changed" in render(report, "heading")

@@ -236,12 +236,17 @@ class Auditor:
         calling_ae: str | None = None,
         failure: str | None = None,
         patient: PatientLookup | None = None,
+        deidentified: str | None = None,
     ) -> None:
         """DICOM Instances Transferred (Read): the forwarder delivered an instance to a
         destination, or (``failure``: radflow's reason, e.g. ``rejected``) gave up.
 
         ``patient``: how to find the study's Patient ID; only the first instance's is
-        kept and it runs once, when the message is written, never while delivering."""
+        kept and it runs once, when the message is written, never while delivering.
+        ``deidentified``: the de-identification profile applied before delivery (the
+        study object says ``Anonymized`` true and carries a ``Deidentified`` detail
+        with the profile; the UIDs and Patient ID recorded are the original's, which
+        the audit trail is there to trace)."""
         receiver = ActiveParticipant(
             user_id=destination_ae or destination,
             user_name=destination if destination_ae else None,
@@ -250,14 +255,14 @@ class Auditor:
             address=address,
         )
         source = self._me(Codes.SOURCE, requestor=True, user_id=calling_ae)
-        key = ("sent", destination, study, failure)
+        key = ("sent", destination, study, failure, deidentified)
         self._collect(
             key,
             study,
             sop_class,
             sop_instance,
             lambda instances, patients: self._transfer(
-                Action.READ, source, receiver, study, instances, patients, failure
+                Action.READ, source, receiver, study, instances, patients, failure, deidentified
             ),
             lookup=patient,
         )
@@ -419,6 +424,7 @@ class Auditor:
         instances: Mapping[str, Sequence[str]],
         patients: Sequence[str],
         failure: str | None = None,
+        deidentified: str | None = None,
     ) -> AuditRecord:
         return AuditRecord(
             event=Codes.INSTANCES_TRANSFERRED,
@@ -427,7 +433,7 @@ class Auditor:
             at=datetime.now(UTC),
             description=_short(failure),
             participants=[source, destination],
-            objects=[_study(study, instances), *_patients(patients)],
+            objects=[_study(study, instances, deidentified), *_patients(patients)],
         )
 
     # -- collecting and sending ---------------------------------------------------------
@@ -551,13 +557,17 @@ class Auditor:
         return False
 
 
-def _study(study: str, instances: Mapping[str, Sequence[str]]) -> ParticipantObject:
+def _study(
+    study: str, instances: Mapping[str, Sequence[str]], deidentified: str | None = None
+) -> ParticipantObject:
     return ParticipantObject(
         object_id=study,
         id_type=Codes.STUDY_INSTANCE_UID,
         type_code=ObjectType.SYSTEM_OBJECT,
         role=ObjectRole.REPORT,
         sop_classes=instances,
+        details=(("Deidentified", deidentified.encode()),) if deidentified else (),
+        anonymized=deidentified is not None,
     )
 
 

@@ -120,6 +120,9 @@ class ParticipantObject:
     """ParticipantObjectDetail (type, value); values are base64 in the XML."""
     sop_classes: Mapping[str, Sequence[str]] = field(default_factory=dict)
     """SOP Class UID → SOP Instance UIDs, for a study (ParticipantObjectDescription)."""
+    anonymized: bool = False
+    """The instances were de-identified before they left (``Anonymized`` true in the
+    ParticipantObjectDescription)."""
 
 
 @dataclass(frozen=True)
@@ -226,6 +229,8 @@ def _object(root: ET.Element, o: ParticipantObject) -> None:
             )
             for uid in instances:
                 ET.SubElement(sop, "Instance", UID=uid)
+        if o.anonymized:
+            ET.SubElement(description, "Anonymized").text = "true"
 
 
 _NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")

@@ -305,16 +305,57 @@ LANES = (Lane.STAT, Lane.ROUTINE)
 """Every lane, STAT first: the order in which a stage sets up its consumer per lane."""
 
 
+class DeidOption(StrEnum):
+    """An option of the DICOM PS3.15 Annex E Basic Application Level Confidentiality
+    Profile that a de-identification profile of the rule file applies (Table E.1-1's
+    option columns this pipeline implements)."""
+
+    RETAIN_LONGITUDINAL_MODIFIED_DATES = "retain_longitudinal_modified_dates"
+    """Retain Longitudinal Temporal Information with Modified Dates: dates shifted by a
+    per-patient keyed offset (whole days), times kept (CID 7050 113107)."""
+    RETAIN_PATIENT_CHARACTERISTICS = "retain_patient_characteristics"
+    """Retain Patient Characteristics: sex, age, size, weight and the like (113108)."""
+    RETAIN_DEVICE_IDENTITY = "retain_device_identity"
+    """Retain Device Identity: device serial numbers, station name and the like
+    (113109)."""
+    RETAIN_UIDS = "retain_uids"
+    """Retain UIDs: UIDs kept as they are instead of remapped (113110)."""
+    CLEAN_DESCRIPTORS = "clean_descriptors"
+    """Clean Descriptors: the descriptions and comments the option lets through cleaned
+    are removed instead, as the Basic Profile does (free text is not parsed); declared
+    with its code (113105)."""
+
+
+class Deidentification(EventModel):
+    """The de-identification a route asks for: exactly what the forwarder applies to
+    the instance just before it is delivered (the original and every other destination
+    are untouched)."""
+
+    profile: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,255}$")
+    """The profile's name in the rule file (``a+b`` when two profiles met on one
+    destination and the stricter combination of both was taken)."""
+    options: tuple[DeidOption, ...] = ()
+    """The Annex E options applied on top of the Basic Profile, sorted."""
+    accept_burned_in: bool = False
+    """True when every rule that de-identifies this route accepts instances whose
+    Burned In Annotation (0028,0301) is YES (or that are suspect of it); otherwise such
+    an instance is refused (``dicom.forward.failed``, ``burned_in_annotation``)."""
+
+
 class ForwardRequested(InstanceIdentity):
-    """``dicom.forward.requested`` v1 (and ``.stat``): deliver one instance to one
+    """``dicom.forward.requested`` v2 (and ``.stat``): deliver one instance to one
     destination.
 
     Published on ``dicom.forward.requested`` for the routine lane and on
     ``dicom.forward.requested.stat`` for the STAT lane; the payload is the same.
+
+    v2 (from v1): ``deidentify``, the de-identification to apply before delivery. v1
+    records are still read (as v2 without de-identification: v1 routers had none).
     """
 
     type_name: ClassVar[str] = "dicom.forward.requested"
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2
+    reads: ClassVar[tuple[int, ...]] = (1,)
 
     destination: str
     """Name of the destination as defined in the rule file."""
@@ -335,12 +376,18 @@ class ForwardRequested(InstanceIdentity):
     rules_digest: str
     """First 12 hex digits of the rule file's sha256, for tracing a decision to a file."""
     idempotency_key: Sha256Hex
-    """sha256 of (SOP Instance UID, original sha256, destination): the same instance to
-    the same destination always has the same key, so a replay is recognised."""
+    """sha256 of (SOP Instance UID, original sha256, destination, and the
+    de-identification when there is one): the same instance to the same destination
+    always has the same key, so a replay is recognised (and a route that starts
+    de-identifying sends again what the destination so far received identified)."""
     waited_for: Literal["study", "series"] | None = None
     """Set when the request was held until the study (or series) was complete."""
     routed_at: AwareDatetime
     """When the router decided (UTC); for a delayed study, when it was released."""
+    deidentify: Deidentification | None = None
+    """De-identify the instance just before delivering it (v2); None: deliver it as
+    stored. The identity fields above stay the original's (the pipeline's own
+    bookkeeping); only the destination sees the remapped UIDs."""
 
 
 class Delivery(InstanceIdentity):

@@ -21,9 +21,10 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydicom.datadict import keyword_dict, keyword_for_tag
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from radflow_core.events import Lane
+from radflow_core.events import DeidOption, Lane
 from radflow_core.uids import is_valid_uid
 from radflow_rules import yaml_reader
+from radflow_rules.deidentification import DeidProfile
 from radflow_rules.destinations import (
     AUTH_FIELDS,
     VERIFICATION_KINDS,
@@ -75,12 +76,14 @@ EVENT_ATTRIBUTES = {
 _TAG = re.compile(r"^\(([0-9A-Fa-f]{4}),([0-9A-Fa-f]{4})\)$")
 _WINDOW = re.compile(r"^(\d\d):(\d\d)-(\d\d):(\d\d)$")
 _RULE_KEYS = {"name", "when", "route", "lane", "wait_for_study_complete", "continue"}
-_TOP_KEYS = {"version", "timezone", "destinations", "rules", "default", "stat"}
+_DEID_RULE_KEYS = {"deidentify", "accept_burned_in"}
+_TOP_KEYS = {"version", "timezone", "destinations", "rules", "default", "stat", "deidentification"}
 _COMMON_DEST_KEYS = {"kind", "transfer_syntaxes", "max_batch", "priority"}
 _DEST_KEYS = {
-    DestinationKind.STOW_RS: _COMMON_DEST_KEYS | {"url", "auth", "tls", "slo", "verify"},
+    DestinationKind.STOW_RS: _COMMON_DEST_KEYS
+    | {"url", "auth", "tls", "slo", "verify", "deidentify"},
     DestinationKind.DIMSE: _COMMON_DEST_KEYS
-    | {"host", "port", "ae_title", "calling_ae_title", "tls", "slo", "verify"},
+    | {"host", "port", "ae_title", "calling_ae_title", "tls", "slo", "verify", "deidentify"},
     DestinationKind.REPORT_RETURN: _COMMON_DEST_KEYS | {"site"},
 }
 """Keys each kind of destination takes (``tls`` on a DIMSE peer: DICOM TLS; ``slo``
@@ -104,6 +107,7 @@ class _RuleReader(YamlReader):
         super().__init__(source)
         self.zone = ZoneInfo("UTC")
         self.attributes: set[str] = set()
+        self.profiles: dict[str, DeidProfile] = {}
 
     def zone_of(self, node: Node) -> ZoneInfo | None:
         name = self.scalar(node, "timezone")
@@ -130,6 +134,8 @@ class _RuleReader(YamlReader):
             self.fail(top["version"], "unsupported version (expected 1)")
         if "timezone" in top:
             self.zone = self.zone_of(top["timezone"]) or self.zone
+        if "deidentification" in top:
+            self.profiles = self.deid_profiles(top["deidentification"])
         destinations = self.destinations(top.get("destinations"), root)
         stat = self.stat_policy(top.get("stat"))
         rules: list[Rule] = []
@@ -158,6 +164,7 @@ class _RuleReader(YamlReader):
             stat,
             tuple(self.warnings),
             attributes=frozenset(self.attributes),
+            profiles=dict(self.profiles),
         )
 
     def destinations(self, node: Node | None, root: Node) -> dict[str, Destination]:
@@ -256,6 +263,8 @@ class _RuleReader(YamlReader):
                     )
             if "slo" in fields:
                 common["slo"] = self.slo(fields["slo"], what)
+            if "deidentify" in fields:
+                common["deidentify"] = self.profile_named(fields["deidentify"], what)
             out[name] = Destination(name, url, auth, tuple(syntaxes), max_batch, tls=tls, **common)
         return out
 
@@ -467,7 +476,7 @@ class _RuleReader(YamlReader):
         fields = self.mapping(node, "a rule")
         if fields is None:
             return None
-        self.unknown_keys(fields, _RULE_KEYS, "a rule")
+        self.unknown_keys(fields, _RULE_KEYS | _DEID_RULE_KEYS, "a rule")
         name = self.scalar(fields["name"], "name") if "name" in fields else None
         if not name:
             self.fail(node, "a rule needs a name")
@@ -493,7 +502,77 @@ class _RuleReader(YamlReader):
         stop = True
         if "continue" in fields:
             stop = not self.boolean(fields["continue"], "continue")
-        return Rule(name, when, tuple(route), lane, wait, stop, node.start_mark.line + 1)
+        rule = Rule(name, when, tuple(route), lane, wait, stop, node.start_mark.line + 1)
+        return self.rule_deidentification(rule, fields, destinations)
+
+    def rule_deidentification(
+        self, rule: Rule, fields: dict[str, Node], destinations: dict[str, Destination]
+    ) -> Rule:
+        """``deidentify: <profile>`` and ``accept_burned_in: true`` of a rule."""
+        what = f"rule {rule.name!r}"
+        profile = self.profile_named(fields["deidentify"], what) if "deidentify" in fields else None
+        accept = False
+        if "accept_burned_in" in fields:
+            accept = self.boolean(fields["accept_burned_in"], "accept_burned_in")
+            required = any(
+                destinations[d].deidentify is not None for d in rule.route if d in destinations
+            )
+            if accept and "deidentify" not in fields and not required:
+                self.fail(
+                    fields["accept_burned_in"],
+                    f"{what}: accept_burned_in applies to de-identified routes, and this "
+                    "rule de-identifies nothing (add deidentify: <profile>)",
+                )
+        if profile is not None:
+            for name in rule.route:
+                destination = destinations.get(name)
+                if destination is not None and destination.kind is DestinationKind.REPORT_RETURN:
+                    self.fail(
+                        fields["deidentify"],
+                        f"{what}: destination {name!r} is a RIS (kind report-return), which "
+                        "receives HL7 reports and cannot be de-identified; route it from a "
+                        "rule of its own",
+                    )
+        return dataclasses.replace(rule, deidentify=profile, accept_burned_in=accept)
+
+    def deid_profiles(self, node: Node) -> dict[str, DeidProfile]:
+        """``deidentification: {name: {options: [...]}}``: the named profiles."""
+        profiles: dict[str, DeidProfile] = {}
+        known = ", ".join(o.value for o in DeidOption)
+        for name, value in (self.mapping(node, "deidentification") or {}).items():
+            what = f"de-identification profile {name!r}"
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name) or "+" in name:
+                self.fail(value, f"{what}: a name is letters, digits, '.', '_' or '-'")
+                continue
+            fields = self.mapping(value, what) if not _empty(value) else {}
+            if fields is None:
+                continue
+            self.unknown_keys(fields, {"options"}, what)
+            options: set[DeidOption] = set()
+            if "options" in fields:
+                for item in self.sequence(fields["options"], f"options of {what}"):
+                    text = self.scalar(item, "option")
+                    if text not in {o.value for o in DeidOption}:
+                        self.fail(
+                            item, f"{what}: unknown option {text!r} (expected one of: {known})"
+                        )
+                    else:
+                        options.add(DeidOption(text))
+            profiles[name] = DeidProfile(name, frozenset(options), value.start_mark.line + 1)
+        return profiles
+
+    def profile_named(self, node: Node, what: str) -> DeidProfile | None:
+        name = self.scalar(node, "deidentify")
+        if name is None:
+            return None
+        if name not in self.profiles:
+            self.fail(
+                node,
+                f"{what}: unknown de-identification profile {name!r} (expected one of: "
+                f"{', '.join(sorted(self.profiles)) or 'none defined under deidentification:'})",
+            )
+            return None
+        return self.profiles[name]
 
     def route(
         self, node: Node | None, owner: Node, destinations: dict[str, Destination], what: str
@@ -694,6 +773,13 @@ class _RuleReader(YamlReader):
                         f"{self.source}:{other.line}: rule {other.name!r} has the same "
                         f"conditions as {rule.name!r} (line {rule.line}), which stops first"
                     )
+
+
+def _empty(node: Node) -> bool:
+    """A profile written as ``name:`` or ``name: {}`` (the Basic Profile alone)."""
+    return (isinstance(node, ScalarNode) and node.value in ("", "~", "null")) or (
+        isinstance(node, MappingNode) and not node.value
+    )
 
 
 def load_text(text: str, source: str = "<rules>") -> RuleSet:

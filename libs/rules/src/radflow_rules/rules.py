@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
 from radflow_core.events import Lane
+from radflow_rules.deidentification import Deidentify, DeidProfile, for_route
 from radflow_rules.destinations import Auth, DestinationKind, DimsePeer, Tls, Verification
 
 
@@ -89,6 +90,9 @@ class Destination:
     slo: Slo = Slo()
     """Latency objectives per lane (``slo:`` in the rule file), which the forwarder
     counts deliveries against and exports for the burn-rate alerts."""
+    deidentify: DeidProfile | None = None
+    """A de-identification profile every instance routed here gets, whichever rule
+    routes it (``deidentify:`` on the destination). Not part of :attr:`identity`."""
 
     @property
     def identity(self) -> str:
@@ -264,6 +268,12 @@ class Rule:
     wait: StudyComplete | None
     stop: bool
     line: int
+    deidentify: DeidProfile | None = None
+    """The de-identification profile applied before delivery to this rule's
+    destinations (``deidentify:``)."""
+    accept_burned_in: bool = False
+    """``accept_burned_in: true``: de-identified instances with burned-in annotation
+    may go (the rule's author has checked the pixel data is clean)."""
 
 
 @dataclass(frozen=True)
@@ -302,6 +312,8 @@ class RuleSet:
     """First 12 hex digits of the rule file's sha256: which file made a decision."""
     attributes: frozenset[str] = frozenset()
     """Every attribute a condition reads; tells whether the dataset header is needed."""
+    profiles: Mapping[str, DeidProfile] = field(default_factory=dict)
+    """The de-identification profiles (``deidentification:``), by name."""
 
 
 @dataclass(frozen=True)
@@ -310,6 +322,9 @@ class Route:
     lane: Lane
     wait: StudyComplete | None
     rules: tuple[str, ...]
+    deidentify: Deidentify | None = None
+    """De-identification before delivery: the stricter of what every rule routing here
+    and the destination ask for; one de-identifying rule is enough."""
 
 
 @dataclass(frozen=True)
@@ -330,14 +345,20 @@ def evaluate(rules: RuleSet, instance: Instance, at: datetime) -> Decision:
         if not result.matched:
             continue
         for name in rule.route:
-            lane = _lane(rule.lane, instance, rules.destinations[name])
+            destination = rules.destinations[name]
+            lane = _lane(rule.lane, instance, destination)
+            deid = for_route(rule.deidentify, destination.deidentify, rule.accept_burned_in)
             previous = routes.get(name)
             if previous is None:
-                routes[name] = Route(name, lane, rule.wait, (rule.name,))
-            else:  # several rules to one destination: one request, STAT wins, first wait wins
+                routes[name] = Route(name, lane, rule.wait, (rule.name,), deid)
+            else:  # several rules to one destination: one request, STAT wins, first wait
+                # wins, de-identification wins (the stricter of two)
                 best = Lane.STAT if Lane.STAT in (previous.lane, lane) else Lane.ROUTINE
+                both = previous.deidentify
+                if deid is not None:
+                    both = deid.combine(previous.deidentify)
                 routes[name] = Route(
-                    name, best, previous.wait or rule.wait, (*previous.rules, rule.name)
+                    name, best, previous.wait or rule.wait, (*previous.rules, rule.name), both
                 )
         if rule.stop:
             break
@@ -346,7 +367,13 @@ def evaluate(rules: RuleSet, instance: Instance, at: datetime) -> Decision:
     default = rules.default
     if default.route:
         defaults = tuple(
-            Route(n, _lane(None, instance, rules.destinations[n]), None, ("default",))
+            Route(
+                n,
+                _lane(None, instance, rules.destinations[n]),
+                None,
+                ("default",),
+                for_route(None, rules.destinations[n].deidentify, False),
+            )
             for n in default.route
         )
         return Decision(defaults, None, tuple(trace))

@@ -37,8 +37,14 @@ def describe(name: str, decision: Decision) -> str:
             if route.wait
             else ""
         )
+        deid = ""
+        if route.deidentify is not None:
+            profile = route.deidentify.profile
+            options = ", ".join(sorted(profile.options)) or "basic profile only"
+            burned = ", burned-in accepted" if route.deidentify.accept_burned_in else ""
+            deid = f", de-identified: {profile.name} ({options}{burned})"
         lines.append(
-            f"  -> {route.destination} [{route.lane.value}{wait}] by {', '.join(route.rules)}"
+            f"  -> {route.destination} [{route.lane.value}{wait}{deid}] by {', '.join(route.rules)}"
         )
     if decision.hold:
         lines.append(f"  -> HOLD: {decision.hold}")

@@ -75,7 +75,10 @@ class Seen:
         known = self.routes.get(request.destination)
         rules = request.rules if known is None else known.rules
         self.routes[request.destination] = RouteTaken(
-            request.lane, rules, waits or request.waited_for is not None
+            request.lane,
+            rules,
+            waits or request.waited_for is not None,
+            request.deidentify.profile if request.deidentify is not None else None,
         )
 
 

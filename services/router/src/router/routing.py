@@ -19,6 +19,7 @@ from aiokafka import ConsumerRecord
 from radflow_core.blobstore import BlobStore
 from radflow_core.events import (
     BlobRef,
+    Deidentification,
     Envelope,
     ForwardRequested,
     InstanceHeld,
@@ -38,8 +39,20 @@ from router.pending import PendingStudies
 log = logging.getLogger(__name__)
 
 
-def idempotency_key(sop_instance_uid: str, original_sha256: str, destination: str) -> str:
+def idempotency_key(
+    sop_instance_uid: str,
+    original_sha256: str,
+    destination: str,
+    deidentify: Deidentification | None = None,
+) -> str:
+    """The key of one delivery. A de-identified delivery's key also holds the profile
+    and its options: the destination then receives other bytes under other UIDs, so a
+    route that starts (or stops, or changes how it starts) de-identifying delivers
+    again instead of skipping what was delivered otherwise."""
     text = f"{sop_instance_uid}\n{original_sha256}\n{destination}"
+    if deidentify is not None:
+        options = ",".join(o.value for o in deidentify.options)
+        text += f"\ndeidentify:{deidentify.profile}:{options}"
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
@@ -65,6 +78,7 @@ def forward_request(
     event: InstanceNormalized, rules: RuleSet, route: Route, now: datetime
 ) -> ForwardRequested:
     blob, syntax, requested = variant_for(event, rules.destinations[route.destination])
+    deidentify = route.deidentify.event() if route.deidentify is not None else None
     return ForwardRequested(
         **event.identity(),
         destination=route.destination,
@@ -76,9 +90,10 @@ def forward_request(
         rules=route.rules,
         rules_digest=rules.digest,
         idempotency_key=idempotency_key(
-            event.sop_instance_uid, event.original.sha256, route.destination
+            event.sop_instance_uid, event.original.sha256, route.destination, deidentify
         ),
         routed_at=now,
+        deidentify=deidentify,
     )
 
 

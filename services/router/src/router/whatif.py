@@ -33,6 +33,8 @@ class RouteTaken:
     """The rules that sent the instance there (``default`` for the default route)."""
     waits: bool = False
     """The request waited (or would wait) for its study or series to be complete."""
+    deidentify: str | None = None
+    """The de-identification profile the delivery applied (or would apply), if any."""
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,12 @@ class Outcome:
     def of(cls, decision: Decision) -> Outcome:
         return cls(
             {
-                r.destination: RouteTaken(r.lane, r.rules, r.wait is not None)
+                r.destination: RouteTaken(
+                    r.lane,
+                    r.rules,
+                    r.wait is not None,
+                    r.deidentify.profile.name if r.deidentify is not None else None,
+                )
                 for r in decision.routes
             },
             decision.hold,
@@ -103,6 +110,9 @@ class Tally:
     removed: int = 0
     lane_changed: int = 0
     """Kept instances whose lane (STAT or routine) would change."""
+    deidentification_changed: int = 0
+    """Kept instances whose de-identification would change (start, stop, or another
+    profile): the destination would receive them again, as other bytes."""
 
 
 @dataclass
@@ -220,6 +230,8 @@ def _count(report: WhatIf, before: Outcome, after: Outcome) -> None:
             tally(name).kept += 1
             if before.routes[name].lane != after.routes[name].lane:
                 tally(name).lane_changed += 1
+            if before.routes[name].deidentify != after.routes[name].deidentify:
+                tally(name).deidentification_changed += 1
     if before.hold is not None and not before.routes:
         tally(HELD).requested += 1
         rule(HELD, before.hold).requested += 1
@@ -254,11 +266,21 @@ def render(report: WhatIf, heading: str) -> str:
             t.added,
             t.removed,
             "-" if name == HELD else t.lane_changed,
+            "-" if name == HELD else t.deidentification_changed,
         ]
         for name, t in sorted(report.destinations.items())
     ]
     lines += _table(
-        ["destination", "requested", "would", "kept", "added", "removed", "lane changed"],
+        [
+            "destination",
+            "requested",
+            "would",
+            "kept",
+            "added",
+            "removed",
+            "lane changed",
+            "de-identification changed",
+        ],
         dest_rows,
     )
     lines.append("")

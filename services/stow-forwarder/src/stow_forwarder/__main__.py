@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from radflow_core.runtime import run_main
 from radflow_rules.loader import load_file
-from stow_forwarder.service import ForwarderService
+from stow_forwarder.service import ForwarderService, pseudonyms_for
 from stow_forwarder.settings import ForwarderConfig
 
 
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
         load=ForwarderConfig.from_env,
         build=ForwarderService,
         argv=argv,
-        files=lambda config: load_file(config.forwarder.rules_file),
+        files=lambda config: pseudonyms_for(load_file(config.forwarder.rules_file), config.deid),
     )
 
 

@@ -12,6 +12,18 @@ from radflow_core.events import Lane
 
 
 @dataclass(frozen=True)
+class SentAs:
+    """The UIDs an instance has at the destination: its own, or the remapped ones of a
+    de-identified delivery. What the destination is asked about (QIDO-RS, storage
+    commitment, "do you hold it already") is named by these; the events and markers
+    keep the pipeline's own (the original's)."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+
+
+@dataclass(frozen=True)
 class Outgoing:
     """One instance ready to send: verified bytes on disk, in ``transfer_syntax_uid``."""
 

@@ -44,6 +44,7 @@ from radflow_core.blobstore import BlobStore
 from radflow_core.errors import BlobIntegrityError, BlobNotFound, PipelineError
 from radflow_core.events import (
     BlobRef,
+    Deidentification,
     Envelope,
     ForwardCompleted,
     ForwardFailed,
@@ -52,12 +53,16 @@ from radflow_core.events import (
 from radflow_core.instance_header import PATIENT_ID_LIMIT, read_patient_id
 from radflow_core.kafka import EventProducer
 from radflow_core.retry import Turn, current_turn
+from radflow_rules.deidentification import enforced
 from radflow_rules.rules import Destination
-from stow_forwarder.answer import Answer, DestinationClient, Outgoing
+from stow_forwarder.answer import Answer, DestinationClient, Outgoing, SentAs
+from stow_forwarder.deidentify import DeidentificationError, Deidentifier, NoDeidentificationKey
 from stow_forwarder.flow import CircuitBreaker, StatFirst
 from stow_forwarder.markers import BatchMarker, MarkerBook, State
 from stow_forwarder.metrics import (
     BATCH_SIZE,
+    DEIDENTIFIED,
+    DEIDENTIFY_REFUSED,
     DELIVERED,
     FAILED,
     IN_FLIGHT,
@@ -65,6 +70,7 @@ from stow_forwarder.metrics import (
     RETRIED,
     SKIPPED,
 )
+from stow_forwarder.pseudonyms import Pseudonyms
 from stow_forwarder.settings import ForwarderSettings
 from stow_forwarder.slo import count_delivery, count_failure
 from stow_forwarder.verify import Delivered, Verifier
@@ -81,6 +87,8 @@ class Prepared:
     path: Path
     transfer_syntax_uid: str
     size: int
+    sent: SentAs
+    """Its UIDs at the destination (remapped when de-identified)."""
     suspect: bool = False
     """An intent marker was found: an earlier process may have sent it already."""
     marker: BatchMarker | None = None
@@ -88,7 +96,7 @@ class Prepared:
 
     def outgoing(self) -> Outgoing:
         return Outgoing(
-            self.request.sop_instance_uid,
+            self.sent.sop_instance_uid,
             self.request.sop_class_uid,
             self.transfer_syntax_uid,
             self.path,
@@ -209,9 +217,11 @@ class Deliverer:
         producer: EventProducer,
         settings: ForwarderSettings,
         audit: Auditor | None = None,
+        pseudonyms: Pseudonyms | None = None,
     ) -> None:
         self.destination = destination
         self._audit = audit
+        self._pseudonyms = pseudonyms
         self.name = destination.name
         self._client = client
         self._blobs = blobs
@@ -289,7 +299,7 @@ class Deliverer:
                 # stopped before it verified them.
                 now = datetime.now(UTC)
                 replayed = [
-                    Delivered(r, now, 1, fetch.source(r))
+                    Delivered(r, now, 1, fetch.source(r), self.sent_as(r))
                     for r in chunk
                     if states.get(r.idempotency_key) is State.DELIVERED
                 ]
@@ -332,7 +342,9 @@ class Deliverer:
             return None
         wanted = request.requested_transfer_syntax_uid
         if wanted == request.transfer_syntax_uid:
-            return Prepared(request, path, wanted, request.blob.size)
+            return await self._deidentified(
+                Prepared(request, path, wanted, request.blob.size, self.sent_as(request)), source
+            )
         if wanted not in {t.value for t in Target}:
             await self._failed(
                 request,
@@ -349,7 +361,69 @@ class Deliverer:
         except PipelineError as exc:
             await self._failed(request, source, "cannot_convert", exc.reason, 0, retriable=False)
             return None
-        return Prepared(request, converted, wanted, converted.stat().st_size)
+        prepared = Prepared(
+            request, converted, wanted, converted.stat().st_size, self.sent_as(request)
+        )
+        return await self._deidentified(prepared, source)
+
+    def deidentification(self, request: ForwardRequested) -> Deidentification | None:
+        """What this delivery applies: the request's de-identification, at least as
+        strict as the destination's ``deidentify:`` in this process's rule file."""
+        return enforced(request.deidentify, self.destination.deidentify)
+
+    def sent_as(self, request: ForwardRequested) -> SentAs:
+        """The request's UIDs as the destination knows them: remapped by the route's
+        de-identification (computed from the UIDs and the key alone, so a replay that
+        sends nothing still asks the destination about the right ones)."""
+        deid = self.deidentification(request)
+        if deid is None or self._pseudonyms is None:
+            return SentAs(
+                request.study_instance_uid, request.series_instance_uid, request.sop_instance_uid
+            )
+        uid = Deidentifier(deid, self._pseudonyms).uid
+        return SentAs(
+            uid(request.study_instance_uid),
+            uid(request.series_instance_uid),
+            uid(request.sop_instance_uid),
+        )
+
+    async def _deidentified(
+        self, prepared: Prepared, source: ConsumerRecord[bytes, bytes]
+    ) -> Prepared | None:
+        """The bytes to send de-identified as the route asks (a new file beside them),
+        or as they are when it asks for nothing; None when the instance is refused
+        (dead-lettered with the reason: burned-in annotation, no key, unreadable)."""
+        request = prepared.request
+        deid = self.deidentification(request)
+        if deid is None:
+            return prepared
+        if deid != request.deidentify:
+            log.warning(
+                "the destination requires de-identification the request did not carry "
+                "(routed by an older rule file?); applied",
+                extra={
+                    "sop_instance_uid": request.sop_instance_uid,
+                    "destination": self.name,
+                    "rules_digest": request.rules_digest,
+                },
+            )
+        target = prepared.path.with_suffix(".deid.dcm")
+        try:
+            if self._pseudonyms is None:
+                raise NoDeidentificationKey(
+                    "the route de-identifies and no key is configured "
+                    "(RADFLOW_DEID_KEY or RADFLOW_DEID_KEY_FILE); nothing was sent"
+                )
+            deidentifier = Deidentifier(deid, self._pseudonyms)
+            await asyncio.to_thread(deidentifier.file, prepared.path, target)
+        except DeidentificationError as exc:
+            DEIDENTIFY_REFUSED.labels(self.name, deid.profile, exc.reason).inc()
+            await self._failed(request, source, exc.reason, str(exc), 0, retriable=exc.retriable)
+            return None
+        DEIDENTIFIED.labels(self.name, deid.profile).inc()
+        prepared.path = target
+        prepared.size = target.stat().st_size
+        return prepared
 
     async def _download(self, request: ForwardRequested, path: Path) -> None:
         """The blob into ``path``, verified. The file is opened and closed in a worker
@@ -366,7 +440,7 @@ class Deliverer:
             SKIPPED.labels(self.name).inc(len(repeated))
             fetch.settle(bounded(repeated, self._replayed, fetch.limit))
         pending = {
-            p.request.sop_instance_uid: p
+            p.sent.sop_instance_uid: p
             for p in prepared
             if p.request.idempotency_key not in fetch.accepted
         }
@@ -425,7 +499,7 @@ class Deliverer:
         studies: dict[str, list[str]] = {}
         for uid, p in pending.items():
             if p.suspect:
-                studies.setdefault(p.request.study_instance_uid, []).append(uid)
+                studies.setdefault(p.sent.study_instance_uid, []).append(uid)
         found: list[Prepared] = []
         for study, uids in studies.items():
             held = await self._client.holds(study, uids)
@@ -460,7 +534,7 @@ class Deliverer:
         await bounded(accepted, completed, fetch.limit)
         await self._verifier.verify(
             [
-                Delivered(p.request, acknowledged_at, attempt, fetch.source(p.request))
+                Delivered(p.request, acknowledged_at, attempt, fetch.source(p.request), p.sent)
                 for p in accepted
             ]
         )
@@ -628,6 +702,7 @@ class Deliverer:
             calling_ae=peer.calling_ae_title if peer else None,
             failure=failure,
             patient=functools.partial(self._patient_of, request.blob),
+            deidentified=deid.profile if (deid := self.deidentification(request)) else None,
         )
 
     async def _patient_of(self, blob: BlobRef) -> str | None:

@@ -113,3 +113,15 @@ SLO_OBJECTIVE = Gauge(
     "/ 100), by destination and lane; 1 minus it is the error budget.",
     ["destination", "lane"],
 )
+DEIDENTIFIED = Counter(
+    "radflow_forwarder_deidentified_total",
+    "Instances de-identified before delivery (DICOM PS3.15 Annex E), by destination and profile.",
+    ["destination", "profile"],
+)
+DEIDENTIFY_REFUSED = Counter(
+    "radflow_forwarder_deidentify_refused_total",
+    "Instances of a de-identifying route sent to dicom.forward.failed instead of being "
+    "delivered, by destination, profile and reason (burned_in_annotation, "
+    "cannot_deidentify, deidentification_key_missing).",
+    ["destination", "profile", "reason"],
+)

@@ -41,7 +41,8 @@ from stow_forwarder.client import StowClient
 from stow_forwarder.commitment import CommitmentBook, CommitmentListener
 from stow_forwarder.delivery import Deliverer
 from stow_forwarder.dimse import DimseClient
-from stow_forwarder.settings import ForwarderConfig
+from stow_forwarder.pseudonyms import Pseudonyms
+from stow_forwarder.settings import DeidSettings, ForwarderConfig
 from stow_forwarder.slo import ObjectiveGauges
 from stow_forwarder.unknown import unknown_destination_consumers
 
@@ -58,6 +59,23 @@ def delivered_here(rules: RuleSet) -> dict[str, Destination]:
         for name, d in rules.destinations.items()
         if d.kind is not DestinationKind.REPORT_RETURN
     }
+
+
+def pseudonyms_for(rules: RuleSet, deid: DeidSettings) -> Pseudonyms | None:
+    """The pseudonym key, when one is set.
+
+    Raises:
+        ConfigurationError: the rule file defines de-identification profiles and no key
+            is set (nothing may go out identified for want of it), or the key file
+            cannot be read.
+    """
+    key = deid.resolve()
+    if rules.profiles and key is None:
+        raise ConfigurationError(
+            "the rule file defines de-identification profiles and no pseudonym key "
+            f"is set ({deid.env_name('key')} or {deid.env_name('key_file')})"
+        )
+    return Pseudonyms(key) if key is not None else None
 
 
 @dataclass
@@ -79,6 +97,7 @@ class ForwarderService:
         self._audit = Auditor(SERVICE, self._producer, config.audit)
         self._rules = LiveRules(settings.rules_file, RULES_METRICS, audit=self._audit)
         self.running: dict[str, Running] = {}
+        self._pseudonyms: Pseudonyms | None = None
         self.commitments = CommitmentBook()
         self.commitment_listener: CommitmentListener | None = None
         self._objectives = ObjectiveGauges()
@@ -110,7 +129,13 @@ class ForwarderService:
             else StowClient(destination, settings)
         )
         deliverer = Deliverer(
-            destination, client, self._blobs, self._producer, settings, audit=self._audit
+            destination,
+            client,
+            self._blobs,
+            self._producer,
+            settings,
+            audit=self._audit,
+            pseudonyms=self._pseudonyms,
         )
         consumers = [
             EventConsumer(
@@ -145,6 +170,7 @@ class ForwarderService:
         )
         try:
             rules = self._rules.load()
+            self._pseudonyms = pseudonyms_for(rules, self._config.deid)
             built = [self._build(d) for d in delivered_here(rules).values()]
         except (RuleFileError, ConfigurationError) as exc:
             self.shell.cannot_run(

@@ -6,8 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 
+from radflow_core.errors import ConfigurationError
 from radflow_core.settings import (
     AuditSettings,
     KafkaSettings,
@@ -85,6 +86,44 @@ class ForwarderSettings(Section):
     ConfigMap update reaches pods up to a minute or two apart)."""
 
 
+class DeidSettings(Section):
+    """The key of de-identification's pseudonyms (``RADFLOW_DEID_*``)."""
+
+    prefix = "DEID_"
+
+    key: SecretStr = SecretStr("")
+    """Key of the keyed hashes (HMAC-SHA256) that make patient pseudonyms, remapped UIDs
+    and date offsets for routes with ``deidentify:``. The same on every forwarder and
+    kept for as long as pseudonyms must stay consistent (a Kubernetes Secret); changing
+    it gives every patient and UID a new pseudonym. Empty (the default) with no key
+    file: the forwarder does not start if the rule file defines de-identification
+    profiles, and a request that asks for one anyway is dead-lettered, never sent
+    identified."""
+    key_file: Path | None = None
+    """A file holding the key instead (a mounted secret; surrounding whitespace
+    ignored). Takes precedence over RADFLOW_DEID_KEY."""
+
+    def resolve(self) -> bytes | None:
+        """The key's bytes, or None when none is configured.
+
+        Raises:
+            ConfigurationError: the key file cannot be read or is empty.
+        """
+        if self.key_file is not None:
+            try:
+                text = self.key_file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ConfigurationError(
+                    f"{self.env_name('key_file')}: {self.key_file} cannot be read "
+                    f"({type(exc).__name__})"
+                ) from None
+            if not text:
+                raise ConfigurationError(f"{self.env_name('key_file')}: {self.key_file} is empty")
+            return text.encode()
+        value = self.key.get_secret_value()
+        return value.encode() if value else None
+
+
 @dataclass(frozen=True)
 class ForwarderConfig(ServiceConfig):
     forwarder: ForwarderSettings
@@ -93,6 +132,7 @@ class ForwarderConfig(ServiceConfig):
     log: LogSettings
     ops: OpsSettings
     audit: AuditSettings
+    deid: DeidSettings
 
     SECTIONS: ClassVar[tuple[type[Section], ...]] = (
         ForwarderSettings,
@@ -101,4 +141,5 @@ class ForwarderConfig(ServiceConfig):
         LogSettings,
         OpsSettings,
         AuditSettings,
+        DeidSettings,
     )

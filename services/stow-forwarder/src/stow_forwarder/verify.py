@@ -44,6 +44,7 @@ from radflow_core.kafka import EventProducer
 from radflow_core.retry import HandedBack, current_turn
 from radflow_rules.destinations import Verification
 from radflow_rules.rules import Destination
+from stow_forwarder.answer import SentAs
 from stow_forwarder.markers import MarkerBook
 from stow_forwarder.metrics import FAILED, VERIFICATION_FAILURES, VERIFIED, VERIFY_CHECKS
 from stow_forwarder.settings import ForwarderSettings
@@ -73,6 +74,8 @@ class Delivered:
     attempts: int
     source: ConsumerRecord[bytes, bytes]
     """The request's record: what a dead letter carries to be replayed as it was."""
+    sent: SentAs
+    """Its UIDs at the destination (remapped when it was de-identified)."""
 
 
 @dataclass
@@ -189,7 +192,7 @@ class Verifier:
 
     async def _by_qido(self, delivered: list[Delivered], client: Searchable) -> None:
         turn = current_turn()
-        pending = {d.request.sop_instance_uid: d for d in delivered}
+        pending = {d.sent.sop_instance_uid: d for d in delivered}
         checks: dict[str, int] = dict.fromkeys(pending, 0)
         unanswered: dict[str, str] = {}
         start = time.monotonic()
@@ -199,7 +202,7 @@ class Verifier:
                 raise HandedBack("handed back while waiting to verify deliveries")
             series: dict[tuple[str, str], list[Delivered]] = {}
             for d in pending.values():
-                key = (d.request.study_instance_uid, d.request.series_instance_uid)
+                key = (d.sent.study_instance_uid, d.sent.series_instance_uid)
                 series.setdefault(key, []).append(d)
             for (study, series_uid), items in series.items():
                 VERIFY_CHECKS.labels(self.destination.name).inc()
@@ -207,10 +210,10 @@ class Verifier:
                     held = await client.instances_held(study, series_uid)
                 except VerificationUnanswered as exc:
                     for d in items:
-                        unanswered[d.request.sop_instance_uid] = str(exc)
+                        unanswered[d.sent.sop_instance_uid] = str(exc)
                     continue
                 for d in items:
-                    uid = d.request.sop_instance_uid
+                    uid = d.sent.sop_instance_uid
                     checks[uid] += 1
                     unanswered.pop(uid, None)
                     sop_class = held.get(uid)
@@ -244,7 +247,7 @@ class Verifier:
             )
 
     async def _by_commitment(self, delivered: list[Delivered], client: Committing) -> None:
-        items = [(d.request.sop_instance_uid, d.request.sop_class_uid) for d in delivered]
+        items = [(d.sent.sop_instance_uid, d.request.sop_class_uid) for d in delivered]
         VERIFY_CHECKS.labels(self.destination.name).inc()
         try:
             report = await _unless_handed_back(client.commit(items))
@@ -253,7 +256,7 @@ class Verifier:
                 await self._unanswered(d, str(exc))
             return
         for d in delivered:
-            uid = d.request.sop_instance_uid
+            uid = d.sent.sop_instance_uid
             if report.held.get(uid) == d.request.sop_class_uid:
                 await self._verified(
                     d, VerificationMethod.STORAGE_COMMITMENT, 1, report.transaction_uid
