@@ -268,6 +268,16 @@ class InstancePreview(InstanceIdentity):
     """1-based frame numbers of the original the preview holds."""
     derived_at: AwareDatetime
     """When transcode stored the preview (UTC)."""
+    original: BlobRef
+    """The original as received: the router reads its header when a rule needs an
+    attribute the event does not carry, so a preview is routed as its original."""
+    instance_number: int | None = None
+    """(0020,0013) Instance Number of the original (None when absent): with
+    ``original_frames`` what a rule's ``preview:`` selection is decided on."""
+    original_frames: int = Field(default=1, ge=1)
+    """(0028,0008) Number of Frames of the original (1 for a single-frame image)."""
+    routing: RoutingAttributes | None = None
+    """The original's header attributes rules read most (as in its normalized event)."""
 
 
 class Lane(StrEnum):
@@ -292,15 +302,20 @@ LANES = (Lane.STAT, Lane.ROUTINE)
 
 
 class ForwardRequested(InstanceIdentity):
-    """``dicom.forward.requested`` v1 (and ``.stat``): deliver one instance to one
+    """``dicom.forward.requested`` v2 (and ``.stat``): deliver one instance to one
     destination.
+
+    v2 (from v1): ``preview_of``, set on the request of a lossy preview, so that the
+    ledger and analytics tell previews from diagnostic instances. v1 records are still
+    read (as v2 without ``preview_of``: v1 routers sent no previews).
 
     Published on ``dicom.forward.requested`` for the routine lane and on
     ``dicom.forward.requested.stat`` for the STAT lane; the payload is the same.
     """
 
     type_name: ClassVar[str] = "dicom.forward.requested"
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2
+    reads: ClassVar[tuple[int, ...]] = (1,)
 
     destination: str
     """Name of the destination as defined in the rule file."""
@@ -327,6 +342,10 @@ class ForwardRequested(InstanceIdentity):
     """Set when the request was held until the study (or series) was complete."""
     routed_at: AwareDatetime
     """When the router decided (UTC); for a delayed study, when it was released."""
+    preview_of: PreviewOf | None = None
+    """Set when the instance is a lossy preview (v2): the original it was derived from.
+    A preview is not a diagnostic instance: the ledger does not count it in a study's
+    delivery. None for every diagnostic instance (and in a v1 event)."""
 
 
 class Delivery(InstanceIdentity):
