@@ -40,3 +40,9 @@ RULES_RELOADS = Counter(
     "Rule file changes seen, by outcome (applied, rejected).",
     ["outcome"],
 )
+PREVIEWS = Counter(
+    "radflow_router_previews_total",
+    "Lossy previews read from dicom.instance.preview, by outcome: routed (to at least "
+    "one destination) or unwanted (no rule in force asks for this preview).",
+    ["outcome"],
+)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import io
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.pixels.utils import pixel_array
-from pydicom.uid import UID, JPEGBaseline8Bit, generate_uid
+from pydicom.uid import UID, JPEGBaseline8Bit
 
 from radflow_codecs.codecs import UndecodablePixelData, UnreadableDataset
 from radflow_core.errors import PipelineError
@@ -54,6 +55,8 @@ _DROPPED = (
     "NumberOfFrames",
     "FrameIncrementPointer",
 )
+_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_OID, f"{IMPLEMENTATION_CLASS_UID}.preview")
+"""radflow's namespace for preview UIDs."""
 _KEPT_0028 = ("BurnedInAnnotation", "RecognizableVisualFeatures")
 """Group 0028 elements that describe what the image shows, not how it is stored."""
 
@@ -80,14 +83,12 @@ class PreviewMade:
 def preview_uids(
     sop_instance_uid: str, original_sha256: str, series_uid: str, frame: int
 ) -> tuple[str, str]:
-    """(SOP Instance UID, Series Instance UID) of a preview: the same original bytes and
-    frame always give the same UIDs; all previews of one series share one series."""
-    instance = generate_uid(
-        prefix=None,
-        entropy_srcs=["radflow-preview-1", sop_instance_uid, original_sha256, str(frame)],
-    )
-    series = generate_uid(prefix=None, entropy_srcs=["radflow-preview-series-1", series_uid])
-    return str(instance), str(series)
+    """(SOP Instance UID, Series Instance UID) of a preview, as 2.25 UIDs of name-based
+    UUIDs (RFC 9562 version 5): the same original bytes and frame always give the same
+    UIDs, and all previews of one series share one preview series."""
+    instance = uuid.uuid5(_NAMESPACE, f"instance|{sop_instance_uid}|{original_sha256}|{frame}")
+    series = uuid.uuid5(_NAMESPACE, f"series|{series_uid}")
+    return f"2.25.{instance.int}", f"2.25.{series.int}"
 
 
 def make_previews(

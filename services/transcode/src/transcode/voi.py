@@ -61,8 +61,8 @@ def _frame_item(ds: Dataset, frame_index: int, sequence: str) -> Dataset | None:
     ):
         items = ds.get(groups)
         if items and index < len(items) and sequence in items[index]:
-            found = items[index][sequence]
-            if len(found):
+            found = items[index][sequence].value
+            if found:
                 item: Dataset = found[0]
                 return item
     return None
@@ -116,7 +116,12 @@ def voi_lut(values: np.ndarray, item: Dataset) -> np.ndarray:
     above the last the last; the output's bit depth (descriptor value 3) scales to 255."""
     entries, first, bits = (int(v) for v in item.LUTDescriptor)
     data = item.LUTData
-    table = np.asarray(data if isinstance(data, list | tuple) else [data], dtype=np.float64)
+    if isinstance(data, bytes):  # OW: 16-bit words, little endian
+        table = np.frombuffer(data, dtype="<u2").astype(np.float64)
+    elif isinstance(data, MultiValue | list | tuple):
+        table = np.asarray(list(data), dtype=np.float64)
+    else:
+        table = np.asarray([data], dtype=np.float64)
     if entries == 0:
         entries = 65536
     table = table[:entries]
