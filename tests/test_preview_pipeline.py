@@ -1,6 +1,7 @@
 """Lossy previews through the real pipeline (ingest → transcode → router → forwarder →
 Orthanc): each series' preview reaches the reading side first, as a derived lossy
-instance DCMTK reads; the full lossless series follows, pixel-identical; the ledger
+instance DCMTK reads; the full lossless series follows, pixel-identical; a preview that
+cannot be made is dead-lettered without holding its instance back; the ledger
 announces the study without counting the previews."""
 
 from __future__ import annotations
@@ -96,7 +97,23 @@ def test_previews_reach_the_reading_side_first_and_the_lossless_study_follows_un
     ):
         service.wait_ready()
     study = generate_uid()
-    originals = series(tmp_path, study, 3) + series(tmp_path, study, 3)
+    # A palette colour image without its palette: losslessly normalized as it is, but
+    # it cannot be shown, so it gets no preview.
+    unshowable = make_instance(
+        tmp_path / "palette.dcm",
+        study_instance_uid=study,
+        rows=32,
+        columns=32,
+        extra={
+            "InstanceNumber": 1,
+            "PhotometricInterpretation": "PALETTE COLOR",
+            "BitsAllocated": 8,
+            "BitsStored": 8,
+            "HighBit": 7,
+            "PixelData": bytes(range(256)) * 4,
+        },
+    )
+    originals = series(tmp_path, study, 3) + series(tmp_path, study, 3) + [unshowable]
     store(ingest, originals)
 
     wait_for("two previews at Orthanc", lambda: orthanc.count() == 2, timeout_s=60)
@@ -134,7 +151,10 @@ def test_previews_reach_the_reading_side_first_and_the_lossless_study_follows_un
     assert {r["data"]["sop_instance_uid"] for r in requests} == set(previews)
     assert all(r["data"]["preview_of"] is not None for r in requests)
 
-    wait_for("the full study at Orthanc", lambda: orthanc.count() == 8, timeout_s=60)
+    (letter,) = [e["data"] for e in stack.events(Topic.INSTANCE_FAILED)]
+    assert letter["reason"] == "preview_failed"
+    assert pydicom.dcmread(unshowable).SOPInstanceUID in letter["original_value"]
+    wait_for("the full study at Orthanc", lambda: orthanc.count() == 9, timeout_s=60)
     for path in originals:
         sent = pydicom.dcmread(path)
         got = pydicom.dcmread(BytesIO(orthanc.file(sent.SOPInstanceUID)))
@@ -148,5 +168,6 @@ def test_previews_reach_the_reading_side_first_and_the_lossless_study_follows_un
         timeout_s=30,
     )
     (delivered,) = stack.events(Topic.STUDY_DELIVERED)
-    assert delivered["data"]["instances"] == 6, "previews are not diagnostic instances"
+    assert delivered["data"]["instances"] == 7, "previews are not diagnostic instances"
     assert metric(transcode.url, "radflow_transcode_previews_total", outcome="made") == 2
+    assert metric(transcode.url, "radflow_transcode_previews_total", outcome="preview_failed") == 1
