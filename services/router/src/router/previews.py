@@ -39,6 +39,9 @@ from router.routing import idempotency_key
 
 log = logging.getLogger(__name__)
 
+GROUP_SUFFIX = ".preview"
+"""The previews' consumer group is ``<RADFLOW_ROUTER_GROUP_ID>.preview``."""
+
 
 def preview_request(
     preview: InstancePreview, rules: RuleSet, route: Route, now: datetime

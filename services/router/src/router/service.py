@@ -40,6 +40,7 @@ from radflow_rules.live import LiveRules, RulesMetrics
 from radflow_rules.loader import RuleFileError
 from router import metrics
 from router.pending import PendingStudies
+from router.previews import GROUP_SUFFIX as PREVIEW_GROUP_SUFFIX
 from router.previews import PreviewRouter
 from router.routing import Router
 from router.settings import RouterConfig
@@ -126,7 +127,7 @@ class RouterService:
             EventConsumer(
                 kafka,
                 service=SERVICE,
-                group_id=f"{settings.group_id}.preview",
+                group_id=settings.group_id + PREVIEW_GROUP_SUFFIX,
                 topics=[kafka.topic(Topic.INSTANCE_PREVIEW)],
                 model=InstancePreview,
                 handler=previews.handle,
