@@ -8,6 +8,8 @@ from datetime import UTC, datetime
 
 from radflow_core.events import InstancePreview, Lane, PreviewOf, Sender
 from radflow_rules.loader import load_text
+from radflow_rules.rules import Instance, evaluate
+from router.explain import describe
 from router.previews import PreviewRouter, preview_request
 from router.routing import idempotency_key
 
@@ -90,3 +92,17 @@ def test_a_preview_request_is_stat_never_held_and_marked_as_a_preview() -> None:
     assert reading.requested_transfer_syntax_uid == "1.2.840.10008.1.2.4.50"
     assert reading.idempotency_key == idempotency_key("2.25.1", "a" * 64, "reading")
     assert requests["lossless-only"].requested_transfer_syntax_uid == "1.2.840.10008.1.2.4.80"
+
+
+def test_explain_says_which_destinations_get_a_preview_ahead() -> None:
+    decision = evaluate(
+        RULES,
+        Instance({"modality": "CT", "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2"}),
+        datetime.now(UTC),
+    )
+    text = describe("ct.dcm", decision)
+    assert (
+        "-> reading [routine, wait for study complete (60s quiet)] + lossy preview (every 2) ahead, stat by ct-preview"
+        in text
+    )
+    assert "-> archive [routine] by ct-archive" in text

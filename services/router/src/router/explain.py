@@ -37,8 +37,14 @@ def describe(name: str, decision: Decision) -> str:
             if route.wait
             else ""
         )
+        preview = (
+            f" + lossy preview ({', '.join(str(p) for p in route.previews)}) ahead, stat"
+            if route.previews
+            else ""
+        )
         lines.append(
-            f"  -> {route.destination} [{route.lane.value}{wait}] by {', '.join(route.rules)}"
+            f"  -> {route.destination} [{route.lane.value}{wait}]{preview} "
+            f"by {', '.join(route.rules)}"
         )
     if decision.hold:
         lines.append(f"  -> HOLD: {decision.hold}")
