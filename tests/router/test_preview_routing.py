@@ -102,7 +102,7 @@ def test_explain_says_which_destinations_get_a_preview_ahead() -> None:
     )
     text = describe("ct.dcm", decision)
     assert (
-        "-> reading [routine, wait for study complete (60s quiet)] + lossy preview (every 2) ahead, stat by ct-preview"
-        in text
+        "-> reading [routine, wait for study complete (60s quiet)]"
+        " + lossy preview (every 2) ahead, stat by ct-preview" in text
     )
     assert "-> archive [routine] by ct-archive" in text
