@@ -17,6 +17,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from radflow_core.topics import Topic
+from radflow_devstack.kit.dcmtk import storescu
 from radflow_devstack.kit.rules_file import write_rules
 from radflow_devstack.kit.waiting import wait_for
 from radflow_devstack.processes import ManagedProcess
@@ -61,13 +62,7 @@ def series(tmp_path: Path, study: str, count: int) -> list[Path]:
 
 
 def store(ingest: IngestProcess, paths: list[Path]) -> None:
-    done = subprocess.run(
-        ["storescu", "-aec", "RADFLOW", "127.0.0.1", str(ingest.dimse_port), *map(str, paths)],
-        capture_output=True,
-        text=True,
-        env={"TCP_NODELAY": "1"},
-        check=False,
-    )
+    done = storescu(ingest.dimse_port, *paths)
     assert done.returncode == 0, done.stderr
 
 
