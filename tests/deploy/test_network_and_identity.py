@@ -18,6 +18,7 @@ from radflow_core import events
 from radflow_core.events import Lane
 from radflow_core.topics import STAT_LANE, Topic
 from report_return.settings import ReportReturnSettings
+from router.previews import GROUP_SUFFIX as PREVIEW_GROUP_SUFFIX
 from router.settings import RouterSettings
 from stow_forwarder.settings import ForwarderSettings
 from transcode.settings import TranscodeSettings
@@ -38,7 +39,8 @@ GROUPS: dict[str, tuple[set[str], set[str]]] = {
         set(),
     ),
     "radflow-router": (
-        {lane.group(RouterSettings.model_fields["group_id"].default) for lane in Lane},
+        {lane.group(RouterSettings.model_fields["group_id"].default) for lane in Lane}
+        | {RouterSettings.model_fields["group_id"].default + PREVIEW_GROUP_SUFFIX},
         set(),
     ),
     "radflow-stow-forwarder": (

@@ -14,6 +14,7 @@ from radflow_core.events import (
     ForwardRequested,
     ForwardVerified,
     Lane,
+    PreviewOf,
     Sender,
     VerificationMethod,
 )
@@ -239,3 +240,58 @@ def test_only_studies_with_something_on_its_way_or_to_publish_are_watched() -> N
     study.mark = Mark(study_instance_uid=STUDY, revision=1, entries=2, published_at=T0)
     assert not study.watched(frozenset()), "published"
     assert study.watched(frozenset({"pacs"})), "where verification is on, not arrived yet"
+
+
+def preview_request(sop: str, destination: str, at: datetime = T0) -> ForwardRequested:
+    original = request(sop, destination, at)
+    return original.model_copy(
+        update={
+            "lane": Lane.STAT,
+            "preview_of": PreviewOf(
+                sop_instance_uid=f"{STUDY}.1.999",
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                series_instance_uid=f"{STUDY}.1",
+            ),
+        }
+    )
+
+
+def test_a_preview_never_holds_a_study_back_nor_counts_as_a_diagnostic_instance() -> None:
+    book = Book()
+    book.apply(0, request("1", "pacs"), T0)
+    book.apply(0, preview_request("900", "pacs"), T0)
+    book.apply(0, completed("1", "pacs", T0), T0)
+    study = book.get(0, STUDY)
+    assert study is not None
+    later = T0 + timedelta(hours=1)
+    event = study.delivered(frozenset(), later, QUIET)
+    assert event is not None, "the preview, never delivered, does not hold the study back"
+    assert event.instances == 1
+    assert [(d.destination, d.instances) for d in event.destinations] == [("pacs", 1)]
+    assert study.entries[_key("900", "pacs")].preview
+
+
+def test_a_preview_outcome_read_before_its_request_waits_for_the_request_like_any() -> None:
+    book = Book()
+    book.apply(0, request("1", "pacs"), T0)
+    book.apply(0, completed("1", "pacs", T0), T0)
+    book.apply(0, completed("900", "pacs", T0), T0)
+    study = book.get(0, STUDY)
+    assert study is not None
+    later = T0 + timedelta(hours=1)
+    assert study.delivered(frozenset(), later, QUIET) is None
+    book.apply(0, preview_request("900", "pacs"), T0)
+    event = study.delivered(frozenset(), later, QUIET)
+    assert event is not None and event.instances == 1
+    book.apply(0, request("2", "pacs"), T0)
+    assert study.watched(frozenset()), "a diagnostic instance on its way keeps it watched"
+
+
+def test_a_study_of_previews_alone_is_never_announced_delivered() -> None:
+    book = Book()
+    book.apply(0, preview_request("900", "pacs"), T0)
+    book.apply(0, completed("900", "pacs", T0), T0)
+    study = book.get(0, STUDY)
+    assert study is not None
+    assert study.delivered(frozenset(), T0 + timedelta(hours=1), QUIET) is None
+    assert not study.watched(frozenset())

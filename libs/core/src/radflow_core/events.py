@@ -282,6 +282,16 @@ class InstancePreview(InstanceIdentity):
     """1-based frame numbers of the original the preview holds."""
     derived_at: AwareDatetime
     """When transcode stored the preview (UTC)."""
+    original: BlobRef
+    """The original as received: the router reads its header when a rule needs an
+    attribute the event does not carry, so a preview is routed as its original."""
+    instance_number: int | None = None
+    """(0020,0013) Instance Number of the original (None when absent): with
+    ``original_frames`` what a rule's ``preview:`` selection is decided on."""
+    original_frames: int = Field(default=1, ge=1)
+    """(0028,0008) Number of Frames of the original (1 for a single-frame image)."""
+    routing: RoutingAttributes | None = None
+    """The original's header attributes rules read most (as in its normalized event)."""
 
 
 class Lane(StrEnum):
@@ -349,8 +359,10 @@ class ForwardRequested(InstanceIdentity):
     Published on ``dicom.forward.requested`` for the routine lane and on
     ``dicom.forward.requested.stat`` for the STAT lane; the payload is the same.
 
-    v2 (from v1): ``deidentify``, the de-identification to apply before delivery. v1
-    records are still read (as v2 without de-identification: v1 routers had none).
+    v2 (from v1): ``deidentify``, the de-identification to apply before delivery, and
+    ``preview_of``, set on the request of a lossy preview so that the ledger and
+    analytics tell previews from diagnostic instances. v1 records are still read (as
+    v2 without either: v1 routers neither de-identified nor sent previews).
     """
 
     type_name: ClassVar[str] = "dicom.forward.requested"
@@ -388,6 +400,10 @@ class ForwardRequested(InstanceIdentity):
     """De-identify the instance just before delivering it (v2); None: deliver it as
     stored. The identity fields above stay the original's (the pipeline's own
     bookkeeping); only the destination sees the remapped UIDs."""
+    preview_of: PreviewOf | None = None
+    """Set when the instance is a lossy preview (v2): the original it was derived from.
+    A preview is not a diagnostic instance: the ledger does not count it in a study's
+    delivery. None for every diagnostic instance (and in a v1 event)."""
 
 
 class Delivery(InstanceIdentity):

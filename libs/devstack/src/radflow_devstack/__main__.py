@@ -236,7 +236,11 @@ def run_stack(args: argparse.Namespace) -> int:
         service(
             "transcode",
             "transcode",
-            {**env, "RADFLOW_TRANSCODE_HTTP_PORT": str(args.transcode_port)},
+            {
+                **env,
+                "RADFLOW_TRANSCODE_HTTP_PORT": str(args.transcode_port),
+                "RADFLOW_TRANSCODE_RULES_FILE": str(rules),  # its preview: options
+            },
             args.transcode_port,
         )
         print(f"transcode metrics {transcode_http}/metrics")

@@ -51,6 +51,8 @@ from radflow_rules.rules import (
     Level,
     Matches,
     Not,
+    PreviewKind,
+    PreviewSelection,
     Rule,
     RuleSet,
     Slo,
@@ -75,7 +77,7 @@ EVENT_ATTRIBUTES = {
 ``order_*`` ones: the instance's order, :mod:`radflow_rules.orders`)."""
 _TAG = re.compile(r"^\(([0-9A-Fa-f]{4}),([0-9A-Fa-f]{4})\)$")
 _WINDOW = re.compile(r"^(\d\d):(\d\d)-(\d\d):(\d\d)$")
-_RULE_KEYS = {"name", "when", "route", "lane", "wait_for_study_complete", "continue"}
+_RULE_KEYS = {"name", "when", "route", "lane", "wait_for_study_complete", "continue", "preview"}
 _DEID_RULE_KEYS = {"deidentify", "accept_burned_in"}
 _TOP_KEYS = {"version", "timezone", "destinations", "rules", "default", "stat", "deidentification"}
 _COMMON_DEST_KEYS = {"kind", "transfer_syntaxes", "max_batch", "priority"}
@@ -502,7 +504,17 @@ class _RuleReader(YamlReader):
         stop = True
         if "continue" in fields:
             stop = not self.boolean(fields["continue"], "continue")
-        rule = Rule(name, when, tuple(route), lane, wait, stop, node.start_mark.line + 1)
+        preview = self.preview(fields["preview"], name) if "preview" in fields else None
+        reports = [d for d in route if destinations[d].kind is DestinationKind.REPORT_RETURN]
+        if preview is not None and reports:
+            self.fail(
+                fields["preview"],
+                f"rule {name!r} asks for previews but routes to {', '.join(reports)} "
+                "(report-return takes Structured Reports, not images)",
+            )
+        rule = Rule(
+            name, when, tuple(route), lane, wait, stop, node.start_mark.line + 1, preview=preview
+        )
         return self.rule_deidentification(rule, fields, destinations)
 
     def rule_deidentification(
@@ -573,6 +585,30 @@ class _RuleReader(YamlReader):
             )
             return None
         return self.profiles[name]
+
+    def preview(self, node: Node, rule: str) -> PreviewSelection | None:
+        """``preview: first``, ``preview: key-frames`` or ``preview: {every: N}``."""
+        expected = "expected preview: first, preview: key-frames or preview: {every: N}"
+        if isinstance(node, MappingNode):
+            fields = self.mapping(node, f"preview of rule {rule!r}") or {}
+            self.unknown_keys(fields, {"every"}, f"preview of rule {rule!r}")
+            if "every" not in fields:
+                self.fail(node, f"preview of rule {rule!r} names no selection ({expected})")
+                return None
+            text = self.scalar(fields["every"], "every") or ""
+            if not text.isdigit() or int(text) < 1:
+                self.fail(
+                    fields["every"],
+                    f"preview of rule {rule!r}: every must be a whole number >= 1 (got {text!r})",
+                )
+                return None
+            return PreviewSelection(PreviewKind.EVERY, int(text))
+        kind = self.scalar(node, "preview")
+        if kind not in (PreviewKind.FIRST.value, PreviewKind.KEY_FRAMES.value):
+            if kind is not None:
+                self.fail(node, f"rule {rule!r}: unknown preview {kind!r} ({expected})")
+            return None
+        return PreviewSelection(PreviewKind(kind))
 
     def route(
         self, node: Node | None, owner: Node, destinations: dict[str, Destination], what: str

@@ -259,6 +259,52 @@ class StudyComplete:
     level: Level
 
 
+class PreviewKind(StrEnum):
+    FIRST = "first"
+    KEY_FRAMES = "key-frames"
+    EVERY = "every"
+
+
+@dataclass(frozen=True)
+class PreviewSelection:
+    """Which images of a series get a lossy preview (``preview:`` on a rule).
+
+    Decided from the instance alone (its Instance Number and Number of Frames), so
+    every transcode replica and the router agree without sharing state. An *image* is
+    a single-frame instance or one frame of a multi-frame instance.
+
+    - ``first``: frame 1 of the instance numbered 1 (or 0, for modalities that count
+      from zero);
+    - ``key-frames``: as ``first`` for single-frame instances; the first, middle and
+      last frame of every multi-frame instance;
+    - ``every: N``: single-frame instances numbered 1, 1+N, 1+2N, ...; frames 1, 1+N,
+      ... of every multi-frame instance.
+
+    An instance without an Instance Number cannot be placed in its series: it gets a
+    preview of its first frame (too many previews rather than none).
+    """
+
+    kind: PreviewKind = PreviewKind.FIRST
+    every: int = 1
+
+    def frames(self, instance_number: int | None, frame_count: int) -> tuple[int, ...]:
+        """1-based frames of this instance to preview (empty: none)."""
+        count = max(frame_count, 1)
+        if instance_number is None:
+            return (1,)
+        first_of_series = instance_number in (0, 1)
+        if count > 1 and self.kind is PreviewKind.KEY_FRAMES:
+            return tuple(sorted({1, (count + 1) // 2, count}))
+        if count > 1 and self.kind is PreviewKind.EVERY:
+            return tuple(range(1, count + 1, self.every))
+        if self.kind is PreviewKind.EVERY:
+            return (1,) if first_of_series or (instance_number - 1) % self.every == 0 else ()
+        return (1,) if first_of_series else ()
+
+    def __str__(self) -> str:
+        return f"every {self.every}" if self.kind is PreviewKind.EVERY else self.kind.value
+
+
 @dataclass(frozen=True)
 class Rule:
     name: str
@@ -274,6 +320,9 @@ class Rule:
     accept_burned_in: bool = False
     """``accept_burned_in: true``: de-identified instances with burned-in annotation
     may go (the rule's author has checked the pixel data is clean)."""
+    preview: PreviewSelection | None = None
+    """Send a lossy preview of the selected images to the rule's destinations, in the
+    STAT lane, ahead of the full series (which still follows as the rule says)."""
 
 
 @dataclass(frozen=True)
@@ -325,6 +374,15 @@ class Route:
     deidentify: Deidentify | None = None
     """De-identification before delivery: the stricter of what every rule routing here
     and the destination ask for; one de-identifying rule is enough."""
+    previews: tuple[PreviewSelection, ...] = ()
+    """The preview selections of the rules that routed here (none: no previews)."""
+
+    def preview_frames(self, instance_number: int | None, frame_count: int) -> tuple[int, ...]:
+        """Frames of the instance whose preview this destination wants."""
+        wanted: set[int] = set()
+        for selection in self.previews:
+            wanted.update(selection.frames(instance_number, frame_count))
+        return tuple(sorted(wanted))
 
 
 @dataclass(frozen=True)
@@ -349,16 +407,22 @@ def evaluate(rules: RuleSet, instance: Instance, at: datetime) -> Decision:
             lane = _lane(rule.lane, instance, destination)
             deid = for_route(rule.deidentify, destination.deidentify, rule.accept_burned_in)
             previous = routes.get(name)
+            previews = (rule.preview,) if rule.preview is not None else ()
             if previous is None:
-                routes[name] = Route(name, lane, rule.wait, (rule.name,), deid)
+                routes[name] = Route(name, lane, rule.wait, (rule.name,), deid, previews)
             else:  # several rules to one destination: one request, STAT wins, first wait
-                # wins, de-identification wins (the stricter of two)
+                # wins, de-identification wins (the stricter of two), previews add up
                 best = Lane.STAT if Lane.STAT in (previous.lane, lane) else Lane.ROUTINE
                 both = previous.deidentify
                 if deid is not None:
                     both = deid.combine(previous.deidentify)
                 routes[name] = Route(
-                    name, best, previous.wait or rule.wait, (*previous.rules, rule.name), both
+                    name,
+                    best,
+                    previous.wait or rule.wait,
+                    (*previous.rules, rule.name),
+                    both,
+                    (*previous.previews, *previews),
                 )
         if rule.stop:
             break

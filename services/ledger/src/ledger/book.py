@@ -76,6 +76,9 @@ class Entry(BaseModel):
     seen_at: AwareDatetime
     """When the ledger last changed this entry (its clock): for the quiet period and
     for forgetting old studies."""
+    preview: bool = False
+    """The request was for a lossy preview (``preview_of``): delivered and tracked like
+    any request, but not a diagnostic instance, so not part of the study's delivery."""
 
     @property
     def status(self) -> Status:
@@ -112,6 +115,8 @@ class Entry(BaseModel):
         if isinstance(fact, ForwardRequested):
             if self.routed_at is None or fact.routed_at < self.routed_at:
                 changes["routed_at"] = fact.routed_at
+            if fact.preview_of is not None and not self.preview:
+                changes["preview"] = True
         elif isinstance(fact, ForwardCompleted):
             if self.delivered_at is None or fact.delivered_at > self.delivered_at:
                 changes["delivered_at"] = fact.delivered_at
@@ -204,54 +209,64 @@ class Study:
         if self.last_seen is None or entry.seen_at > self.last_seen:
             self.last_seen = entry.seen_at
 
+    def diagnostic(self) -> list[Entry]:
+        """The entries of diagnostic instances: every one but lossy previews'. A preview
+        neither holds a study's delivery back nor counts in it. (An outcome read before
+        its request counts until the request says it was a preview.)"""
+        return [e for e in self.entries.values() if not e.preview]
+
     def watched(self, verify: frozenset[str]) -> bool:
         """Whether the tick must look at it again: an entry still on its way (neither
-        reached nor failed, so it may become overdue), or all reached and not yet
-        published with this many entries. Any other study changes only with a new fact."""
+        reached nor failed, so it may become overdue; previews too), or every diagnostic
+        entry reached and not yet published with this many. Any other study changes
+        only with a new fact."""
         reached = 0
         for entry in self.entries.values():
             if entry.reached(entry.destination in verify):
-                reached += 1
+                reached += not entry.preview
             elif entry.status is not Status.FAILED:
                 return True
-        published = self.mark is not None and self.mark.entries >= len(self.entries)
-        return reached == len(self.entries) and not published
+        diagnostic = len(self.diagnostic())
+        published = self.mark is not None and self.mark.entries >= diagnostic
+        return bool(diagnostic) and reached == diagnostic and not published
 
-    def destinations(self) -> dict[str, list[Entry]]:
+    def destinations(self, diagnostic: bool = False) -> dict[str, list[Entry]]:
+        """Entries by destination (``diagnostic``: previews left out)."""
         found: dict[str, list[Entry]] = {}
-        for entry in self.entries.values():
+        for entry in self.diagnostic() if diagnostic else self.entries.values():
             found.setdefault(entry.destination, []).append(entry)
         return dict(sorted(found.items()))
 
     def delivered(
         self, verify: frozenset[str], now: datetime, quiet: timedelta
     ) -> StudyDelivered | None:
-        """The ``dicom.study.delivered`` event due now, if one is: every entry's request
-        seen and reached, nothing changed for ``quiet``, and more entries than the last
-        published one."""
-        if not self.entries:
+        """The ``dicom.study.delivered`` event due now, if one is: every diagnostic
+        entry's request seen and reached, nothing changed for ``quiet``, and more
+        diagnostic entries than the last published one. Previews are left out."""
+        entries = self.diagnostic()
+        if not entries:
             return None
-        if any(e.routed_at is None for e in self.entries.values()):
+        if any(e.routed_at is None for e in entries):
             return None  # an outcome read before its request: the requests are behind
-        if not all(e.reached(e.destination in verify) for e in self.entries.values()):
+        if not all(e.reached(e.destination in verify) for e in entries):
             return None
         if self.last_seen is None or now - self.last_seen < quiet:
             return None
-        if self.mark is not None and self.mark.entries >= len(self.entries):
+        if self.mark is not None and self.mark.entries >= len(entries):
             return None
-        routed = [e.routed_at for e in self.entries.values() if e.routed_at is not None]
-        reached = [e.reached_at() for e in self.entries.values()]
+        routed = [e.routed_at for e in entries if e.routed_at is not None]
+        reached = [e.reached_at() for e in entries]
         return StudyDelivered(
             study_instance_uid=self.uid,
             revision=(self.mark.revision + 1) if self.mark else 1,
-            instances=len({e.sop_instance_uid for e in self.entries.values()}),
+            instances=len({e.sop_instance_uid for e in entries}),
             destinations=tuple(
                 DestinationTally(
                     destination=name,
-                    instances=len(entries),
-                    verified=name in verify or any(e.verification for e in entries),
+                    instances=len(listed),
+                    verified=name in verify or any(e.verification for e in listed),
                 )
-                for name, entries in self.destinations().items()
+                for name, listed in self.destinations(diagnostic=True).items()
             ),
             first_routed_at=min(routed, default=None),
             last_reached_at=max(t for t in reached if t is not None),

@@ -221,7 +221,7 @@ class LedgerService:
         mark = Mark(
             study_instance_uid=study.uid,
             revision=event.revision,
-            entries=len(study.entries),
+            entries=len(study.diagnostic()),
             published_at=now,
         )
         await self._changelog.write_mark(partition, mark)
@@ -269,7 +269,8 @@ class LedgerService:
         return web.json_response(
             {
                 "study_instance_uid": uid,
-                "instances": len({e.sop_instance_uid for e in study.entries.values()}),
+                "instances": len({e.sop_instance_uid for e in study.diagnostic()}),
+                "previews": len({e.sop_instance_uid for e in study.entries.values() if e.preview}),
                 "destinations": destinations,
                 "delivered": None
                 if mark is None
@@ -342,6 +343,7 @@ def _instance(entry: Entry, verify: bool, now: datetime, after: timedelta) -> di
         "verified_at": iso(entry.verified_at),
         "failed_at": iso(entry.failed_at),
         "failure": entry.failure,
+        "preview": entry.preview,
         "age_s": None
         if entry.routed_at is None
         else round((now - entry.routed_at).total_seconds()),

@@ -15,14 +15,17 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from radflow_core.errors import PipelineError
-from radflow_core.events import InstanceIdentity, InstanceNormalized, WorklistItem
-from radflow_core.instance_header import (
-    ATTRIBUTE_TEXT_LIMIT,
-    ROUTING_KEYWORDS,
-    requested_procedure_priority,
+from radflow_core.events import (
+    InstanceIdentity,
+    InstanceNormalized,
+    InstancePreview,
+    RoutingAttributes,
+    WorklistItem,
 )
-from radflow_rules.orders import ORDER_ATTRIBUTES, is_stat_order, order_attributes
+from radflow_core.instance_header import ROUTING_KEYWORDS
+from radflow_rules.orders import ORDER_ATTRIBUTES
 from radflow_rules.rules import Instance, RuleSet
+from radflow_rules.view import header_attributes, instance_view
 
 EVENT_FIELDS = frozenset(
     {
@@ -45,8 +48,6 @@ EVENT_FIELDS = frozenset(
 table, not the header); rules on these need no header."""
 ROUTING_FIELDS = EVENT_FIELDS | frozenset(ROUTING_KEYWORDS)
 """Attributes a v2 normalized event carries (``routing``)."""
-_SKIPPED_VR = frozenset({"SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN"})
-_MAX_VALUE = ATTRIBUTE_TEXT_LIMIT
 
 
 class UnreadableHeader(PipelineError):
@@ -56,7 +57,7 @@ class UnreadableHeader(PipelineError):
     reason = "unreadable_header"
 
 
-def needs_header(rules: RuleSet, event: InstanceNormalized | None = None) -> bool:
+def needs_header(rules: RuleSet, event: InstanceNormalized | InstancePreview | None = None) -> bool:
     """True when a condition reads an attribute the event does not carry, or (v1
     event, or no event: ``explain``) the STAT policy looks at Requested Procedure
     Priority."""
@@ -85,68 +86,18 @@ def parse_header(file: BinaryIO) -> Dataset:
     return ds
 
 
-def header_attributes(ds: Dataset) -> dict[str, str | None]:
-    """Every top-level text attribute by keyword, and the requested procedure priority.
-
-    Patient demographics (group 0010) are left out: rules route on the study, not on
-    who the patient is, and explain output must be safe to paste into a ticket.
-    """
-    values: dict[str, str | None] = {}
-    for elem in ds:
-        if elem.tag.group == 0x0010 or not elem.keyword or elem.VR in _SKIPPED_VR:
-            continue
-        try:
-            value = elem.value
-        except Exception:  # noqa: BLE001 - one undecodable value does not stop routing
-            value = None
-        values[elem.keyword] = None if value is None else str(value)[:_MAX_VALUE]
-    if not values.get("RequestedProcedurePriority"):
-        values["RequestedProcedurePriority"] = requested_procedure_priority(ds)
-    return values
-
-
-def instance_view(
-    rules: RuleSet,
-    header: dict[str, str | None],
-    *,
-    modality: str | None,
-    body_part_examined: str | None,
-    sop_class_uid: str | None,
-    calling_ae: str | None,
-    called_ae: str | None,
-    sender_identity: str | None,
-    dimse_priority: str | None,
-    order: WorklistItem | None = None,
-) -> Instance:
-    """Header attributes overlaid with the event's fields (what ingest validated and
-    who the sender authenticated as) and the instance's order, if one is known. A STAT
-    order makes the instance STAT, as the ``stat:`` policy does."""
-    attributes = dict(header)
-    attributes.update(order_attributes(order))
-    attributes.update(
-        {
-            "modality": modality,
-            "body_part_examined": body_part_examined,
-            "sop_class_uid": sop_class_uid,
-            "calling_ae": calling_ae,
-            "called_ae": called_ae,
-            "sender_identity": sender_identity,
-        }
-    )
-    stat = rules.stat.is_stat(attributes, dimse_priority) or is_stat_order(order)
-    return Instance(attributes, stat)
-
-
 def event_view(
     rules: RuleSet,
     event: InstanceIdentity,
     header: Dataset | None,
     order: WorklistItem | None = None,
+    routing: RoutingAttributes | None = None,
 ) -> Instance:
     """The running router's view of one normalized event: the header's attributes
-    when it was read, overlaid with what the event carries and its order."""
+    when it was read, overlaid with what the event carries (``routing``: the event's
+    own, else the one given) and its order."""
     attributes = header_attributes(header) if header is not None else {}
-    routing = getattr(event, "routing", None)
+    routing = getattr(event, "routing", None) or routing
     if routing is not None:
         attributes.update(routing.by_keyword())
     attributes.update(

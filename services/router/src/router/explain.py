@@ -43,8 +43,14 @@ def describe(name: str, decision: Decision) -> str:
             options = ", ".join(sorted(profile.options)) or "basic profile only"
             burned = ", burned-in accepted" if route.deidentify.accept_burned_in else ""
             deid = f", de-identified: {profile.name} ({options}{burned})"
+        preview = (
+            f" + lossy preview ({', '.join(str(p) for p in route.previews)}) ahead, stat"
+            if route.previews
+            else ""
+        )
         lines.append(
-            f"  -> {route.destination} [{route.lane.value}{wait}{deid}] by {', '.join(route.rules)}"
+            f"  -> {route.destination} [{route.lane.value}{wait}{deid}]{preview} "
+            f"by {', '.join(route.rules)}"
         )
     if decision.hold:
         lines.append(f"  -> HOLD: {decision.hold}")

@@ -59,3 +59,9 @@ RULES_RELOADS = Counter(
 
 for _lane in ("stat", "routine"):
     ORDER_MATCHES.labels(_lane)  # from 0, so that increase() counts the first match
+PREVIEWS = Counter(
+    "radflow_router_previews_total",
+    "Lossy previews read from dicom.instance.preview, by outcome: routed (to at least "
+    "one destination) or unwanted (no rule in force asks for this preview).",
+    ["outcome"],
+)

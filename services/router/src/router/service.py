@@ -5,7 +5,9 @@ watcher.
 The STAT lane reads ``dicom.instance.normalized.stat`` (consumer group
 ``<group>.stat``) beside the routine lane, so a STAT instance is never behind a
 routine backlog; the two lanes share the rules and the producer, and each keeps its
-studies waiting to be complete in its own changelog.
+studies waiting to be complete in its own changelog. Lossy previews
+(``dicom.instance.preview``, group ``<group>.preview``) have a consumer of their own
+and always leave in the STAT lane, never held.
 
 It does not start on an invalid rule file (exit 3 with every problem logged); once
 running, an invalid change never stops it. On SIGTERM the consumers finish the
@@ -24,7 +26,13 @@ from aiokafka import TopicPartition
 from radflow_core.audit import Auditor
 from radflow_core.blobstore import BlobStore
 from radflow_core.consumer import EventConsumer
-from radflow_core.events import LANES, ForwardRequested, InstanceNormalized, Lane
+from radflow_core.events import (
+    LANES,
+    ForwardRequested,
+    InstanceNormalized,
+    InstancePreview,
+    Lane,
+)
 from radflow_core.kafka import EventProducer
 from radflow_core.order_table import OrderTable, OrderTableMetrics
 from radflow_core.shell import Shell
@@ -33,6 +41,8 @@ from radflow_rules.live import LiveRules, RulesMetrics
 from radflow_rules.loader import RuleFileError
 from router import metrics
 from router.pending import PendingStudies
+from router.previews import GROUP_SUFFIX as PREVIEW_GROUP_SUFFIX
+from router.previews import PreviewRouter
 from router.routing import Router
 from router.settings import RouterConfig
 
@@ -125,6 +135,19 @@ class RouterService:
                 ),
                 graceful=True,
             )
+        previews = PreviewRouter(self._rules, self._blobs, self._emit, settings.header_limit_bytes)
+        self.shell.consume(
+            EventConsumer(
+                kafka,
+                service=SERVICE,
+                group_id=settings.group_id + PREVIEW_GROUP_SUFFIX,
+                topics=[kafka.topic(Topic.INSTANCE_PREVIEW)],
+                model=InstancePreview,
+                handler=previews.handle,
+                producer=self._producer,
+                dead_letter_topic=kafka.topic(Topic.INSTANCE_FAILED),
+            )
+        )
         self.shell.loop(
             "rule file watcher", functools.partial(self._rules.watch, settings.reload_interval_s)
         )

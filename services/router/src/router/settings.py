@@ -38,7 +38,8 @@ class RouterSettings(Section):
     http_port: int = Field(default=8082, ge=0, le=65535)
     """Port of the operations endpoint."""
     group_id: str = "radflow-router"
-    """Kafka consumer group of the routine lane; the STAT lane's is '<group_id>.stat'."""
+    """Kafka consumer group of the routine lane; the STAT lane's is '<group_id>.stat',
+    the lossy previews' '<group_id>.preview'."""
 
 
 @dataclass(frozen=True)

@@ -46,8 +46,10 @@ from transcode.window import Window
 
 log = logging.getLogger(__name__)
 
-Work = Callable[[InstanceReceived, bool], Awaitable[None]]
-"""Normalize one instance; the flag says whether it may have been done before."""
+Work = Callable[[InstanceReceived, bool, Callable[[str, str], Awaitable[None]]], Awaitable[None]]
+"""Normalize one instance; the flag says whether it may have been done before; the
+callable dead-letters its record with (reason, message) for a preview that cannot be
+made, while the instance itself goes on."""
 REPLAY_WINDOW = 200
 """Offsets after a partition's first record since it was assigned that another
 process may have settled without committing: it commits after each fetch, and a
@@ -166,7 +168,11 @@ class InFlight:
         while True:
             attempt += 1
             try:
-                await self._work(received, may_be_done)
+                await self._work(
+                    received,
+                    may_be_done,
+                    functools.partial(self._dead_letter, record, retriable=False, attempts=1),
+                )
                 self._degraded = False
             except PipelineError as exc:
                 self._degraded = self._degraded or exc.retriable

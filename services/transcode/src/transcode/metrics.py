@@ -27,3 +27,28 @@ IN_FLIGHT = Gauge(
     "radflow_transcode_in_flight",
     "Instances being normalized now (at most RADFLOW_TRANSCODE_CONCURRENCY).",
 )
+PREVIEWS = Counter(
+    "radflow_transcode_previews_total",
+    "Lossy preview instances, by outcome: made, or the reason none could be made.",
+    ["outcome"],
+)
+PREVIEW_BYTES = Counter(
+    "radflow_transcode_preview_bytes_total", "Bytes of preview instances stored."
+)
+PREVIEW_RATIO = Histogram(
+    "radflow_transcode_preview_compression_ratio",
+    "Lossy Image Compression Ratio of each preview (uncompressed frame / JPEG).",
+    buckets=(2, 4, 6, 8, 10, 15, 20, 30, 50, 100),
+)
+RULES_GENERATION = Gauge(
+    "radflow_transcode_rules_generation",
+    "Rule-file versions applied since start (transcode reads its preview options).",
+)
+RULES_VALID = Gauge(
+    "radflow_transcode_rules_valid",
+    "1 while the rule file in force is the file on disk (or none is configured); 0 after "
+    "a rejected change or while no valid file was seen (no previews are made then).",
+)
+RULES_RELOADS = Counter(
+    "radflow_transcode_rules_reloads_total", "Rule-file changes, by outcome.", ["outcome"]
+)

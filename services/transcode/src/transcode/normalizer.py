@@ -47,6 +47,7 @@ from radflow_core.events import (
 from radflow_core.kafka import EventProducer
 from transcode import metrics
 from transcode.pool import CodecPool
+from transcode.previews import Failed, Previews
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +77,12 @@ class Normalizer:
         target: Target,
         codecs: CodecPool,
         lane: Lane = Lane.ROUTINE,
+        previews: Previews | None = None,
     ) -> None:
         """``lane``: the lane of the received events this normalizer is given; their
-        normalized events go to the same lane, and STAT ones go first in the codecs."""
+        normalized events go to the same lane, and STAT ones go first in the codecs.
+        ``previews``: makes the lossy previews the rule file asks for (none without)."""
+        self._previews = previews
         self._blobs = blobs
         self._producer = producer
         self._target = target
@@ -87,9 +91,16 @@ class Normalizer:
         self._done: OrderedDict[str, None] = OrderedDict()
         """Markers written lately, oldest first."""
 
-    async def normalize(self, received: InstanceReceived, may_be_done: bool = True) -> None:
+    async def normalize(
+        self,
+        received: InstanceReceived,
+        may_be_done: bool = True,
+        failed: Failed | None = None,
+    ) -> None:
         """Store the canonical variant, publish its event, then mark the instance done.
-        ``may_be_done``: ask for the marker first (a replay is possible).
+        ``may_be_done``: ask for the marker first (a replay is possible). Previews, if
+        any, are announced before the normalized event, so they travel ahead of it;
+        ``failed`` dead-letters a preview that cannot be made (the instance goes on).
 
         Raises:
             PipelineError: retriable (S3 or broker unreachable) or not (the reason
@@ -127,6 +138,10 @@ class Normalizer:
                     )
                 raise
             canonical = await self._store(received, result, dst)
+            if self._previews is not None and failed is not None:
+                await self._previews.make(
+                    received, result, src, Path(tmp) / "previews", self._lane, failed
+                )
         event = self._event(received, result, canonical)
         await self._producer.publish(event, key=event.key, lane=self._lane)
         await self._blobs.put_bytes(marker, b"", NORMALIZED_MARKER, check_existing=False)

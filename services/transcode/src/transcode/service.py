@@ -14,6 +14,7 @@ then the producer flushes.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
@@ -27,6 +28,7 @@ from radflow_core.topics import Topic
 from transcode.inflight import InFlight
 from transcode.normalizer import Normalizer
 from transcode.pool import CodecPool
+from transcode.previews import PreviewRules, Previews
 from transcode.settings import TranscodeConfig
 
 log = logging.getLogger(__name__)
@@ -54,9 +56,17 @@ class TranscodeService:
         self.health = self.shell.health
         self.failed = self.shell.failed
         dead_letter_topic = config.kafka.topic(Topic.INSTANCE_FAILED)
+        self._preview_rules = PreviewRules(settings.rules_file)
+        previews = Previews(
+            self._preview_rules,
+            self._blobs,
+            self._producer,
+            self._codecs,
+            settings.preview_quality,
+        )
         for lane in LANES:
             normalizer = Normalizer(
-                self._blobs, self._producer, settings.target, self._codecs, lane
+                self._blobs, self._producer, settings.target, self._codecs, lane, previews
             )
             inflight = InFlight(
                 normalizer.normalize,
@@ -80,6 +90,10 @@ class TranscodeService:
                     dead_letter_topic=dead_letter_topic,
                 )
             )
+        self.shell.loop(
+            "rule file watcher",
+            functools.partial(self._preview_rules.watch, settings.reload_interval_s),
+        )
         self.shell.on_close(self._close_codecs)
 
     async def start(self) -> None:
@@ -89,6 +103,7 @@ class TranscodeService:
         asyncio.get_running_loop().set_default_executor(
             ThreadPoolExecutor(4 * settings.concurrency + 4, thread_name_prefix="transcode-io")
         )
+        self._preview_rules.load()
         await self.shell.start()
 
     async def _close_codecs(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 from pydantic import Field
@@ -42,6 +43,15 @@ class TranscodeSettings(Section):
     """Port of the operations endpoint."""
     group_id: str = "radflow-transcode"
     """Kafka consumer group of the routine lane; the STAT lane's is '<group_id>.stat'."""
+    rules_file: Path | None = None
+    """The router's rule file: an instance that a rule with 'preview:' routes, and that
+    the rule's selection picks, gets a lossy preview instance (dicom.instance.preview).
+    Unset: no previews. Invalid: logged, no previews until a valid file is seen (the
+    lossless path never waits for it)."""
+    reload_interval_s: float = Field(default=2.0, gt=0, le=3600)
+    """How often the rule file is checked for changes (by content)."""
+    preview_quality: int = Field(default=85, ge=10, le=95)
+    """JPEG quality of previews (10-95, Pillow's scale; default 85: about 10:1 on CT)."""
 
 
 @dataclass(frozen=True)
