@@ -68,7 +68,9 @@ class Segment:
         parts = reps[0].split(self.delimiters.component)
         if component > len(parts):
             return ""
-        return unescape(parts[component - 1].split(self.delimiters.subcomponent)[0], self.delimiters).strip()
+        return unescape(
+            parts[component - 1].split(self.delimiters.subcomponent)[0], self.delimiters
+        ).strip()
 
     def components(self, field: int, repetition: str | None = None) -> list[str]:
         """Every component of the first repetition (or of ``repetition``), unescaped."""

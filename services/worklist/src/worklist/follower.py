@@ -14,6 +14,7 @@ import asyncio
 import logging
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
 
 from radflow_core.blobstore import BlobStore
 from radflow_core.compacted import partitions_of, read_latest, reader
@@ -61,7 +62,7 @@ class TopicFollower:
         except PipelineError:
             await consumer.stop()
             raise
-        except Exception as exc:
+        except KafkaError as exc:
             await consumer.stop()
             raise BrokerUnavailable(f"cannot read {self._topic}: {type(exc).__name__}") from exc
         self._consumer = consumer
@@ -84,7 +85,7 @@ class TopicFollower:
         while not stopping.is_set():
             try:
                 batches = await consumer.getmany(*self._partitions, timeout_ms=500)
-            except Exception as exc:  # the broker away: aiokafka reconnects by itself
+            except KafkaError as exc:  # the broker away: aiokafka reconnects by itself
                 log.warning("worklist.items not readable now", extra={"reason": type(exc).__name__})
                 await asyncio.sleep(1)
                 continue
@@ -98,9 +99,16 @@ class TopicFollower:
                     await self._apply_retrying(record.key, record.value, stopping)
 
     async def close(self) -> None:
-        if self._consumer is not None:
-            await self._consumer.stop()
-            self._consumer = None
+        """Stop reading; safe twice. A broker that is gone makes aiokafka's fetcher
+        end cancelled: that is the end wanted, not an error of the stop."""
+        consumer, self._consumer = self._consumer, None
+        if consumer is None:
+            return
+        try:
+            async with asyncio.timeout(5):
+                await consumer.stop()
+        except (asyncio.CancelledError, TimeoutError, KafkaError) as exc:
+            log.info("topic reader closed", extra={"reason": type(exc).__name__})
 
     async def _apply_retrying(self, key: bytes, value: bytes, stopping: asyncio.Event) -> None:
         delay = 0.5
@@ -109,7 +117,9 @@ class TopicFollower:
                 await self._apply(key, value)
                 return
             except BlobStoreUnavailable as exc:
-                log.warning("order document not readable now; retrying", extra={"reason": exc.reason})
+                log.warning(
+                    "order document not readable now; retrying", extra={"reason": exc.reason}
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
@@ -123,7 +133,7 @@ class TopicFollower:
         try:
             item = decode(value, WorklistItem).data
         except EventDecodeError as exc:
-            log.error("worklist.items record not readable; skipped", extra={"reason": str(exc)})
+            log.exception("worklist.items record not readable; skipped", extra={"reason": str(exc)})
             return
         if self._view.document_sha(key) == item.document.sha256:
             return
@@ -133,13 +143,13 @@ class TopicFollower:
         except BlobStoreUnavailable:
             raise
         except PipelineError as exc:
-            log.error(
+            log.exception(
                 "order document unusable; step left out",
                 extra={"site": item.site, "step_id": item.step_id, "reason": exc.reason},
             )
             return
         except ValueError as exc:
-            log.error(
+            log.exception(
                 "order document not valid; step left out",
                 extra={"site": item.site, "step_id": item.step_id, "reason": type(exc).__name__},
             )

@@ -24,8 +24,8 @@ from radflow_core.kafka import EventProducer
 from radflow_core.order_document import OrderDocument
 from worklist import metrics
 from worklist.ack import build_ack
-from worklist.orders import Action, AckCode, Change, Header, Refused, read_header, read_message
 from worklist.er7 import Delimiters
+from worklist.orders import AckCode, Action, Change, Header, Refused, read_header, read_message
 from worklist.sites import Sites
 from worklist.view import MergedView
 
@@ -90,8 +90,9 @@ class Intake:
                 extra={"site": intake.site.name, "reason": exc.reason},
             )
             refused = Refused(
-                AckCode.AE, 207, "worklist temporarily unavailable (blob store or broker); "
-                "send again"
+                AckCode.AE,
+                207,
+                "worklist temporarily unavailable (blob store or broker); send again",
             )
             return self._answer(intake.header, message_type, AckCode.AE, refused)
         log.info(

@@ -26,6 +26,7 @@ from collections.abc import Iterable
 
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 
 from radflow_core.events import OrderPriority
@@ -103,9 +104,7 @@ def item_dataset(doc: OrderDocument) -> Dataset:
 
 
 def _wildcard(pattern: str, case_insensitive: bool) -> re.Pattern[str]:
-    body = "".join(
-        ".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern
-    )
+    body = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
     return re.compile(f"^{body}$", re.DOTALL | (re.IGNORECASE if case_insensitive else 0))
 
 
@@ -132,9 +131,7 @@ def _text(elem: DataElement) -> str:
     value = elem.value
     if value is None:
         return ""
-    if isinstance(value, list | tuple) or hasattr(value, "__iter__") and not isinstance(
-        value, str
-    ):
+    if isinstance(value, MultiValue | list | tuple):
         return "\\".join(str(v) for v in value)
     return str(value)
 

@@ -224,7 +224,10 @@ def _order(
         action = Action.UPSERT
     else:
         raise Refused(
-            AckCode.AE, 103, "ORC-1 order control not supported (NW, XO, SC, CA, DC)", f"ORC^{number}^1"
+            AckCode.AE,
+            103,
+            "ORC-1 order control not supported (NW, XO, SC, CA, DC)",
+            f"ORC^{number}^1",
         )
     accession, issuer = _accession(obr, ipcs, site, number)
     ref = order_ref(accession, issuer, key)
@@ -241,7 +244,7 @@ def _order(
         raise Refused(AckCode.AE, 101, "PID segment missing", "PID")
     started = status == "IP"
     common = _common(obr, orc, tq1, zds, ipcs, pid, site, accession, issuer, ref, number, now)
-    steps = ipcs or [None]
+    steps: list[Segment | None] = [*ipcs] or [None]
     changes = []
     for index, ipc in enumerate(steps, start=1):
         step = _step(obr, orc, tq1, ipc, pv1, index, number, started)
@@ -340,12 +343,7 @@ def _step(
     number: int,
     started: bool,
 ) -> ScheduledStep:
-    start = (
-        (tq1.value(7) if tq1 else "")
-        or obr.value(27, 4)
-        or orc.value(7, 4)
-        or obr.value(36)
-    )
+    start = (tq1.value(7) if tq1 else "") or obr.value(27, 4) or orc.value(7, 4) or obr.value(36)
     if not start:
         raise Refused(
             AckCode.AE,
@@ -365,7 +363,8 @@ def _step(
     protocol = None
     if ipc is not None and ipc.value(6):
         protocol = CodedConcept(
-            code=ipc.value(6)[:64], meaning=(ipc.value(6, 2) or ipc.value(6))[:64],
+            code=ipc.value(6)[:64],
+            meaning=(ipc.value(6, 2) or ipc.value(6))[:64],
             scheme=ipc.value(6, 3)[:16],
         )
     return ScheduledStep(
@@ -384,10 +383,12 @@ def _step(
 
 
 def _coded(segment: Segment, number: int) -> CodedConcept | None:
-    parts = segment.components(number) + ["", "", ""]
+    parts = [*segment.components(number), "", "", ""]
     if not parts[0]:
         return None
-    return CodedConcept(code=parts[0][:64], meaning=(parts[1] or parts[0])[:64], scheme=parts[2][:16])
+    return CodedConcept(
+        code=parts[0][:64], meaning=(parts[1] or parts[0])[:64], scheme=parts[2][:16]
+    )
 
 
 def _priority(tq1: Segment | None, orc: Segment, obr: Segment) -> OrderPriority:

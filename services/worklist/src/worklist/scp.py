@@ -18,7 +18,10 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import ModalityWorklistInformationFind, Verification
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    ModalityWorklistInformationFind,
+    Verification,
+)
 from pynetdicom.transport import ThreadedAssociationServer
 
 from worklist import metrics
@@ -130,7 +133,7 @@ class WorklistScp:
                             site.character_set, answer
                         )
                         answers.append(answer)
-            except Exception as exc:  # a query pydicom cannot read
+            except Exception as exc:  # noqa: BLE001 - a query pydicom cannot read: refused
                 log.warning(
                     "worklist query not answerable",
                     extra={"calling_ae": calling, "reason": type(exc).__name__},

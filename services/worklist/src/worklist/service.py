@@ -106,7 +106,9 @@ class WorklistService:
         try:
             await self._open_doors()
         except (OSError, TlsFilesUnusable) as exc:
-            self.shell.cannot_run("cannot open the worklist's listeners", [f"{type(exc).__name__}: {exc}"])
+            self.shell.cannot_run(
+                "cannot open the worklist's listeners", [f"{type(exc).__name__}: {exc}"]
+            )
             return
         self._restored.set()
         gauges = asyncio.create_task(self._gauge(stopping))

@@ -167,8 +167,11 @@ class _Reader(YamlReader):
             return None
         facility = self.scalar(fields["sending_facility"], "sending_facility") or ""
         if not _HD.match(facility):
-            self.fail(fields["sending_facility"], f"{what}: sending_facility must be 1-180 "
-                      "characters without | ^ ~ \\ & or line breaks")
+            self.fail(
+                fields["sending_facility"],
+                f"{what}: sending_facility must be 1-180 "
+                "characters without | ^ ~ \\ & or line breaks",
+            )
         values: dict[str, object] = {"name": name, "sending_facility": facility}
         if "sending_applications" in fields:
             values["sending_applications"] = self.names(
