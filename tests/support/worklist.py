@@ -58,7 +58,7 @@ class Order:
     def er7(self) -> str:
         msh = (
             f"MSH|^~\\&|{self.application}|{self.facility}|RADFLOW|RADFLOW|20261202101500||"
-            f"{self.message_type}|{self.control_id}|P|2.5.1|||||||{self.charset}"
+            f"{self.message_type}|{self.control_id}|P|2.5.1||||||{self.charset}"
         ).rstrip("|")
         segments = [
             msh,
