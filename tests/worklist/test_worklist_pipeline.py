@@ -4,14 +4,18 @@ from DCMTK's findscu and pynetdicom, the real broker and S3 server."""
 from __future__ import annotations
 
 import hashlib
+import socket
+import ssl
 import time
 from pathlib import Path
 
 import pytest
 from pydicom.dataset import Dataset
 
+from radflow_core.tls import client_context
 from radflow_core.topics import Topic
 from radflow_devstack.parts import prepare, start_broker
+from radflow_devstack.pki import development_pki
 from radflow_devstack.processes import free_port
 from support.stack import IngestProcess, Stack, make_stack
 from support.worklist import SITES, Order, ack_code, ack_text, findscu, query, send
@@ -38,7 +42,7 @@ def accessions(found: list[Dataset]) -> list[str]:
 def test_an_order_is_acknowledged_aa_and_its_step_is_on_the_topic_without_phi(
     start_worklist, stack: Stack, tmp_path: Path
 ) -> None:
-    _, mllp, dimse = start(start_worklist, tmp_path)
+    proc, mllp, dimse = start(start_worklist, tmp_path)
     ack = send(mllp, Order("ACC100", patient_name="Müller^Jörg").er7())
     assert ack_code(ack) == "AA"
     assert str(ack.segment("MSA")[2]) == "MSG0001"
@@ -57,6 +61,12 @@ def test_an_order_is_acknowledged_aa_and_its_step_is_on_the_topic_without_phi(
     (found,) = query(dimse, "CT_A", accession="ACC100")
     assert str(found.PatientName) == "Müller^Jörg"
     assert found.SpecificCharacterSet == "ISO_IR 192"
+    refused = send(mllp, Order("ACC101", patient_name="Müller^Jörg", start="bad").er7())
+    assert ack_code(refused) == "AE"
+    log = proc.log()
+    assert "order accepted" in log and "order refused" in log
+    for phi in ("ACC10", "MRN123", "Müller", "19700101"):
+        assert phi not in log
 
 
 def test_invalid_orders_get_ae_or_ar_with_the_reason(
@@ -207,3 +217,41 @@ def test_no_aa_while_the_broker_cannot_take_the_order(
         assert accessions(query(dimse, "CT_A")) == ["ACC1"]
     finally:
         broker.kill()
+
+
+def test_orders_over_tls_need_a_client_certificate_of_the_ca(
+    start_worklist, stack: Stack, tmp_path: Path
+) -> None:
+    pki = development_pki(tmp_path / "tls")
+    _, mllp, dimse = start(
+        start_worklist,
+        tmp_path,
+        mllp_tls_cert_file=str(pki.server.cert),
+        mllp_tls_key_file=str(pki.server.key),
+        mllp_tls_client_ca_file=str(pki.ca_file),
+    )
+    context = client_context(
+        ca_file=pki.ca_file, cert_file=pki.client.cert, key_file=pki.client.key
+    )
+    answer = _tls_exchange(mllp, Order("TLS1").er7().encode(), context)
+    assert b"MSA|AA|MSG0001" in answer
+    assert accessions(query(dimse, "CT_A")) == ["TLS1"]
+    anonymous = client_context(ca_file=pki.ca_file)
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        _tls_exchange(mllp, Order("TLS2").er7().encode(), anonymous)
+    assert accessions(query(dimse, "CT_A")) == ["TLS1"]
+
+
+def _tls_exchange(port: int, message: bytes, context: ssl.SSLContext) -> bytes:
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as sock,
+    ):
+        sock.sendall(b"\x0b" + message + b"\x1c\x0d")
+        answer = b""
+        while not answer.endswith(b"\x1c\x0d"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed before an answer")
+            answer += chunk
+        return answer
