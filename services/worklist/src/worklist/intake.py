@@ -67,7 +67,7 @@ class Intake:
         try:
             header = read_header(data)
         except Refused as exc:
-            return self._answer(Header(Delimiters()), "unknown", AckCode.AR, exc)
+            return self._answer(Header(Delimiters()), "other", AckCode.AR, exc)
         message_type = (
             f"{header.message_code}^{header.trigger}"
             if header.message_code in ("ORM", "OMI")
@@ -110,7 +110,8 @@ class Intake:
     def _answer(
         self, header: Header, message_type: str, code: AckCode, refused: Refused | None
     ) -> bytes:
-        metrics.ORDERS.labels(message_type, code.value).inc()
+        site = self._sites.sender(header.sending_facility, header.sending_application)
+        metrics.ORDERS.labels(site.name if site else "unknown", message_type, code.value).inc()
         if refused is not None:
             log.warning(
                 "order refused",
@@ -121,6 +122,7 @@ class Intake:
                     "reason": refused.text,
                     "message_type": message_type,
                     "control_id": header.control_id,
+                    "site": site.name if site else "unknown",
                 },
             )
         return build_ack(header, code, refused)

@@ -6,9 +6,9 @@ from prometheus_client import Counter, Gauge, Histogram
 
 ORDERS = Counter(
     "radflow_worklist_orders_total",
-    "HL7 order messages received, by message type (ORM^O01, OMI^O23, other) and the "
-    "acknowledgement they got (AA, AE, AR).",
-    ["message_type", "ack"],
+    "HL7 order messages received, by sending site (unknown: not in the sites file), "
+    "message type (ORM^O01, OMI^O23, other) and the acknowledgement they got (AA, AE, AR).",
+    ["site", "message_type", "ack"],
 )
 CHANGES = Counter(
     "radflow_worklist_item_changes_total",

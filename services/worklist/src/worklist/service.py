@@ -73,6 +73,10 @@ class WorklistService:
             self._sites = None
             self.shell.cannot_run("sites file unusable", str(exc).splitlines())
             return
+        for name in [*self._sites.by_name, "unknown"]:  # from 0, so increase() sees the first
+            for message_type in ("ORM^O01", "OMI^O23"):
+                for ack in AckCode:
+                    metrics.ORDERS.labels(name, message_type, ack.value)
         self.shell.loop("worklist", self._run, graceful=True)
         self.shell.on_drain(self._close_doors)
         self.shell.on_close(self._follower.close)
