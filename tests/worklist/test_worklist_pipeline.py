@@ -142,7 +142,7 @@ def test_findscu_and_pynetdicom_match_wildcards_dates_station_and_modality(
     assert "PatientID" not in answer  # not asked: not returned
 
 
-def test_a_cancelled_or_completed_order_disappears(
+def test_a_cancelled_completed_or_changed_order_leaves_the_worklist(
     start_worklist, stack: Stack, tmp_path: Path
 ) -> None:
     _, mllp, dimse = start(start_worklist, tmp_path)
@@ -155,6 +155,16 @@ def test_a_cancelled_or_completed_order_disappears(
     records = stack.events(Topic.WORKLIST_ITEMS)
     assert len([r for r in records if r is not None]) == 3
     assert records.count(None) == 2  # the cancel and the completion: tombstones
+    two = Order("ACC4", step_id="S2", control_id="M4b")
+    assert ack_code(send(mllp, Order("ACC4", step_id="S1", control_id="M4a").er7())) == "AA"
+    assert ack_code(send(mllp, two.er7())) == "AA"
+    assert accessions(query(dimse, "CT_A")) == ["ACC3", "ACC4", "ACC4"]
+    changed = Order("ACC4", control="XO", step_id="S2", modality="MR", control_id="M4c")
+    assert ack_code(send(mllp, changed.er7())) == "AA"  # the change names S2 only
+    (kept,) = query(dimse, "CT_A", accession="ACC4")
+    assert kept.ScheduledProcedureStepSequence[0].ScheduledProcedureStepID == "S2"
+    assert kept.ScheduledProcedureStepSequence[0].Modality == "MR"
+    assert ack_code(send(mllp, Order("ACC4", control="CA", step_id="").er7())) == "AA"
     assert ack_code(send(mllp, Order("ACC3", control="SC", status="IP").er7())) == "AA"
     (started,) = query(dimse, "CT_A")
     assert started.ScheduledProcedureStepSequence[0].ScheduledProcedureStepID == "SPS1"
@@ -205,7 +215,9 @@ def test_no_aa_while_the_broker_cannot_take_the_order(
         assert broker.port and s3_server.port
         own = make_stack(broker.port, s3_server.port, tmp_path)
         prepare(own.kafka, own.s3, [own.topic(t) for t in Topic])
-        _, mllp, dimse = start(lambda **kw: start_worklist(stack_=own, **kw), tmp_path)
+        # Waits for the broker's ack 2 s (not the test stack's 5): the AE comes sooner.
+        quick = {"RADFLOW_KAFKA_ACK_TIMEOUT_S": "2"}
+        _, mllp, dimse = start(lambda **kw: start_worklist(stack_=own, env=quick, **kw), tmp_path)
         assert ack_code(send(mllp, Order("ACC1").er7())) == "AA"
         broker.kill()
         started = time.monotonic()

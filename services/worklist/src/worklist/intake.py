@@ -84,6 +84,7 @@ class Intake:
         try:
             for change in intake.changes:
                 await self._apply(intake.site.name, change, now)
+            await self._drop_replaced(intake.site.name, intake.changes)
         except PipelineError as exc:
             log.warning(
                 "order not announced; answered AE",
@@ -118,7 +119,7 @@ class Intake:
                 extra={
                     "ack_code": code.value,
                     "hl7_error": refused.hl7_error,
-                    "hl7_location": refused.location,
+                    "hl7_location": refused.location or "",
                     "reason": refused.text,
                     "message_type": message_type,
                     "control_id": header.control_id,
@@ -141,6 +142,20 @@ class Intake:
             await self._producer.send(self._topic, key, None)
             self._view.remove(key)
             metrics.CHANGES.labels("remove").inc()
+
+    async def _drop_replaced(self, site: str, changes: list[Change]) -> None:
+        """An XO (change order) gives the order's steps anew: its steps that the
+        message no longer names are removed (tombstones), not left on the worklist."""
+        kept: dict[str, set[str]] = {}
+        for change in changes:
+            if change.order_control == "XO" and change.action is Action.UPSERT:
+                kept.setdefault(change.order_ref, set()).add(change.step_id or "")
+        for ref, steps in kept.items():
+            for entry in self._view.of_order(site, ref):
+                if entry.item.step_id not in steps:
+                    await self._producer.send(self._topic, entry.item.key, None)
+                    self._view.remove(entry.item.key)
+                    metrics.CHANGES.labels("remove").inc()
 
     async def _upsert(
         self, site: str, ref: str, step_id: str, document: OrderDocument, now: datetime
