@@ -26,7 +26,7 @@ from radflow_core.order_document import OrderDocument, ScheduledStep
 from radflow_core.orders import order_ref
 from radflow_core.report_document import CodedConcept, Patient, PatientIdentifier, PersonName
 from worklist.er7 import Delimiters, Segment, segments
-from worklist.sites import CHARACTER_SETS, Site, Sites
+from worklist.sites import Site, Sites
 
 VERSIONS = ("2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.7.1", "2.8")
 MESSAGE_TYPES = {"ORM": "O01", "OMI": "O23"}
@@ -430,7 +430,3 @@ def _derived_uid(site: str, ref: str) -> str:
     the site and order reference (the same on every replica and every replay)."""
     digest = hashlib.sha256(f"{site}/{ref}".encode()).digest()[:16]
     return f"2.25.{int.from_bytes(digest, 'big')}"
-
-
-def codec_of(character_set: str) -> str:
-    return CHARACTER_SETS[character_set]

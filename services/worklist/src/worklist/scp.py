@@ -14,6 +14,7 @@ import logging
 import socket
 import time
 from collections.abc import Iterator
+from enum import IntEnum
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -32,11 +33,21 @@ from worklist.view import MergedView
 
 log = logging.getLogger(__name__)
 
-SUCCESS = 0x0000
-PENDING = 0xFF00
-CANCELLED = 0xFE00
-UNABLE_TO_PROCESS = 0xC000
-IDENTIFIER_DOES_NOT_MATCH = 0xA900
+
+class FindStatus(IntEnum):
+    """C-FIND response statuses (PS3.4 K.4.1.1.4) the worklist answers with."""
+
+    SUCCESS = 0x0000
+    PENDING = 0xFF00
+    """One matching step, with its identifier."""
+    CANCELLED = 0xFE00
+    """The modality sent C-CANCEL."""
+    IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+    """A query identifier that cannot be read."""
+    UNABLE_TO_PROCESS = 0xC000
+    """A calling AE title without a site (rejected at association before)."""
+
+
 _REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 """rejected-permanent, service-user, calling AE title not recognised (PS3.8 9.3.4)."""
 
@@ -66,7 +77,7 @@ class WorklistScp:
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_C_FIND, self._on_find),
-            (evt.EVT_C_ECHO, lambda _: SUCCESS),
+            (evt.EVT_C_ECHO, lambda _: int(FindStatus.SUCCESS)),
         ]
         self._server = self._ae.start_server(
             (self._settings.dimse_host, self._settings.dimse_port),
@@ -121,7 +132,7 @@ class WorklistScp:
         matched = 0
         try:
             if site is None:  # cannot happen after _on_requested; answered as a refusal
-                yield UNABLE_TO_PROCESS, None
+                yield int(FindStatus.UNABLE_TO_PROCESS), None
                 return
             try:
                 query = event.identifier
@@ -138,18 +149,18 @@ class WorklistScp:
                     "worklist query not answerable",
                     extra={"calling_ae": calling, "reason": type(exc).__name__},
                 )
-                yield IDENTIFIER_DOES_NOT_MATCH, None
+                yield int(FindStatus.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS), None
                 return
             metrics.FIND_SECONDS.observe(time.perf_counter() - started)
             for answer in answers:
                 if event.is_cancelled:
                     outcome = "cancelled"
-                    yield CANCELLED, None
+                    yield int(FindStatus.CANCELLED), None
                     return
                 matched += 1
-                yield PENDING, answer
+                yield int(FindStatus.PENDING), answer
             outcome = "success"
-            yield SUCCESS, None
+            yield int(FindStatus.SUCCESS), None
         finally:
             metrics.FIND_REQUESTS.labels(label, outcome).inc()
             metrics.FIND_MATCHES.observe(matched)
