@@ -310,11 +310,7 @@ def test_no_secret_value_is_shipped_outside_the_dev_overlay(
 ) -> None:
     secrets = [s["metadata"]["name"] for s in of_kind(objects, "Secret")]
     if overlay == "dev":
-        # Development values only: MinIO's keys and the development order reference key.
-        assert sorted(s.rsplit("-", 1)[0] for s in secrets) == [
-            "radflow-order-reference",
-            "radflow-s3",
-        ]
+        assert sorted(s.rsplit("-", 1)[0] for s in secrets) == ["radflow-order-key", "radflow-s3"]
     else:
         assert secrets == []
 
