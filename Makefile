@@ -8,15 +8,15 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.radflow-installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-PACKAGES := -e libs/core -e libs/rules -e libs/codecs -e libs/devstack -e services/ingest -e services/transcode -e services/router -e services/stow-forwarder -e services/report-return -e services/ledger
-SRC := libs/core/src libs/rules/src libs/codecs/src libs/devstack/src services/ingest/src services/transcode/src services/router/src services/stow-forwarder/src services/report-return/src services/ledger/src
+PACKAGES := -e libs/core -e libs/rules -e libs/codecs -e libs/devstack -e services/ingest -e services/transcode -e services/router -e services/stow-forwarder -e services/report-return -e services/ledger -e services/worklist
+SRC := libs/core/src libs/rules/src libs/codecs/src libs/devstack/src services/ingest/src services/transcode/src services/router/src services/stow-forwarder/src services/report-return/src services/ledger/src services/worklist/src
 
 .PHONY: install system-deps run test alert-tests lint bench faults schemas images image-contract dockerfiles constraints clean dashboard-images
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): $(PY) pyproject.toml libs/core/pyproject.toml libs/rules/pyproject.toml libs/codecs/pyproject.toml libs/devstack/pyproject.toml services/ingest/pyproject.toml services/transcode/pyproject.toml services/router/pyproject.toml services/stow-forwarder/pyproject.toml services/report-return/pyproject.toml services/ledger/pyproject.toml
+$(STAMP): $(PY) pyproject.toml libs/core/pyproject.toml libs/rules/pyproject.toml libs/codecs/pyproject.toml libs/devstack/pyproject.toml services/ingest/pyproject.toml services/transcode/pyproject.toml services/router/pyproject.toml services/stow-forwarder/pyproject.toml services/report-return/pyproject.toml services/ledger/pyproject.toml services/worklist/pyproject.toml
 	$(PIP) install -q --disable-pip-version-check $(PACKAGES) -e '.[dev]'
 	touch $@
 

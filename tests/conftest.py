@@ -240,6 +240,13 @@ def start_ledger(stack: Stack, tmp_path: Path, services: list[IngestProcess]) ->
 
 
 @pytest.fixture
+def start_worklist(stack: Stack, tmp_path: Path, services: list[IngestProcess]) -> ServiceFactory:
+    """Start ``python -m worklist`` against ``stack`` (pass sites_file=..., mllp_port=...,
+    dimse_port=...); stops it (gracefully) afterwards."""
+    return _service_factory("worklist", stack, tmp_path, services)
+
+
+@pytest.fixture
 def fleet(
     start_ingest: ServiceFactory,
     start_transcode: ServiceFactory,

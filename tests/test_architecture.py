@@ -27,6 +27,7 @@ METRIC_PREFIX = {
     "stow_forwarder": "radflow_forwarder_",
     "report_return": "radflow_report_return_",
     "ledger": "radflow_ledger_",
+    "worklist": "radflow_worklist_",
 }
 """The family name prefix each service owns; every other radflow_* family is shared
 (libs/core's radflow_kafka_*, radflow_consumer_*, radflow_blob_*, ...)."""

@@ -43,6 +43,9 @@ PORT_NAMES = (
     "forwarder",
     "report_return",
     "ledger",
+    "worklist_mllp",
+    "worklist",
+    "worklist_ops",
     "mllp",
     "orthanc",
     "orthanc_dicom",
@@ -119,6 +122,7 @@ def test_run_starts_the_stack_and_a_sent_instance_becomes_event_and_blob(tmp_pat
             return httpx.get(f"{orthanc}/statistics").json()["CountInstances"] == 1
 
         wait_for("the instance delivered to Orthanc", in_orthanc, timeout_s=90)
+        a_sent_order_is_on_the_worklist(ports, tmp_path)
 
         def in_the_ledger() -> bool:
             answer = subprocess.run(
@@ -314,3 +318,29 @@ def test_run_reports_a_killed_service_broker_and_s3_server_and_starts_them_again
     assert code == 0, text
     for name in ("stow-forwarder", "router", "tansu", "s3"):
         assert f"stopped  {name} (exit 0)" in text, text
+
+
+def a_sent_order_is_on_the_worklist(ports: dict[str, int], tmp_path: Path) -> None:
+    """The README's worklist example: an order with the devstack's ``order`` command,
+    then DCMTK's findscu -W as a modality of the site."""
+    worklist = f"http://127.0.0.1:{ports['worklist_ops']}/readyz"
+    wait_for("the worklist ready", lambda: http_status(worklist) == 200, timeout_s=60)
+    sent = _devstack_args(
+        ["order", "--port", str(ports["worklist_mllp"]), "--accession", "MAKERUN1"], {}
+    )
+    assert "MSA|AA|" in sent
+    out = tmp_path / "findscu"
+    out.mkdir()
+    found = subprocess.run(
+        [
+            *("findscu", "-W", "-aet", "CT_A", "-aec", "RADFLOW_MWL", "-X", "-od", str(out)),
+            *("-k", "AccessionNumber=MAKERUN1", "-k", "PatientName"),
+            *("127.0.0.1", str(ports["worklist"])),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert found.returncode == 0, found.stderr
+    assert len(list(out.glob("rsp*.dcm"))) == 1

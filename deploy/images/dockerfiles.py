@@ -73,6 +73,18 @@ SERVICES = {
         env_note="Operations endpoint (and the ledger's HTTP API) on all interfaces inside "
         "the pod.",
     ),
+    "worklist": Image(
+        ports=(2576, 11113, 8088),
+        env={
+            "RADFLOW_WORKLIST_MLLP_HOST": "0.0.0.0",
+            "RADFLOW_WORKLIST_DIMSE_HOST": "0.0.0.0",
+            "RADFLOW_WORKLIST_HTTP_HOST": "0.0.0.0",
+        },
+        env_note="HL7 order listener (MLLP), Modality Worklist SCP and operations endpoint "
+        "on all\ninterfaces inside the pod.",
+        mount_note="Mount the sites file (and the MLLP TLS files) and point to it:\n"
+        "  RADFLOW_WORKLIST_SITES_FILE=/etc/radflow/sites/sites.yaml",
+    ),
 }
 """Every service under services/, by directory name."""
 

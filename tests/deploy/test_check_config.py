@@ -14,6 +14,7 @@ from ingest.__main__ import main as ingest
 from report_return.__main__ import main as report_return
 from router.__main__ import main as router
 from stow_forwarder.__main__ import main as stow_forwarder
+from worklist.__main__ import main as worklist
 
 CONFIG = ROOT / "deploy" / "k8s" / "base" / "config"
 FILES: list[tuple[Callable[[list[str]], int], dict[str, Path]]] = [
@@ -27,8 +28,9 @@ FILES: list[tuple[Callable[[list[str]], int], dict[str, Path]]] = [
         },
     ),
     (ingest, {"RADFLOW_INGEST_RULES_FILE": CONFIG / "rules.yaml"}),
+    (worklist, {"RADFLOW_WORKLIST_SITES_FILE": CONFIG / "worklist-sites.yaml"}),
 ]
-IDS = ["router", "stow-forwarder", "report-return", "ingest"]
+IDS = ["router", "stow-forwarder", "report-return", "ingest", "worklist"]
 
 
 @pytest.mark.parametrize(("main", "files"), FILES, ids=IDS)

@@ -31,6 +31,7 @@ from radflow_rules.loader import load_text
 from router.settings import RouterConfig, RouterSettings
 from stow_forwarder.settings import ForwarderConfig, ForwarderSettings
 from transcode.settings import TranscodeConfig, TranscodeSettings
+from worklist.settings import WorklistConfig, WorklistSettings
 
 KUBERNETES_VERSIONS = ("1.29", "1.33")
 """Oldest and a recent Kubernetes the manifests are checked against (strict schemas)."""
@@ -43,12 +44,14 @@ SERVICES = {
     "radflow-stow-forwarder": ForwarderSettings.model_fields["http_port"].default,
     "radflow-report-return": 8084,
     "radflow-ledger": LedgerSettings.model_fields["http_port"].default,
+    "radflow-worklist": WorklistSettings.model_fields["http_port"].default,
 }
 """Deployment → its operations port (/metrics, /healthz, /readyz), named "ops"."""
 HAS_REPORT_RETURN = importlib.util.find_spec("report_return") is not None
-NOT_SCALED = {"radflow-ledger"}
-"""One replica by design (its HTTP API answers from the partitions it owns): no
-autoscaler, ``replicas: 1`` in every overlay."""
+NOT_SCALED = {"radflow-ledger": 1, "radflow-worklist": 2}
+"""Deployment → its fixed replicas (1 in dev), no autoscaler: the ledger's HTTP API
+answers from the partitions it owns; the worklist's work is connections, not a topic's
+lag, and every replica holds the whole view."""
 
 
 def _sections() -> list[type[Section]]:
@@ -58,6 +61,7 @@ def _sections() -> list[type[Section]]:
         RouterConfig,
         ForwarderConfig,
         LedgerConfig,
+        WorklistConfig,
     ]
     if HAS_REPORT_RETURN:
         from report_return.settings import ReportReturnConfig
@@ -243,7 +247,8 @@ def test_each_service_has_its_service_budget_policy_monitor_and_autoscaler(
         assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["ops"]
         scaled = [o for o in of_kind(objects, "ScaledObject") if o["metadata"]["name"] == name]
         if name in NOT_SCALED or overlay == "dev":
-            assert not scaled and named(objects, "Deployment", name)["spec"]["replicas"] == 1
+            fixed = 1 if overlay == "dev" else NOT_SCALED.get(name, 1)
+            assert not scaled and named(objects, "Deployment", name)["spec"]["replicas"] == fixed
         else:
             (one,) = scaled
             assert one["spec"]["scaleTargetRef"]["name"] == name

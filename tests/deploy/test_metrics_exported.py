@@ -31,6 +31,7 @@ from deploy.manifests import (
     scaler_queries,
     selectors,
 )
+from radflow_devstack.processes import free_port
 from support.stack import IngestProcess
 
 pytestmark = pytest.mark.pipeline
@@ -48,6 +49,7 @@ SERVICE_METRICS = (
     "router.metrics",
     "stow_forwarder.metrics",
     "ledger.metrics",
+    "worklist.metrics",
 )
 NOT_YET_EXPORTED: dict[str, str] = {}
 """Series a panel reads before the code that exports them is merged: named here so the
@@ -140,11 +142,21 @@ def report_return_in_process() -> dict[str, tuple[str, set[str]]]:
 
 @pytest.fixture
 def running(
-    start_ingest, start_transcode, start_router, start_forwarder, start_ledger, tmp_path: Path
+    start_ingest,
+    start_transcode,
+    start_router,
+    start_forwarder,
+    start_ledger,
+    start_worklist,
+    tmp_path: Path,
 ) -> list[IngestProcess]:
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES)
+    sites = K8S / "base" / "config" / "worklist-sites.yaml"  # the one the deployment ships
     return [
+        start_worklist(
+            sites_file=str(sites), mllp_port=str(free_port()), dimse_port=str(free_port())
+        ),
         start_ingest(),
         start_transcode(),
         start_router(rules_file=str(rules)),

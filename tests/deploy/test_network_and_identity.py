@@ -56,6 +56,8 @@ GROUPS: dict[str, tuple[set[str], set[str]]] = {
 """Deployment → (literal consumer groups, group prefixes), from the settings' defaults."""
 SENDER_PORTS = {"dev": {11112, 2762, 8080, 8443}, "prod": {2762, 8443}}
 """ingest's doors for senders: prod serves TLS only."""
+WORKLIST_PORTS = {2576, 11113}
+"""The worklist's doors: HL7 orders (MLLP) from the sites' RIS, C-FIND from modalities."""
 ANYWHERE = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
 
 
@@ -148,7 +150,9 @@ def test_ingress_is_only_on_the_ports_each_service_serves(overlay: str) -> None:
                 for port in rule["ports"]:
                     number = ports.get(port["port"], port["port"])
                     allowed.setdefault(number, []).extend(rule.get("from", [None]))
-        senders = SENDER_PORTS[overlay] if name == "radflow-ingest" else set()
+        senders = {"radflow-ingest": SENDER_PORTS[overlay], "radflow-worklist": WORKLIST_PORTS}.get(
+            name, set()
+        )
         assert set(allowed) == senders | {ops_port}, name
         assert allowed[ops_port] == [
             {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}

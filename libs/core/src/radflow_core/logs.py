@@ -80,6 +80,12 @@ SAFE_FIELDS = frozenset(
         "pid",
         "exit_code",
         "restarts",
+        "message_type",
+        "order_control",
+        "hl7_error",
+        "hl7_location",
+        "step_id",
+        "outcome",
     }
 )
 """Keys that may appear in a log line; patient demographics are never among them."""

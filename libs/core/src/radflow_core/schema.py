@@ -31,6 +31,7 @@ from radflow_core.events import (
     WorklistItem,
     schema_name,
 )
+from radflow_core.order_document import OrderDocument
 from radflow_core.report_document import ReportDocument
 
 PUBLISHED: tuple[type[EventModel], ...] = (
@@ -52,7 +53,7 @@ PUBLISHED: tuple[type[EventModel], ...] = (
     AuditRecorded,
 )
 
-DOCUMENTS: tuple[type[EventModel], ...] = (ReportDocument,)
+DOCUMENTS: tuple[type[EventModel], ...] = (ReportDocument, OrderDocument)
 """Documents kept in the blob store that events point at (they hold PHI, so they are
 never event payloads); their schema is published beside the events'."""
 

@@ -1,7 +1,9 @@
 """``python -m radflow_devstack``: the whole pipeline on this machine (``make run``).
 
 Starts Tansu on 127.0.0.1:9092, an S3 server on 127.0.0.1:9000 with bucket
-``radflow``, creates the topics, then starts every service with local settings.
+``radflow``, creates the topics, then starts every service with local settings (the
+worklist takes HL7 orders on 127.0.0.1:2576 and answers Modality Worklist queries as
+RADFLOW_MWL on 127.0.0.1:11113, sites in ``worklist_sites.yaml``).
 STOW-RS authentication is on: a development issuer serves its JWKS on 127.0.0.1:8086
 (key under ``.run/auth/``) and ``python -m radflow_devstack token`` prints a token
 ingest accepts; ingest's HTTPS door uses the development CA under ``.run/tls/``.
@@ -27,6 +29,8 @@ from radflow_core.settings import KafkaSettings, S3Settings
 from radflow_core.topics import Topic
 from radflow_devstack.issuer import DEV_AUDIENCE, DEV_PORT, DEV_SCOPE, Issuer, dev_issuer_url
 from radflow_devstack.issuer import ingest_env as issuer_env
+from radflow_devstack.order import add_parser as add_order_parser
+from radflow_devstack.order import order_command
 from radflow_devstack.parts import (
     LOCAL_S3_ACCESS_KEY,
     LOCAL_S3_SECRET_KEY,
@@ -48,6 +52,7 @@ from radflow_devstack.supervise import Supervisor
 
 LOCAL_RULES = Path(__file__).with_name("rules.yaml")
 LOCAL_SITES = Path(__file__).with_name("sites.yaml")
+LOCAL_WORKLIST_SITES = Path(__file__).with_name("worklist_sites.yaml")
 BROKER_BUCKET = "tansu"
 """Where a durable broker (``--durable-broker``) keeps its log on the S3 server."""
 POLL_S = 0.5
@@ -114,6 +119,11 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--ledger-port", type=int, default=8087, help="the ledger's HTTP API")
         p.add_argument("--mllp-port", type=int, default=2575, help="the stand-in RIS's port")
         p.add_argument(
+            "--worklist-mllp-port", type=int, default=2576, help="the worklist's HL7 order listener"
+        )
+        p.add_argument("--worklist-port", type=int, default=11113, help="the Modality Worklist SCP")
+        p.add_argument("--worklist-ops-port", type=int, default=8088, help="worklist's /metrics")
+        p.add_argument(
             "--prometheus-port", type=int, default=9090, help="Prometheus, with the alerts"
         )
         p.add_argument(
@@ -142,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     events.add_argument("topic", nargs="?", default=Topic.INSTANCE_RECEIVED.value)
     events.add_argument("--follow", "-f", action="store_true", help="wait for new events")
     commands.add_parser("blobs", help="list the objects in the bucket")
+    add_order_parser(commands)
     token = commands.add_parser(
         "token", help="print a bearer token make run's ingest accepts (STOW-RS)"
     )
@@ -160,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         return 0
+    if args.command == "order":
+        return order_command(args)
     environ = {**local_env(9092, 9000), **os.environ}
     if args.command == "events":
         return events_command(environ, args.topic, args.follow)
@@ -302,6 +315,18 @@ def run_stack(args: argparse.Namespace) -> int:
         }
         service("ledger", "ledger", ledger_env, args.ledger_port)
         print(f"ledger   {ledger_http}/ledger/overdue  (radflow ledger study UID, ... overdue)")
+        worklist_env = {
+            **env,
+            "RADFLOW_WORKLIST_HTTP_PORT": str(args.worklist_ops_port),
+            "RADFLOW_WORKLIST_MLLP_PORT": str(args.worklist_mllp_port),
+            "RADFLOW_WORKLIST_DIMSE_PORT": str(args.worklist_port),
+            "RADFLOW_WORKLIST_SITES_FILE": str(LOCAL_WORKLIST_SITES.resolve()),
+        }
+        service("worklist", "worklist", worklist_env, args.worklist_ops_port)
+        print(
+            f"worklist HL7 orders MLLP 127.0.0.1:{args.worklist_mllp_port}  Modality Worklist "
+            f"RADFLOW_MWL@127.0.0.1:{args.worklist_port}  sites {LOCAL_WORKLIST_SITES}"
+        )
         targets = {
             "ingest": args.ops_port,
             "transcode": args.transcode_port,
@@ -309,6 +334,7 @@ def run_stack(args: argparse.Namespace) -> int:
             "stow-forwarder": args.forwarder_port,
             "report-return": args.report_return_port,
             "ledger": args.ledger_port,
+            "worklist": args.worklist_ops_port,
         }
         alerts = find_alerts_file()
         alert_rules = plain_rules(alerts, max_for_s=args.alert_for_max) if alerts else None
@@ -322,6 +348,10 @@ def run_stack(args: argparse.Namespace) -> int:
         )
         print(f"logs     {args.log_dir}/")
         print(f"try      TCP_NODELAY=1 storescu -aec RADFLOW 127.0.0.1 {args.dimse_port} FILE.dcm")
+        print(
+            f"         findscu -W -aet CT_A -aec RADFLOW_MWL -k PatientName=* "
+            f"127.0.0.1 {args.worklist_port}   (README: sending an order)"
+        )
         print(f"         {storescu_tls_line(pki, args.dimse_tls_port)}")
         print("see      .venv/bin/python -m radflow_devstack events   (and: ... blobs)")
         print("A child that dies is reported here and started again. Ctrl-C stops everything.")
