@@ -116,3 +116,21 @@ def test_previews_to_a_report_return_destination_are_refused() -> None:
     with pytest.raises(RuleFileError) as info:
         load("rules:\n  - name: a\n    route: [ris]\n    preview: first\ndefault: {hold: x}\n")
     assert "site.yaml:9: rule 'a' asks for previews but routes to ris" in str(info.value)
+
+
+def test_previews_on_a_rule_that_reads_the_order_are_refused() -> None:
+    with pytest.raises(RuleFileError) as info:
+        load(
+            "rules:\n  - name: a\n    when: {order_priority: stat}\n    route: [reading]\n"
+            "    preview: first\ndefault: {hold: x}\n"
+        )
+    assert "site.yaml:10: rule 'a' asks for previews but its condition reads the order" in str(
+        info.value
+    )
+    # The same rule without previews, and previews on a rule of the study's own
+    # attributes after it, are fine.
+    load(
+        "rules:\n  - name: a\n    when: {order_priority: stat}\n    route: [reading]\n"
+        "    continue: true\n  - name: b\n    when: {modality: CT}\n    route: [reading]\n"
+        "    preview: first\ndefault: {hold: x}\n"
+    )

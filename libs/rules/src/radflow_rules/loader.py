@@ -109,6 +109,8 @@ class _RuleReader(YamlReader):
         super().__init__(source)
         self.zone = ZoneInfo("UTC")
         self.attributes: set[str] = set()
+        self.rule_attributes: set[str] = set()
+        """The attributes the condition of the rule being read uses."""
         self.profiles: dict[str, DeidProfile] = {}
 
     def zone_of(self, node: Node) -> ZoneInfo | None:
@@ -484,6 +486,7 @@ class _RuleReader(YamlReader):
             self.fail(node, "a rule needs a name")
             return None
         when: Condition = All(())
+        self.rule_attributes = set()
         if "when" in fields:
             when = self.condition(fields["when"]) or All(())
         route = self.route(fields.get("route"), node, destinations, f"rule {name!r}")
@@ -511,6 +514,16 @@ class _RuleReader(YamlReader):
                 fields["preview"],
                 f"rule {name!r} asks for previews but routes to {', '.join(reports)} "
                 "(report-return takes Structured Reports, not images)",
+            )
+        on_orders = sorted(self.rule_attributes & set(ORDER_ATTRIBUTES))
+        if preview is not None and on_orders:
+            # Transcode decides which previews to make and has no order table: such a
+            # rule would silently never get one.
+            self.fail(
+                fields["preview"],
+                f"rule {name!r} asks for previews but its condition reads the order "
+                f"({', '.join(on_orders)}), which previews are not matched with; "
+                "select the study by its own attributes",
             )
         rule = Rule(
             name, when, tuple(route), lane, wait, stop, node.start_mark.line + 1, preview=preview
@@ -709,6 +722,7 @@ class _RuleReader(YamlReader):
         if attribute is None:
             return None
         self.attributes.add(attribute)
+        self.rule_attributes.add(attribute)
         return self.matcher(attribute, value)
 
     def attribute(self, key: str, node: Node) -> str | None:
