@@ -106,3 +106,34 @@ def test_explain_says_which_destinations_get_a_preview_ahead() -> None:
         " + lossy preview (every 2) ahead, stat by ct-preview" in text
     )
     assert "-> archive [routine] by ct-archive" in text
+
+
+def test_a_de_identified_route_de_identifies_its_previews_too() -> None:
+    rules = load_text(
+        textwrap.dedent("""\
+        version: 1
+        deidentification:
+          research: {options: [retain_uids]}
+        destinations:
+          second-opinion: {url: "https://second.example/dicomweb"}
+        rules:
+          - name: ct-research
+            when: {modality: CT}
+            route: [second-opinion]
+            deidentify: research
+            preview: first
+        default: {hold: unrouted}
+        """),
+        "site.yaml",
+    )
+    (route,) = ROUTER.routes(preview(1), rules)
+    request = preview_request(preview(1), rules, route, datetime.now(UTC))
+    assert request.deidentify is not None and request.deidentify.profile == "research"
+    assert request.lane is Lane.STAT and request.preview_of is not None
+    plain = preview_request(
+        preview(1), RULES, ROUTER.routes(preview(1), RULES)[0], datetime.now(UTC)
+    )
+    assert plain.deidentify is None
+    assert request.idempotency_key != idempotency_key(
+        request.sop_instance_uid, request.original_sha256, request.destination
+    ), "a de-identified delivery is another delivery than the plain one"
