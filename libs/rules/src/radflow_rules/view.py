@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pydicom.dataset import Dataset
 
-from radflow_core.events import WorklistItem
+from radflow_core.events import InstanceIdentity, WorklistItem
 from radflow_core.instance_header import ATTRIBUTE_TEXT_LIMIT, requested_procedure_priority
 from radflow_rules.orders import is_stat_order, order_attributes
 from radflow_rules.rules import Instance, RuleSet
@@ -65,3 +65,37 @@ def instance_view(
     )
     stat = rules.stat.is_stat(attributes, dimse_priority) or is_stat_order(order)
     return Instance(attributes, stat)
+
+
+def event_instance(
+    rules: RuleSet,
+    event: InstanceIdentity,
+    attributes: dict[str, str | None],
+    order: WorklistItem | None = None,
+) -> Instance:
+    """``attributes`` (the header's, the routing attributes an event carries) overlaid
+    with what the event itself says of the instance and its sender: how the router
+    sees a normalized event and transcode a received one."""
+    attributes = dict(attributes)
+    attributes.update(
+        {
+            "Modality": event.modality,
+            "BodyPartExamined": event.body_part_examined,
+            "SOPClassUID": event.sop_class_uid,
+            "SOPInstanceUID": event.sop_instance_uid,
+            "StudyInstanceUID": event.study_instance_uid,
+            "SeriesInstanceUID": event.series_instance_uid,
+        }
+    )
+    return instance_view(
+        rules,
+        attributes,
+        modality=event.modality,
+        body_part_examined=event.body_part_examined,
+        sop_class_uid=event.sop_class_uid,
+        calling_ae=event.sender.calling_ae,
+        called_ae=event.sender.called_ae,
+        sender_identity=event.sender.identity,
+        dimse_priority=event.priority.value,
+        order=order,
+    )

@@ -25,7 +25,7 @@ from radflow_core.events import (
 from radflow_core.instance_header import ROUTING_KEYWORDS
 from radflow_rules.orders import ORDER_ATTRIBUTES
 from radflow_rules.rules import Instance, RuleSet
-from radflow_rules.view import header_attributes, instance_view
+from radflow_rules.view import event_instance, header_attributes, instance_view
 
 EVENT_FIELDS = frozenset(
     {
@@ -100,28 +100,7 @@ def event_view(
     routing = getattr(event, "routing", None) or routing
     if routing is not None:
         attributes.update(routing.by_keyword())
-    attributes.update(
-        {
-            "Modality": event.modality,
-            "BodyPartExamined": event.body_part_examined,
-            "SOPClassUID": event.sop_class_uid,
-            "SOPInstanceUID": event.sop_instance_uid,
-            "StudyInstanceUID": event.study_instance_uid,
-            "SeriesInstanceUID": event.series_instance_uid,
-        }
-    )
-    return instance_view(
-        rules,
-        attributes,
-        modality=event.modality,
-        body_part_examined=event.body_part_examined,
-        sop_class_uid=event.sop_class_uid,
-        calling_ae=event.sender.calling_ae,
-        called_ae=event.sender.called_ae,
-        sender_identity=event.sender.identity,
-        dimse_priority=event.priority.value,
-        order=order,
-    )
+    return event_instance(rules, event, attributes, order)
 
 
 def file_view(

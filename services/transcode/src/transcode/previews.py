@@ -37,7 +37,7 @@ from radflow_core.kafka import EventProducer
 from radflow_rules.live import LiveRules, RulesMetrics
 from radflow_rules.loader import RuleFileError
 from radflow_rules.rules import evaluate
-from radflow_rules.view import header_attributes, instance_view
+from radflow_rules.view import event_instance, header_attributes
 from transcode import metrics
 from transcode.pool import CodecPool
 from transcode.preview_instance import (
@@ -95,28 +95,7 @@ class PreviewRules:
         rules = self._live.current
         if not any(rule.preview is not None for rule in rules.rules):
             return ()
-        attributes = dict(header)
-        attributes.update(
-            {
-                "Modality": received.modality,
-                "BodyPartExamined": received.body_part_examined,
-                "SOPClassUID": received.sop_class_uid,
-                "SOPInstanceUID": received.sop_instance_uid,
-                "StudyInstanceUID": received.study_instance_uid,
-                "SeriesInstanceUID": received.series_instance_uid,
-            }
-        )
-        instance = instance_view(
-            rules,
-            attributes,
-            modality=received.modality,
-            body_part_examined=received.body_part_examined,
-            sop_class_uid=received.sop_class_uid,
-            calling_ae=received.sender.calling_ae,
-            called_ae=received.sender.called_ae,
-            sender_identity=received.sender.identity,
-            dimse_priority=received.priority.value,
-        )
+        instance = event_instance(rules, received, header)
         wanted: set[int] = set()
         for route in evaluate(rules, instance, datetime.now(UTC)).routes:
             wanted.update(route.preview_frames(number, count))
