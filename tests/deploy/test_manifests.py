@@ -48,10 +48,9 @@ SERVICES = {
 }
 """Deployment → its operations port (/metrics, /healthz, /readyz), named "ops"."""
 HAS_REPORT_RETURN = importlib.util.find_spec("report_return") is not None
-NOT_SCALED = {"radflow-ledger": 1, "radflow-worklist": 2}
+NOT_SCALED = {"radflow-ledger": 1}
 """Deployment → its fixed replicas (1 in dev), no autoscaler: the ledger's HTTP API
-answers from the partitions it owns; the worklist's work is connections, not a topic's
-lag, and every replica holds the whole view."""
+answers from the partitions it owns."""
 
 
 def _sections() -> list[type[Section]]:
@@ -279,8 +278,11 @@ def test_kafka_lag_triggers_name_the_services_groups_and_topics() -> None:
     prefix = ForwarderSettings.model_fields["group_prefix"].default
     (trigger,) = named(objects, "ScaledObject", "radflow-stow-forwarder")["spec"]["triggers"]
     assert f'"{prefix}\\\\..+"' in trigger["metadata"]["query"]
-    ingest = named(objects, "ScaledObject", "radflow-ingest")["spec"]["triggers"]
-    assert [t["type"] for t in ingest] == ["cpu"]
+    for on_cpu in ("radflow-ingest", "radflow-worklist"):
+        assert [t["type"] for t in named(objects, "ScaledObject", on_cpu)["spec"]["triggers"]] == [
+            "cpu"
+        ], on_cpu
+    assert named(objects, "ScaledObject", "radflow-worklist")["spec"]["minReplicaCount"] >= 2
 
 
 def test_every_radflow_variable_set_is_a_setting_of_a_service(objects: list[Obj]) -> None:
