@@ -154,3 +154,12 @@ def test_a_service_exports_only_its_own_metric_families(package: str) -> None:
         f for f in families if f.startswith(tuple(METRIC_PREFIX.values())) and not f.startswith(own)
     ]
     assert not foreign, f"{package} exports other services' families: {foreign}"
+
+
+def test_every_test_module_has_a_name_of_its_own() -> None:
+    """The test folders are not packages, so pytest imports each module by its file
+    name: two modules of one name stop the whole collection (as the CI run found)."""
+    seen: dict[str, Path] = {}
+    for path in sorted((ROOT / "tests").rglob("test_*.py")):
+        assert path.name not in seen, f"{path} and {seen[path.name]} share a name"
+        seen[path.name] = path
