@@ -82,6 +82,13 @@ class PreviewRules:
         if self._live is not None:
             await self._live.watch(interval_s)
 
+    @property
+    def wanted(self) -> bool:
+        """Some rule in force asks for previews (else no instance needs looking at)."""
+        if self._live is None or not self._live.loaded:
+            return False
+        return any(rule.preview is not None for rule in self._live.current.rules)
+
     def frames(
         self,
         received: InstanceReceived,
@@ -90,11 +97,9 @@ class PreviewRules:
         count: int,
     ) -> tuple[int, ...]:
         """Frames of this instance that some destination wants a preview of."""
-        if self._live is None or not self._live.loaded:
+        if self._live is None or not self.wanted:
             return ()
         rules = self._live.current
-        if not any(rule.preview is not None for rule in rules.rules):
-            return ()
         instance = event_instance(rules, received, header)
         wanted: set[int] = set()
         for route in evaluate(rules, instance, datetime.now(UTC)).routes:
@@ -146,8 +151,8 @@ class Previews:
             PipelineError: retriable only (S3 or the broker unreachable); every other
             failure is handed to ``failed`` and counted.
         """
-        if result.pixels is None:
-            return
+        if result.pixels is None or not self._rules.wanted:
+            return  # most instances: no header parsed on the hot path
         try:
             header, number, count = await asyncio.to_thread(read_header, src)
         except Exception as exc:  # noqa: BLE001 - it was normalized, so this is odd, not fatal
