@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from radflow_core.mllp import END_BLOCK, START_BLOCK
 from radflow_devstack.mllp_peer import MllpPeer
 from radflow_devstack.pki import Authority
 from radflow_devstack.processes import free_port
 from radflow_rules.destinations import Tls
-from report_return.hl7 import END_BLOCK, START_BLOCK
 from report_return.mllp import (
     AckTimeout,
     ConnectionLost,

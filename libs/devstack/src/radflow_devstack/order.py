@@ -11,7 +11,7 @@ import socket
 import uuid
 from datetime import datetime
 
-START_BLOCK, END_BLOCK = b"\x0b", b"\x1c\x0d"
+from radflow_core.mllp import END_BLOCK, START_BLOCK, frame
 
 
 def orm(args: argparse.Namespace) -> str:
@@ -36,7 +36,7 @@ def orm(args: argparse.Namespace) -> str:
 
 def send(host: str, port: int, message: str, timeout_s: float = 30.0) -> str:
     with socket.create_connection((host, port), timeout=timeout_s) as sock:
-        sock.sendall(START_BLOCK + message.encode() + END_BLOCK)
+        sock.sendall(frame(message.encode()))
         answer = b""
         while not answer.endswith(END_BLOCK):
             chunk = sock.recv(65536)

@@ -33,10 +33,6 @@ from radflow_core.report_document import (
 from report_return.report import MissingPatientIdentifier, UnencodableText
 from report_return.sites import Site, TextType
 
-START_BLOCK = b"\x0b"
-END_BLOCK = b"\x1c\x0d"
-"""MLLP framing: <VT> message <FS><CR>."""
-
 RESULT_STATUS = {
     ReportStatus.PRELIMINARY: "P",
     ReportStatus.FINAL: "F",

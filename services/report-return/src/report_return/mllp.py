@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 
 from radflow_core.errors import ConfigurationError, PipelineError
-from report_return.hl7 import END_BLOCK, START_BLOCK
+from radflow_core.mllp import END_BLOCK, frame, unframe
 from report_return.sites import Site
 
 MAX_ACK_BYTES = 1024 * 1024
@@ -112,7 +112,7 @@ class MllpClient:
             sock = writer.get_extra_info("socket")
             if sock is not None:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            writer.write(START_BLOCK + payload + END_BLOCK)
+            writer.write(frame(payload))
             await writer.drain()
             written = True
             started = time.perf_counter()
@@ -140,5 +140,4 @@ class MllpClient:
             with contextlib.suppress(OSError, TimeoutError):
                 async with asyncio.timeout(1):
                     await writer.wait_closed()
-        start = framed.find(START_BLOCK)
-        return Answer(framed[start + 1 if start >= 0 else 0 : -len(END_BLOCK)], latency)
+        return Answer(unframe(framed), latency)

@@ -14,8 +14,7 @@ import socket
 import ssl
 from collections.abc import Awaitable, Callable
 
-START_BLOCK = b"\x0b"
-END_BLOCK = b"\x1c\x0d"
+from radflow_core.mllp import END_BLOCK, frame, unframe
 
 log = logging.getLogger(__name__)
 
@@ -87,18 +86,17 @@ class MllpListener:
                     async with asyncio.timeout(self._idle_timeout_s):
                         framed = await reader.readuntil(END_BLOCK)
                 except asyncio.LimitOverrunError:
-                    writer.write(START_BLOCK + self._too_large() + END_BLOCK)
+                    writer.write(frame(self._too_large()))
                     await writer.drain()
                     log.warning("HL7 message too large; connection closed")
                     return
                 except (asyncio.IncompleteReadError, TimeoutError):
                     return
-                start = framed.find(START_BLOCK)
-                message = framed[start + 1 if start >= 0 else 0 : -len(END_BLOCK)]
+                message = unframe(framed)
                 if not message.strip():
                     continue
                 answer = await self._handle(message)
-                writer.write(START_BLOCK + answer + END_BLOCK)
+                writer.write(frame(answer))
                 await writer.drain()
         except (OSError, ssl.SSLError) as exc:
             log.info(
